@@ -1,0 +1,156 @@
+//! Every setting of the gateway: its default (one that works on a laptop), its flag and its environment variable.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// The command line: a subcommand (default `serve`) and the settings, which every subcommand accepts.
+#[derive(Debug, Parser)]
+#[command(name = "ingest-gateway", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do; `serve` when none is given.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The settings, shared by all subcommands.
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// The subcommands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Apply the migrations, then take updates over HTTP and write them to PostgreSQL (the default).
+    Serve,
+    /// Apply the pending migrations and exit.
+    Migrate,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Every setting. Durations are written like `250ms`, `10s`, `5m`, `30d`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// HTTP address to listen on; port 0 picks a free port (the log says which).
+    #[arg(
+        long,
+        env = "INGEST_LISTEN",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub listen: String,
+
+    /// PostgreSQL to write to; when unset, an embedded PostgreSQL is started under <data-dir>/postgres.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Where the embedded PostgreSQL (and any local state) lives.
+    #[arg(long, env = "INGEST_DATA_DIR", default_value = "./data", global = true)]
+    pub data_dir: PathBuf,
+
+    /// Rows per COPY at most.
+    #[arg(long, env = "INGEST_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub batch_size: u32,
+
+    /// Longest time an accepted update waits before its batch is written.
+    #[arg(long, env = "INGEST_FLUSH_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub flush_interval: Duration,
+
+    /// Updates held in memory per stream (accepted, not yet written) before requests get 503.
+    #[arg(long, env = "INGEST_QUEUE_CAPACITY", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub queue_capacity: u32,
+
+    /// Parallel batch writers per stream, each with its own connection.
+    #[arg(long, env = "INGEST_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..), global = true)]
+    pub writers: u16,
+
+    /// Request body limit in bytes, after decompression.
+    #[arg(long, env = "INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024, global = true)]
+    pub max_body_bytes: usize,
+
+    /// Updates per request at most.
+    #[arg(long, env = "INGEST_MAX_UPDATES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_updates: u32,
+
+    /// How long a stop may take to write what was accepted.
+    #[arg(long, env = "INGEST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub shutdown_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// How far in the future a `recorded_at` / `polled_at` may be (clock skew of the senders).
+    #[arg(long, env = "INGEST_MAX_FUTURE_SKEW", default_value = "5m", value_parser = parse_duration, global = true)]
+    pub max_future_skew: Duration,
+
+    /// How old a `recorded_at` / `polled_at` may be.
+    #[arg(long, env = "INGEST_MAX_AGE", default_value = "30d", value_parser = parse_duration, global = true)]
+    pub max_age: Duration,
+}
+
+impl Settings {
+    /// The defaults, as `serve` with no flags and no environment would see them; tests start from here.
+    pub fn defaults() -> Self {
+        // Parsing an empty command line cannot fail: every setting has a default.
+        Cli::parse_from(["ingest-gateway"]).settings
+    }
+}
+
+/// Parses `250ms`, `10s`, `5m`, `30d`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e} (write durations like 250ms, 10s, 5m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_documented_table() {
+        let s = Settings::defaults();
+        assert_eq!(s.listen, "127.0.0.1:8080");
+        assert_eq!(s.batch_size, 1000);
+        assert_eq!(s.flush_interval, Duration::from_secs(10));
+        assert_eq!(s.queue_capacity, 100_000);
+        assert_eq!(s.writers, 2);
+        assert_eq!(s.max_body_bytes, 8_388_608);
+        assert_eq!(s.max_updates, 10_000);
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(s.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn flags_take_durations_with_units() {
+        let cli = Cli::parse_from([
+            "ingest-gateway",
+            "serve",
+            "--flush-interval",
+            "250ms",
+            "--max-age",
+            "2d",
+        ]);
+        assert_eq!(cli.command, Some(Command::Serve));
+        assert_eq!(cli.settings.flush_interval, Duration::from_millis(250));
+        assert_eq!(cli.settings.max_age, Duration::from_secs(2 * 86_400));
+    }
+
+    #[test]
+    fn a_duration_without_unit_is_refused() {
+        assert!(Cli::try_parse_from(["ingest-gateway", "--flush-interval", "10"]).is_err());
+    }
+}

@@ -1,0 +1,530 @@
+//! Runs a PostgreSQL server from the installed server binaries: the gateway's own database when no
+//! `DATABASE_URL` is given (persistent, under `<data-dir>/postgres`), and the throwaway clusters of the tests.
+//!
+//! `initdb` and `postgres` refuse to run as root, and containers often run as root: then both run as the
+//! `postgres` user (or `nobody`), in a directory handed to that user. The server listens on a Unix socket only,
+//! logs to a file (an unread pipe would stall it once full), sits in its own process group (a Ctrl-C meant for
+//! the gateway must not stop the database under the writers that are draining into it), and is told to quit
+//! when the gateway's process dies, so a crash never leaves a server holding the data directory.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+/// How long the server may take to accept connections (crash recovery of a large cluster takes a while).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a fast shutdown may take before the server is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The port names the socket file (`.s.PGSQL.<port>`); nothing listens on TCP.
+const SOCKET_PORT: u16 = 5432;
+/// Unix socket paths are limited to 107 bytes on Linux.
+const MAX_SOCKET_PATH: usize = 100;
+/// Prefix of the temporary directories of throwaway clusters.
+const EPHEMERAL_PREFIX: &str = "ingest-gateway-pg-";
+
+/// How to run the server.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// The cluster directory; `initdb` fills it on first start.
+    pub data_dir: PathBuf,
+    /// Turns off fsync and friends: for throwaway clusters only, where speed matters and a crash does not.
+    pub ephemeral: bool,
+}
+
+/// Why the server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedPostgresError {
+    #[error(
+        "PostgreSQL server binaries (initdb, postgres) were not found; install them (Debian/Ubuntu: \
+         `apt-get install postgresql`), point PG_BIN at their directory, or set DATABASE_URL to use an existing server"
+    )]
+    NotInstalled,
+    #[error("{what}: {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0} is not empty and holds no PostgreSQL cluster; move it away or choose another --data-dir")]
+    NotACluster(PathBuf),
+    #[error("initdb failed ({status}); its output:\n{log}")]
+    Initdb { status: String, log: String },
+    #[error("postgres did not start ({reason}); the end of its log {log_path}:\n{log}")]
+    Start {
+        reason: String,
+        log_path: PathBuf,
+        log: String,
+    },
+}
+
+fn io_error<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> EmbeddedPostgresError + 'a {
+    move |source| EmbeddedPostgresError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A running PostgreSQL server; stopped (fast shutdown) when dropped.
+#[derive(Debug)]
+pub struct EmbeddedPostgres {
+    bin_dir: PathBuf,
+    data_dir: PathBuf,
+    socket_dir: PathBuf,
+    log_path: PathBuf,
+    ephemeral: bool,
+    /// The user the server runs as when the gateway runs as root.
+    run_as: Option<(u32, u32)>,
+    child: Option<Child>,
+    /// Holds a throwaway cluster (or a short socket directory) and removes it after the server stops.
+    _temp_dirs: Vec<tempfile::TempDir>,
+}
+
+impl EmbeddedPostgres {
+    /// Starts a server on `options.data_dir`, creating the cluster if there is none.
+    pub fn start(options: &PostgresOptions) -> Result<Self, EmbeddedPostgresError> {
+        let bin_dir = find_bin_dir().ok_or(EmbeddedPostgresError::NotInstalled)?;
+        let run_as = server_user();
+        let data_dir = &options.data_dir;
+        fs::create_dir_all(data_dir).map_err(io_error(
+            "could not create the database directory",
+            data_dir,
+        ))?;
+        let data_dir = data_dir
+            .canonicalize()
+            .map_err(io_error("could not resolve", data_dir))?;
+        hand_over(&data_dir, run_as, 0o700)?;
+        let log_path = data_dir.with_extension("log");
+
+        let mut temp_dirs = Vec::new();
+        let socket_dir = if data_dir.join(".s.PGSQL.65535").as_os_str().len() <= MAX_SOCKET_PATH {
+            data_dir.clone()
+        } else {
+            let dir = tempfile::Builder::new()
+                .prefix("ingest-gateway-sock-")
+                .tempdir()
+                .map_err(io_error(
+                    "could not create a socket directory",
+                    Path::new("/tmp"),
+                ))?;
+            hand_over(dir.path(), run_as, 0o755)?;
+            let path = dir.path().to_owned();
+            temp_dirs.push(dir);
+            path
+        };
+
+        let mut server = EmbeddedPostgres {
+            bin_dir,
+            data_dir,
+            socket_dir,
+            log_path,
+            ephemeral: options.ephemeral,
+            run_as,
+            child: None,
+            _temp_dirs: temp_dirs,
+        };
+        server.init_if_needed()?;
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Starts a throwaway server in a new temporary directory, removed when the server is dropped.
+    pub fn start_ephemeral() -> Result<Self, EmbeddedPostgresError> {
+        remove_stale_ephemeral_dirs();
+        let dir = tempfile::Builder::new()
+            .prefix(EPHEMERAL_PREFIX)
+            .tempdir()
+            .map_err(io_error(
+                "could not create a temporary directory",
+                Path::new("/tmp"),
+            ))?;
+        fs::write(dir.path().join("owner.pid"), std::process::id().to_string())
+            .map_err(io_error("could not write", dir.path()))?;
+        let mut server = Self::start(&PostgresOptions {
+            data_dir: dir.path().join("pgdata"),
+            ephemeral: true,
+        })?;
+        hand_over(dir.path(), server.run_as, 0o755)?;
+        server._temp_dirs.push(dir);
+        Ok(server)
+    }
+
+    /// Connection settings for database `dbname` as the `postgres` superuser.
+    pub fn config(&self, dbname: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(&self.socket_dir)
+            .port(SOCKET_PORT)
+            .user("postgres")
+            .dbname(dbname);
+        config
+    }
+
+    /// The same as [`Self::config`], as a connection string for `DATABASE_URL` or `psql`.
+    pub fn connection_string(&self, dbname: &str) -> String {
+        format!(
+            "host={} port={SOCKET_PORT} user=postgres dbname={dbname}",
+            self.socket_dir.display()
+        )
+    }
+
+    pub fn socket_dir(&self) -> &Path {
+        &self.socket_dir
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Stops the server (fast shutdown: open transactions are rolled back, committed data is kept).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        signal(&child, libc::SIGINT);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    warn!("postgres did not stop in time, killing it");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Kills the server at once, as a crash would (the next start runs crash recovery).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again after [`Self::stop`] or [`Self::kill`].
+    pub fn restart(&mut self) -> Result<(), EmbeddedPostgresError> {
+        if self.child.is_none() {
+            self.spawn()?;
+        }
+        Ok(())
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(self.bin_dir.join(program));
+        if let Some((uid, gid)) = self.run_as {
+            command.uid(uid).gid(gid);
+        }
+        // The server user may not be allowed into the gateway's working directory.
+        command
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .env_remove("PGDATA");
+        command
+    }
+
+    fn log_file(&self) -> Result<File, EmbeddedPostgresError> {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .map_err(io_error("could not open", &self.log_path))
+    }
+
+    fn init_if_needed(&mut self) -> Result<(), EmbeddedPostgresError> {
+        if self.data_dir.join("PG_VERSION").exists() {
+            return Ok(());
+        }
+        let not_empty = fs::read_dir(&self.data_dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        if not_empty {
+            return Err(EmbeddedPostgresError::NotACluster(self.data_dir.clone()));
+        }
+        info!(data_dir = %self.data_dir.display(), "creating the embedded PostgreSQL cluster");
+        let log = self.log_file()?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_error("could not open", &self.log_path))?;
+        let mut command = self.command("initdb");
+        command
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C"])
+            .stdout(log)
+            .stderr(log_err);
+        if self.ephemeral {
+            command.arg("--no-sync");
+        }
+        let status = command
+            .status()
+            .map_err(io_error("could not run initdb", &self.bin_dir))?;
+        if !status.success() {
+            return Err(EmbeddedPostgresError::Initdb {
+                status: status.to_string(),
+                log: log_tail(&self.log_path),
+            });
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self) -> Result<(), EmbeddedPostgresError> {
+        let log = self.log_file()?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_error("could not open", &self.log_path))?;
+        let mut command = self.command("postgres");
+        command
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("-k")
+            .arg(&self.socket_dir)
+            .args([
+                "-p",
+                &SOCKET_PORT.to_string(),
+                "-c",
+                "listen_addresses=",
+                "-c",
+                "max_connections=200",
+            ])
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0);
+        if self.ephemeral {
+            command.args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]);
+        }
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = spawn_from_keeper_thread(command)
+            .map_err(io_error("could not run postgres", &self.bin_dir))?;
+        self.child = Some(child);
+        self.wait_until_ready()
+    }
+
+    fn wait_until_ready(&mut self) -> Result<(), EmbeddedPostgresError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let pid_file = self.data_dir.join("postmaster.pid");
+        let child_pid = self.child.as_ref().map(Child::id);
+        loop {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(self.start_error(format!("it exited with {status}")));
+            }
+            // Line 8 of postmaster.pid turns to `ready` once the server accepts connections; line 1 is the pid,
+            // which tells our server's file apart from a stale one.
+            if let Ok(text) = fs::read_to_string(&pid_file) {
+                let lines: Vec<&str> = text.lines().collect();
+                let ours = lines.first().and_then(|l| l.trim().parse::<u32>().ok()) == child_pid;
+                if ours && lines.get(7).is_some_and(|l| l.trim() == "ready") {
+                    info!(socket_dir = %self.socket_dir.display(), "embedded PostgreSQL is ready");
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(self.start_error(format!("not ready after {START_TIMEOUT:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn start_error(&self, reason: String) -> EmbeddedPostgresError {
+        EmbeddedPostgresError::Start {
+            reason,
+            log_path: self.log_path.clone(),
+            log: log_tail(&self.log_path),
+        }
+    }
+}
+
+impl Drop for EmbeddedPostgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
+    // The pid is our own child's, not yet reaped, so it cannot name another process.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+/// Spawns `command` from one long-lived thread: the parent-death signal fires when the *thread* that spawned
+/// the child ends, so spawning from a short-lived thread (a test) would stop the server too early.
+fn spawn_from_keeper_thread(command: Command) -> io::Result<Child> {
+    type Job = (Command, mpsc::Sender<io::Result<Child>>);
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("postgres-keeper".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    let _ = reply.send(command.spawn());
+                }
+                // The sender lives in a static, so this thread lives as long as the process.
+            })
+            .map(|_| ())
+            .unwrap_or_else(|e| warn!(error = %e, "could not start the postgres keeper thread"));
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    let sent = keeper
+        .lock()
+        .map_err(|_| io::Error::other("postgres keeper lock poisoned"))?
+        .send((command, reply_tx));
+    sent.map_err(|_| io::Error::other("postgres keeper thread is gone"))?;
+    reply_rx
+        .recv()
+        .map_err(|_| io::Error::other("postgres keeper thread is gone"))?
+}
+
+/// Where `initdb` and `postgres` are: `$PG_BIN`, `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`,
+/// then `PATH`.
+pub fn find_bin_dir() -> Option<PathBuf> {
+    let has_server = |dir: &Path| dir.join("postgres").is_file() && dir.join("initdb").is_file();
+    if let Some(dir) = std::env::var_os("PG_BIN").map(PathBuf::from) {
+        return has_server(&dir).then_some(dir);
+    }
+    let from_pg_config = Command::new("pg_config")
+        .arg("--bindir")
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    if let Some(dir) = from_pg_config.filter(|d| has_server(d)) {
+        return Some(dir);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, dir)| has_server(dir))
+        .collect();
+    versions.sort();
+    if let Some((_, dir)) = versions.pop() {
+        return Some(dir);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).find(|d| has_server(d))
+}
+
+/// The user to run the server as: none when not root, else `postgres` or `nobody`.
+fn server_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid cannot fail; getpwnam is called with valid C strings during start-up, and its result is
+    // read at once, before any other call could overwrite the static buffer it points into.
+    unsafe {
+        if libc::geteuid() != 0 {
+            return None;
+        }
+        for name in ["postgres", "nobody"] {
+            let cname = CString::new(name).ok()?;
+            let entry = libc::getpwnam(cname.as_ptr());
+            if !entry.is_null() {
+                return Some(((*entry).pw_uid, (*entry).pw_gid));
+            }
+        }
+    }
+    None
+}
+
+/// Gives `dir` to the server user (when running as root) with `mode`.
+fn hand_over(
+    dir: &Path,
+    run_as: Option<(u32, u32)>,
+    mode: u32,
+) -> Result<(), EmbeddedPostgresError> {
+    if let Some((uid, gid)) = run_as {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+            .map_err(io_error("could not hand over", dir))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+            .map_err(io_error("could not set mode", dir))?;
+    }
+    Ok(())
+}
+
+/// The last lines of a log file, for an error message.
+fn log_tail(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = File::open(path) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(4096)));
+        let mut bytes = Vec::new();
+        let _ = file.read_to_end(&mut bytes);
+        text = String::from_utf8_lossy(&bytes).into_owned();
+    }
+    text.lines()
+        .rev()
+        .take(20)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Removes the throwaway clusters of processes that are gone (a test binary exits without dropping statics).
+fn remove_stale_ephemeral_dirs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(EPHEMERAL_PREFIX)
+        {
+            continue;
+        }
+        let owner = fs::read_to_string(entry.path().join("owner.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = owner.is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(60));
+        if !alive && old {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}

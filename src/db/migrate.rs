@@ -1,0 +1,42 @@
+//! Applies the SQL files of `migrations/` (embedded at build time), recorded in `refinery_schema_history` so
+//! that a second start applies nothing.
+
+use tokio_postgres::NoTls;
+use tracing::info;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Why the schema could not be brought up to date.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("could not connect to the database")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("a migration failed")]
+    Migration(#[from] refinery::Error),
+}
+
+/// What [`run`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateOutcome {
+    /// The migrations applied now, by name (empty when the schema was up to date).
+    pub applied: Vec<String>,
+}
+
+/// Applies every pending migration.
+pub async fn run(config: &tokio_postgres::Config) -> Result<MigrateOutcome, MigrateError> {
+    let (mut client, connection) = config.connect(NoTls).await.map_err(MigrateError::Connect)?;
+    let connection = tokio::spawn(connection);
+    let report = embedded::migrations::runner().run_async(&mut client).await;
+    drop(client);
+    // The connection task ends once the client is gone; its own error, if any, already failed the run.
+    let _ = connection.await;
+    let applied: Vec<String> = report?
+        .applied_migrations()
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    info!(applied = applied.len(), migrations = ?applied, "schema is up to date");
+    Ok(MigrateOutcome { applied })
+}

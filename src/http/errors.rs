@@ -1,0 +1,174 @@
+//! Every way a request can be refused, as one enum: the status code is a `match`, and every body is
+//! `{"error": "<code>", "message": "<sentence>", "details": [...]}`.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::metrics::RejectReason;
+use crate::model::{UpdateError, ValidationFailure};
+
+/// Seconds a client is told to wait after a 503.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+/// The JSON body of every error answer.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub error: &'static str,
+    pub message: String,
+    pub details: Vec<Value>,
+}
+
+impl ErrorBody {
+    pub fn new(error: &'static str, message: impl Into<String>, details: Vec<Value>) -> Self {
+        Self {
+            error,
+            message: message.into(),
+            details,
+        }
+    }
+}
+
+/// Why an ingest request was refused; nothing of it was queued.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("the body is not valid JSON")]
+    InvalidJson {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("the body could not be decoded")]
+    InvalidEncoding { message: String },
+    #[error("the body could not be read")]
+    ReadBody { message: String },
+    #[error("the body is larger than {limit_bytes} bytes")]
+    BodyTooLarge { limit_bytes: usize },
+    #[error("the request holds more than {limit} updates")]
+    TooManyUpdates { limit: usize },
+    #[error("unsupported {what}: {found}")]
+    UnsupportedMediaType { what: &'static str, found: String },
+    #[error("{} of the updates break a rule; none was accepted", .0.invalid_updates)]
+    InvalidUpdates(ValidationFailure),
+    #[error("the queue is full")]
+    Overloaded { updates: usize },
+    #[error("the gateway is shutting down")]
+    ShuttingDown { updates: usize },
+}
+
+impl IngestError {
+    /// The reason label under which the refused updates are counted.
+    pub fn reason(&self) -> RejectReason {
+        match self {
+            IngestError::InvalidJson { .. }
+            | IngestError::InvalidEncoding { .. }
+            | IngestError::ReadBody { .. } => RejectReason::InvalidJson,
+            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => {
+                RejectReason::PayloadTooLarge
+            }
+            IngestError::UnsupportedMediaType { .. } => RejectReason::UnsupportedMediaType,
+            IngestError::InvalidUpdates(_) => RejectReason::InvalidUpdate,
+            IngestError::Overloaded { .. } => RejectReason::Overloaded,
+            IngestError::ShuttingDown { .. } => RejectReason::ShuttingDown,
+        }
+    }
+
+    /// How many updates the refusal counts for: the request's updates where they were read, else one.
+    pub fn updates(&self) -> u64 {
+        match self {
+            IngestError::InvalidUpdates(f) => f.invalid_updates.max(1) as u64,
+            IngestError::Overloaded { updates } | IngestError::ShuttingDown { updates } => {
+                (*updates).max(1) as u64
+            }
+            _ => 1,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            IngestError::InvalidJson { .. } => "invalid_json",
+            IngestError::InvalidEncoding { .. } => "invalid_encoding",
+            IngestError::ReadBody { .. } => "invalid_body",
+            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => {
+                "payload_too_large"
+            }
+            IngestError::UnsupportedMediaType { .. } => "unsupported_media_type",
+            IngestError::InvalidUpdates(_) => "invalid_update",
+            IngestError::Overloaded { .. } | IngestError::ShuttingDown { .. } => "overloaded",
+        }
+    }
+
+    fn details(&self) -> Vec<Value> {
+        match self {
+            IngestError::InvalidJson {
+                line,
+                column,
+                message,
+            } => {
+                vec![json!({"line": line, "column": column, "reason": message})]
+            }
+            IngestError::InvalidEncoding { message } | IngestError::ReadBody { message } => {
+                vec![json!({"reason": message})]
+            }
+            IngestError::BodyTooLarge { limit_bytes } => vec![json!({"limit_bytes": limit_bytes})],
+            IngestError::TooManyUpdates { limit } => vec![json!({"limit_updates": limit})],
+            IngestError::UnsupportedMediaType { .. } => vec![json!({
+                "content_types": ["application/json", "application/x-ndjson"],
+                "content_encodings": ["identity", "gzip"],
+            })],
+            IngestError::InvalidUpdates(f) => f.errors.iter().map(update_error_json).collect(),
+            IngestError::Overloaded { .. } | IngestError::ShuttingDown { .. } => {
+                vec![json!({"retry_after_seconds": RETRY_AFTER_SECS})]
+            }
+        }
+    }
+}
+
+fn update_error_json(e: &UpdateError) -> Value {
+    json!({"index": e.index, "field": e.field, "reason": e.reason})
+}
+
+impl ResponseError for IngestError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            IngestError::InvalidJson { .. }
+            | IngestError::InvalidEncoding { .. }
+            | IngestError::ReadBody { .. } => StatusCode::BAD_REQUEST,
+            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            IngestError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IngestError::InvalidUpdates(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            IngestError::Overloaded { .. } | IngestError::ShuttingDown { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
+            response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
+        }
+        response.json(ErrorBody::new(self.code(), sentence(self), self.details()))
+    }
+}
+
+/// The human message: the error's own text, made a sentence.
+fn sentence(error: &IngestError) -> String {
+    let text = match error {
+        IngestError::Overloaded { .. } => {
+            "the queue is full; retry after the Retry-After delay".to_owned()
+        }
+        IngestError::ShuttingDown { .. } => {
+            "the gateway is shutting down; retry on another instance or later".to_owned()
+        }
+        other => other.to_string(),
+    };
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().collect::<String>() + chars.as_str() + ".")
+        .unwrap_or_default()
+}

@@ -1,0 +1,48 @@
+//! `GET /healthz` (the process serves HTTP) and `GET /readyz` (the database answers, the gateway takes updates
+//! and no queue is above its high-water mark).
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::AppState;
+
+/// A queue filled above this share of its capacity makes the gateway not ready, so that a load balancer sends
+/// traffic elsewhere before clients start getting 503.
+const HIGH_WATER_MARK: f64 = 0.9;
+
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let mut reasons = Vec::new();
+    if !state.is_accepting() {
+        reasons.push("shutting down".to_owned());
+    }
+    for (name, pending, capacity) in [
+        (
+            "location",
+            state.location.queue.pending(),
+            state.location.queue.capacity(),
+        ),
+        (
+            "poll",
+            state.poll.queue.pending(),
+            state.poll.queue.capacity(),
+        ),
+    ] {
+        if pending as f64 > capacity as f64 * HIGH_WATER_MARK {
+            reasons.push(format!(
+                "the {name} queue holds {pending} of {capacity} updates"
+            ));
+        }
+    }
+    if !(state.database_check)().await {
+        reasons.push("the database does not answer".to_owned());
+    }
+    if reasons.is_empty() {
+        HttpResponse::Ok().json(json!({"status": "ready"}))
+    } else {
+        HttpResponse::ServiceUnavailable().json(json!({"status": "not_ready", "reasons": reasons}))
+    }
+}

@@ -1,0 +1,53 @@
+//! `GET /stats` (a JSON snapshot for humans and scripts) and `GET /metrics` (Prometheus text), both read from
+//! the same metric handles.
+
+use actix_web::{web, HttpResponse};
+use serde_json::{json, Map, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::AppState;
+use crate::metrics::{RejectReason, StreamMetrics};
+
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    state.refresh_gauges();
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.encode())
+}
+
+pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
+    state.refresh_gauges();
+    HttpResponse::Ok().json(json!({
+        "streams": {
+            "location": stream_stats(&state.location.metrics),
+            "poll": stream_stats(&state.poll.metrics),
+        },
+    }))
+}
+
+fn stream_stats(m: &StreamMetrics) -> Value {
+    let rejected_by_reason: Map<String, Value> = RejectReason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_owned(), m.rejected(*r).get().into()))
+        .collect();
+    let last_at = m.last_batch_timestamp.get();
+    let last_batch_at = (last_at > 0.0)
+        .then(|| OffsetDateTime::from_unix_timestamp_nanos((last_at * 1e9) as i128).ok())
+        .flatten()
+        .and_then(|t| t.format(&Rfc3339).ok());
+    json!({
+        "accepted": m.accepted.get(),
+        "rejected": m.rejected_total(),
+        "rejected_by_reason": rejected_by_reason,
+        "written": m.written.get(),
+        "queue_depth": m.queue_depth.get(),
+        "queue_capacity": m.queue_capacity.get(),
+        "batches_written": m.batches_written.get(),
+        "batch_failures": m.batch_failures.get(),
+        "last_batch_rows": m.last_batch_rows.get(),
+        "last_batch_at": last_batch_at,
+        "last_batch_duration_ms": m.last_batch_duration.get() * 1000.0,
+        "oldest_pending_age_ms": (m.oldest_pending_age.get() * 1000.0).round(),
+    })
+}

@@ -1,0 +1,244 @@
+//! The gateway's one Prometheus registry (no global) and the metric handles each part updates.
+//!
+//! Labelled children are looked up once, at start-up, so that the hot path is an atomic add.
+//! `/stats` reads the same handles, so the JSON snapshot and `/metrics` can never disagree.
+
+use prometheus::process_collector::ProcessCollector;
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
+
+pub const UPDATES_ACCEPTED: &str = "ingest_updates_accepted_total";
+pub const UPDATES_REJECTED: &str = "ingest_updates_rejected_total";
+pub const UPDATES_WRITTEN: &str = "ingest_updates_written_total";
+pub const QUEUE_DEPTH: &str = "ingest_queue_depth";
+pub const QUEUE_CAPACITY: &str = "ingest_queue_capacity";
+pub const BATCHES_WRITTEN: &str = "ingest_batches_written_total";
+pub const BATCH_FAILURES: &str = "ingest_batch_failures_total";
+pub const LAST_BATCH_ROWS: &str = "ingest_last_batch_rows";
+pub const LAST_BATCH_TIMESTAMP: &str = "ingest_last_batch_timestamp_seconds";
+pub const LAST_BATCH_DURATION: &str = "ingest_last_batch_duration_seconds";
+pub const OLDEST_PENDING_AGE: &str = "ingest_oldest_pending_age_seconds";
+pub const BATCH_ROWS: &str = "ingest_batch_rows";
+pub const BATCH_WRITE_DURATION: &str = "ingest_batch_write_duration_seconds";
+pub const HTTP_REQUESTS: &str = "ingest_http_requests_total";
+pub const HTTP_REQUEST_DURATION: &str = "ingest_http_request_duration_seconds";
+
+/// Why updates were refused: a small fixed set, never an error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    InvalidJson,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    InvalidUpdate,
+    Overloaded,
+    ShuttingDown,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 6] = [
+        RejectReason::InvalidJson,
+        RejectReason::PayloadTooLarge,
+        RejectReason::UnsupportedMediaType,
+        RejectReason::InvalidUpdate,
+        RejectReason::Overloaded,
+        RejectReason::ShuttingDown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::InvalidJson => "invalid_json",
+            RejectReason::PayloadTooLarge => "payload_too_large",
+            RejectReason::UnsupportedMediaType => "unsupported_media_type",
+            RejectReason::InvalidUpdate => "invalid_update",
+            RejectReason::Overloaded => "overloaded",
+            RejectReason::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// Every metric of the gateway.
+pub struct Metrics {
+    /// What `/metrics` encodes.
+    pub registry: Registry,
+    /// Request counts and latencies by route and status.
+    pub http: HttpMetrics,
+    /// The `location` stream.
+    pub location: StreamMetrics,
+    /// The `poll` stream.
+    pub poll: StreamMetrics,
+}
+
+/// The metrics of one stream, children of the labelled families.
+#[derive(Clone)]
+pub struct StreamMetrics {
+    pub accepted: IntCounter,
+    /// Indexed like [`RejectReason::ALL`]. A request whose updates could not be counted (bad JSON, too large,
+    /// wrong content type) counts as one.
+    rejected: Vec<IntCounter>,
+    pub written: IntCounter,
+    /// Updates accepted and not yet written (in the queue or in a batch being written).
+    pub queue_depth: IntGauge,
+    pub queue_capacity: IntGauge,
+    pub batches_written: IntCounter,
+    pub batch_failures: IntCounter,
+    pub last_batch_rows: IntGauge,
+    pub last_batch_timestamp: Gauge,
+    pub last_batch_duration: Gauge,
+    pub oldest_pending_age: Gauge,
+    pub batch_rows: Histogram,
+    pub batch_write_duration: Histogram,
+}
+
+impl StreamMetrics {
+    pub fn rejected(&self, reason: RejectReason) -> &IntCounter {
+        &self.rejected[reason as usize]
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(IntCounter::get).sum()
+    }
+}
+
+/// Request counts and latencies.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+}
+
+impl Metrics {
+    /// Builds and registers every metric, including the process's own (`process_*`).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c);
+
+        let stream = &["stream"];
+        let accepted =
+            IntCounterVec::new(Opts::new(UPDATES_ACCEPTED, "Updates answered 202"), stream)?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                UPDATES_REJECTED,
+                "Updates refused, by reason (a body that could not be read counts as one)",
+            ),
+            &["stream", "reason"],
+        )?;
+        let written = IntCounterVec::new(
+            Opts::new(UPDATES_WRITTEN, "Updates committed in PostgreSQL"),
+            stream,
+        )?;
+        let depth = IntGaugeVec::new(
+            Opts::new(QUEUE_DEPTH, "Updates accepted and not yet written"),
+            stream,
+        )?;
+        let capacity = IntGaugeVec::new(
+            Opts::new(QUEUE_CAPACITY, "Updates held before requests get 503"),
+            stream,
+        )?;
+        let batches = IntCounterVec::new(Opts::new(BATCHES_WRITTEN, "Batches committed"), stream)?;
+        let failures = IntCounterVec::new(
+            Opts::new(
+                BATCH_FAILURES,
+                "Batch writes that failed (and were retried)",
+            ),
+            stream,
+        )?;
+        let last_rows = IntGaugeVec::new(
+            Opts::new(LAST_BATCH_ROWS, "Rows in the last batch written"),
+            stream,
+        )?;
+        let last_at = GaugeVec::new(
+            Opts::new(LAST_BATCH_TIMESTAMP, "Unix time the last batch was written"),
+            stream,
+        )?;
+        let last_duration = GaugeVec::new(
+            Opts::new(LAST_BATCH_DURATION, "How long the last batch write took"),
+            stream,
+        )?;
+        let oldest = GaugeVec::new(
+            Opts::new(
+                OLDEST_PENDING_AGE,
+                "Age of the oldest update accepted and not yet written (0 when none)",
+            ),
+            stream,
+        )?;
+        let batch_rows = HistogramVec::new(
+            HistogramOpts::new(BATCH_ROWS, "Rows per batch written").buckets(vec![
+                1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+            ]),
+            stream,
+        )?;
+        let batch_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                BATCH_WRITE_DURATION,
+                "Time to write one batch (COPY and commit)",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+            stream,
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new(HTTP_REQUESTS, "HTTP requests, by route and status"),
+            &["route", "status"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                HTTP_REQUEST_DURATION,
+                "HTTP request latency, by route and status",
+            )
+            .buckets(prometheus::exponential_buckets(0.0001, 2.0, 17)?),
+            &["route", "status"],
+        )?;
+
+        reg(Box::new(accepted.clone()))?;
+        reg(Box::new(rejected.clone()))?;
+        reg(Box::new(written.clone()))?;
+        reg(Box::new(depth.clone()))?;
+        reg(Box::new(capacity.clone()))?;
+        reg(Box::new(batches.clone()))?;
+        reg(Box::new(failures.clone()))?;
+        reg(Box::new(last_rows.clone()))?;
+        reg(Box::new(last_at.clone()))?;
+        reg(Box::new(last_duration.clone()))?;
+        reg(Box::new(oldest.clone()))?;
+        reg(Box::new(batch_rows.clone()))?;
+        reg(Box::new(batch_seconds.clone()))?;
+        reg(Box::new(requests.clone()))?;
+        reg(Box::new(duration.clone()))?;
+        reg(Box::new(ProcessCollector::for_self()))?;
+
+        let for_stream = |name: &str| StreamMetrics {
+            accepted: accepted.with_label_values(&[name]),
+            rejected: RejectReason::ALL
+                .iter()
+                .map(|r| rejected.with_label_values(&[name, r.as_str()]))
+                .collect(),
+            written: written.with_label_values(&[name]),
+            queue_depth: depth.with_label_values(&[name]),
+            queue_capacity: capacity.with_label_values(&[name]),
+            batches_written: batches.with_label_values(&[name]),
+            batch_failures: failures.with_label_values(&[name]),
+            last_batch_rows: last_rows.with_label_values(&[name]),
+            last_batch_timestamp: last_at.with_label_values(&[name]),
+            last_batch_duration: last_duration.with_label_values(&[name]),
+            oldest_pending_age: oldest.with_label_values(&[name]),
+            batch_rows: batch_rows.with_label_values(&[name]),
+            batch_write_duration: batch_seconds.with_label_values(&[name]),
+        };
+        Ok(Metrics {
+            location: for_stream("location"),
+            poll: for_stream("poll"),
+            http: HttpMetrics { requests, duration },
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let families = self.registry.gather();
+        // Encoding into a String only fails on invalid metric names, which `new` would have refused.
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_default()
+    }
+}

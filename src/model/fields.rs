@@ -1,0 +1,312 @@
+//! Field-level rules shared by both streams: timestamps, numbers in a range, attribute size.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// The rules that depend on settings and on the clock.
+#[derive(Debug, Clone)]
+pub struct ValidationRules {
+    /// The gateway's clock when the request arrived.
+    pub now: OffsetDateTime,
+    /// How far in the future a timestamp may be.
+    pub max_future_skew: Duration,
+    /// How old a timestamp may be.
+    pub max_age: Duration,
+    /// Largest serialized size of the unknown fields of one update.
+    pub max_attributes_bytes: usize,
+}
+
+/// Serialized size limit of the `attributes` of one update.
+pub const MAX_ATTRIBUTES_BYTES: usize = 4096;
+
+impl ValidationRules {
+    /// Rules with the documented defaults at `now`.
+    pub fn with_defaults(now: OffsetDateTime) -> Self {
+        Self {
+            now,
+            max_future_skew: Duration::from_secs(5 * 60),
+            max_age: Duration::from_secs(30 * 86_400),
+            max_attributes_bytes: MAX_ATTRIBUTES_BYTES,
+        }
+    }
+}
+
+/// One broken rule of one field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldError {
+    /// The field; `None` for the update as a whole.
+    pub field: Option<String>,
+    /// What is wrong, as a short phrase.
+    pub reason: String,
+}
+
+impl FieldError {
+    pub(crate) fn new(field: &str, reason: impl Into<String>) -> Self {
+        Self {
+            field: Some(field.to_owned()),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A known field's value as sent: scalars are kept, objects and arrays are skipped over (no field takes them),
+/// so that a hostile value costs no memory.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar {
+    Null,
+    Bool(bool),
+    Int(i64),
+    /// An integer above `i64::MAX`.
+    BigInt(u64),
+    Float(f64),
+    String(String),
+    /// An object or an array.
+    Compound,
+}
+
+impl Scalar {
+    fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Scalar::Int(n) => Some(n as f64),
+            Scalar::BigInt(n) => Some(n as f64),
+            Scalar::Float(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ScalarVisitor)
+    }
+}
+
+struct ScalarVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ScalarVisitor {
+    type Value = Scalar;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Scalar, E> {
+        Ok(Scalar::Null)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Scalar, E> {
+        Ok(Scalar::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+        Ok(Scalar::Int(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+        Ok(i64::try_from(v).map_or(Scalar::BigInt(v), Scalar::Int))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+        Ok(Scalar::Float(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+        Ok(Scalar::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Scalar, E> {
+        Ok(Scalar::String(v))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Scalar::Compound)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(Scalar::Compound)
+    }
+}
+
+/// Collects the broken rules of one update while its fields are read.
+#[derive(Default)]
+pub(crate) struct Checker {
+    pub errors: Vec<FieldError>,
+}
+
+impl Checker {
+    fn fail(&mut self, field: &str, reason: impl Into<String>) {
+        self.errors.push(FieldError::new(field, reason));
+    }
+
+    /// A required field; JSON `null` counts as missing.
+    pub fn required(&mut self, field: &str, value: Option<Scalar>) -> Option<Scalar> {
+        match value {
+            None | Some(Scalar::Null) => {
+                self.fail(field, "is required");
+                None
+            }
+            some => some,
+        }
+    }
+
+    /// An optional field; JSON `null` counts as absent.
+    pub fn optional(value: Option<Scalar>) -> Option<Scalar> {
+        value.filter(|v| *v != Scalar::Null)
+    }
+
+    pub fn string(&mut self, field: &str, value: Scalar) -> Option<String> {
+        match value {
+            Scalar::String(s) => Some(s),
+            _ => {
+                self.fail(field, "must be a string");
+                None
+            }
+        }
+    }
+
+    pub fn boolean(&mut self, field: &str, value: Scalar) -> Option<bool> {
+        match value {
+            Scalar::Bool(b) => Some(b),
+            _ => {
+                self.fail(field, "must be true or false");
+                None
+            }
+        }
+    }
+
+    /// A finite number within `[min, max]` (or `[min, max)` when `max_exclusive`).
+    pub fn number(
+        &mut self,
+        field: &str,
+        value: Scalar,
+        min: f64,
+        max: f64,
+        max_exclusive: bool,
+    ) -> Option<f64> {
+        let Some(n) = value.as_f64() else {
+            self.fail(field, "must be a number");
+            return None;
+        };
+        let above = if max_exclusive { n >= max } else { n > max };
+        if !n.is_finite() || n < min || above {
+            let upper = if max_exclusive { "below" } else { "at most" };
+            self.fail(
+                field,
+                format!("must be a finite number from {min} and {upper} {max}"),
+            );
+            return None;
+        }
+        Some(n)
+    }
+
+    /// An integer within `[min, max]`.
+    pub fn integer(&mut self, field: &str, value: Scalar, min: i64, max: i64) -> Option<i64> {
+        match value {
+            Scalar::Int(n) if (min..=max).contains(&n) => Some(n),
+            Scalar::Int(_) | Scalar::BigInt(_) => {
+                self.fail(field, format!("must be an integer from {min} to {max}"));
+                None
+            }
+            _ => {
+                self.fail(field, "must be an integer");
+                None
+            }
+        }
+    }
+
+    /// An RFC 3339 timestamp with offset, or integer Unix milliseconds, within the allowed window.
+    pub fn timestamp(
+        &mut self,
+        field: &str,
+        value: Scalar,
+        rules: &ValidationRules,
+    ) -> Option<OffsetDateTime> {
+        let parsed = match &value {
+            Scalar::String(s) => OffsetDateTime::parse(s, &Rfc3339).ok(),
+            Scalar::Int(ms) => {
+                OffsetDateTime::from_unix_timestamp_nanos(i128::from(*ms) * 1_000_000).ok()
+            }
+            _ => None,
+        };
+        let Some(at) = parsed else {
+            self.fail(
+                field,
+                "must be an RFC 3339 timestamp with offset or integer Unix milliseconds",
+            );
+            return None;
+        };
+        if at > rules.now + rules.max_future_skew {
+            self.fail(
+                field,
+                format!(
+                    "is more than {} in the future",
+                    humantime::format_duration(rules.max_future_skew)
+                ),
+            );
+            return None;
+        }
+        if at < rules.now - rules.max_age {
+            self.fail(
+                field,
+                format!(
+                    "is older than {}",
+                    humantime::format_duration(rules.max_age)
+                ),
+            );
+            return None;
+        }
+        Some(at)
+    }
+
+    /// The unknown fields as one JSON object, built from the raw JSON that was sent (no re-parse), for the
+    /// `attributes` column; `None` when there are none.
+    pub fn attributes(
+        &mut self,
+        attributes: &[(Cow<'_, str>, &RawValue)],
+        rules: &ValidationRules,
+    ) -> Option<String> {
+        if attributes.is_empty() {
+            return None;
+        }
+        let raw_len: usize = attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum();
+        if raw_len > rules.max_attributes_bytes * 2 {
+            // Far over the limit: say so without building the string.
+            self.fail("attributes", too_large(raw_len, rules));
+            return None;
+        }
+        let mut json = String::with_capacity(raw_len + 2);
+        json.push('{');
+        for (i, (key, value)) in attributes.iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            // A `&str` always serializes: the only failure serde_json knows here is a non-string map key.
+            json.push_str(&serde_json::to_string(key.as_ref()).unwrap_or_default());
+            json.push(':');
+            json.push_str(value.get());
+        }
+        json.push('}');
+        if json.len() > rules.max_attributes_bytes {
+            self.fail("attributes", too_large(json.len(), rules));
+            return None;
+        }
+        Some(json)
+    }
+
+    pub fn finish<T>(self, value: Option<T>) -> Result<T, Vec<FieldError>> {
+        match value {
+            Some(v) if self.errors.is_empty() => Ok(v),
+            _ => Err(self.errors),
+        }
+    }
+}
+
+fn too_large(bytes: usize, rules: &ValidationRules) -> String {
+    format!(
+        "the unknown fields take {bytes} bytes as JSON; at most {} are kept",
+        rules.max_attributes_bytes
+    )
+}

@@ -1,0 +1,220 @@
+//! A batch writer: drains one stream's queue on its own OS thread, writes each due batch with binary `COPY`,
+//! and retries a failed batch with capped exponential backoff until it is committed. A batch is never dropped:
+//! while it waits, its updates keep their room in the queue, so the queue fills and the API answers 503.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use deadpool_postgres::Pool;
+use tokio::runtime::Handle;
+use tracing::{debug, warn};
+
+use super::batch::{BatchPolicy, Batcher};
+use super::copy::{self, CopyRecord};
+use super::queue::{QueueReceiver, Received};
+use crate::metrics::StreamMetrics;
+
+/// How long an idle writer sleeps in the queue before it looks at the closed flag again.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+/// Capped exponential backoff between attempts at the same batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before attempt `attempt + 1` (attempts count from 1).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1).min(16))
+            .unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// What a writer shares with the rest of the gateway while it runs.
+#[derive(Debug, Default)]
+pub struct WriterState {
+    /// Arrival of the oldest update the writer holds, as nanoseconds after [`epoch`] + 1; 0 when it holds none.
+    oldest_held: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl WriterState {
+    fn set_oldest(&self, at: Option<Instant>) {
+        let encoded = at.map_or(0, |at| {
+            at.saturating_duration_since(epoch()).as_nanos() as u64 + 1
+        });
+        self.oldest_held.store(encoded, Ordering::Release);
+    }
+
+    /// How long the oldest update this writer holds has waited.
+    pub fn oldest_age(&self, now: Instant) -> Option<Duration> {
+        match self.oldest_held.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(now.saturating_duration_since(epoch() + Duration::from_nanos(n - 1))),
+        }
+    }
+}
+
+/// A running writer.
+pub struct WriterHandle {
+    pub state: Arc<WriterState>,
+    pub thread: JoinHandle<()>,
+}
+
+/// Drains a queue into PostgreSQL.
+pub struct BatchWriter<T: CopyRecord> {
+    /// Names the writer in logs: `<stream>-<n>`.
+    pub name: String,
+    pub queue: QueueReceiver<T>,
+    pub policy: BatchPolicy,
+    pub backoff: Backoff,
+    pub pool: Pool,
+    /// The database runtime: writers are plain threads and enter it only to do IO.
+    pub runtime: Handle,
+    pub metrics: StreamMetrics,
+}
+
+impl<T: CopyRecord> BatchWriter<T> {
+    /// Starts the writer on its own thread. It returns once the queue is closed and everything is written.
+    pub fn spawn(self) -> std::io::Result<WriterHandle> {
+        let state = Arc::new(WriterState::default());
+        let thread_state = state.clone();
+        let thread = std::thread::Builder::new()
+            .name(self.name.clone())
+            .spawn(move || self.run(&thread_state))?;
+        Ok(WriterHandle { state, thread })
+    }
+
+    fn run(self, state: &WriterState) {
+        let mut batcher = Batcher::new(self.policy);
+        loop {
+            let drained = self.fill(&mut batcher, state);
+            if batcher.has_rows() {
+                let rows = batcher.take();
+                self.write(&rows);
+                state.set_oldest(batcher.oldest());
+            }
+            if drained && batcher.is_empty() {
+                debug!(writer = %self.name, "queue drained, writer stops");
+                return;
+            }
+        }
+    }
+
+    /// Takes chunks until the batch is due; returns whether the queue is closed and empty.
+    fn fill(&self, batcher: &mut Batcher<T>, state: &WriterState) -> bool {
+        loop {
+            let now = Instant::now();
+            if batcher.is_due(now) {
+                return false;
+            }
+            // Once closed, write what is there at once instead of waiting for the interval.
+            let deadline = if self.queue.is_closed() {
+                now
+            } else {
+                batcher.deadline().unwrap_or(now + IDLE_WAIT)
+            };
+            match self.queue.recv_until(deadline) {
+                Received::Chunk(chunk) => {
+                    batcher.push(chunk, Instant::now());
+                    state.set_oldest(batcher.oldest());
+                }
+                Received::Timeout if batcher.has_rows() && self.queue.is_closed() => return false,
+                Received::Timeout => {}
+                Received::Drained => return true,
+            }
+        }
+    }
+
+    /// Writes one batch, retrying until it is committed.
+    fn write(&self, rows: &[T]) {
+        let mut attempt = 1u32;
+        loop {
+            match self.runtime.block_on(copy::write_batch(&self.pool, rows)) {
+                Ok(outcome) => {
+                    self.record_success(rows.len(), outcome.elapsed);
+                    self.queue.committed(rows.len());
+                    return;
+                }
+                Err(error) => {
+                    self.metrics.batch_failures.inc();
+                    let delay = self.backoff.delay(attempt);
+                    warn!(
+                        writer = %self.name,
+                        rows = rows.len(),
+                        attempt,
+                        retry_in_ms = delay.as_millis() as u64,
+                        error = %error_chain(&error),
+                        "batch write failed, retrying"
+                    );
+                    std::thread::sleep(delay);
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
+    }
+
+    fn record_success(&self, rows: usize, elapsed: Duration) {
+        let m = &self.metrics;
+        m.written.inc_by(rows as u64);
+        m.batches_written.inc();
+        m.last_batch_rows.set(rows as i64);
+        m.last_batch_duration.set(elapsed.as_secs_f64());
+        m.last_batch_timestamp.set(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+        m.batch_rows.observe(rows as f64);
+        m.batch_write_duration.observe(elapsed.as_secs_f64());
+        debug!(writer = %self.name, rows, elapsed_ms = elapsed.as_millis() as u64, "batch written");
+    }
+}
+
+/// An error and its causes on one line: `copy failed: db error: connection refused`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        };
+        let delays: Vec<_> = (1..=8).map(|a| b.delay(a).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(b.delay(u32::MAX), Duration::from_secs(5));
+    }
+}
