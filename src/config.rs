@@ -39,12 +39,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
     /// HTTP address to listen on; port 0 picks a free port (the log says which).
-    #[arg(
-        long,
-        env = "INGEST_LISTEN",
-        default_value = "127.0.0.1:8080",
-        global = true
-    )]
+    #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:8080", global = true)]
     pub listen: String,
 
     /// PostgreSQL to write to; when unset, an embedded PostgreSQL is started under <data-dir>/postgres.
@@ -106,8 +101,7 @@ impl Settings {
 
 /// Parses `250ms`, `10s`, `5m`, `30d`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{e} (write durations like 250ms, 10s, 5m)"))
+    humantime::parse_duration(text).map_err(|e| format!("{e} (write durations like 250ms, 10s, 5m)"))
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@
 
 use prometheus::process_collector::ProcessCollector;
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 pub const UPDATES_ACCEPTED: &str = "ingest_updates_accepted_total";
@@ -115,8 +115,7 @@ impl Metrics {
         let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c);
 
         let stream = &["stream"];
-        let accepted =
-            IntCounterVec::new(Opts::new(UPDATES_ACCEPTED, "Updates answered 202"), stream)?;
+        let accepted = IntCounterVec::new(Opts::new(UPDATES_ACCEPTED, "Updates answered 202"), stream)?;
         let rejected = IntCounterVec::new(
             Opts::new(
                 UPDATES_REJECTED,
@@ -124,30 +123,18 @@ impl Metrics {
             ),
             &["stream", "reason"],
         )?;
-        let written = IntCounterVec::new(
-            Opts::new(UPDATES_WRITTEN, "Updates committed in PostgreSQL"),
-            stream,
-        )?;
-        let depth = IntGaugeVec::new(
-            Opts::new(QUEUE_DEPTH, "Updates accepted and not yet written"),
-            stream,
-        )?;
+        let written = IntCounterVec::new(Opts::new(UPDATES_WRITTEN, "Updates committed in PostgreSQL"), stream)?;
+        let depth = IntGaugeVec::new(Opts::new(QUEUE_DEPTH, "Updates accepted and not yet written"), stream)?;
         let capacity = IntGaugeVec::new(
             Opts::new(QUEUE_CAPACITY, "Updates held before requests get 503"),
             stream,
         )?;
         let batches = IntCounterVec::new(Opts::new(BATCHES_WRITTEN, "Batches committed"), stream)?;
         let failures = IntCounterVec::new(
-            Opts::new(
-                BATCH_FAILURES,
-                "Batch writes that failed (and were retried)",
-            ),
+            Opts::new(BATCH_FAILURES, "Batch writes that failed (and were retried)"),
             stream,
         )?;
-        let last_rows = IntGaugeVec::new(
-            Opts::new(LAST_BATCH_ROWS, "Rows in the last batch written"),
-            stream,
-        )?;
+        let last_rows = IntGaugeVec::new(Opts::new(LAST_BATCH_ROWS, "Rows in the last batch written"), stream)?;
         let last_at = GaugeVec::new(
             Opts::new(LAST_BATCH_TIMESTAMP, "Unix time the last batch was written"),
             stream,
@@ -170,11 +157,8 @@ impl Metrics {
             stream,
         )?;
         let batch_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                BATCH_WRITE_DURATION,
-                "Time to write one batch (COPY and commit)",
-            )
-            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+            HistogramOpts::new(BATCH_WRITE_DURATION, "Time to write one batch (COPY and commit)")
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
             stream,
         )?;
         let requests = IntCounterVec::new(
@@ -182,11 +166,8 @@ impl Metrics {
             &["route", "status"],
         )?;
         let duration = HistogramVec::new(
-            HistogramOpts::new(
-                HTTP_REQUEST_DURATION,
-                "HTTP request latency, by route and status",
-            )
-            .buckets(prometheus::exponential_buckets(0.0001, 2.0, 17)?),
+            HistogramOpts::new(HTTP_REQUEST_DURATION, "HTTP request latency, by route and status")
+                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 17)?),
             &["route", "status"],
         )?;
 

@@ -23,14 +23,9 @@ impl ShutdownOutcome {
 /// Resolves at the first SIGTERM or SIGINT.
 pub async fn termination_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         // Without signal handlers the process can only be killed; never resolving keeps it serving.
-        tracing::error!(
-            "could not install the SIGTERM/SIGINT handlers; the gateway can only be killed"
-        );
+        tracing::error!("could not install the SIGTERM/SIGINT handlers; the gateway can only be killed");
         return std::future::pending().await;
     };
     let name = tokio::select! {

@@ -18,9 +18,7 @@ use crate::http::{self, AppState, DatabaseCheck, IngestLimits, StreamIngest};
 use crate::metrics::{Metrics, StreamMetrics};
 use crate::model::{LocationUpdate, PollResult, Update};
 use crate::pipeline::writer::WriterState;
-use crate::pipeline::{
-    self, Backoff, BatchPolicy, BatchWriter, CopyRecord, QueueSender, WriterHandle,
-};
+use crate::pipeline::{self, Backoff, BatchPolicy, BatchWriter, CopyRecord, QueueSender, WriterHandle};
 use crate::shutdown::{self, ShutdownOutcome};
 
 /// The database the gateway writes to: a server it was given, or one it runs itself.
@@ -38,18 +36,14 @@ impl Database {
                 let config = url
                     .parse()
                     .context("DATABASE_URL is not a valid PostgreSQL connection string")?;
-                Ok(Database {
-                    config,
-                    embedded: None,
-                })
+                Ok(Database { config, embedded: None })
             }
             None => {
                 let options = PostgresOptions {
                     data_dir: settings.data_dir.join("postgres"),
                     ephemeral: false,
                 };
-                let server = EmbeddedPostgres::start(&options)
-                    .context("could not start the embedded PostgreSQL")?;
+                let server = EmbeddedPostgres::start(&options).context("could not start the embedded PostgreSQL")?;
                 Ok(Database {
                     config: server.config("postgres"),
                     embedded: Some(server),
@@ -126,8 +120,8 @@ impl Application {
         writers.extend(poll_writers);
         let (location_queue, poll_queue) = (location.queue.clone(), poll.queue.clone());
 
-        let listener = TcpListener::bind(&settings.listen)
-            .with_context(|| format!("could not listen on {}", settings.listen))?;
+        let listener =
+            TcpListener::bind(&settings.listen).with_context(|| format!("could not listen on {}", settings.listen))?;
         let port = listener.local_addr()?.port();
         let state = web::Data::new(AppState {
             location,
@@ -167,10 +161,7 @@ impl Application {
 
     /// Serves until `stop` resolves, then stops without losing what was accepted (within the shutdown timeout).
     /// Runs inside an actix system (`actix_web::rt::System`).
-    pub async fn run(
-        self,
-        stop: impl std::future::Future<Output = ()>,
-    ) -> anyhow::Result<ShutdownOutcome> {
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<ShutdownOutcome> {
         let state = self.state.clone();
         let address = self.listener.local_addr()?;
         let server = HttpServer::new(move || http::app(state.clone()))
@@ -252,11 +243,7 @@ impl PipelineParts<'_> {
                 runtime: self.runtime.handle().clone(),
                 metrics: metrics.clone(),
             };
-            handles.push(
-                writer
-                    .spawn()
-                    .context("could not start a batch writer thread")?,
-            );
+            handles.push(writer.spawn().context("could not start a batch writer thread")?);
         }
         let states: Vec<Arc<WriterState>> = handles.iter().map(|h| h.state.clone()).collect();
         Ok((

@@ -67,10 +67,7 @@ pub enum EmbeddedPostgresError {
     },
 }
 
-fn io_error<'a>(
-    what: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(io::Error) -> EmbeddedPostgresError + 'a {
+fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> EmbeddedPostgresError + 'a {
     move |source| EmbeddedPostgresError::Io {
         what,
         path: path.to_owned(),
@@ -99,10 +96,7 @@ impl EmbeddedPostgres {
         let bin_dir = find_bin_dir().ok_or(EmbeddedPostgresError::NotInstalled)?;
         let run_as = server_user();
         let data_dir = &options.data_dir;
-        fs::create_dir_all(data_dir).map_err(io_error(
-            "could not create the database directory",
-            data_dir,
-        ))?;
+        fs::create_dir_all(data_dir).map_err(io_error("could not create the database directory", data_dir))?;
         let data_dir = data_dir
             .canonicalize()
             .map_err(io_error("could not resolve", data_dir))?;
@@ -116,10 +110,7 @@ impl EmbeddedPostgres {
             let dir = tempfile::Builder::new()
                 .prefix("ingest-gateway-sock-")
                 .tempdir()
-                .map_err(io_error(
-                    "could not create a socket directory",
-                    Path::new("/tmp"),
-                ))?;
+                .map_err(io_error("could not create a socket directory", Path::new("/tmp")))?;
             hand_over(dir.path(), run_as, 0o755)?;
             let path = dir.path().to_owned();
             temp_dirs.push(dir);
@@ -147,10 +138,7 @@ impl EmbeddedPostgres {
         let dir = tempfile::Builder::new()
             .prefix(EPHEMERAL_PREFIX)
             .tempdir()
-            .map_err(io_error(
-                "could not create a temporary directory",
-                Path::new("/tmp"),
-            ))?;
+            .map_err(io_error("could not create a temporary directory", Path::new("/tmp")))?;
         fs::write(dir.path().join("owner.pid"), std::process::id().to_string())
             .map_err(io_error("could not write", dir.path()))?;
         let mut server = Self::start(&PostgresOptions {
@@ -232,10 +220,7 @@ impl EmbeddedPostgres {
             command.uid(uid).gid(gid);
         }
         // The server user may not be allowed into the gateway's working directory.
-        command
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .env_remove("PGDATA");
+        command.current_dir("/").stdin(Stdio::null()).env_remove("PGDATA");
         command
     }
 
@@ -259,9 +244,7 @@ impl EmbeddedPostgres {
         }
         info!(data_dir = %self.data_dir.display(), "creating the embedded PostgreSQL cluster");
         let log = self.log_file()?;
-        let log_err = log
-            .try_clone()
-            .map_err(io_error("could not open", &self.log_path))?;
+        let log_err = log.try_clone().map_err(io_error("could not open", &self.log_path))?;
         let mut command = self.command("initdb");
         command
             .arg("-D")
@@ -286,9 +269,7 @@ impl EmbeddedPostgres {
 
     fn spawn(&mut self) -> Result<(), EmbeddedPostgresError> {
         let log = self.log_file()?;
-        let log_err = log
-            .try_clone()
-            .map_err(io_error("could not open", &self.log_path))?;
+        let log_err = log.try_clone().map_err(io_error("could not open", &self.log_path))?;
         let mut command = self.command("postgres");
         command
             .arg("-D")
@@ -325,8 +306,7 @@ impl EmbeddedPostgres {
                 Ok(())
             });
         }
-        let child = spawn_from_keeper_thread(command)
-            .map_err(io_error("could not run postgres", &self.bin_dir))?;
+        let child = spawn_from_keeper_thread(command).map_err(io_error("could not run postgres", &self.bin_dir))?;
         self.child = Some(child);
         self.wait_until_ready()
     }
@@ -336,10 +316,7 @@ impl EmbeddedPostgres {
         let pid_file = self.data_dir.join("postmaster.pid");
         let child_pid = self.child.as_ref().map(Child::id);
         loop {
-            let exited = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = exited {
                 self.child = None;
                 return Err(self.start_error(format!("it exited with {status}")));
@@ -465,16 +442,10 @@ fn server_user() -> Option<(u32, u32)> {
 }
 
 /// Gives `dir` to the server user (when running as root) with `mode`.
-fn hand_over(
-    dir: &Path,
-    run_as: Option<(u32, u32)>,
-    mode: u32,
-) -> Result<(), EmbeddedPostgresError> {
+fn hand_over(dir: &Path, run_as: Option<(u32, u32)>, mode: u32) -> Result<(), EmbeddedPostgresError> {
     if let Some((uid, gid)) = run_as {
-        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
-            .map_err(io_error("could not hand over", dir))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
-            .map_err(io_error("could not set mode", dir))?;
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io_error("could not hand over", dir))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io_error("could not set mode", dir))?;
     }
     Ok(())
 }
@@ -505,11 +476,7 @@ fn remove_stale_ephemeral_dirs() {
         return;
     };
     for entry in entries.flatten() {
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(EPHEMERAL_PREFIX)
-        {
+        if !entry.file_name().to_string_lossy().starts_with(EPHEMERAL_PREFIX) {
             continue;
         }
         let owner = fs::read_to_string(entry.path().join("owner.pid"))

@@ -32,11 +32,7 @@ pub async fn run(config: &tokio_postgres::Config) -> Result<MigrateOutcome, Migr
     drop(client);
     // The connection task ends once the client is gone; its own error, if any, already failed the run.
     let _ = connection.await;
-    let applied: Vec<String> = report?
-        .applied_migrations()
-        .iter()
-        .map(|m| m.to_string())
-        .collect();
+    let applied: Vec<String> = report?.applied_migrations().iter().map(|m| m.to_string()).collect();
     info!(applied = applied.len(), migrations = ?applied, "schema is up to date");
     Ok(MigrateOutcome { applied })
 }

@@ -10,10 +10,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Builds a pool of at most `max_size` connections. Connections are opened lazily, so this never fails for an
 /// unreachable database; call it inside the database runtime so that connection tasks live there.
-pub fn build(
-    mut config: tokio_postgres::Config,
-    max_size: usize,
-) -> Result<Pool, deadpool_postgres::BuildError> {
+pub fn build(mut config: tokio_postgres::Config, max_size: usize) -> Result<Pool, deadpool_postgres::BuildError> {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -43,8 +40,5 @@ pub async fn ping(pool: &Pool) -> bool {
         let client = pool.get().await.ok()?;
         client.simple_query("SELECT 1").await.ok()
     };
-    matches!(
-        tokio::time::timeout(CONNECT_TIMEOUT, check).await,
-        Ok(Some(_))
-    )
+    matches!(tokio::time::timeout(CONNECT_TIMEOUT, check).await, Ok(Some(_)))
 }

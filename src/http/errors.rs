@@ -61,12 +61,10 @@ impl IngestError {
     /// The reason label under which the refused updates are counted.
     pub fn reason(&self) -> RejectReason {
         match self {
-            IngestError::InvalidJson { .. }
-            | IngestError::InvalidEncoding { .. }
-            | IngestError::ReadBody { .. } => RejectReason::InvalidJson,
-            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => {
-                RejectReason::PayloadTooLarge
+            IngestError::InvalidJson { .. } | IngestError::InvalidEncoding { .. } | IngestError::ReadBody { .. } => {
+                RejectReason::InvalidJson
             }
+            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => RejectReason::PayloadTooLarge,
             IngestError::UnsupportedMediaType { .. } => RejectReason::UnsupportedMediaType,
             IngestError::InvalidUpdates(_) => RejectReason::InvalidUpdate,
             IngestError::Overloaded { .. } => RejectReason::Overloaded,
@@ -78,9 +76,7 @@ impl IngestError {
     pub fn updates(&self) -> u64 {
         match self {
             IngestError::InvalidUpdates(f) => f.invalid_updates.max(1) as u64,
-            IngestError::Overloaded { updates } | IngestError::ShuttingDown { updates } => {
-                (*updates).max(1) as u64
-            }
+            IngestError::Overloaded { updates } | IngestError::ShuttingDown { updates } => (*updates).max(1) as u64,
             _ => 1,
         }
     }
@@ -90,9 +86,7 @@ impl IngestError {
             IngestError::InvalidJson { .. } => "invalid_json",
             IngestError::InvalidEncoding { .. } => "invalid_encoding",
             IngestError::ReadBody { .. } => "invalid_body",
-            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => {
-                "payload_too_large"
-            }
+            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => "payload_too_large",
             IngestError::UnsupportedMediaType { .. } => "unsupported_media_type",
             IngestError::InvalidUpdates(_) => "invalid_update",
             IngestError::Overloaded { .. } | IngestError::ShuttingDown { .. } => "overloaded",
@@ -101,11 +95,7 @@ impl IngestError {
 
     fn details(&self) -> Vec<Value> {
         match self {
-            IngestError::InvalidJson {
-                line,
-                column,
-                message,
-            } => {
+            IngestError::InvalidJson { line, column, message } => {
                 vec![json!({"line": line, "column": column, "reason": message})]
             }
             IngestError::InvalidEncoding { message } | IngestError::ReadBody { message } => {
@@ -132,17 +122,13 @@ fn update_error_json(e: &UpdateError) -> Value {
 impl ResponseError for IngestError {
     fn status_code(&self) -> StatusCode {
         match self {
-            IngestError::InvalidJson { .. }
-            | IngestError::InvalidEncoding { .. }
-            | IngestError::ReadBody { .. } => StatusCode::BAD_REQUEST,
-            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
+            IngestError::InvalidJson { .. } | IngestError::InvalidEncoding { .. } | IngestError::ReadBody { .. } => {
+                StatusCode::BAD_REQUEST
             }
+            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::InvalidUpdates(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            IngestError::Overloaded { .. } | IngestError::ShuttingDown { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            IngestError::Overloaded { .. } | IngestError::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -158,9 +144,7 @@ impl ResponseError for IngestError {
 /// The human message: the error's own text, made a sentence.
 fn sentence(error: &IngestError) -> String {
     let text = match error {
-        IngestError::Overloaded { .. } => {
-            "the queue is full; retry after the Retry-After delay".to_owned()
-        }
+        IngestError::Overloaded { .. } => "the queue is full; retry after the Retry-After delay".to_owned(),
         IngestError::ShuttingDown { .. } => {
             "the gateway is shutting down; retry on another instance or later".to_owned()
         }

@@ -25,16 +25,10 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             state.location.queue.pending(),
             state.location.queue.capacity(),
         ),
-        (
-            "poll",
-            state.poll.queue.pending(),
-            state.poll.queue.capacity(),
-        ),
+        ("poll", state.poll.queue.pending(), state.poll.queue.capacity()),
     ] {
         if pending as f64 > capacity as f64 * HIGH_WATER_MARK {
-            reasons.push(format!(
-                "the {name} queue holds {pending} of {capacity} updates"
-            ));
+            reasons.push(format!("the {name} queue holds {pending} of {capacity} updates"));
         }
     }
     if !(state.database_check)().await {

@@ -46,10 +46,7 @@ async fn ingest<T: Update>(
                 .body(format!("{{\"accepted\":{accepted}}}")))
         }
         Err(error) => {
-            stream
-                .metrics
-                .rejected(error.reason())
-                .inc_by(error.updates());
+            stream.metrics.rejected(error.reason()).inc_by(error.updates());
             Err(error)
         }
     }
@@ -69,11 +66,7 @@ async fn accept<T: Update>(
     let gzip = is_gzip(req)?;
     let limit = state.limits.max_body_bytes;
     let raw = read_body(req, body, limit).await?;
-    let bytes = if gzip {
-        gunzip(&raw, limit)?
-    } else {
-        raw.to_vec()
-    };
+    let bytes = if gzip { gunzip(&raw, limit)? } else { raw.to_vec() };
 
     let received_at = OffsetDateTime::now_utc();
     let rules = ValidationRules {
@@ -82,19 +75,10 @@ async fn accept<T: Update>(
         max_age: state.limits.max_age,
         max_attributes_bytes: model::MAX_ATTRIBUTES_BYTES,
     };
-    let raw_updates = model::parse_body(&bytes, format, T::FIELDS, state.limits.max_updates)
-        .map_err(|e| match e {
-            BodyError::InvalidJson {
-                line,
-                column,
-                message,
-            } => IngestError::InvalidJson {
-                line,
-                column,
-                message,
-            },
-            BodyError::TooManyUpdates { limit } => IngestError::TooManyUpdates { limit },
-        })?;
+    let raw_updates = model::parse_body(&bytes, format, T::FIELDS, state.limits.max_updates).map_err(|e| match e {
+        BodyError::InvalidJson { line, column, message } => IngestError::InvalidJson { line, column, message },
+        BodyError::TooManyUpdates { limit } => IngestError::TooManyUpdates { limit },
+    })?;
     let updates = model::validate_all::<T>(raw_updates, &rules, received_at, MAX_ERROR_DETAILS)
         .map_err(IngestError::InvalidUpdates)?;
     let count = updates.len();
@@ -111,17 +95,10 @@ fn body_format(req: &HttpRequest) -> Result<BodyFormat, IngestError> {
         return Ok(BodyFormat::Json);
     };
     let text = value.to_str().unwrap_or_default();
-    let essence = text
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let essence = text.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
     match essence.as_str() {
         "application/json" => Ok(BodyFormat::Json),
-        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
-            Ok(BodyFormat::Ndjson)
-        }
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(BodyFormat::Ndjson),
         _ => Err(IngestError::UnsupportedMediaType {
             what: "content type",
             found: text.to_owned(),
@@ -145,11 +122,7 @@ fn is_gzip(req: &HttpRequest) -> Result<bool, IngestError> {
 }
 
 /// Reads the body as sent, refusing it as soon as it passes `limit` bytes.
-async fn read_body(
-    req: &HttpRequest,
-    mut body: web::Payload,
-    limit: usize,
-) -> Result<web::BytesMut, IngestError> {
+async fn read_body(req: &HttpRequest, mut body: web::Payload, limit: usize) -> Result<web::BytesMut, IngestError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -160,9 +133,7 @@ async fn read_body(
     }
     let mut bytes = web::BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit));
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| IngestError::ReadBody {
-            message: e.to_string(),
-        })?;
+        let chunk = chunk.map_err(|e| IngestError::ReadBody { message: e.to_string() })?;
         if bytes.len() + chunk.len() > limit {
             return Err(IngestError::BodyTooLarge { limit_bytes: limit });
         }

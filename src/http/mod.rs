@@ -48,9 +48,7 @@ impl<T> StreamIngest<T> {
     /// Brings the gauges that are read, not counted, up to date; called before `/stats` and `/metrics` answer.
     pub fn refresh_gauges(&self) {
         self.metrics.queue_depth.set(self.queue.pending() as i64);
-        self.metrics
-            .queue_capacity
-            .set(self.queue.capacity() as i64);
+        self.metrics.queue_capacity.set(self.queue.capacity() as i64);
         let now = Instant::now();
         let oldest = self
             .writers
@@ -93,11 +91,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/healthz").route(web::get().to(health::healthz)))
         .service(web::resource("/readyz").route(web::get().to(health::readyz)))
         .default_service(web::to(|| async {
-            HttpResponse::NotFound().json(errors::ErrorBody::new(
-                "not_found",
-                "no such route",
-                vec![],
-            ))
+            HttpResponse::NotFound().json(errors::ErrorBody::new("not_found", "no such route", vec![]))
         }));
 }
 
@@ -114,28 +108,25 @@ pub fn app(
     >,
 > {
     let http_metrics = state.metrics.http.clone();
-    App::new()
-        .app_data(state)
-        .configure(routes)
-        .wrap_fn(move |req, srv| {
-            let started = Instant::now();
-            let response = srv.call(req);
-            let http_metrics = http_metrics.clone();
-            async move {
-                let response = response.await?;
-                // The route pattern, never the raw path, so that the label set stays small.
-                let route = response
-                    .request()
-                    .match_pattern()
-                    .unwrap_or_else(|| "unmatched".to_owned());
-                let status = response.status();
-                let labels = [route.as_str(), status.as_str()];
-                http_metrics.requests.with_label_values(&labels).inc();
-                http_metrics
-                    .duration
-                    .with_label_values(&labels)
-                    .observe(started.elapsed().as_secs_f64());
-                Ok(response)
-            }
-        })
+    App::new().app_data(state).configure(routes).wrap_fn(move |req, srv| {
+        let started = Instant::now();
+        let response = srv.call(req);
+        let http_metrics = http_metrics.clone();
+        async move {
+            let response = response.await?;
+            // The route pattern, never the raw path, so that the label set stays small.
+            let route = response
+                .request()
+                .match_pattern()
+                .unwrap_or_else(|| "unmatched".to_owned());
+            let status = response.status();
+            let labels = [route.as_str(), status.as_str()];
+            http_metrics.requests.with_label_values(&labels).inc();
+            http_metrics
+                .duration
+                .with_label_values(&labels)
+                .observe(started.elapsed().as_secs_f64());
+            Ok(response)
+        }
+    })
 }

@@ -175,14 +175,7 @@ impl Checker {
     }
 
     /// A finite number within `[min, max]` (or `[min, max)` when `max_exclusive`).
-    pub fn number(
-        &mut self,
-        field: &str,
-        value: Scalar,
-        min: f64,
-        max: f64,
-        max_exclusive: bool,
-    ) -> Option<f64> {
+    pub fn number(&mut self, field: &str, value: Scalar, min: f64, max: f64, max_exclusive: bool) -> Option<f64> {
         let Some(n) = value.as_f64() else {
             self.fail(field, "must be a number");
             return None;
@@ -190,10 +183,7 @@ impl Checker {
         let above = if max_exclusive { n >= max } else { n > max };
         if !n.is_finite() || n < min || above {
             let upper = if max_exclusive { "below" } else { "at most" };
-            self.fail(
-                field,
-                format!("must be a finite number from {min} and {upper} {max}"),
-            );
+            self.fail(field, format!("must be a finite number from {min} and {upper} {max}"));
             return None;
         }
         Some(n)
@@ -215,17 +205,10 @@ impl Checker {
     }
 
     /// An RFC 3339 timestamp with offset, or integer Unix milliseconds, within the allowed window.
-    pub fn timestamp(
-        &mut self,
-        field: &str,
-        value: Scalar,
-        rules: &ValidationRules,
-    ) -> Option<OffsetDateTime> {
+    pub fn timestamp(&mut self, field: &str, value: Scalar, rules: &ValidationRules) -> Option<OffsetDateTime> {
         let parsed = match &value {
             Scalar::String(s) => OffsetDateTime::parse(s, &Rfc3339).ok(),
-            Scalar::Int(ms) => {
-                OffsetDateTime::from_unix_timestamp_nanos(i128::from(*ms) * 1_000_000).ok()
-            }
+            Scalar::Int(ms) => OffsetDateTime::from_unix_timestamp_nanos(i128::from(*ms) * 1_000_000).ok(),
             _ => None,
         };
         let Some(at) = parsed else {
@@ -248,10 +231,7 @@ impl Checker {
         if at < rules.now - rules.max_age {
             self.fail(
                 field,
-                format!(
-                    "is older than {}",
-                    humantime::format_duration(rules.max_age)
-                ),
+                format!("is older than {}", humantime::format_duration(rules.max_age)),
             );
             return None;
         }
@@ -260,18 +240,11 @@ impl Checker {
 
     /// The unknown fields as one JSON object, built from the raw JSON that was sent (no re-parse), for the
     /// `attributes` column; `None` when there are none.
-    pub fn attributes(
-        &mut self,
-        attributes: &[(Cow<'_, str>, &RawValue)],
-        rules: &ValidationRules,
-    ) -> Option<String> {
+    pub fn attributes(&mut self, attributes: &[(Cow<'_, str>, &RawValue)], rules: &ValidationRules) -> Option<String> {
         if attributes.is_empty() {
             return None;
         }
-        let raw_len: usize = attributes
-            .iter()
-            .map(|(k, v)| k.len() + v.get().len() + 4)
-            .sum();
+        let raw_len: usize = attributes.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum();
         if raw_len > rules.max_attributes_bytes * 2 {
             // Far over the limit: say so without building the string.
             self.fail("attributes", too_large(raw_len, rules));

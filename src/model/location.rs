@@ -90,12 +90,9 @@ impl Update for LocationUpdate {
         let lon = c
             .required("lon", take(LON))
             .and_then(|v| c.number("lon", v, -180.0, 180.0, false));
-        let speed_kmh =
-            Checker::optional(take(SPEED_KMH)).map(|v| c.number("speed_kmh", v, 0.0, 400.0, false));
-        let heading_deg = Checker::optional(take(HEADING_DEG))
-            .map(|v| c.number("heading_deg", v, 0.0, 360.0, true));
-        let accuracy_m = Checker::optional(take(ACCURACY_M))
-            .map(|v| c.number("accuracy_m", v, 0.0, 100_000.0, false));
+        let speed_kmh = Checker::optional(take(SPEED_KMH)).map(|v| c.number("speed_kmh", v, 0.0, 400.0, false));
+        let heading_deg = Checker::optional(take(HEADING_DEG)).map(|v| c.number("heading_deg", v, 0.0, 360.0, true));
+        let accuracy_m = Checker::optional(take(ACCURACY_M)).map(|v| c.number("accuracy_m", v, 0.0, 100_000.0, false));
         let attributes = c.attributes(&raw.attributes, rules);
 
         let update = (|| {
@@ -126,13 +123,7 @@ mod tests {
     const NOW: OffsetDateTime = datetime!(2026-11-22 12:00 UTC);
 
     fn validate(json: &str) -> Result<LocationUpdate, Vec<FieldError>> {
-        let mut raw = parse_body(
-            json.as_bytes(),
-            BodyFormat::Json,
-            LocationUpdate::FIELDS,
-            10,
-        )
-        .unwrap();
+        let mut raw = parse_body(json.as_bytes(), BodyFormat::Json, LocationUpdate::FIELDS, 10).unwrap();
         LocationUpdate::validate(raw.remove(0), &ValidationRules::with_defaults(NOW), NOW)
     }
 
@@ -158,10 +149,7 @@ mod tests {
             (u.speed_kmh, u.heading_deg, u.accuracy_m),
             (Some(88.5), Some(359.9), Some(3.0))
         );
-        assert_eq!(
-            u.attributes.as_deref(),
-            Some(r#"{"driver":"ana","temp":{"c":4}}"#)
-        );
+        assert_eq!(u.attributes.as_deref(), Some(r#"{"driver":"ana","temp":{"c":4}}"#));
         assert_eq!(u.received_at, NOW);
     }
 
@@ -207,11 +195,7 @@ mod tests {
 
     #[test]
     fn timestamps_outside_the_window_are_refused() {
-        for at in [
-            "2026-11-22T12:05:01Z",
-            "2026-10-23T11:59:59Z",
-            "2026-11-22T12:00:00",
-        ] {
+        for at in ["2026-11-22T12:05:01Z", "2026-10-23T11:59:59Z", "2026-11-22T12:00:00"] {
             let json = format!(r#"{{"device_id":"a","recorded_at":"{at}","lat":0,"lon":0}}"#);
             assert_eq!(fields_of(validate(&json)), ["recorded_at"], "{at}");
         }
@@ -222,9 +206,7 @@ mod tests {
     #[test]
     fn attributes_over_four_kib_are_refused() {
         let big = "x".repeat(5000);
-        let json = format!(
-            r#"{{"device_id":"a","recorded_at":"2026-11-22T12:00:00Z","lat":0,"lon":0,"n":"{big}"}}"#
-        );
+        let json = format!(r#"{{"device_id":"a","recorded_at":"2026-11-22T12:00:00Z","lat":0,"lon":0,"n":"{big}"}}"#);
         assert_eq!(fields_of(validate(&json)), ["attributes"]);
     }
 
@@ -258,7 +240,7 @@ mod tests {
         fn unix_millisecond_timestamps_follow_the_window(offset_ms in -31i64 * 86_400_000..10 * 60_000) {
             let ms = NOW.unix_timestamp() * 1000 + offset_ms;
             let json = format!(r#"{{"device_id":"a","recorded_at":{ms},"lat":0,"lon":0}}"#);
-            let expected = offset_ms <= 5 * 60_000 && offset_ms >= -30 * 86_400_000;
+            let expected = (-30 * 86_400_000..=5 * 60_000).contains(&offset_ms);
             prop_assert_eq!(validate(&json).is_ok(), expected);
         }
     }

@@ -68,18 +68,15 @@ impl Update for PollResult {
         let success = c
             .required("success", take(SUCCESS))
             .and_then(|v| c.boolean("success", v));
-        let status_code =
-            Checker::optional(take(STATUS_CODE)).map(|v| c.integer("status_code", v, 100, 599));
-        let response_time_ms = Checker::optional(take(RESPONSE_TIME_MS))
-            .map(|v| c.integer("response_time_ms", v, 0, 3_600_000));
+        let status_code = Checker::optional(take(STATUS_CODE)).map(|v| c.integer("status_code", v, 100, 599));
+        let response_time_ms =
+            Checker::optional(take(RESPONSE_TIME_MS)).map(|v| c.integer("response_time_ms", v, 0, 3_600_000));
         let error_message = Checker::optional(take(ERROR_MESSAGE)).map(|v| {
             c.string("error_message", v).filter(|m| {
                 let ok = m.chars().count() <= MAX_ERROR_MESSAGE_CHARS;
                 if !ok {
-                    c.errors.push(FieldError::new(
-                        "error_message",
-                        "must be at most 1024 characters",
-                    ));
+                    c.errors
+                        .push(FieldError::new("error_message", "must be at most 1024 characters"));
                 }
                 ok
             })
@@ -93,9 +90,7 @@ impl Update for PollResult {
                 success: success?,
                 // The ranges above fit the column types, so the conversions cannot fail once checked.
                 status_code: status_code.flatten().and_then(|n| i16::try_from(n).ok()),
-                response_time_ms: response_time_ms
-                    .flatten()
-                    .and_then(|n| i32::try_from(n).ok()),
+                response_time_ms: response_time_ms.flatten().and_then(|n| i32::try_from(n).ok()),
                 error_message: error_message.flatten(),
                 attributes,
                 received_at,
@@ -115,8 +110,7 @@ mod tests {
     const NOW: OffsetDateTime = datetime!(2026-11-22 12:00 UTC);
 
     fn validate(json: &str) -> Result<PollResult, Vec<FieldError>> {
-        let mut raw =
-            parse_body(json.as_bytes(), BodyFormat::Json, PollResult::FIELDS, 10).unwrap();
+        let mut raw = parse_body(json.as_bytes(), BodyFormat::Json, PollResult::FIELDS, 10).unwrap();
         PollResult::validate(raw.remove(0), &ValidationRules::with_defaults(NOW), NOW)
     }
 
@@ -137,10 +131,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.project_id, i64::MAX);
         assert!(!p.success);
-        assert_eq!(
-            (p.status_code, p.response_time_ms),
-            (Some(503), Some(3_600_000))
-        );
+        assert_eq!((p.status_code, p.response_time_ms), (Some(503), Some(3_600_000)));
         assert_eq!(p.error_message.as_deref(), Some("upstream down"));
         assert_eq!(p.attributes.as_deref(), Some(r#"{"region":"eu"}"#));
     }
@@ -168,9 +159,7 @@ mod tests {
     #[test]
     fn project_id_must_be_an_integer_in_range() {
         for id in ["9223372036854775808", "1.5", "-3", "\"7\""] {
-            let json = format!(
-                r#"{{"project_id":{id},"polled_at":"2026-11-22T12:00:00Z","success":true}}"#
-            );
+            let json = format!(r#"{{"project_id":{id},"polled_at":"2026-11-22T12:00:00Z","success":true}}"#);
             assert_eq!(fields_of(validate(&json)), ["project_id"], "{id}");
         }
     }
@@ -178,9 +167,8 @@ mod tests {
     #[test]
     fn error_message_is_counted_in_characters() {
         let ok = "é".repeat(1024);
-        let json = format!(
-            r#"{{"project_id":1,"polled_at":"2026-11-22T12:00:00Z","success":true,"error_message":"{ok}"}}"#
-        );
+        let json =
+            format!(r#"{{"project_id":1,"polled_at":"2026-11-22T12:00:00Z","success":true,"error_message":"{ok}"}}"#);
         assert!(validate(&json).is_ok());
         let json = json.replace(&ok, &format!("{ok}e"));
         assert_eq!(fields_of(validate(&json)), ["error_message"]);

@@ -73,11 +73,7 @@ pub async fn write_batch<T: CopyRecord>(pool: &Pool, rows: &[T]) -> Result<CopyO
 struct Jsonb<'a>(&'a str);
 
 impl ToSql for Jsonb<'_> {
-    fn to_sql(
-        &self,
-        _: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         // The jsonb binary format is a version byte (1) followed by the JSON text.
         out.extend_from_slice(&[1]);
         out.extend_from_slice(self.0.as_bytes());
@@ -92,8 +88,7 @@ impl ToSql for Jsonb<'_> {
 }
 
 impl CopyRecord for LocationUpdate {
-    const COPY_STATEMENT: &'static str =
-        "COPY location_updates (device_id, recorded_at, lat, lon, speed_kmh, \
+    const COPY_STATEMENT: &'static str = "COPY location_updates (device_id, recorded_at, lat, lon, speed_kmh, \
         heading_deg, accuracy_m, attributes, received_at) FROM STDIN (FORMAT binary)";
     const COLUMN_TYPES: &'static [Type] = &[
         Type::TEXT,
@@ -107,10 +102,7 @@ impl CopyRecord for LocationUpdate {
         Type::TIMESTAMPTZ,
     ];
 
-    async fn write_row(
-        &self,
-        writer: Pin<&mut BinaryCopyInWriter>,
-    ) -> Result<(), tokio_postgres::Error> {
+    async fn write_row(&self, writer: Pin<&mut BinaryCopyInWriter>) -> Result<(), tokio_postgres::Error> {
         let attributes = self.attributes.as_deref().map(Jsonb);
         writer
             .write(&[
@@ -129,8 +121,7 @@ impl CopyRecord for LocationUpdate {
 }
 
 impl CopyRecord for PollResult {
-    const COPY_STATEMENT: &'static str =
-        "COPY poll_results (project_id, polled_at, success, status_code, \
+    const COPY_STATEMENT: &'static str = "COPY poll_results (project_id, polled_at, success, status_code, \
         response_time_ms, error_message, attributes, received_at) FROM STDIN (FORMAT binary)";
     const COLUMN_TYPES: &'static [Type] = &[
         Type::INT8,
@@ -143,10 +134,7 @@ impl CopyRecord for PollResult {
         Type::TIMESTAMPTZ,
     ];
 
-    async fn write_row(
-        &self,
-        writer: Pin<&mut BinaryCopyInWriter>,
-    ) -> Result<(), tokio_postgres::Error> {
+    async fn write_row(&self, writer: Pin<&mut BinaryCopyInWriter>) -> Result<(), tokio_postgres::Error> {
         let attributes = self.attributes.as_deref().map(Jsonb);
         writer
             .write(&[

@@ -96,12 +96,12 @@ impl<T> QueueSender<T> {
             return Err(PushError::Closed);
         }
         let capacity = self.shared.capacity;
-        let reserved =
-            self.shared
-                .pending
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
-                    (pending + wanted <= capacity).then_some(pending + wanted)
-                });
+        let reserved = self
+            .shared
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
+                (pending + wanted <= capacity).then_some(pending + wanted)
+            });
         if let Err(pending) = reserved {
             return Err(PushError::Full {
                 pending,
@@ -149,9 +149,7 @@ impl<T> QueueReceiver<T> {
         match self.rx.recv_deadline(deadline) {
             Ok(chunk) => Received::Chunk(chunk),
             Err(RecvTimeoutError::Disconnected) => Received::Drained,
-            Err(RecvTimeoutError::Timeout) if self.is_closed() && self.rx.is_empty() => {
-                Received::Drained
-            }
+            Err(RecvTimeoutError::Timeout) if self.is_closed() && self.rx.is_empty() => Received::Drained,
             Err(RecvTimeoutError::Timeout) => Received::Timeout,
         }
     }

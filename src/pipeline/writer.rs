@@ -38,9 +38,7 @@ impl Default for Backoff {
 impl Backoff {
     /// The wait before attempt `attempt + 1` (attempts count from 1).
     pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(attempt.saturating_sub(1).min(16))
-            .unwrap_or(u32::MAX);
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1).min(16)).unwrap_or(u32::MAX);
         self.initial.saturating_mul(factor).min(self.max)
     }
 }
@@ -59,9 +57,7 @@ fn epoch() -> Instant {
 
 impl WriterState {
     fn set_oldest(&self, at: Option<Instant>) {
-        let encoded = at.map_or(0, |at| {
-            at.saturating_duration_since(epoch()).as_nanos() as u64 + 1
-        });
+        let encoded = at.map_or(0, |at| at.saturating_duration_since(epoch()).as_nanos() as u64 + 1);
         self.oldest_held.store(encoded, Ordering::Release);
     }
 
@@ -128,10 +124,11 @@ impl<T: CopyRecord> BatchWriter<T> {
                 return false;
             }
             // Once closed, write what is there at once instead of waiting for the interval.
+            // The wait is capped so that a writer notices the queue closing even while its batch is young.
             let deadline = if self.queue.is_closed() {
                 now
             } else {
-                batcher.deadline().unwrap_or(now + IDLE_WAIT)
+                batcher.deadline().map_or(now + IDLE_WAIT, |d| d.min(now + IDLE_WAIT))
             };
             match self.queue.recv_until(deadline) {
                 Received::Chunk(chunk) => {

@@ -1,0 +1,148 @@
+//! A full queue answers 503 with Retry-After at once; an outage of the database loses nothing that got a 202.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ingest_gateway::db::EmbeddedPostgres;
+
+use crate::helpers::{eventually, fresh_database, location_array, location_json, spawn_app_on, Ledger};
+
+const LOCATION: &str = "/api/v1/location/update";
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after_and_every_202_lands_once_the_database_is_back() {
+    let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
+    let name = fresh_database(&cluster);
+    let mut app = spawn_app_on(cluster.config(&name), |s| {
+        s.queue_capacity = 100;
+        s.batch_size = 10;
+        s.writers = 1;
+    });
+    cluster.stop();
+
+    let mut ledger = Ledger::default();
+    for i in 0..250 {
+        let id = format!("q-{i}");
+        let answer = app.post_json(LOCATION, &location_json(&id));
+        match answer.status {
+            202 => ledger.acknowledged.insert(id),
+            503 => {
+                assert_eq!(answer.retry_after.as_deref(), Some("1"));
+                assert_eq!(answer.json()["error"], "overloaded");
+                ledger.refused.insert(id)
+            }
+            other => panic!("unexpected {other}: {}", answer.body),
+        };
+    }
+    assert_eq!(ledger.acknowledged.len(), 100, "the queue holds exactly its capacity");
+    assert_eq!(ledger.refused.len(), 150);
+    let stats = app.get("/stats").json();
+    assert_eq!(stats["streams"]["location"]["rejected_by_reason"]["overloaded"], 150);
+    assert_eq!(stats["streams"]["location"]["queue_depth"], 100);
+    assert!(stats["streams"]["location"]["batch_failures"].as_u64().unwrap() >= 1);
+    let ready = app.get("/readyz");
+    assert_eq!(ready.status, 503, "{}", ready.body);
+
+    cluster.restart().unwrap();
+    app.db = crate::helpers::Db::connect(cluster.config(&name));
+    eventually("the queue drains", Duration::from_secs(30), || {
+        app.get("/stats").json()["streams"]["location"]["queue_depth"] == 0
+    });
+    assert_eq!(app.get("/readyz").status, 200);
+    assert!(app.stop().is_clean());
+
+    let stored: Vec<(String, i64)> = app.db.device_ids();
+    let stored_ids: std::collections::BTreeSet<String> = stored.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(
+        stored_ids, ledger.acknowledged,
+        "exactly the acknowledged updates are stored"
+    );
+    assert!(stored.iter().all(|(_, n)| *n == 1));
+}
+
+#[test]
+fn stopping_the_database_under_load_loses_no_acknowledged_update() {
+    let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
+    let name = fresh_database(&cluster);
+    let mut app = spawn_app_on(cluster.config(&name), |s| {
+        s.queue_capacity = 5_000;
+        s.batch_size = 100;
+        s.writers = 2;
+    });
+    let running = Arc::new(AtomicBool::new(true));
+    let load: Vec<_> = (0..3)
+        .map(|t| {
+            let (address, running) = (app.address.clone(), running.clone());
+            std::thread::spawn(move || {
+                let mut ledger = Ledger::default();
+                let mut i = 0;
+                while running.load(Ordering::Relaxed) {
+                    let prefix = format!("load-{t}-{i}");
+                    let (body, ids): (String, Vec<String>) = if i % 4 == 0 {
+                        (
+                            location_array(&prefix, 20),
+                            (0..20).map(|k| format!("{prefix}-{k}")).collect(),
+                        )
+                    } else {
+                        (location_json(&prefix), vec![prefix.clone()])
+                    };
+                    let status = match ureq::post(&format!("{address}{LOCATION}"))
+                        .set("Content-Type", "application/json")
+                        .send_string(&body)
+                    {
+                        Ok(r) => r.status(),
+                        Err(ureq::Error::Status(code, _)) => code,
+                        Err(e) => panic!("{e}"),
+                    };
+                    match status {
+                        202 => ledger.acknowledged.extend(ids),
+                        503 => ledger.refused.extend(ids),
+                        other => ledger.other_statuses.push(other),
+                    }
+                    i += 1;
+                }
+                ledger
+            })
+        })
+        .collect();
+
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    cluster.restart().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    running.store(false, Ordering::Relaxed);
+    let mut ledger = Ledger::default();
+    for t in load {
+        ledger.merge(t.join().unwrap());
+    }
+    let outcome = app.stop();
+    app.db = crate::helpers::Db::connect(cluster.config(&name));
+
+    assert!(outcome.is_clean(), "{outcome:?}");
+    assert!(ledger.other_statuses.is_empty(), "{:?}", ledger.other_statuses);
+    assert!(
+        ledger.acknowledged.len() > 100,
+        "the load ran: {} acknowledged",
+        ledger.acknowledged.len()
+    );
+    let stored = app.db.device_ids();
+    let stored_ids: std::collections::BTreeSet<String> = stored.iter().map(|(id, _)| id.clone()).collect();
+    let missing: Vec<_> = ledger.acknowledged.difference(&stored_ids).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged updates are missing: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let unexpected: Vec<_> = stored_ids.difference(&ledger.acknowledged).collect();
+    assert!(unexpected.is_empty(), "refused updates were stored: {unexpected:?}");
+    eprintln!(
+        "outage under load: {} acknowledged, {} refused with 503, {} stored, {} stored twice",
+        ledger.acknowledged.len(),
+        ledger.refused.len(),
+        stored.len(),
+        stored.iter().filter(|(_, n)| *n > 1).count()
+    );
+}

@@ -1,0 +1,256 @@
+//! The test harness: one throwaway PostgreSQL per test binary (a database per test), the gateway started
+//! in-process on a free port, a small HTTP client and a synchronous database client.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ingest_gateway::config::Settings;
+use ingest_gateway::db::EmbeddedPostgres;
+use ingest_gateway::shutdown::ShutdownOutcome;
+use ingest_gateway::startup::Application;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio_postgres::NoTls;
+
+/// The cluster shared by the tests that do not stop their database.
+pub fn shared_cluster() -> &'static EmbeddedPostgres {
+    static CLUSTER: OnceLock<EmbeddedPostgres> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        ingest_gateway::telemetry::init(ingest_gateway::config::LogFormat::Text);
+        EmbeddedPostgres::start_ephemeral().expect("start the test PostgreSQL")
+    })
+}
+
+/// A new, empty database on `cluster`.
+pub fn fresh_database(cluster: &EmbeddedPostgres) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let name = format!("test_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let admin = Db::connect(cluster.config("postgres"));
+    admin.execute(&format!("CREATE DATABASE {name}"));
+    name
+}
+
+/// A synchronous PostgreSQL client for assertions.
+pub struct Db {
+    runtime: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl Db {
+    pub fn connect(config: tokio_postgres::Config) -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = runtime.block_on(async {
+            let (client, connection) = config.connect(NoTls).await.expect("connect to the test database");
+            tokio::spawn(connection);
+            client
+        });
+        Db { runtime, client }
+    }
+
+    pub fn execute(&self, sql: &str) {
+        self.runtime
+            .block_on(self.client.batch_execute(sql))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub fn query(&self, sql: &str) -> Vec<tokio_postgres::Row> {
+        self.runtime
+            .block_on(self.client.query(sql, &[]))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub fn count(&self, table: &str) -> i64 {
+        self.query(&format!("SELECT count(*) FROM {table}"))[0].get(0)
+    }
+
+    /// The `device_id`s in `location_updates`, with how often each occurs.
+    pub fn device_ids(&self) -> Vec<(String, i64)> {
+        self.query("SELECT device_id, count(*) FROM location_updates GROUP BY device_id")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// A gateway running in this process.
+pub struct TestApp {
+    pub address: String,
+    pub db: Db,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<anyhow::Result<ShutdownOutcome>>>,
+    agent: ureq::Agent,
+}
+
+/// Starts a gateway on a new database of the shared cluster, with test-friendly settings changed by `tune`.
+pub fn spawn_app(tune: impl FnOnce(&mut Settings)) -> TestApp {
+    let cluster = shared_cluster();
+    let name = fresh_database(cluster);
+    spawn_app_on(cluster.config(&name), tune)
+}
+
+/// Starts a gateway writing to the database `config` names.
+pub fn spawn_app_on(config: tokio_postgres::Config, tune: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut settings = Settings::defaults();
+    settings.listen = "127.0.0.1:0".into();
+    settings.database_url = Some(connection_string(&config));
+    settings.flush_interval = Duration::from_millis(100);
+    settings.shutdown_timeout = Duration::from_secs(20);
+    tune(&mut settings);
+    let app = Application::build(&settings).expect("build the gateway");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(app.run(async {
+            let _ = stop_rx.await;
+        }))
+    });
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
+    TestApp {
+        address,
+        db: Db::connect(config),
+        stop: Some(stop_tx),
+        thread: Some(thread),
+        agent,
+    }
+}
+
+/// `config` as a key=value connection string.
+pub fn connection_string(config: &tokio_postgres::Config) -> String {
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        tokio_postgres::config::Host::Tcp(host) => host.clone(),
+    };
+    format!(
+        "host={host} port={} user={} dbname={}",
+        config.get_ports()[0],
+        config.get_user().unwrap_or("postgres"),
+        config.get_dbname().unwrap_or("postgres")
+    )
+}
+
+impl TestApp {
+    /// POSTs `body` with the given headers.
+    pub fn post(&self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> Answer {
+        let mut request = self.agent.post(&format!("{}{path}", self.address));
+        for (name, value) in headers {
+            request = request.set(name, value);
+        }
+        into_answer(request.send_bytes(body))
+    }
+
+    pub fn post_json(&self, path: &str, body: &str) -> Answer {
+        self.post(path, body.as_bytes(), &[("Content-Type", "application/json")])
+    }
+
+    pub fn get(&self, path: &str) -> Answer {
+        into_answer(self.agent.get(&format!("{}{path}", self.address)).call())
+    }
+
+    /// Stops the gateway as SIGTERM would, and returns what the stop achieved.
+    /// Its database stays reachable through `db` afterwards.
+    pub fn stop(&mut self) -> ShutdownOutcome {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let thread = self.thread.take().expect("the gateway runs");
+        thread
+            .join()
+            .expect("the gateway thread panicked")
+            .expect("the gateway failed")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if self.thread.is_some() && !std::thread::panicking() {
+            self.stop();
+        }
+    }
+}
+
+fn into_answer(result: Result<ureq::Response, ureq::Error>) -> Answer {
+    let response = match result {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("request failed: {e}"),
+    };
+    let status = response.status();
+    let retry_after = response.header("Retry-After").map(str::to_owned);
+    let body = response.into_string().expect("read the answer");
+    Answer {
+        status,
+        retry_after,
+        body,
+    }
+}
+
+/// Waits up to `timeout` for `condition`; panics with `what` if it never holds. Only for conditions that do
+/// hold eventually: the timeout is a safety net, not a measurement.
+pub fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Now, as RFC 3339.
+pub fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc().format(&Rfc3339).unwrap()
+}
+
+/// A valid location update for `device_id`.
+pub fn location_json(device_id: &str) -> String {
+    format!(
+        r#"{{"device_id":"{device_id}","recorded_at":"{}","lat":48.85,"lon":2.35}}"#,
+        now_rfc3339()
+    )
+}
+
+/// A JSON array of `n` valid location updates with device ids `<prefix>-0` … `<prefix>-<n-1>`.
+pub fn location_array(prefix: &str, n: usize) -> String {
+    let items: Vec<String> = (0..n).map(|i| location_json(&format!("{prefix}-{i}"))).collect();
+    format!("[{}]", items.join(","))
+}
+
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// Acknowledged and refused device ids, gathered by load threads.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    pub acknowledged: BTreeSet<String>,
+    pub refused: BTreeSet<String>,
+    pub other_statuses: Vec<u16>,
+}
+
+impl Ledger {
+    pub fn merge(&mut self, other: Ledger) {
+        self.acknowledged.extend(other.acknowledged);
+        self.refused.extend(other.refused);
+        self.other_statuses.extend(other.other_statuses);
+    }
+}
