@@ -55,6 +55,15 @@ pub enum EmbeddedPostgresError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "PostgreSQL runs as uid {uid} (it refuses root) and cannot reach {data_dir}: {blocked} is not searchable \
+         by that user; choose a --data-dir it can reach, run the gateway as a non-root user, or `chmod o+x {blocked}`"
+    )]
+    Unreachable {
+        uid: u32,
+        data_dir: PathBuf,
+        blocked: PathBuf,
+    },
     #[error("{0} is not empty and holds no PostgreSQL cluster; move it away or choose another --data-dir")]
     NotACluster(PathBuf),
     #[error("initdb failed ({status}); its output:\n{log}")]
@@ -100,6 +109,7 @@ impl EmbeddedPostgres {
         let data_dir = data_dir
             .canonicalize()
             .map_err(io_error("could not resolve", data_dir))?;
+        check_reachable(&data_dir, run_as)?;
         hand_over(&data_dir, run_as, 0o700)?;
         let log_path = data_dir.with_extension("log");
 
@@ -439,6 +449,32 @@ fn server_user() -> Option<(u32, u32)> {
         }
     }
     None
+}
+
+/// Checks that the server user can walk down to `dir` (every ancestor searchable by it): a root-owned `0700`
+/// home directory on the way is the usual reason a root-run gateway cannot start its PostgreSQL.
+fn check_reachable(dir: &Path, run_as: Option<(u32, u32)>) -> Result<(), EmbeddedPostgresError> {
+    use std::os::unix::fs::MetadataExt;
+    let Some((uid, gid)) = run_as else { return Ok(()) };
+    for ancestor in dir.ancestors().skip(1) {
+        let Ok(meta) = fs::metadata(ancestor) else { continue };
+        let mode = meta.mode();
+        let searchable = if meta.uid() == uid {
+            mode & 0o100 != 0
+        } else if meta.gid() == gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !searchable {
+            return Err(EmbeddedPostgresError::Unreachable {
+                uid,
+                data_dir: dir.to_owned(),
+                blocked: ancestor.to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Gives `dir` to the server user (when running as root) with `mode`.

@@ -20,7 +20,10 @@ use tokio_postgres::NoTls;
 pub fn shared_cluster() -> &'static EmbeddedPostgres {
     static CLUSTER: OnceLock<EmbeddedPostgres> = OnceLock::new();
     CLUSTER.get_or_init(|| {
-        ingest_gateway::telemetry::init(ingest_gateway::config::LogFormat::Text);
+        // The gateway's logs would drown the test report; RUST_LOG=info (or debug) brings them back.
+        if std::env::var_os("RUST_LOG").is_some() {
+            ingest_gateway::telemetry::init(ingest_gateway::config::LogFormat::Text);
+        }
         EmbeddedPostgres::start_ephemeral().expect("start the test PostgreSQL")
     })
 }

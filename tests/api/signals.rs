@@ -38,7 +38,9 @@ fn start_gateway(envs: &[(&str, String)]) -> (Child, String) {
                     let _ = port_tx.send(port);
                 }
             }
-            eprintln!("gateway: {line}");
+            if std::env::var_os("RUST_LOG").is_some() {
+                eprintln!("gateway: {line}");
+            }
         }
     });
     let port = port_rx
