@@ -8,6 +8,7 @@
 import http from 'k6/http';
 import { check, sleep } from 'k6';
 import exec from 'k6/execution';
+import { latencyByName, summarize, TREND_STATS } from './lib/summary.js';
 
 const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
 const BATCH = 100;
@@ -21,10 +22,14 @@ export const options = {
       duration: __ENV.DURATION || '10s',
     },
   },
-  thresholds: {
-    checks: ['rate==1.0'],
-    http_req_failed: ['rate<0.01'],
-  },
+  thresholds: Object.assign(
+    {
+      checks: ['rate==1.0'],
+      http_req_failed: ['rate<0.01'],
+    },
+    latencyByName(['location_single', 'location_batch100', 'poll_single']), // report each kind's latency too
+  ),
+  summaryTrendStats: TREND_STATS,
 };
 
 // Runs once; its result reaches every VU, so all VUs share one run id.
@@ -113,4 +118,13 @@ export default function (data) {
   expectAccepted(res, 'poll single', 1);
 
   sleep(0.1);
+}
+
+// Text summary on stdout; with HTML_REPORT=<path>, an HTML report too.
+export function handleSummary(data) {
+  return summarize(data, {
+    title: 'ingest-gateway: smoke test',
+    description: `single and 100-update location requests and single poll results against ${BASE_URL}`,
+    params: { VUS: Number(__ENV.VUS || 5), DURATION: __ENV.DURATION || '10s' },
+  });
 }

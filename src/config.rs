@@ -35,6 +35,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// What a `202` promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Durability {
+    /// The updates are in the write-ahead log on disk (fsynced): a crash loses nothing.
+    Wal,
+    /// The updates are in memory only: fastest, and lost if the process dies before they are written.
+    Memory,
+}
+
 /// Every setting. Durations are written like `250ms`, `10s`, `5m`, `30d`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
@@ -82,6 +91,14 @@ pub struct Settings {
     #[arg(long, env = "INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
+    /// What a 202 promises: `wal` (on disk, survives a crash) or `memory` (fastest; lost if the process dies).
+    #[arg(long, env = "INGEST_DURABILITY", value_enum, default_value_t = Durability::Wal, global = true)]
+    pub durability: Durability,
+
+    /// Bound on the write-ahead log's size on disk (under <data-dir>/wal); when full, requests get 503.
+    #[arg(long, env = "INGEST_WAL_MAX_BYTES", default_value_t = 1 << 30, global = true)]
+    pub wal_max_bytes: u64,
+
     /// How far in the future a `recorded_at` / `polled_at` may be (clock skew of the senders).
     #[arg(long, env = "INGEST_MAX_FUTURE_SKEW", default_value = "5m", value_parser = parse_duration, global = true)]
     pub max_future_skew: Duration,
@@ -126,6 +143,8 @@ mod tests {
         assert_eq!(s.max_updates, 10_000);
         assert_eq!(s.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(s.log_format, LogFormat::Text);
+        assert_eq!(s.durability, Durability::Wal);
+        assert_eq!(s.wal_max_bytes, 1 << 30);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`db`]: the connection pool, the migrations runner and the embedded PostgreSQL.
 //! - [`startup`]: builds everything above and runs it; the only module that knows all others.
 //! - [`shutdown`]: the stop sequence: stop HTTP → close queues → writers flush → exit.
+//! - [`wal`]: the write-ahead log that makes an acknowledged update survive a crash.
 
 pub mod config;
 pub mod db;
@@ -21,3 +22,4 @@ pub mod pipeline;
 pub mod shutdown;
 pub mod startup;
 pub mod telemetry;
+pub mod wal;

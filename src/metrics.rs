@@ -22,6 +22,17 @@ pub const LAST_BATCH_DURATION: &str = "ingest_last_batch_duration_seconds";
 pub const OLDEST_PENDING_AGE: &str = "ingest_oldest_pending_age_seconds";
 pub const BATCH_ROWS: &str = "ingest_batch_rows";
 pub const BATCH_WRITE_DURATION: &str = "ingest_batch_write_duration_seconds";
+pub const UPDATES_DUPLICATE: &str = "ingest_updates_duplicate_total";
+pub const UPDATES_DEAD_LETTERED: &str = "ingest_updates_dead_lettered_total";
+pub const WAL_REPLAYED: &str = "ingest_wal_replayed_updates_total";
+pub const WAL_BYTES: &str = "ingest_wal_bytes";
+pub const WAL_CAPACITY: &str = "ingest_wal_capacity_bytes";
+pub const WAL_SEGMENTS: &str = "ingest_wal_segments";
+pub const WAL_RECORDS: &str = "ingest_wal_records_total";
+pub const WAL_FSYNCS: &str = "ingest_wal_fsyncs_total";
+pub const WAL_FSYNC_DURATION: &str = "ingest_wal_fsync_duration_seconds";
+pub const WAL_CORRUPT_RECORDS: &str = "ingest_wal_corrupt_records_total";
+pub const WAL_WRITE_ERRORS: &str = "ingest_wal_write_errors_total";
 pub const HTTP_REQUESTS: &str = "ingest_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "ingest_http_request_duration_seconds";
 
@@ -34,16 +45,22 @@ pub enum RejectReason {
     InvalidUpdate,
     Overloaded,
     ShuttingDown,
+    /// The write-ahead log is at its size bound.
+    LogFull,
+    /// The write-ahead log could not be written (disk full, IO error).
+    StorageError,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::InvalidJson,
         RejectReason::PayloadTooLarge,
         RejectReason::UnsupportedMediaType,
         RejectReason::InvalidUpdate,
         RejectReason::Overloaded,
         RejectReason::ShuttingDown,
+        RejectReason::LogFull,
+        RejectReason::StorageError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +71,8 @@ impl RejectReason {
             RejectReason::InvalidUpdate => "invalid_update",
             RejectReason::Overloaded => "overloaded",
             RejectReason::ShuttingDown => "shutting_down",
+            RejectReason::LogFull => "log_full",
+            RejectReason::StorageError => "storage_error",
         }
     }
 }
@@ -68,6 +87,23 @@ pub struct Metrics {
     pub location: StreamMetrics,
     /// The `poll` stream.
     pub poll: StreamMetrics,
+    /// The write-ahead log.
+    pub wal: WalMetrics,
+}
+
+/// The write-ahead log's figures.
+#[derive(Clone)]
+pub struct WalMetrics {
+    /// Bytes of the log on disk (segments not yet deleted).
+    pub bytes: IntGauge,
+    pub capacity: IntGauge,
+    pub segments: IntGauge,
+    pub records: IntCounter,
+    pub fsyncs: IntCounter,
+    pub fsync_duration: Histogram,
+    /// Records found damaged (checksum, torn tail) when the log was read back.
+    pub corrupt_records: IntCounter,
+    pub write_errors: IntCounter,
 }
 
 /// The metrics of one stream, children of the labelled families.
@@ -78,6 +114,12 @@ pub struct StreamMetrics {
     /// wrong content type) counts as one.
     rejected: Vec<IntCounter>,
     pub written: IntCounter,
+    /// Updates absorbed because the same natural key was already stored.
+    pub duplicates: IntCounter,
+    /// Updates PostgreSQL refused for good, kept in `dead_letters`.
+    pub dead_lettered: IntCounter,
+    /// Updates read back from the write-ahead log at start-up.
+    pub replayed: IntCounter,
     /// Updates accepted and not yet written (in the queue or in a batch being written).
     pub queue_depth: IntGauge,
     pub queue_capacity: IntGauge,
@@ -161,6 +203,37 @@ impl Metrics {
                 .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
             stream,
         )?;
+        let duplicates = IntCounterVec::new(
+            Opts::new(UPDATES_DUPLICATE, "Updates absorbed as repeats of a stored key"),
+            stream,
+        )?;
+        let dead = IntCounterVec::new(
+            Opts::new(
+                UPDATES_DEAD_LETTERED,
+                "Updates refused by PostgreSQL for good, kept in dead_letters",
+            ),
+            stream,
+        )?;
+        let replayed = IntCounterVec::new(
+            Opts::new(WAL_REPLAYED, "Updates replayed from the write-ahead log at start-up"),
+            stream,
+        )?;
+        let wal = WalMetrics {
+            bytes: IntGauge::new(WAL_BYTES, "Bytes of write-ahead log on disk")?,
+            capacity: IntGauge::new(WAL_CAPACITY, "Bound of the write-ahead log in bytes")?,
+            segments: IntGauge::new(WAL_SEGMENTS, "Write-ahead log segment files on disk")?,
+            records: IntCounter::new(WAL_RECORDS, "Records appended to the write-ahead log")?,
+            fsyncs: IntCounter::new(WAL_FSYNCS, "fsyncs of the write-ahead log (one per group commit)")?,
+            fsync_duration: Histogram::with_opts(
+                HistogramOpts::new(WAL_FSYNC_DURATION, "Time to write and fsync one group of records")
+                    .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
+            )?,
+            corrupt_records: IntCounter::new(
+                WAL_CORRUPT_RECORDS,
+                "Damaged records (checksum mismatch, torn tail) skipped when reading the log back",
+            )?,
+            write_errors: IntCounter::new(WAL_WRITE_ERRORS, "Failed writes or fsyncs of the write-ahead log")?,
+        };
         let requests = IntCounterVec::new(
             Opts::new(HTTP_REQUESTS, "HTTP requests, by route and status"),
             &["route", "status"],
@@ -184,6 +257,17 @@ impl Metrics {
         reg(Box::new(oldest.clone()))?;
         reg(Box::new(batch_rows.clone()))?;
         reg(Box::new(batch_seconds.clone()))?;
+        reg(Box::new(duplicates.clone()))?;
+        reg(Box::new(dead.clone()))?;
+        reg(Box::new(replayed.clone()))?;
+        reg(Box::new(wal.bytes.clone()))?;
+        reg(Box::new(wal.capacity.clone()))?;
+        reg(Box::new(wal.segments.clone()))?;
+        reg(Box::new(wal.records.clone()))?;
+        reg(Box::new(wal.fsyncs.clone()))?;
+        reg(Box::new(wal.fsync_duration.clone()))?;
+        reg(Box::new(wal.corrupt_records.clone()))?;
+        reg(Box::new(wal.write_errors.clone()))?;
         reg(Box::new(requests.clone()))?;
         reg(Box::new(duration.clone()))?;
         reg(Box::new(ProcessCollector::for_self()))?;
@@ -195,6 +279,9 @@ impl Metrics {
                 .map(|r| rejected.with_label_values(&[name, r.as_str()]))
                 .collect(),
             written: written.with_label_values(&[name]),
+            duplicates: duplicates.with_label_values(&[name]),
+            dead_lettered: dead.with_label_values(&[name]),
+            replayed: replayed.with_label_values(&[name]),
             queue_depth: depth.with_label_values(&[name]),
             queue_capacity: capacity.with_label_values(&[name]),
             batches_written: batches.with_label_values(&[name]),
@@ -210,6 +297,7 @@ impl Metrics {
             location: for_stream("location"),
             poll: for_stream("poll"),
             http: HttpMetrics { requests, duration },
+            wal,
             registry,
         })
     }

@@ -55,6 +55,12 @@ pub enum IngestError {
     Overloaded { updates: usize },
     #[error("the gateway is shutting down")]
     ShuttingDown { updates: usize },
+    #[error("the write-ahead log is full")]
+    LogFull { updates: usize },
+    #[error("the updates could not be stored durably: {message}")]
+    Storage { updates: usize, message: String },
+    #[error("unsupported query parameter: {0}")]
+    InvalidParameter(String),
 }
 
 impl IngestError {
@@ -69,6 +75,9 @@ impl IngestError {
             IngestError::InvalidUpdates(_) => RejectReason::InvalidUpdate,
             IngestError::Overloaded { .. } => RejectReason::Overloaded,
             IngestError::ShuttingDown { .. } => RejectReason::ShuttingDown,
+            IngestError::LogFull { .. } => RejectReason::LogFull,
+            IngestError::Storage { .. } => RejectReason::StorageError,
+            IngestError::InvalidParameter(_) => RejectReason::InvalidJson,
         }
     }
 
@@ -76,7 +85,10 @@ impl IngestError {
     pub fn updates(&self) -> u64 {
         match self {
             IngestError::InvalidUpdates(f) => f.invalid_updates.max(1) as u64,
-            IngestError::Overloaded { updates } | IngestError::ShuttingDown { updates } => (*updates).max(1) as u64,
+            IngestError::Overloaded { updates }
+            | IngestError::ShuttingDown { updates }
+            | IngestError::LogFull { updates }
+            | IngestError::Storage { updates, .. } => (*updates).max(1) as u64,
             _ => 1,
         }
     }
@@ -89,7 +101,11 @@ impl IngestError {
             IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => "payload_too_large",
             IngestError::UnsupportedMediaType { .. } => "unsupported_media_type",
             IngestError::InvalidUpdates(_) => "invalid_update",
-            IngestError::Overloaded { .. } | IngestError::ShuttingDown { .. } => "overloaded",
+            IngestError::Overloaded { .. } | IngestError::ShuttingDown { .. } | IngestError::LogFull { .. } => {
+                "overloaded"
+            }
+            IngestError::Storage { .. } => "storage_unavailable",
+            IngestError::InvalidParameter(_) => "invalid_parameter",
         }
     }
 
@@ -108,9 +124,11 @@ impl IngestError {
                 "content_encodings": ["identity", "gzip"],
             })],
             IngestError::InvalidUpdates(f) => f.errors.iter().map(update_error_json).collect(),
-            IngestError::Overloaded { .. } | IngestError::ShuttingDown { .. } => {
-                vec![json!({"retry_after_seconds": RETRY_AFTER_SECS})]
-            }
+            IngestError::Overloaded { .. }
+            | IngestError::ShuttingDown { .. }
+            | IngestError::LogFull { .. }
+            | IngestError::Storage { .. } => vec![json!({"retry_after_seconds": RETRY_AFTER_SECS})],
+            IngestError::InvalidParameter(p) => vec![json!({"parameter": p, "accepted": ["ack=commit"]})],
         }
     }
 }
@@ -128,7 +146,11 @@ impl ResponseError for IngestError {
             IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::InvalidUpdates(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            IngestError::Overloaded { .. } | IngestError::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Overloaded { .. }
+            | IngestError::ShuttingDown { .. }
+            | IngestError::LogFull { .. }
+            | IngestError::Storage { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
         }
     }
 

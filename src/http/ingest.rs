@@ -11,7 +11,9 @@ use time::OffsetDateTime;
 use super::errors::IngestError;
 use super::{AppState, StreamIngest};
 use crate::model::{self, BodyError, BodyFormat, Update, ValidationRules};
-use crate::pipeline::PushError;
+use crate::pipeline::{Chunk, CommitWaiter, Origin, PushError};
+use crate::wal::codec::{self, WalCodec};
+use crate::wal::{SegmentRef, WalError};
 
 /// A 422 lists at most this many broken rules.
 const MAX_ERROR_DETAILS: usize = 100;
@@ -32,18 +34,21 @@ pub async fn poll(
     ingest(&req, body, &state, &state.poll).await
 }
 
-async fn ingest<T: Update>(
+async fn ingest<T: Update + WalCodec>(
     req: &HttpRequest,
     body: web::Payload,
     state: &AppState,
     stream: &StreamIngest<T>,
 ) -> Result<HttpResponse, IngestError> {
     match accept(req, body, state, stream).await {
-        Ok(accepted) => {
-            stream.metrics.accepted.inc_by(accepted as u64);
-            Ok(HttpResponse::Accepted()
-                .content_type("application/json")
-                .body(format!("{{\"accepted\":{accepted}}}")))
+        Ok(Accepted { updates, committed }) => {
+            stream.metrics.accepted.inc_by(updates as u64);
+            let body = if committed {
+                format!("{{\"accepted\":{updates},\"committed\":true}}")
+            } else {
+                format!("{{\"accepted\":{updates}}}")
+            };
+            Ok(HttpResponse::Accepted().content_type("application/json").body(body))
         }
         Err(error) => {
             stream.metrics.rejected(error.reason()).inc_by(error.updates());
@@ -52,16 +57,24 @@ async fn ingest<T: Update>(
     }
 }
 
-/// Reads, validates and queues the request's updates; returns how many were queued.
-async fn accept<T: Update>(
+/// What an accepted request got.
+struct Accepted {
+    updates: usize,
+    /// The updates are committed in PostgreSQL (the request asked `?ack=commit`).
+    committed: bool,
+}
+
+/// Reads, validates and queues the request's updates, durably when the log is on.
+async fn accept<T: Update + WalCodec>(
     req: &HttpRequest,
     body: web::Payload,
     state: &AppState,
     stream: &StreamIngest<T>,
-) -> Result<usize, IngestError> {
+) -> Result<Accepted, IngestError> {
     if !state.is_accepting() {
         return Err(IngestError::ShuttingDown { updates: 0 });
     }
+    let wait_for_commit = wants_commit(req)?;
     let format = body_format(req)?;
     let gzip = is_gzip(req)?;
     let limit = state.limits.max_body_bytes;
@@ -82,11 +95,86 @@ async fn accept<T: Update>(
     let updates = model::validate_all::<T>(raw_updates, &rules, received_at, MAX_ERROR_DETAILS)
         .map_err(IngestError::InvalidUpdates)?;
     let count = updates.len();
-    stream.queue.try_push(updates).map_err(|e| match e {
+    if count == 0 {
+        return Ok(Accepted {
+            updates: 0,
+            committed: wait_for_commit,
+        });
+    }
+    let reservation = stream.queue.reserve(count).map_err(|e| match e {
         PushError::Full { .. } => IngestError::Overloaded { updates: count },
         PushError::Closed => IngestError::ShuttingDown { updates: count },
     })?;
-    Ok(count)
+    let (waiter, committed) = match wait_for_commit {
+        true => {
+            let (waiter, committed) = CommitWaiter::new(count);
+            (Some(waiter), Some(committed))
+        }
+        false => (None, None),
+    };
+    match &state.wal {
+        None => reservation.push(Chunk {
+            updates,
+            origin: Origin::Memory,
+            commit: waiter,
+        }),
+        Some(wal) => {
+            let slot = reservation.slot();
+            let payload = codec::encode_record(slot, &updates);
+            // Runs on the log's flusher thread once the record is on disk, in log order.
+            let on_durable = Box::new(move |lsn, token: SegmentRef| {
+                let origin = Origin::Logged {
+                    lsn,
+                    slot,
+                    start: 0,
+                    total: count as u32,
+                    token: Box::new(token),
+                };
+                reservation.push(Chunk {
+                    updates,
+                    origin,
+                    commit: waiter,
+                });
+            });
+            let durable = wal.append(payload, on_durable).map_err(|e| log_error(e, count))?;
+            match durable.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(log_error(e, count)),
+                Err(_) => return Err(IngestError::ShuttingDown { updates: count }),
+            }
+        }
+    }
+    if let Some(committed) = committed {
+        // The writers drain everything before the process stops, so the waiter is dropped unanswered only when
+        // the stop timed out: the updates may still be written from the log at the next start.
+        committed
+            .await
+            .map_err(|_| IngestError::ShuttingDown { updates: count })?;
+    }
+    Ok(Accepted {
+        updates: count,
+        committed: wait_for_commit,
+    })
+}
+
+fn log_error(error: WalError, updates: usize) -> IngestError {
+    match error {
+        WalError::Full { .. } => IngestError::LogFull { updates },
+        WalError::Closed => IngestError::ShuttingDown { updates },
+        WalError::Io(message) => IngestError::Storage { updates, message },
+    }
+}
+
+/// `?ack=commit` asks for the answer only once the updates are committed in PostgreSQL.
+fn wants_commit(req: &HttpRequest) -> Result<bool, IngestError> {
+    let mut commit = false;
+    for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
+        match pair {
+            "ack=commit" => commit = true,
+            other => return Err(IngestError::InvalidParameter(other.to_owned())),
+        }
+    }
+    Ok(commit)
 }
 
 fn body_format(req: &HttpRequest) -> Result<BodyFormat, IngestError> {

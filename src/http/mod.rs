@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 use actix_web::dev::{Service, ServiceResponse};
 use actix_web::{web, App, HttpResponse};
 
+use crate::config::Durability;
 use crate::metrics::{Metrics, StreamMetrics};
 use crate::model::{LocationUpdate, PollResult};
 use crate::pipeline::writer::WriterState;
-use crate::pipeline::QueueSender;
+use crate::pipeline::StreamQueue;
+use crate::wal::Wal;
 
 /// Asks whether the database answers; provided by the start-up code, which owns the pool.
 pub type DatabaseCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool>>> + Send + Sync>;
@@ -38,7 +40,7 @@ pub struct IngestLimits {
 
 /// The HTTP side of one stream.
 pub struct StreamIngest<T> {
-    pub queue: QueueSender<T>,
+    pub queue: Arc<StreamQueue<T>>,
     pub metrics: StreamMetrics,
     /// The writers draining this stream's queue, for the age of the oldest update not yet written.
     pub writers: Vec<Arc<WriterState>>,
@@ -65,6 +67,9 @@ pub struct AppState {
     pub location: StreamIngest<LocationUpdate>,
     pub poll: StreamIngest<PollResult>,
     pub limits: IngestLimits,
+    /// What a 202 promises; with `Wal`, `wal` is the log every accepted request is appended to.
+    pub durability: Durability,
+    pub wal: Option<Arc<Wal>>,
     pub metrics: Arc<Metrics>,
     /// Cleared when the gateway starts to stop: from then on, updates get 503.
     pub accepting: Arc<AtomicBool>,

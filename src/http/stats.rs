@@ -7,6 +7,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::AppState;
+use crate::config::Durability;
 use crate::metrics::{RejectReason, StreamMetrics};
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
@@ -18,10 +19,24 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 
 pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
     state.refresh_gauges();
+    let wal = &state.metrics.wal;
     HttpResponse::Ok().json(json!({
+        "durability": match state.durability {
+            Durability::Wal => "wal",
+            Durability::Memory => "memory",
+        },
         "streams": {
             "location": stream_stats(&state.location.metrics),
             "poll": stream_stats(&state.poll.metrics),
+        },
+        "wal": {
+            "bytes": wal.bytes.get(),
+            "capacity_bytes": wal.capacity.get(),
+            "segments": wal.segments.get(),
+            "records": wal.records.get(),
+            "fsyncs": wal.fsyncs.get(),
+            "corrupt_records": wal.corrupt_records.get(),
+            "write_errors": wal.write_errors.get(),
         },
     }))
 }
@@ -41,6 +56,9 @@ fn stream_stats(m: &StreamMetrics) -> Value {
         "rejected": m.rejected_total(),
         "rejected_by_reason": rejected_by_reason,
         "written": m.written.get(),
+        "duplicate": m.duplicates.get(),
+        "dead_lettered": m.dead_lettered.get(),
+        "replayed": m.replayed.get(),
         "queue_depth": m.queue_depth.get(),
         "queue_capacity": m.queue_capacity.get(),
         "batches_written": m.batches_written.get(),

@@ -1,7 +1,10 @@
-//! The batching rule, pure and with the clock passed in: a batch is due when it holds `max_rows` rows or when
-//! its oldest row has waited `flush_interval`, whichever comes first.
+//! The batching rule, pure and with the clock passed in: a batch is due when it holds `max_rows` rows, when its
+//! oldest row has waited `flush_interval`, or at once when a request in it waits for the commit.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::queue::{Chunk, CommitToken, CommitWaiter, Origin};
 
 /// When a batch is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,68 +15,160 @@ pub struct BatchPolicy {
     pub flush_interval: Duration,
 }
 
-/// Gathers chunks of updates into batches of at most `max_rows`.
+/// Where a run of a batch's rows came from: what the writer reports once they are committed.
+pub struct Part {
+    /// Rows of the batch from this part.
+    pub rows: usize,
+    pub origin: PartOrigin,
+    pub commit: Option<Arc<CommitWaiter>>,
+}
+
+/// The log position a part covers.
+pub enum PartOrigin {
+    Memory,
+    Logged {
+        lsn: u64,
+        slot: u16,
+        /// Updates of the record written once this part is: the part ends here.
+        end: u32,
+        total: u32,
+        token: Box<dyn CommitToken>,
+    },
+}
+
+/// Rows to write in one transaction, and where they came from.
+pub struct Batch<T> {
+    pub rows: Vec<T>,
+    pub parts: Vec<Part>,
+}
+
+impl<T> Batch<T> {
+    fn new() -> Self {
+        Self {
+            rows: Vec::new(),
+            parts: Vec::new(),
+        }
+    }
+}
+
+/// Gathers chunks into batches of at most `max_rows`.
 ///
 /// A chunk larger than the room left is split: what does not fit is carried into the next batches, keeping its
-/// arrival time, so a 10 000-update request becomes ten full batches. Invariant: rows are carried only while
+/// arrival time, so a 10 000-update request becomes ten full batches. Invariant: a chunk is carried only while
 /// the current batch is full.
-#[derive(Debug)]
 pub struct Batcher<T> {
     policy: BatchPolicy,
-    rows: Vec<T>,
-    /// When the oldest row of `rows` arrived.
+    batch: Batch<T>,
+    /// When the oldest row of the batch arrived.
     first_at: Option<Instant>,
-    carry: Vec<T>,
-    carry_since: Option<Instant>,
+    /// A request in the batch waits for the commit.
+    urgent: bool,
+    carry: Option<(Chunk<T>, Instant)>,
 }
 
 impl<T> Batcher<T> {
     pub fn new(policy: BatchPolicy) -> Self {
         Self {
             policy,
-            rows: Vec::new(),
+            batch: Batch::new(),
             first_at: None,
-            carry: Vec::new(),
-            carry_since: None,
+            urgent: false,
+            carry: None,
         }
     }
 
     /// Adds a chunk that arrived at `now`. Call only while the batch is not full.
-    pub fn push(&mut self, mut chunk: Vec<T>, now: Instant) {
-        debug_assert!(!self.is_full() && self.carry.is_empty());
-        if chunk.is_empty() {
+    pub fn push(&mut self, chunk: Chunk<T>, now: Instant) {
+        debug_assert!(!self.is_full() && self.carry.is_none());
+        if chunk.updates.is_empty() {
             return;
         }
         self.first_at.get_or_insert(now);
-        let room = self.policy.max_rows - self.rows.len();
-        if self.rows.is_empty() && chunk.len() <= room {
-            // The common case: the chunk becomes the batch without a copy.
-            self.rows = chunk;
-        } else if chunk.len() <= room {
-            self.rows.append(&mut chunk);
-        } else {
-            self.rows.extend(chunk.drain(..room));
-            self.carry = chunk;
-            self.carry_since = Some(now);
+        self.urgent |= chunk.commit.is_some();
+        let room = self.policy.max_rows - self.batch.rows.len();
+        if let Some(rest) = self.add(chunk, room) {
+            self.carry = Some((rest, now));
         }
     }
 
+    /// Moves up to `room` updates of `chunk` into the batch; returns the rest, if any.
+    fn add(&mut self, mut chunk: Chunk<T>, room: usize) -> Option<Chunk<T>> {
+        let n = chunk.updates.len();
+        let taken = n.min(room);
+        let rest_updates = if taken < n {
+            chunk.updates.split_off(taken)
+        } else {
+            Vec::new()
+        };
+        let (part_origin, rest_origin) = match chunk.origin {
+            Origin::Memory => (PartOrigin::Memory, Origin::Memory),
+            Origin::Logged {
+                lsn,
+                slot,
+                start,
+                total,
+                token,
+            } => {
+                let end = start + taken as u32;
+                let rest_token = if taken < n { token.split() } else { token_placeholder() };
+                (
+                    PartOrigin::Logged {
+                        lsn,
+                        slot,
+                        end,
+                        total,
+                        token,
+                    },
+                    Origin::Logged {
+                        lsn,
+                        slot,
+                        start: end,
+                        total,
+                        token: rest_token,
+                    },
+                )
+            }
+        };
+        if self.batch.rows.is_empty() {
+            // The common case: the chunk's rows become the batch's without a copy.
+            self.batch.rows = chunk.updates;
+        } else {
+            self.batch.rows.append(&mut chunk.updates);
+        }
+        self.batch.parts.push(Part {
+            rows: taken,
+            origin: part_origin,
+            commit: chunk.commit.clone(),
+        });
+        (taken < n).then(|| Chunk {
+            updates: rest_updates,
+            origin: rest_origin,
+            commit: chunk.commit,
+        })
+    }
+
     pub fn is_full(&self) -> bool {
-        self.rows.len() >= self.policy.max_rows
+        self.batch.rows.len() >= self.policy.max_rows
     }
 
     /// No rows held at all, neither in the batch nor carried.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty() && self.carry.is_empty()
+        self.batch.rows.is_empty() && self.carry.is_none()
     }
 
     pub fn has_rows(&self) -> bool {
-        !self.rows.is_empty()
+        !self.batch.rows.is_empty()
     }
 
     /// When the current batch must be written at the latest.
     pub fn deadline(&self) -> Option<Instant> {
-        self.first_at.map(|at| at + self.policy.flush_interval)
+        self.first_at.map(|at| {
+            if self.urgent {
+                at
+            } else {
+                at + self.policy.flush_interval
+            }
+        })
     }
 
     /// Whether the current batch must be written now.
@@ -83,24 +178,35 @@ impl<T> Batcher<T> {
 
     /// When the oldest row held (in the batch or carried) arrived.
     pub fn oldest(&self) -> Option<Instant> {
-        self.first_at.or(self.carry_since)
+        self.first_at.or(self.carry.as_ref().map(|(_, at)| *at))
     }
 
     /// Takes the current batch and starts the next one from the carried rows.
-    pub fn take(&mut self) -> Vec<T> {
-        let batch = std::mem::take(&mut self.rows);
+    pub fn take(&mut self) -> Batch<T> {
+        let batch = std::mem::replace(&mut self.batch, Batch::new());
         self.first_at = None;
-        if !self.carry.is_empty() {
-            self.first_at = self.carry_since;
-            if self.carry.len() <= self.policy.max_rows {
-                self.rows = std::mem::take(&mut self.carry);
-                self.carry_since = None;
-            } else {
-                self.rows = self.carry.drain(..self.policy.max_rows).collect();
+        self.urgent = false;
+        if let Some((chunk, since)) = self.carry.take() {
+            self.first_at = Some(since);
+            self.urgent = chunk.commit.is_some();
+            if let Some(rest) = self.add(chunk, self.policy.max_rows) {
+                self.carry = Some((rest, since));
             }
         }
         batch
     }
+}
+
+/// A token for an empty remainder: never committed, never dropped with meaning.
+fn token_placeholder() -> Box<dyn CommitToken> {
+    struct Nothing;
+    impl CommitToken for Nothing {
+        fn committed(self: Box<Self>) {}
+        fn split(&self) -> Box<dyn CommitToken> {
+            Box::new(Nothing)
+        }
+    }
+    Box::new(Nothing)
 }
 
 #[cfg(test)]
@@ -113,41 +219,95 @@ mod tests {
         flush_interval: Duration::from_secs(10),
     };
 
+    struct Token;
+    impl CommitToken for Token {
+        fn committed(self: Box<Self>) {}
+        fn split(&self) -> Box<dyn CommitToken> {
+            Box::new(Token)
+        }
+    }
+
+    fn logged(updates: Vec<u32>, lsn: u64) -> Chunk<u32> {
+        let total = updates.len() as u32;
+        Chunk {
+            updates,
+            origin: Origin::Logged {
+                lsn,
+                slot: 0,
+                start: 0,
+                total,
+                token: Box::new(Token),
+            },
+            commit: None,
+        }
+    }
+
     #[test]
     fn a_batch_is_due_when_full_or_when_its_oldest_row_has_waited_the_interval() {
         let t0 = Instant::now();
         let mut b = Batcher::new(POLICY);
         assert_eq!(b.deadline(), None);
-        b.push(vec![1], t0);
+        b.push(Chunk::in_memory(vec![1]), t0);
         assert!(!b.is_due(t0 + Duration::from_secs(9)));
         assert!(b.is_due(t0 + Duration::from_secs(10)));
-        b.push(vec![2, 3], t0 + Duration::from_secs(5));
+        b.push(Chunk::in_memory(vec![2, 3]), t0 + Duration::from_secs(5));
         assert!(b.is_due(t0));
         assert_eq!(
             b.deadline(),
             Some(t0 + Duration::from_secs(10)),
             "the oldest row sets the deadline"
         );
-        assert_eq!(b.take(), vec![1, 2, 3]);
+        assert_eq!(b.take().rows, vec![1, 2, 3]);
         assert!(b.is_empty());
     }
 
     #[test]
-    fn a_large_chunk_is_split_into_full_batches_in_order() {
+    fn a_request_waiting_for_its_commit_makes_the_batch_due_at_once() {
         let t0 = Instant::now();
         let mut b = Batcher::new(POLICY);
-        b.push(vec![1], t0);
-        b.push((2..=8).collect(), t0 + Duration::from_secs(1));
-        assert_eq!(b.take(), vec![1, 2, 3]);
+        let (waiter, _rx) = CommitWaiter::new(1);
+        b.push(
+            Chunk {
+                commit: Some(waiter),
+                ..Chunk::in_memory(vec![1])
+            },
+            t0,
+        );
+        assert!(b.is_due(t0));
+    }
+
+    #[test]
+    fn a_large_logged_record_is_split_into_full_batches_that_track_its_position() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(POLICY);
+        b.push(logged(vec![1], 7), t0);
+        b.push(logged((2..=8).collect(), 8), t0 + Duration::from_secs(1));
+        let ends = |batch: &Batch<u32>| -> Vec<(u64, u32, u32)> {
+            batch
+                .parts
+                .iter()
+                .map(|p| match &p.origin {
+                    PartOrigin::Logged { lsn, end, total, .. } => (*lsn, *end, *total),
+                    PartOrigin::Memory => panic!("logged"),
+                })
+                .collect()
+        };
+        let first = b.take();
+        assert_eq!(first.rows, vec![1, 2, 3]);
+        assert_eq!(ends(&first), [(7, 1, 1), (8, 2, 7)]);
         assert_eq!(
             b.deadline(),
             Some(t0 + Duration::from_secs(11)),
             "carried rows keep their arrival time"
         );
-        assert_eq!(b.take(), vec![4, 5, 6]);
+        let second = b.take();
+        assert_eq!(second.rows, vec![4, 5, 6]);
+        assert_eq!(ends(&second), [(8, 5, 7)]);
         assert!(!b.is_full());
-        b.push(vec![9], t0);
-        assert_eq!(b.take(), vec![7, 8, 9]);
+        b.push(logged(vec![9], 9), t0);
+        let third = b.take();
+        assert_eq!(third.rows, vec![7, 8, 9]);
+        assert_eq!(ends(&third), [(8, 7, 7), (9, 1, 1)]);
         assert!(b.is_empty());
     }
 
@@ -164,14 +324,16 @@ mod tests {
                 while b.is_full() {
                     out.push(b.take());
                 }
-                b.push((next..next + len as u32).collect(), now);
+                b.push(logged((next..next + len as u32).collect(), u64::from(next)), now);
                 next += len as u32;
             }
             while !b.is_empty() {
                 out.push(b.take());
             }
-            prop_assert!(out.iter().all(|batch| !batch.is_empty() && batch.len() <= max_rows));
-            prop_assert_eq!(out.concat(), (0..next).collect::<Vec<_>>());
+            prop_assert!(out.iter().all(|batch| !batch.rows.is_empty() && batch.rows.len() <= max_rows));
+            prop_assert!(out.iter().all(|batch| batch.parts.iter().map(|p| p.rows).sum::<usize>() == batch.rows.len()));
+            let rows: Vec<u32> = out.into_iter().flat_map(|b| b.rows).collect();
+            prop_assert_eq!(rows, (0..next).collect::<Vec<_>>());
         }
     }
 }

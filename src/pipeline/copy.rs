@@ -1,12 +1,22 @@
-//! Binary `COPY … FROM STDIN` of one batch: the only code that writes rows to PostgreSQL.
+//! Writing one batch: binary `COPY` in one transaction with the writer's log position; the only SQL writer.
+//!
+//! The fast path copies straight into the table. A unique-key conflict (a client retried an update that is
+//! already stored) sends the rows through a temporary staging table and `INSERT … ON CONFLICT DO NOTHING`
+//! instead, so retries are absorbed and counted. A row PostgreSQL refuses for good (a constraint, a trigger, a
+//! value out of a column's range) is isolated by bisection, each half under its own savepoint, and kept with the
+//! database's error in `dead_letters`; every other row of the batch is written. Errors that retrying can fix
+//! (connection lost, database restarting, timeout) abort the whole transaction and are retried by the writer.
+//! The log position is recorded in the same transaction, so a replay never writes a batch twice.
 
-use std::pin::{pin, Pin};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use deadpool_postgres::Pool;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use futures_util::SinkExt;
+use time::OffsetDateTime;
+use tokio_postgres::Transaction;
 
 use crate::model::{LocationUpdate, PollResult};
 
@@ -14,139 +24,425 @@ use crate::model::{LocationUpdate, PollResult};
 /// writer forever.
 const BATCH_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A row type that can be written by binary `COPY`.
-pub trait CopyRecord: Send + Sync + 'static {
-    /// The `COPY` statement, with its column list.
-    const COPY_STATEMENT: &'static str;
-    /// The column types, in the order of the statement; checked by PostgreSQL against the table.
-    const COLUMN_TYPES: &'static [Type];
+/// Seconds from the Unix epoch to PostgreSQL's (2000-01-01).
+const POSTGRES_EPOCH_UNIX_SECS: i64 = 946_684_800;
 
-    /// Writes this row's values, in column order.
-    fn write_row(
-        &self,
-        writer: Pin<&mut BinaryCopyInWriter>,
-    ) -> impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send;
+/// A row type written by binary `COPY`.
+pub trait CopyRecord: Send + Sync + 'static {
+    const TABLE: &'static str;
+    /// The column list, in the order [`CopyRecord::encode_copy`] writes them.
+    const COLUMNS: &'static str;
+    /// The natural key: a second row with the same key is a duplicate.
+    const KEY: &'static str;
+    const COLUMN_COUNT: i16;
+
+    /// Appends this row as one binary `COPY` tuple (without the field count).
+    fn encode_copy(&self, out: &mut BytesMut);
+    /// The row as JSON, for `dead_letters`.
+    fn to_json(&self) -> String;
 }
 
-/// What a committed batch took.
+/// The log position a batch brings a slot to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CopyOutcome {
-    /// Rows PostgreSQL reports as copied.
-    pub rows: u64,
+pub struct SlotProgress {
+    pub slot: u16,
+    pub lsn: u64,
+    /// How many of the record's updates are written; `None` for all of them.
+    pub updates_done: Option<u32>,
+}
+
+/// What a committed batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Rows stored.
+    pub inserted: u64,
+    /// Rows absorbed because a row with the same key was already stored.
+    pub duplicates: u64,
+    /// Rows PostgreSQL refused for good, kept in `dead_letters`.
+    pub dead_lettered: u64,
     pub elapsed: Duration,
 }
 
-/// Why a batch was not written; every cause is worth a retry here (the rows were validated beforehand).
+/// Why a batch was not written; every cause here is worth a retry (rows refused for good are dead-lettered).
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
     #[error("could not get a database connection")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("copy failed")]
+    #[error("the batch transaction failed")]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("copy did not finish within {0:?}")]
+    #[error("the batch did not finish within {0:?}")]
     Timeout(Duration),
 }
 
-/// Writes `rows` in one `COPY`; all of them or none (a `COPY` is one statement, atomic on its own).
-pub async fn write_batch<T: CopyRecord>(pool: &Pool, rows: &[T]) -> Result<CopyOutcome, CopyError> {
-    let started = Instant::now();
-    let copy = async {
-        let client = pool.get().await?;
-        let sink = client.copy_in(T::COPY_STATEMENT).await?;
-        let mut writer = pin!(BinaryCopyInWriter::new(sink, T::COLUMN_TYPES));
-        for row in rows {
-            row.write_row(writer.as_mut()).await?;
-        }
-        Ok::<u64, CopyError>(writer.finish().await?)
+/// What a database error means for the rows that caused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Retrying can fix it: the connection, the server's state, a conflict with another transaction.
+    Transient,
+    /// A row with the same natural key is already stored.
+    Duplicate,
+    /// PostgreSQL refuses the row itself: retrying would fail the same way.
+    Rejected,
+}
+
+/// Sorts an error into [`Failure`]; kept apart from the IO so that the rule is plain to read and test.
+pub fn classify(error: &tokio_postgres::Error) -> Failure {
+    let Some(state) = error.code() else {
+        return Failure::Transient;
     };
-    let rows = tokio::time::timeout(BATCH_WRITE_TIMEOUT, copy)
+    let code = state.code();
+    if code == "23505" {
+        return Failure::Duplicate;
+    }
+    // 22 data exception, 23 integrity constraint, P0 raised by a trigger, 2F/39 routine errors, 44 check option.
+    if ["22", "23", "P0", "2F", "39", "44"]
+        .iter()
+        .any(|class| code.starts_with(class))
+    {
+        Failure::Rejected
+    } else {
+        Failure::Transient
+    }
+}
+
+/// Encodes rows as a complete binary `COPY` stream: header, tuples, trailer.
+pub fn encode_batch<T: CopyRecord>(rows: &[T], out: &mut BytesMut) {
+    out.reserve(21 + rows.len() * 96);
+    out.put_slice(b"PGCOPY\n\xff\r\n\0");
+    out.put_i32(0); // flags
+    out.put_i32(0); // header extension length
+    for row in rows {
+        out.put_i16(T::COLUMN_COUNT);
+        row.encode_copy(out);
+    }
+    out.put_i16(-1);
+}
+
+/// Writes `rows` and the slots' progress in one transaction.
+pub async fn write_batch<T: CopyRecord>(
+    pool: &Pool,
+    stream: &str,
+    rows: &[T],
+    progress: &[SlotProgress],
+) -> Result<WriteOutcome, CopyError> {
+    let started = Instant::now();
+    let write = async {
+        let mut object = pool.get().await?;
+        let client: &mut tokio_postgres::Client = &mut object;
+        let mut tx = client.transaction().await?;
+        let mut outcome = WriteOutcome::default();
+        write_rows(&mut tx, stream, rows, false, &mut outcome).await?;
+        for p in progress {
+            tx.execute(
+                "INSERT INTO ingest_wal_progress (stream, slot, lsn, updates_done) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (stream, slot) DO UPDATE SET lsn = EXCLUDED.lsn, updates_done = EXCLUDED.updates_done",
+                &[
+                    &stream,
+                    &i32::from(p.slot),
+                    &(p.lsn as i64),
+                    &p.updates_done.map(|n| n as i32),
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok::<_, CopyError>(outcome)
+    };
+    let mut outcome = tokio::time::timeout(BATCH_WRITE_TIMEOUT, write)
         .await
         .map_err(|_| CopyError::Timeout(BATCH_WRITE_TIMEOUT))??;
-    Ok(CopyOutcome {
-        rows,
-        elapsed: started.elapsed(),
+    outcome.elapsed = started.elapsed();
+    Ok(outcome)
+}
+
+type BoxedWrite<'a> = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a>>;
+
+/// Writes `rows` under a savepoint: straight `COPY`, or through staging when `dedup`; isolates refused rows.
+fn write_rows<'a, T: CopyRecord>(
+    tx: &'a mut Transaction<'_>,
+    stream: &'a str,
+    rows: &'a [T],
+    dedup: bool,
+    outcome: &'a mut WriteOutcome,
+) -> BoxedWrite<'a> {
+    Box::pin(async move {
+        let savepoint = tx.transaction().await?;
+        let attempt = copy_rows(&savepoint, rows, dedup).await;
+        let error = match attempt {
+            Ok(inserted) => {
+                savepoint.commit().await?;
+                outcome.inserted += inserted;
+                outcome.duplicates += rows.len() as u64 - inserted;
+                return Ok(());
+            }
+            Err(error) => error,
+        };
+        let failure = classify(&error);
+        if failure == Failure::Transient {
+            return Err(error);
+        }
+        savepoint.rollback().await?;
+        match failure {
+            Failure::Duplicate if !dedup => write_rows(tx, stream, rows, true, outcome).await,
+            _ if rows.len() == 1 => {
+                dead_letter(tx, stream, &rows[0], &error).await?;
+                outcome.dead_lettered += 1;
+                Ok(())
+            }
+            _ => {
+                let (left, right) = rows.split_at(rows.len() / 2);
+                write_rows(tx, stream, left, dedup, outcome).await?;
+                write_rows(tx, stream, right, dedup, outcome).await
+            }
+        }
     })
 }
 
-/// A JSON document already serialized, sent as `jsonb` without a parse on this side.
-#[derive(Debug)]
-struct Jsonb<'a>(&'a str);
+/// One attempt at `rows`; returns how many were stored.
+async fn copy_rows<T: CopyRecord>(tx: &Transaction<'_>, rows: &[T], dedup: bool) -> Result<u64, tokio_postgres::Error> {
+    let staging = format!("{}_staging", T::TABLE);
+    let target = if dedup {
+        // Temporary, per connection; emptied at commit and before each use within a transaction.
+        tx.batch_execute(&format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS; \
+             TRUNCATE {staging}",
+            T::TABLE
+        ))
+        .await?;
+        staging.as_str()
+    } else {
+        T::TABLE
+    };
+    let mut bytes = BytesMut::new();
+    encode_batch(rows, &mut bytes);
+    let sink = tx
+        .copy_in(&format!("COPY {target} ({}) FROM STDIN (FORMAT binary)", T::COLUMNS))
+        .await?;
+    let mut sink = std::pin::pin!(sink);
+    sink.send(bytes.freeze()).await?;
+    let copied = sink.finish().await?;
+    if !dedup {
+        return Ok(copied);
+    }
+    // Sorted by key so that concurrent writers take row locks in one order and cannot deadlock.
+    tx.execute(
+        &format!(
+            "INSERT INTO {table} ({cols}) SELECT {cols} FROM {staging} ORDER BY {key} ON CONFLICT DO NOTHING",
+            table = T::TABLE,
+            cols = T::COLUMNS,
+            key = T::KEY
+        ),
+        &[],
+    )
+    .await
+}
 
-impl ToSql for Jsonb<'_> {
-    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+/// Keeps a refused row with the database's error.
+async fn dead_letter<T: CopyRecord>(
+    tx: &Transaction<'_>,
+    stream: &str,
+    row: &T,
+    error: &tokio_postgres::Error,
+) -> Result<(), tokio_postgres::Error> {
+    let (message, sqlstate) = match error.as_db_error() {
+        Some(db) => {
+            let mut message = db.message().to_owned();
+            if let Some(detail) = db.detail() {
+                message.push_str(" (");
+                message.push_str(detail);
+                message.push(')');
+            }
+            (message, Some(db.code().code().to_owned()))
+        }
+        None => (error.to_string(), None),
+    };
+    tracing::warn!(stream, sqlstate = sqlstate.as_deref().unwrap_or(""), error = %message, "row refused by the database, kept in dead_letters");
+    tx.execute(
+        "INSERT INTO dead_letters (stream, payload, error, sqlstate) VALUES ($1, $2::text::jsonb, $3, $4)",
+        &[&stream, &row.to_json(), &message, &sqlstate],
+    )
+    .await?;
+    Ok(())
+}
+
+fn put_field(out: &mut BytesMut, bytes: &[u8]) {
+    out.put_i32(bytes.len() as i32);
+    out.put_slice(bytes);
+}
+
+fn put_null(out: &mut BytesMut) {
+    out.put_i32(-1);
+}
+
+fn put_text(out: &mut BytesMut, s: &str) {
+    put_field(out, s.as_bytes());
+}
+
+fn put_f64(out: &mut BytesMut, v: f64) {
+    out.put_i32(8);
+    out.put_f64(v);
+}
+
+fn put_opt_f64(out: &mut BytesMut, v: Option<f64>) {
+    match v {
+        Some(v) => put_f64(out, v),
+        None => put_null(out),
+    }
+}
+
+fn put_timestamptz(out: &mut BytesMut, at: OffsetDateTime) {
+    // Microseconds since 2000-01-01 UTC; PostgreSQL keeps no finer precision.
+    let micros = (at.unix_timestamp_nanos() / 1_000) as i64 - POSTGRES_EPOCH_UNIX_SECS * 1_000_000;
+    out.put_i32(8);
+    out.put_i64(micros);
+}
+
+fn put_jsonb(out: &mut BytesMut, json: Option<&str>) {
+    match json {
         // The jsonb binary format is a version byte (1) followed by the JSON text.
-        out.extend_from_slice(&[1]);
-        out.extend_from_slice(self.0.as_bytes());
-        Ok(IsNull::No)
+        Some(json) => {
+            out.put_i32(json.len() as i32 + 1);
+            out.put_u8(1);
+            out.put_slice(json.as_bytes());
+        }
+        None => put_null(out),
     }
+}
 
-    fn accepts(ty: &Type) -> bool {
-        *ty == Type::JSONB
-    }
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
 
-    to_sql_checked!();
+fn raw_json(attributes: &Option<String>) -> serde_json::Value {
+    attributes
+        .as_deref()
+        .and_then(|a| serde_json::from_str(a).ok())
+        .unwrap_or(serde_json::Value::Null)
 }
 
 impl CopyRecord for LocationUpdate {
-    const COPY_STATEMENT: &'static str = "COPY location_updates (device_id, recorded_at, lat, lon, speed_kmh, \
-        heading_deg, accuracy_m, attributes, received_at) FROM STDIN (FORMAT binary)";
-    const COLUMN_TYPES: &'static [Type] = &[
-        Type::TEXT,
-        Type::TIMESTAMPTZ,
-        Type::FLOAT8,
-        Type::FLOAT8,
-        Type::FLOAT8,
-        Type::FLOAT8,
-        Type::FLOAT8,
-        Type::JSONB,
-        Type::TIMESTAMPTZ,
-    ];
+    const TABLE: &'static str = "location_updates";
+    const COLUMNS: &'static str =
+        "device_id, recorded_at, lat, lon, speed_kmh, heading_deg, accuracy_m, attributes, received_at";
+    const KEY: &'static str = "device_id, recorded_at";
+    const COLUMN_COUNT: i16 = 9;
 
-    async fn write_row(&self, writer: Pin<&mut BinaryCopyInWriter>) -> Result<(), tokio_postgres::Error> {
-        let attributes = self.attributes.as_deref().map(Jsonb);
-        writer
-            .write(&[
-                &self.device_id,
-                &self.recorded_at,
-                &self.lat,
-                &self.lon,
-                &self.speed_kmh,
-                &self.heading_deg,
-                &self.accuracy_m,
-                &attributes,
-                &self.received_at,
-            ])
-            .await
+    fn encode_copy(&self, out: &mut BytesMut) {
+        put_text(out, &self.device_id);
+        put_timestamptz(out, self.recorded_at);
+        put_f64(out, self.lat);
+        put_f64(out, self.lon);
+        put_opt_f64(out, self.speed_kmh);
+        put_opt_f64(out, self.heading_deg);
+        put_opt_f64(out, self.accuracy_m);
+        put_jsonb(out, self.attributes.as_deref());
+        put_timestamptz(out, self.received_at);
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::json!({
+            "device_id": self.device_id,
+            "recorded_at": rfc3339(self.recorded_at),
+            "lat": self.lat,
+            "lon": self.lon,
+            "speed_kmh": self.speed_kmh,
+            "heading_deg": self.heading_deg,
+            "accuracy_m": self.accuracy_m,
+            "attributes": raw_json(&self.attributes),
+            "received_at": rfc3339(self.received_at),
+        })
+        .to_string()
     }
 }
 
 impl CopyRecord for PollResult {
-    const COPY_STATEMENT: &'static str = "COPY poll_results (project_id, polled_at, success, status_code, \
-        response_time_ms, error_message, attributes, received_at) FROM STDIN (FORMAT binary)";
-    const COLUMN_TYPES: &'static [Type] = &[
-        Type::INT8,
-        Type::TIMESTAMPTZ,
-        Type::BOOL,
-        Type::INT2,
-        Type::INT4,
-        Type::TEXT,
-        Type::JSONB,
-        Type::TIMESTAMPTZ,
-    ];
+    const TABLE: &'static str = "poll_results";
+    const COLUMNS: &'static str =
+        "project_id, polled_at, success, status_code, response_time_ms, error_message, attributes, received_at";
+    const KEY: &'static str = "project_id, polled_at";
+    const COLUMN_COUNT: i16 = 8;
 
-    async fn write_row(&self, writer: Pin<&mut BinaryCopyInWriter>) -> Result<(), tokio_postgres::Error> {
-        let attributes = self.attributes.as_deref().map(Jsonb);
-        writer
-            .write(&[
-                &self.project_id,
-                &self.polled_at,
-                &self.success,
-                &self.status_code,
-                &self.response_time_ms,
-                &self.error_message,
-                &attributes,
-                &self.received_at,
-            ])
-            .await
+    fn encode_copy(&self, out: &mut BytesMut) {
+        out.put_i32(8);
+        out.put_i64(self.project_id);
+        put_timestamptz(out, self.polled_at);
+        out.put_i32(1);
+        out.put_u8(u8::from(self.success));
+        match self.status_code {
+            Some(code) => {
+                out.put_i32(2);
+                out.put_i16(code);
+            }
+            None => put_null(out),
+        }
+        match self.response_time_ms {
+            Some(ms) => {
+                out.put_i32(4);
+                out.put_i32(ms);
+            }
+            None => put_null(out),
+        }
+        match &self.error_message {
+            Some(m) => put_text(out, m),
+            None => put_null(out),
+        }
+        put_jsonb(out, self.attributes.as_deref());
+        put_timestamptz(out, self.received_at);
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::json!({
+            "project_id": self.project_id,
+            "polled_at": rfc3339(self.polled_at),
+            "success": self.success,
+            "status_code": self.status_code,
+            "response_time_ms": self.response_time_ms,
+            "error_message": self.error_message,
+            "attributes": raw_json(&self.attributes),
+            "received_at": rfc3339(self.received_at),
+        })
+        .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn a_location_row_encodes_to_the_binary_copy_layout() {
+        let row = LocationUpdate {
+            device_id: "ab".into(),
+            recorded_at: datetime!(2000-01-01 00:00:01 UTC),
+            lat: 1.5,
+            lon: -2.0,
+            speed_kmh: None,
+            heading_deg: Some(0.0),
+            accuracy_m: None,
+            attributes: Some("{}".into()),
+            received_at: datetime!(1999-12-31 23:59:59 UTC),
+        };
+        let mut out = BytesMut::new();
+        encode_batch(&[row], &mut out);
+        let mut expected = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0".to_vec();
+        expected.extend_from_slice(&9i16.to_be_bytes());
+        expected.extend_from_slice(&[0, 0, 0, 2, b'a', b'b']);
+        expected.extend_from_slice(&[0, 0, 0, 8]);
+        expected.extend_from_slice(&1_000_000i64.to_be_bytes());
+        expected.extend_from_slice(&[0, 0, 0, 8]);
+        expected.extend_from_slice(&1.5f64.to_be_bytes());
+        expected.extend_from_slice(&[0, 0, 0, 8]);
+        expected.extend_from_slice(&(-2.0f64).to_be_bytes());
+        expected.extend_from_slice(&(-1i32).to_be_bytes());
+        expected.extend_from_slice(&[0, 0, 0, 8]);
+        expected.extend_from_slice(&0.0f64.to_be_bytes());
+        expected.extend_from_slice(&(-1i32).to_be_bytes());
+        expected.extend_from_slice(&[0, 0, 0, 3, 1, b'{', b'}']);
+        expected.extend_from_slice(&[0, 0, 0, 8]);
+        expected.extend_from_slice(&(-1_000_000i64).to_be_bytes());
+        expected.extend_from_slice(&(-1i16).to_be_bytes());
+        assert_eq!(&out[..], &expected[..]);
     }
 }

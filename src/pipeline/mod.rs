@@ -11,7 +11,9 @@ pub mod copy;
 pub mod queue;
 pub mod writer;
 
-pub use batch::{BatchPolicy, Batcher};
-pub use copy::CopyRecord;
-pub use queue::{bounded, PushError, QueueReceiver, QueueSender};
+pub use batch::{Batch, BatchPolicy, Batcher};
+pub use copy::{CopyRecord, SlotProgress, WriteOutcome};
+pub use queue::{
+    bounded, Chunk, CommitToken, CommitWaiter, Origin, PushError, QueueReceiver, Reservation, StreamQueue,
+};
 pub use writer::{Backoff, BatchWriter, WriterHandle};

@@ -1,16 +1,19 @@
 //! The bounded queue between the HTTP handlers and the batch writers of one stream.
 //!
-//! Its unit is the update, not the request: a request's updates travel as one chunk, and room for all of them
-//! is reserved at once, so a request is queued whole or not at all. An update keeps its room until its batch is
-//! committed, so the capacity bounds everything the gateway holds for the stream, including batches being
-//! retried while PostgreSQL is away. When there is no room, [`QueueSender::try_push`] fails at once: it never
-//! blocks, which is what lets an HTTP handler answer 503 instead of stalling.
+//! Its unit is the update, not the request: room for all of a request's updates is reserved at once
+//! ([`StreamQueue::reserve`]), so a request is queued whole or not at all, and an update keeps its room until its
+//! batch is committed, so the capacity bounds everything the gateway holds for the stream, including batches
+//! being retried while PostgreSQL is away. When there is no room, `reserve` fails at once: it never blocks, which
+//! is what lets an HTTP handler answer 503 instead of stalling.
+//!
+//! Each writer has its own channel (a *slot*), filled in order: a slot's updates are committed in the order
+//! they were logged, which is what lets the write-ahead log resume each slot exactly after its last commit.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 /// Why updates were not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +30,78 @@ pub enum PushError {
     Closed,
 }
 
+/// Told once the updates it was attached to are committed; lets the log delete what is no longer needed.
+pub trait CommitToken: Send {
+    /// The updates are committed in PostgreSQL.
+    fn committed(self: Box<Self>);
+    /// A token for a part of the same updates (a request split across batches).
+    fn split(&self) -> Box<dyn CommitToken>;
+}
+
+/// Where a chunk of updates comes from.
+pub enum Origin {
+    /// Held in memory only.
+    Memory,
+    /// A write-ahead log record (or what remains of it to write).
+    Logged {
+        lsn: u64,
+        /// The slot the record was logged for; the writer records its progress under it.
+        slot: u16,
+        /// Position of the chunk's first update within the record.
+        start: u32,
+        /// Updates in the whole record.
+        total: u32,
+        token: Box<dyn CommitToken>,
+    },
+}
+
+/// Wakes a request that waits for its updates to be committed (`?ack=commit`).
+pub struct CommitWaiter {
+    remaining: AtomicUsize,
+    notify: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl CommitWaiter {
+    /// A waiter for `updates` updates and the receiver that resolves once all are committed.
+    pub fn new(updates: usize) -> (Arc<Self>, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (
+            Arc::new(Self {
+                remaining: AtomicUsize::new(updates),
+                notify: Mutex::new(Some(tx)),
+            }),
+            rx,
+        )
+    }
+
+    /// `n` more of the updates are committed.
+    pub fn committed(&self, n: usize) {
+        if self.remaining.fetch_sub(n, Ordering::AcqRel) == n {
+            if let Some(tx) = self.notify.lock().ok().and_then(|mut n| n.take()) {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// A request's updates on their way to a writer.
+pub struct Chunk<T> {
+    pub updates: Vec<T>,
+    pub origin: Origin,
+    /// Set when the request waits for the commit: the batch is then written at once.
+    pub commit: Option<Arc<CommitWaiter>>,
+}
+
+impl<T> Chunk<T> {
+    pub fn in_memory(updates: Vec<T>) -> Self {
+        Self {
+            updates,
+            origin: Origin::Memory,
+            commit: None,
+        }
+    }
+}
+
 struct Shared {
     /// Updates accepted and not yet committed: the bound applies to this.
     pending: AtomicUsize,
@@ -35,63 +110,75 @@ struct Shared {
     closed: AtomicBool,
 }
 
-/// The producing end; cheap to clone (one per HTTP worker).
-pub struct QueueSender<T> {
-    tx: Sender<Vec<T>>,
+/// The queue of one stream: a shared bound and one channel per writer slot.
+pub struct StreamQueue<T> {
     shared: Arc<Shared>,
+    slots: Vec<Sender<Chunk<T>>>,
+    receivers: Vec<Receiver<Chunk<T>>>,
+    next_slot: AtomicUsize,
 }
 
-/// The consuming end; each batch writer holds a clone.
-pub struct QueueReceiver<T> {
-    rx: Receiver<Vec<T>>,
-    shared: Arc<Shared>,
-}
-
-// Written by hand: a derive would ask `T: Clone`, which the updates need not be.
-impl<T> Clone for QueueSender<T> {
-    fn clone(&self) -> Self {
-        Self {
-            tx: self.tx.clone(),
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-impl<T> Clone for QueueReceiver<T> {
-    fn clone(&self) -> Self {
-        Self {
-            rx: self.rx.clone(),
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-/// A queue holding at most `capacity` updates.
-pub fn bounded<T>(capacity: usize) -> (QueueSender<T>, QueueReceiver<T>) {
-    // Every chunk holds at least one update, so `capacity` chunks always fit: `try_send` can only fail
-    // for a disconnected queue, never for a full channel, once room is reserved.
-    let (tx, rx) = crossbeam_channel::bounded(capacity);
+/// A queue holding at most `capacity` updates, spread over `slots` writers.
+pub fn bounded<T>(capacity: usize, slots: usize) -> Arc<StreamQueue<T>> {
+    // Every chunk holds at least one update, so `capacity` chunks always fit in a slot's channel: once room is
+    // reserved, a send can only fail for a disconnected channel, never for a full one.
+    let (senders, receivers) = (0..slots.max(1)).map(|_| crossbeam_channel::bounded(capacity)).unzip();
     let shared = Arc::new(Shared {
         pending: AtomicUsize::new(0),
         capacity,
         closed: AtomicBool::new(false),
     });
-    (
-        QueueSender {
-            tx,
-            shared: shared.clone(),
-        },
-        QueueReceiver { rx, shared },
-    )
+    Arc::new(StreamQueue {
+        shared,
+        slots: senders,
+        receivers,
+        next_slot: AtomicUsize::new(0),
+    })
 }
 
-impl<T> QueueSender<T> {
-    /// Queues every update of `updates`, or none of them.
-    pub fn try_push(&self, updates: Vec<T>) -> Result<(), PushError> {
-        let wanted = updates.len();
-        if wanted == 0 {
-            return Ok(());
+/// Room for some updates, taken from the bound; given back when dropped unless the updates were pushed.
+pub struct Reservation<T> {
+    queue: Arc<StreamQueue<T>>,
+    updates: usize,
+    slot: usize,
+    pushed: bool,
+}
+
+impl<T> Reservation<T> {
+    /// The writer slot the updates will go to.
+    pub fn slot(&self) -> u16 {
+        self.slot as u16
+    }
+
+    /// Hands the chunk to its writer.
+    pub fn push(mut self, chunk: Chunk<T>) {
+        debug_assert_eq!(chunk.updates.len(), self.updates);
+        self.pushed = true;
+        if self.queue.slots[self.slot].send(chunk).is_err() {
+            // Receivers live as long as the queue itself; a closed channel means the writers are gone and the
+            // process is ending, where the log (when there is one) still holds the updates.
+            self.queue.shared.pending.fetch_sub(self.updates, Ordering::AcqRel);
         }
+    }
+}
+
+impl<T> Drop for Reservation<T> {
+    fn drop(&mut self) {
+        if !self.pushed {
+            self.queue.shared.pending.fetch_sub(self.updates, Ordering::AcqRel);
+        }
+    }
+}
+
+impl<T> StreamQueue<T> {
+    /// Reserves room for `updates` updates on the next slot (round robin), or fails at once.
+    pub fn reserve(self: &Arc<Self>, updates: usize) -> Result<Reservation<T>, PushError> {
+        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        self.reserve_on(updates, slot)
+    }
+
+    /// Reserves room on a given slot (a replayed record goes back to its own slot).
+    pub fn reserve_on(self: &Arc<Self>, updates: usize, slot: usize) -> Result<Reservation<T>, PushError> {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(PushError::Closed);
         }
@@ -100,25 +187,33 @@ impl<T> QueueSender<T> {
             .shared
             .pending
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
-                (pending + wanted <= capacity).then_some(pending + wanted)
+                (pending + updates <= capacity).then_some(pending + updates)
             });
-        if let Err(pending) = reserved {
-            return Err(PushError::Full {
+        match reserved {
+            Ok(_) => Ok(Reservation {
+                queue: self.clone(),
+                updates,
+                slot: slot % self.slots.len(),
+                pushed: false,
+            }),
+            Err(pending) => Err(PushError::Full {
                 pending,
                 capacity,
-                wanted,
-            });
-        }
-        match self.tx.try_send(updates) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Disconnected(_) | TrySendError::Full(_)) => {
-                self.shared.pending.fetch_sub(wanted, Ordering::AcqRel);
-                Err(PushError::Closed)
-            }
+                wanted: updates,
+            }),
         }
     }
 
-    /// Stops taking updates: every later push fails with [`PushError::Closed`].
+    /// Queues a chunk at once, or fails without blocking.
+    pub fn try_push(self: &Arc<Self>, chunk: Chunk<T>) -> Result<(), PushError> {
+        if chunk.updates.is_empty() {
+            return Ok(());
+        }
+        self.reserve(chunk.updates.len())?.push(chunk);
+        Ok(())
+    }
+
+    /// Stops taking updates: every later reservation fails with [`PushError::Closed`].
     pub fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
     }
@@ -131,15 +226,32 @@ impl<T> QueueSender<T> {
     pub fn capacity(&self) -> usize {
         self.shared.capacity
     }
+
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The consuming end of one slot.
+    pub fn receiver(&self, slot: usize) -> QueueReceiver<T> {
+        QueueReceiver {
+            rx: self.receivers[slot].clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The consuming end of one slot, held by its writer.
+pub struct QueueReceiver<T> {
+    rx: Receiver<Chunk<T>>,
+    shared: Arc<Shared>,
 }
 
 /// What a writer gets when it waits for updates.
-#[derive(Debug)]
 pub enum Received<T> {
-    Chunk(Vec<T>),
+    Chunk(Chunk<T>),
     /// Nothing arrived before the deadline.
     Timeout,
-    /// The queue is closed and empty: nothing more will come.
+    /// The queue is closed and this slot is empty: nothing more will come.
     Drained,
 }
 
@@ -152,11 +264,6 @@ impl<T> QueueReceiver<T> {
             Err(RecvTimeoutError::Timeout) if self.is_closed() && self.rx.is_empty() => Received::Drained,
             Err(RecvTimeoutError::Timeout) => Received::Timeout,
         }
-    }
-
-    /// Takes a chunk if one is waiting.
-    pub fn try_recv(&self) -> Option<Vec<T>> {
-        self.rx.try_recv().ok()
     }
 
     /// Gives back the room of `n` committed updates.
@@ -174,40 +281,82 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn updates(r: Received<u32>) -> Vec<u32> {
+        match r {
+            Received::Chunk(c) => c.updates,
+            _ => panic!("expected a chunk"),
+        }
+    }
+
     #[test]
     fn a_request_is_queued_whole_or_not_at_all() {
-        let (tx, rx) = bounded::<u32>(5);
-        tx.try_push(vec![1, 2, 3]).unwrap();
+        let queue = bounded::<u32>(5, 1);
+        let rx = queue.receiver(0);
+        queue.try_push(Chunk::in_memory(vec![1, 2, 3])).unwrap();
+        let full = queue.try_push(Chunk::in_memory(vec![4, 5, 6])).unwrap_err();
         assert_eq!(
-            tx.try_push(vec![4, 5, 6]),
-            Err(PushError::Full {
+            full,
+            PushError::Full {
                 pending: 3,
                 capacity: 5,
                 wanted: 3
-            })
+            }
         );
-        tx.try_push(vec![4, 5]).unwrap();
-        assert_eq!(tx.pending(), 5);
-        let Received::Chunk(first) = rx.recv_until(Instant::now()) else {
-            panic!("expected a chunk")
-        };
-        assert_eq!(first, vec![1, 2, 3]);
+        queue.try_push(Chunk::in_memory(vec![4, 5])).unwrap();
+        assert_eq!(queue.pending(), 5);
+        assert_eq!(updates(rx.recv_until(Instant::now())), vec![1, 2, 3]);
         // Taking a chunk does not give its room back; committing it does.
-        assert!(tx.try_push(vec![7]).is_err());
+        assert!(queue.try_push(Chunk::in_memory(vec![7])).is_err());
         rx.committed(3);
-        tx.try_push(vec![7, 8, 9]).unwrap();
+        queue.try_push(Chunk::in_memory(vec![7, 8, 9])).unwrap();
+    }
+
+    #[test]
+    fn a_dropped_reservation_gives_its_room_back() {
+        let queue = bounded::<u32>(5, 2);
+        let r = queue.reserve(4).unwrap();
+        assert!(queue.reserve(2).is_err());
+        drop(r);
+        assert_eq!(queue.pending(), 0);
+        assert!(queue.reserve(5).is_ok());
+    }
+
+    #[test]
+    fn requests_are_spread_over_the_slots_in_turn() {
+        let queue = bounded::<u32>(10, 2);
+        for i in 0..4 {
+            queue.try_push(Chunk::in_memory(vec![i])).unwrap();
+        }
+        let now = Instant::now();
+        assert_eq!(updates(queue.receiver(0).recv_until(now)), vec![0]);
+        assert_eq!(updates(queue.receiver(1).recv_until(now)), vec![1]);
+        assert_eq!(updates(queue.receiver(0).recv_until(now)), vec![2]);
+        assert_eq!(updates(queue.receiver(1).recv_until(now)), vec![3]);
     }
 
     #[test]
     fn a_closed_queue_refuses_pushes_and_reports_drained_once_empty() {
-        let (tx, rx) = bounded::<u32>(5);
-        tx.try_push(vec![1]).unwrap();
-        tx.close();
-        assert_eq!(tx.try_push(vec![2]), Err(PushError::Closed));
+        let queue = bounded::<u32>(5, 1);
+        let rx = queue.receiver(0);
+        queue.try_push(Chunk::in_memory(vec![1])).unwrap();
+        queue.close();
+        assert_eq!(
+            queue.try_push(Chunk::in_memory(vec![2])).unwrap_err(),
+            PushError::Closed
+        );
         assert!(matches!(rx.recv_until(Instant::now()), Received::Chunk(_)));
         assert!(matches!(
             rx.recv_until(Instant::now() + Duration::from_millis(1)),
             Received::Drained
         ));
+    }
+
+    #[test]
+    fn a_commit_waiter_fires_once_every_part_is_committed() {
+        let (waiter, mut rx) = CommitWaiter::new(5);
+        waiter.committed(3);
+        assert!(rx.try_recv().is_err());
+        waiter.committed(2);
+        assert!(rx.try_recv().is_ok());
     }
 }

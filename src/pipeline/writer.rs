@@ -11,8 +11,8 @@ use deadpool_postgres::Pool;
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
-use super::batch::{BatchPolicy, Batcher};
-use super::copy::{self, CopyRecord};
+use super::batch::{Batch, BatchPolicy, Batcher, Part, PartOrigin};
+use super::copy::{self, CopyRecord, SlotProgress, WriteOutcome};
 use super::queue::{QueueReceiver, Received};
 use crate::metrics::StreamMetrics;
 
@@ -76,10 +76,12 @@ pub struct WriterHandle {
     pub thread: JoinHandle<()>,
 }
 
-/// Drains a queue into PostgreSQL.
+/// Drains one slot of a queue into PostgreSQL.
 pub struct BatchWriter<T: CopyRecord> {
-    /// Names the writer in logs: `<stream>-<n>`.
+    /// Names the writer in logs: `<stream>-writer-<slot>`.
     pub name: String,
+    /// The stream's name, as stored in `dead_letters` and `ingest_wal_progress`.
+    pub stream: &'static str,
     pub queue: QueueReceiver<T>,
     pub policy: BatchPolicy,
     pub backoff: Backoff,
@@ -105,8 +107,8 @@ impl<T: CopyRecord> BatchWriter<T> {
         loop {
             let drained = self.fill(&mut batcher, state);
             if batcher.has_rows() {
-                let rows = batcher.take();
-                self.write(&rows);
+                let batch = batcher.take();
+                self.write(batch);
                 state.set_oldest(batcher.oldest());
             }
             if drained && batcher.is_empty() {
@@ -123,7 +125,6 @@ impl<T: CopyRecord> BatchWriter<T> {
             if batcher.is_due(now) {
                 return false;
             }
-            // Once closed, write what is there at once instead of waiting for the interval.
             // The wait is capped so that a writer notices the queue closing even while its batch is young.
             let deadline = if self.queue.is_closed() {
                 now
@@ -142,22 +143,22 @@ impl<T: CopyRecord> BatchWriter<T> {
         }
     }
 
-    /// Writes one batch, retrying until it is committed.
-    fn write(&self, rows: &[T]) {
+    /// Writes one batch, retrying until it is committed, then tells everyone who waits for it.
+    fn write(&self, batch: Batch<T>) {
+        let progress = slot_progress(&batch.parts);
         let mut attempt = 1u32;
-        loop {
-            match self.runtime.block_on(copy::write_batch(&self.pool, rows)) {
-                Ok(outcome) => {
-                    self.record_success(rows.len(), outcome.elapsed);
-                    self.queue.committed(rows.len());
-                    return;
-                }
+        let outcome = loop {
+            match self
+                .runtime
+                .block_on(copy::write_batch(&self.pool, self.stream, &batch.rows, &progress))
+            {
+                Ok(outcome) => break outcome,
                 Err(error) => {
                     self.metrics.batch_failures.inc();
                     let delay = self.backoff.delay(attempt);
                     warn!(
                         writer = %self.name,
-                        rows = rows.len(),
+                        rows = batch.rows.len(),
                         attempt,
                         retry_in_ms = delay.as_millis() as u64,
                         error = %error_chain(&error),
@@ -167,12 +168,25 @@ impl<T: CopyRecord> BatchWriter<T> {
                     attempt = attempt.saturating_add(1);
                 }
             }
+        };
+        self.record_success(batch.rows.len(), &outcome);
+        for part in batch.parts {
+            if let PartOrigin::Logged { token, .. } = part.origin {
+                token.committed();
+            }
+            if let Some(waiter) = part.commit {
+                waiter.committed(part.rows);
+            }
         }
+        self.queue.committed(batch.rows.len());
     }
 
-    fn record_success(&self, rows: usize, elapsed: Duration) {
+    fn record_success(&self, rows: usize, outcome: &WriteOutcome) {
         let m = &self.metrics;
-        m.written.inc_by(rows as u64);
+        let elapsed = outcome.elapsed;
+        m.written.inc_by(outcome.inserted);
+        m.duplicates.inc_by(outcome.duplicates);
+        m.dead_lettered.inc_by(outcome.dead_lettered);
         m.batches_written.inc();
         m.last_batch_rows.set(rows as i64);
         m.last_batch_duration.set(elapsed.as_secs_f64());
@@ -184,8 +198,39 @@ impl<T: CopyRecord> BatchWriter<T> {
         );
         m.batch_rows.observe(rows as f64);
         m.batch_write_duration.observe(elapsed.as_secs_f64());
-        debug!(writer = %self.name, rows, elapsed_ms = elapsed.as_millis() as u64, "batch written");
+        debug!(
+            writer = %self.name,
+            rows,
+            inserted = outcome.inserted,
+            duplicates = outcome.duplicates,
+            dead_lettered = outcome.dead_lettered,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "batch written"
+        );
     }
+}
+
+/// The position each log slot reaches once the batch is committed: its last part per slot.
+pub fn slot_progress(parts: &[Part]) -> Vec<SlotProgress> {
+    let mut progress: Vec<SlotProgress> = Vec::new();
+    for part in parts {
+        if let PartOrigin::Logged {
+            lsn, slot, end, total, ..
+        } = part.origin
+        {
+            let updates_done = (end < total).then_some(end);
+            let position = SlotProgress {
+                slot,
+                lsn,
+                updates_done,
+            };
+            match progress.iter_mut().find(|p| p.slot == slot) {
+                Some(p) => *p = position,
+                None => progress.push(position),
+            }
+        }
+    }
+    progress
 }
 
 /// An error and its causes on one line: `copy failed: db error: connection refused`.

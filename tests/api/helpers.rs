@@ -103,6 +103,9 @@ pub struct TestApp {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<anyhow::Result<ShutdownOutcome>>>,
     agent: ureq::Agent,
+    /// The gateway's data directory (its write-ahead log), removed with the app.
+    pub data_dir: std::path::PathBuf,
+    _data_dir: tempfile::TempDir,
 }
 
 /// Starts a gateway on a new database of the shared cluster, with test-friendly settings changed by `tune`.
@@ -114,7 +117,9 @@ pub fn spawn_app(tune: impl FnOnce(&mut Settings)) -> TestApp {
 
 /// Starts a gateway writing to the database `config` names.
 pub fn spawn_app_on(config: tokio_postgres::Config, tune: impl FnOnce(&mut Settings)) -> TestApp {
+    let data_dir = tempfile::tempdir().expect("a data directory");
     let mut settings = Settings::defaults();
+    settings.data_dir = data_dir.path().to_owned();
     settings.listen = "127.0.0.1:0".into();
     settings.database_url = Some(connection_string(&config));
     settings.flush_interval = Duration::from_millis(100);
@@ -135,6 +140,8 @@ pub fn spawn_app_on(config: tokio_postgres::Config, tune: impl FnOnce(&mut Setti
         stop: Some(stop_tx),
         thread: Some(thread),
         agent,
+        data_dir: data_dir.path().to_owned(),
+        _data_dir: data_dir,
     }
 }
 

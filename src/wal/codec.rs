@@ -1,0 +1,277 @@
+//! The payload of a log record: a header (`lsn`, stream, slot, update count) and the request's validated updates
+//! in a compact binary form, so that a replay needs no JSON parsing and no validation.
+
+use time::OffsetDateTime;
+
+use crate::model::{LocationUpdate, PollResult};
+
+/// Bytes of the header: lsn u64, stream u8, slot u16, count u32.
+pub const HEADER_BYTES: usize = 8 + 1 + 2 + 4;
+
+/// Identifies a record's stream.
+pub const LOCATION_STREAM: u8 = 1;
+pub const POLL_STREAM: u8 = 2;
+
+/// The header of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Log sequence number: increases by one per record, across restarts.
+    pub lsn: u64,
+    pub stream: u8,
+    /// The writer slot the record was queued for; progress is tracked per (stream, slot).
+    pub slot: u16,
+    pub count: u32,
+}
+
+/// An update type that can be stored in the log.
+pub trait WalCodec: Sized {
+    const STREAM_ID: u8;
+    fn encode(&self, out: &mut Vec<u8>);
+    fn decode(input: &mut Reader<'_>) -> Option<Self>;
+}
+
+/// Encodes a record for `updates` queued on `slot`; the lsn is filled in by the log when it is appended.
+pub fn encode_record<T: WalCodec>(slot: u16, updates: &[T]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + updates.len() * 96);
+    out.extend_from_slice(&0u64.to_le_bytes());
+    out.push(T::STREAM_ID);
+    out.extend_from_slice(&slot.to_le_bytes());
+    out.extend_from_slice(&(updates.len() as u32).to_le_bytes());
+    for u in updates {
+        u.encode(&mut out);
+    }
+    out
+}
+
+/// Writes the lsn into an encoded record.
+pub fn set_lsn(payload: &mut [u8], lsn: u64) {
+    payload[..8].copy_from_slice(&lsn.to_le_bytes());
+}
+
+/// Reads a record's header; `None` for a payload too short to hold one.
+pub fn decode_header(payload: &[u8]) -> Option<RecordHeader> {
+    let mut r = Reader(payload);
+    Some(RecordHeader {
+        lsn: r.u64()?,
+        stream: r.u8()?,
+        slot: r.u16()?,
+        count: r.u32()?,
+    })
+}
+
+/// Reads a record's updates; `None` when the payload does not hold `T`s (a record of another stream or damage
+/// that the checksum missed).
+pub fn decode_updates<T: WalCodec>(payload: &[u8]) -> Option<Vec<T>> {
+    let header = decode_header(payload)?;
+    if header.stream != T::STREAM_ID {
+        return None;
+    }
+    let mut r = Reader(&payload[HEADER_BYTES..]);
+    // The count comes from disk: cap the allocation by what the bytes could hold.
+    let mut updates = Vec::with_capacity((header.count as usize).min(payload.len() / 8));
+    for _ in 0..header.count {
+        updates.push(T::decode(&mut r)?);
+    }
+    r.0.is_empty().then_some(updates)
+}
+
+/// A cursor over encoded bytes; every read fails softly on short input.
+pub struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)
+    }
+    fn i64(&mut self) -> Option<i64> {
+        self.u64().map(|n| n as i64)
+    }
+    fn f64(&mut self) -> Option<f64> {
+        self.u64().map(f64::from_bits)
+    }
+    fn bool(&mut self) -> Option<bool> {
+        self.u8().map(|b| b != 0)
+    }
+    fn timestamp(&mut self) -> Option<OffsetDateTime> {
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.i64()?)).ok()
+    }
+    fn string(&mut self) -> Option<String> {
+        let len = self.u32()? as usize;
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+    /// An optional value: a presence byte, then the value.
+    fn opt<T>(&mut self, read: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
+        match self.u8()? {
+            0 => Some(None),
+            _ => read(self).map(Some),
+        }
+    }
+}
+
+fn put_timestamp(out: &mut Vec<u8>, at: OffsetDateTime) {
+    // Timestamps are validated to lie within weeks of now, far inside the ±292 years an i64 of nanoseconds holds.
+    out.extend_from_slice(&(at.unix_timestamp_nanos() as i64).to_le_bytes());
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_opt<T>(out: &mut Vec<u8>, value: Option<T>, put: impl FnOnce(&mut Vec<u8>, T)) {
+    match value {
+        None => out.push(0),
+        Some(v) => {
+            out.push(1);
+            put(out, v);
+        }
+    }
+}
+
+fn put_f64(out: &mut Vec<u8>, v: f64) {
+    out.extend_from_slice(&v.to_bits().to_le_bytes());
+}
+
+impl WalCodec for LocationUpdate {
+    const STREAM_ID: u8 = LOCATION_STREAM;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_string(out, &self.device_id);
+        put_timestamp(out, self.recorded_at);
+        put_f64(out, self.lat);
+        put_f64(out, self.lon);
+        put_opt(out, self.speed_kmh, put_f64);
+        put_opt(out, self.heading_deg, put_f64);
+        put_opt(out, self.accuracy_m, put_f64);
+        put_opt(out, self.attributes.as_deref(), put_string);
+        put_timestamp(out, self.received_at);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Option<Self> {
+        Some(LocationUpdate {
+            device_id: r.string()?,
+            recorded_at: r.timestamp()?,
+            lat: r.f64()?,
+            lon: r.f64()?,
+            speed_kmh: r.opt(Reader::f64)?,
+            heading_deg: r.opt(Reader::f64)?,
+            accuracy_m: r.opt(Reader::f64)?,
+            attributes: r.opt(Reader::string)?,
+            received_at: r.timestamp()?,
+        })
+    }
+}
+
+impl WalCodec for PollResult {
+    const STREAM_ID: u8 = POLL_STREAM;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.project_id.to_le_bytes());
+        put_timestamp(out, self.polled_at);
+        out.push(u8::from(self.success));
+        put_opt(out, self.status_code, |o, v| o.extend_from_slice(&v.to_le_bytes()));
+        put_opt(out, self.response_time_ms, |o, v| o.extend_from_slice(&v.to_le_bytes()));
+        put_opt(out, self.error_message.as_deref(), put_string);
+        put_opt(out, self.attributes.as_deref(), put_string);
+        put_timestamp(out, self.received_at);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Option<Self> {
+        Some(PollResult {
+            project_id: r.i64()?,
+            polled_at: r.timestamp()?,
+            success: r.bool()?,
+            status_code: r.opt(|r| r.u16().map(|n| n as i16))?,
+            response_time_ms: r.opt(|r| r.u32().map(|n| n as i32))?,
+            error_message: r.opt(Reader::string)?,
+            attributes: r.opt(Reader::string)?,
+            received_at: r.timestamp()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use time::macros::datetime;
+
+    fn location(i: u32) -> LocationUpdate {
+        LocationUpdate {
+            device_id: format!("dev-{i}"),
+            recorded_at: datetime!(2026-11-22 10:00:00.123456789 UTC),
+            lat: -12.5,
+            lon: f64::from(i),
+            speed_kmh: (i % 2 == 0).then_some(3.25),
+            heading_deg: None,
+            accuracy_m: Some(0.0),
+            attributes: (i % 3 == 0).then(|| r#"{"a":"é"}"#.to_owned()),
+            received_at: datetime!(2026-11-22 10:00:01 UTC),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_with_their_header() {
+        let updates: Vec<_> = (0..5).map(location).collect();
+        let mut payload = encode_record(3, &updates);
+        set_lsn(&mut payload, 42);
+        assert_eq!(
+            decode_header(&payload),
+            Some(RecordHeader {
+                lsn: 42,
+                stream: LOCATION_STREAM,
+                slot: 3,
+                count: 5
+            })
+        );
+        assert_eq!(decode_updates::<LocationUpdate>(&payload), Some(updates));
+        assert_eq!(
+            decode_updates::<PollResult>(&payload),
+            None,
+            "a record of another stream is refused"
+        );
+    }
+
+    #[test]
+    fn poll_results_round_trip() {
+        let p = PollResult {
+            project_id: i64::MAX,
+            polled_at: datetime!(2026-11-22 10:00 UTC),
+            success: false,
+            status_code: Some(503),
+            response_time_ms: Some(3_600_000),
+            error_message: Some("down".into()),
+            attributes: None,
+            received_at: datetime!(2026-11-22 10:00:02 UTC),
+        };
+        let payload = encode_record(0, std::slice::from_ref(&p));
+        assert_eq!(decode_updates::<PollResult>(&payload), Some(vec![p]));
+    }
+
+    proptest! {
+        #[test]
+        fn truncated_or_garbage_payloads_decode_to_none_without_panic(cut in 0usize..400, junk in prop::collection::vec(any::<u8>(), 0..64)) {
+            let payload = encode_record(1, &[location(1), location(2)]);
+            let cut = cut.min(payload.len() - 1);
+            prop_assert_eq!(decode_updates::<LocationUpdate>(&payload[..cut]), None);
+            let _ = decode_updates::<LocationUpdate>(&junk);
+            let _ = decode_updates::<PollResult>(&junk);
+        }
+    }
+}
