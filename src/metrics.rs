@@ -25,6 +25,7 @@ pub const BATCH_WRITE_DURATION: &str = "ingest_batch_write_duration_seconds";
 pub const UPDATES_DUPLICATE: &str = "ingest_updates_duplicate_total";
 pub const UPDATES_DEAD_LETTERED: &str = "ingest_updates_dead_lettered_total";
 pub const WAL_REPLAYED: &str = "ingest_wal_replayed_updates_total";
+pub const WAL_BACKLOG_BYTES: &str = "ingest_wal_backlog_bytes";
 pub const WAL_BYTES: &str = "ingest_wal_bytes";
 pub const WAL_CAPACITY: &str = "ingest_wal_capacity_bytes";
 pub const WAL_SEGMENTS: &str = "ingest_wal_segments";
@@ -118,8 +119,10 @@ pub struct StreamMetrics {
     pub duplicates: IntCounter,
     /// Updates PostgreSQL refused for good, kept in `dead_letters`.
     pub dead_lettered: IntCounter,
-    /// Updates read back from the write-ahead log at start-up.
+    /// Updates read back from the write-ahead log (after a restart, or after writers fell behind).
     pub replayed: IntCounter,
+    /// Bytes of write-ahead log waiting to be read back because the writers fell behind (0 when none).
+    pub backlog_bytes: IntGauge,
     /// Updates accepted and not yet written (in the queue or in a batch being written).
     pub queue_depth: IntGauge,
     pub queue_capacity: IntGauge,
@@ -215,7 +218,17 @@ impl Metrics {
             stream,
         )?;
         let replayed = IntCounterVec::new(
-            Opts::new(WAL_REPLAYED, "Updates replayed from the write-ahead log at start-up"),
+            Opts::new(
+                WAL_REPLAYED,
+                "Updates read back from the write-ahead log (after a restart, or after writers fell behind)",
+            ),
+            stream,
+        )?;
+        let backlog = IntGaugeVec::new(
+            Opts::new(
+                WAL_BACKLOG_BYTES,
+                "Bytes of write-ahead log waiting to be read back into the queue",
+            ),
             stream,
         )?;
         let wal = WalMetrics {
@@ -260,6 +273,7 @@ impl Metrics {
         reg(Box::new(duplicates.clone()))?;
         reg(Box::new(dead.clone()))?;
         reg(Box::new(replayed.clone()))?;
+        reg(Box::new(backlog.clone()))?;
         reg(Box::new(wal.bytes.clone()))?;
         reg(Box::new(wal.capacity.clone()))?;
         reg(Box::new(wal.segments.clone()))?;
@@ -282,6 +296,7 @@ impl Metrics {
             duplicates: duplicates.with_label_values(&[name]),
             dead_lettered: dead.with_label_values(&[name]),
             replayed: replayed.with_label_values(&[name]),
+            backlog_bytes: backlog.with_label_values(&[name]),
             queue_depth: depth.with_label_values(&[name]),
             queue_capacity: capacity.with_label_values(&[name]),
             batches_written: batches.with_label_values(&[name]),

@@ -38,11 +38,11 @@ pub async fn termination_signal() {
     );
 }
 
-/// Waits until every writer thread has finished or `deadline` has passed; returns whether all finished.
+/// Waits until every thread has finished or `deadline` has passed; returns whether all finished.
 /// Polls with async sleeps so that the HTTP runtime it runs on is not blocked.
-pub async fn wait_for_writers(writers: &[JoinHandle<()>], deadline: Instant) -> bool {
+pub async fn wait_for_threads(threads: &[JoinHandle<()>], deadline: Instant) -> bool {
     loop {
-        if writers.iter().all(JoinHandle::is_finished) {
+        if threads.iter().all(JoinHandle::is_finished) {
             return true;
         }
         if Instant::now() >= deadline {

@@ -19,13 +19,11 @@ use crate::http::{self, AppState, DatabaseCheck, IngestLimits, StreamIngest};
 use crate::metrics::{Metrics, StreamMetrics};
 use crate::model::{LocationUpdate, PollResult, Update};
 use crate::pipeline::writer::WriterState;
-use crate::pipeline::{
-    self, Backoff, BatchPolicy, BatchWriter, Chunk, CopyRecord, Origin, PushError, StreamQueue, WriterHandle,
-};
+use crate::pipeline::{self, Backoff, BatchPolicy, BatchWriter, CopyRecord, StreamQueue, WriterHandle};
 use crate::shutdown::{self, ShutdownOutcome};
-use crate::wal::codec::{self, WalCodec};
-use crate::wal::frame::FrameReader;
-use crate::wal::{RecoveredSegment, Recovery, Wal, WalConfig};
+use crate::wal::codec::WalCodec;
+use crate::wal::feed::{LogFeed, Progress};
+use crate::wal::{Recovery, Segment, Wal, WalConfig};
 
 /// Size at which a log segment is closed and a new one started.
 const WAL_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -89,6 +87,10 @@ pub struct Application {
     location_queue: Arc<StreamQueue<LocationUpdate>>,
     poll_queue: Arc<StreamQueue<PollResult>>,
     wal: Option<Arc<Wal>>,
+    location_feed: Arc<LogFeed<LocationUpdate>>,
+    poll_feed: Arc<LogFeed<PollResult>>,
+    /// The feeds' refill threads: they finish once the log is closed and its backlog queued.
+    feeds: Vec<std::thread::JoinHandle<()>>,
     writers: Vec<WriterHandle>,
     shutdown_timeout: Duration,
     /// Dropped last: the runtime the pool lives on, then the database itself.
@@ -135,19 +137,24 @@ impl Application {
         };
         let mut recovery =
             Recovery::open(wal_config, metrics.wal.clone()).context("could not open the write-ahead log")?;
-        let progress = runtime
+        let mut progress = runtime
             .block_on(load_progress(&pool))
             .context("could not read the log progress")?;
-        let replay = Replay {
-            progress: &progress,
-            location: &location.queue,
-            poll: &poll.queue,
-            metrics: &metrics,
-        };
-        let last_lsn = replay.run(&mut recovery)?;
+        let last_lsn = recovery.last_lsn().context("could not read the write-ahead log")?;
+        let committed_lsn = progress
+            .values()
+            .flat_map(|slots| slots.values().map(|p| p.lsn))
+            .max()
+            .unwrap_or(0);
+        let recovered = std::mem::take(&mut recovery.segments);
+        let location = location.with_feed(recovered.clone(), progress.remove(LocationUpdate::STREAM))?;
+        let poll = poll.with_feed(recovered, progress.remove(PollResult::STREAM))?;
+        let feeds = vec![location.feed_thread, poll.feed_thread];
+        let (location, poll) = (location.ingest, poll.ingest);
         let wal = match settings.durability {
             Durability::Wal => {
-                let next_lsn = last_lsn.max(progress.values().map(|p| p.lsn).max().unwrap_or(0)) + 1;
+                // Past every number used before, even by records whose segments are gone.
+                let next_lsn = last_lsn.max(committed_lsn) + 1;
                 Some(Arc::new(
                     recovery
                         .start(next_lsn)
@@ -161,6 +168,7 @@ impl Application {
             TcpListener::bind(&settings.listen).with_context(|| format!("could not listen on {}", settings.listen))?;
         let port = listener.local_addr()?.port();
         let (location_queue, poll_queue) = (location.queue.clone(), poll.queue.clone());
+        let (location_feed, poll_feed) = (location.feed.clone(), poll.feed.clone());
         let state = web::Data::new(AppState {
             location,
             poll,
@@ -183,6 +191,9 @@ impl Application {
             location_queue,
             poll_queue,
             wal,
+            location_feed,
+            poll_feed,
+            feeds,
             writers,
             shutdown_timeout: settings.shutdown_timeout,
             runtime,
@@ -231,11 +242,23 @@ impl Application {
         if let Some(wal) = &self.wal {
             wal.close();
         }
+        self.location_feed.close_input();
+        self.poll_feed.close_input();
+        let fed = shutdown::wait_for_threads(&self.feeds, deadline).await;
+        // Closing the queues before the feeds are done would strand the backlog; a timed-out stop leaves it in
+        // the log for the next start.
         self.location_queue.close();
         self.poll_queue.close();
         let threads: Vec<_> = self.writers.into_iter().map(|w| w.thread).collect();
-        let finished = shutdown::wait_for_writers(&threads, deadline).await;
-        let unwritten = self.location_queue.pending() + self.poll_queue.pending();
+        let finished = fed && shutdown::wait_for_threads(&threads, deadline).await;
+        if !finished {
+            self.location_queue.abandon();
+            self.poll_queue.abandon();
+        }
+        let unwritten = self.location_queue.pending()
+            + self.poll_queue.pending()
+            + usize::from(!self.location_feed.is_caught_up())
+            + usize::from(!self.poll_feed.is_caught_up());
         let outcome = ShutdownOutcome {
             unwritten,
             elapsed: started.elapsed(),
@@ -276,7 +299,7 @@ impl PipelineParts<'_> {
     fn stream<T: Update + CopyRecord>(
         &self,
         metrics: &StreamMetrics,
-    ) -> anyhow::Result<(StreamIngest<T>, Vec<WriterHandle>)> {
+    ) -> anyhow::Result<(StreamParts<T>, Vec<WriterHandle>)> {
         let queue = pipeline::bounded::<T>(self.capacity, self.writers);
         metrics.queue_capacity.set(self.capacity as i64);
         let mut handles = Vec::with_capacity(self.writers);
@@ -293,145 +316,73 @@ impl PipelineParts<'_> {
             };
             handles.push(writer.spawn().context("could not start a batch writer thread")?);
         }
-        let states: Vec<Arc<WriterState>> = handles.iter().map(|h| h.state.clone()).collect();
+        let writers: Vec<Arc<WriterState>> = handles.iter().map(|h| h.state.clone()).collect();
         Ok((
-            StreamIngest {
+            StreamParts {
                 queue,
                 metrics: metrics.clone(),
-                writers: states,
+                writers,
             },
             handles,
         ))
     }
 }
 
-/// A slot's committed log position, as recorded in `ingest_wal_progress`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Progress {
-    lsn: u64,
-    /// Updates of record `lsn` written; `None` for all.
-    updates_done: Option<u32>,
+/// A stream's queue and writers, before its log feed is attached.
+struct StreamParts<T> {
+    queue: Arc<StreamQueue<T>>,
+    metrics: StreamMetrics,
+    writers: Vec<Arc<WriterState>>,
 }
 
-async fn load_progress(pool: &Pool) -> anyhow::Result<HashMap<(String, u16), Progress>> {
+/// A stream ready for the HTTP side, and its feed's refill thread.
+struct FedStream<T> {
+    ingest: StreamIngest<T>,
+    feed_thread: std::thread::JoinHandle<()>,
+}
+
+impl<T: Update + WalCodec + CopyRecord> StreamParts<T> {
+    /// Attaches the log feed, whose backlog starts as the segments left by the previous run.
+    fn with_feed(
+        self,
+        recovered: Vec<Arc<Segment>>,
+        progress: Option<HashMap<u16, Progress>>,
+    ) -> anyhow::Result<FedStream<T>> {
+        let feed = LogFeed::new(
+            self.queue.clone(),
+            recovered,
+            progress.unwrap_or_default(),
+            self.metrics.clone(),
+        );
+        let feed_thread = feed.spawn().context("could not start a log feed thread")?;
+        let ingest = StreamIngest {
+            queue: self.queue,
+            feed,
+            metrics: self.metrics,
+            writers: self.writers,
+        };
+        Ok(FedStream { ingest, feed_thread })
+    }
+}
+
+/// Every slot's committed log position, by stream, as recorded in `ingest_wal_progress`.
+async fn load_progress(pool: &Pool) -> anyhow::Result<HashMap<String, HashMap<u16, Progress>>> {
     let client = pool.get().await?;
     let rows = client
         .query("SELECT stream, slot, lsn, updates_done FROM ingest_wal_progress", &[])
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let slot: i32 = r.get(1);
-            let lsn: i64 = r.get(2);
-            let done: Option<i32> = r.get(3);
-            (
-                (r.get(0), slot as u16),
-                Progress {
-                    lsn: lsn as u64,
-                    updates_done: done.map(|d| d as u32),
-                },
-            )
-        })
-        .collect())
-}
-
-/// Puts the updates of a previous run's log that are not yet committed back into the queues.
-struct Replay<'a> {
-    progress: &'a HashMap<(String, u16), Progress>,
-    location: &'a Arc<StreamQueue<LocationUpdate>>,
-    poll: &'a Arc<StreamQueue<PollResult>>,
-    metrics: &'a Metrics,
-}
-
-impl Replay<'_> {
-    /// Replays every segment in log order; returns the highest lsn seen. Blocks while the queues are full: the
-    /// writers are running and make room.
-    fn run(&self, recovery: &mut Recovery) -> anyhow::Result<u64> {
-        let mut last_lsn = 0;
-        let segments = std::mem::take(&mut recovery.segments);
-        let started = Instant::now();
-        let mut replayed = 0usize;
-        for segment in segments {
-            let bytes = segment
-                .read()
-                .with_context(|| format!("could not read {}", segment.path.display()))?;
-            let mut reader = FrameReader::new(&bytes);
-            for payload in reader.by_ref() {
-                let Some(header) = codec::decode_header(payload) else {
-                    continue;
-                };
-                last_lsn = last_lsn.max(header.lsn);
-                replayed += match header.stream {
-                    codec::LOCATION_STREAM => {
-                        self.record(payload, header, &segment, self.location, &self.metrics.location)?
-                    }
-                    codec::POLL_STREAM => self.record(payload, header, &segment, self.poll, &self.metrics.poll)?,
-                    _ => 0,
-                };
-            }
-            recovery.record_faults(reader.faults, &segment.path);
-            // Dropping our hold: the file goes once the updates queued from it are committed.
-        }
-        if replayed > 0 {
-            info!(
-                updates = replayed,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "write-ahead log replayed"
-            );
-        }
-        Ok(last_lsn)
+    let mut progress: HashMap<String, HashMap<u16, Progress>> = HashMap::new();
+    for r in rows {
+        let slot: i32 = r.get(1);
+        let lsn: i64 = r.get(2);
+        let done: Option<i32> = r.get(3);
+        let position = Progress {
+            lsn: lsn as u64,
+            updates_done: done.map(|d| d as u32),
+        };
+        progress.entry(r.get(0)).or_default().insert(slot as u16, position);
     }
-
-    /// Queues what of one record is not yet committed; returns how many updates that is.
-    fn record<T: Update + WalCodec>(
-        &self,
-        payload: &[u8],
-        header: codec::RecordHeader,
-        segment: &RecoveredSegment,
-        queue: &Arc<StreamQueue<T>>,
-        metrics: &StreamMetrics,
-    ) -> anyhow::Result<usize> {
-        let start = match self.progress.get(&(T::STREAM.to_owned(), header.slot)) {
-            Some(p) if header.lsn < p.lsn => return Ok(0),
-            Some(p) if header.lsn == p.lsn => match p.updates_done {
-                None => return Ok(0),
-                Some(done) => done,
-            },
-            _ => 0,
-        };
-        let Some(mut updates) = codec::decode_updates::<T>(payload) else {
-            self.metrics.wal.corrupt_records.inc();
-            warn!(lsn = header.lsn, "a log record could not be decoded; skipped");
-            return Ok(0);
-        };
-        let updates = updates.split_off((start as usize).min(updates.len()));
-        if updates.is_empty() {
-            return Ok(0);
-        }
-        let n = updates.len();
-        let slot = header.slot as usize % queue.slots();
-        let reservation = loop {
-            match queue.reserve_on(n, slot) {
-                Ok(r) => break r,
-                Err(PushError::Full { .. }) => std::thread::sleep(Duration::from_millis(10)),
-                Err(PushError::Closed) => anyhow::bail!("the queue closed during the replay"),
-            }
-        };
-        let origin = Origin::Logged {
-            lsn: header.lsn,
-            slot: header.slot,
-            start,
-            total: header.count,
-            token: Box::new(segment.token()),
-        };
-        reservation.push(Chunk {
-            updates,
-            origin,
-            commit: None,
-        });
-        metrics.replayed.inc_by(n as u64);
-        Ok(n)
-    }
+    Ok(progress)
 }
 
 /// The readiness check: a trivial query, run on the database runtime where the pool lives.

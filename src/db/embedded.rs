@@ -40,6 +40,15 @@ pub struct PostgresOptions {
     pub ephemeral: bool,
 }
 
+/// Whether a throwaway server keeps its commits through a crash of its own processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitSafety {
+    /// fsync and synchronous commit off: fastest; a killed server loses its last commits.
+    Fast,
+    /// As a real server: a commit it acknowledged survives `kill -9`.
+    Safe,
+}
+
 /// Why the server could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedPostgresError {
@@ -144,6 +153,15 @@ impl EmbeddedPostgres {
 
     /// Starts a throwaway server in a new temporary directory, removed when the server is dropped.
     pub fn start_ephemeral() -> Result<Self, EmbeddedPostgresError> {
+        Self::start_temporary(CommitSafety::Fast)
+    }
+
+    /// Starts a throwaway server that keeps acknowledged commits when killed, for crash tests.
+    pub fn start_ephemeral_crash_safe() -> Result<Self, EmbeddedPostgresError> {
+        Self::start_temporary(CommitSafety::Safe)
+    }
+
+    fn start_temporary(safety: CommitSafety) -> Result<Self, EmbeddedPostgresError> {
         remove_stale_ephemeral_dirs();
         let dir = tempfile::Builder::new()
             .prefix(EPHEMERAL_PREFIX)
@@ -153,7 +171,7 @@ impl EmbeddedPostgres {
             .map_err(io_error("could not write", dir.path()))?;
         let mut server = Self::start(&PostgresOptions {
             data_dir: dir.path().join("pgdata"),
-            ephemeral: true,
+            ephemeral: safety == CommitSafety::Fast,
         })?;
         hand_over(dir.path(), server.run_as, 0o755)?;
         server._temp_dirs.push(dir);

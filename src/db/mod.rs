@@ -4,4 +4,4 @@ pub mod embedded;
 pub mod migrate;
 pub mod pool;
 
-pub use embedded::{EmbeddedPostgres, EmbeddedPostgresError, PostgresOptions};
+pub use embedded::{CommitSafety, EmbeddedPostgres, EmbeddedPostgresError, PostgresOptions};

@@ -11,9 +11,9 @@ use time::OffsetDateTime;
 use super::errors::IngestError;
 use super::{AppState, StreamIngest};
 use crate::model::{self, BodyError, BodyFormat, Update, ValidationRules};
-use crate::pipeline::{Chunk, CommitWaiter, Origin, PushError};
+use crate::pipeline::{Chunk, CommitWaiter, Origin, PushError, Reservation};
 use crate::wal::codec::{self, WalCodec};
-use crate::wal::{SegmentRef, WalError};
+use crate::wal::{DurableRecord, WalError};
 
 /// A 422 lists at most this many broken rules.
 const MAX_ERROR_DETAILS: usize = 100;
@@ -101,10 +101,6 @@ async fn accept<T: Update + WalCodec>(
             committed: wait_for_commit,
         });
     }
-    let reservation = stream.queue.reserve(count).map_err(|e| match e {
-        PushError::Full { .. } => IngestError::Overloaded { updates: count },
-        PushError::Closed => IngestError::ShuttingDown { updates: count },
-    })?;
     let (waiter, committed) = match wait_for_commit {
         true => {
             let (waiter, committed) = CommitWaiter::new(count);
@@ -113,29 +109,35 @@ async fn accept<T: Update + WalCodec>(
         false => (None, None),
     };
     match &state.wal {
-        None => reservation.push(Chunk {
-            updates,
-            origin: Origin::Memory,
-            commit: waiter,
-        }),
-        Some(wal) => {
-            let slot = reservation.slot();
-            let payload = codec::encode_record(slot, &updates);
-            // Runs on the log's flusher thread once the record is on disk, in log order.
-            let on_durable = Box::new(move |lsn, token: SegmentRef| {
-                let origin = Origin::Logged {
-                    lsn,
-                    slot,
-                    start: 0,
-                    total: count as u32,
-                    token: Box::new(token),
-                };
-                reservation.push(Chunk {
-                    updates,
-                    origin,
-                    commit: waiter,
+        None => {
+            if count > stream.queue.capacity() {
+                // Without the log, a request larger than the whole queue could never be taken: no retry helps.
+                return Err(IngestError::TooManyUpdates {
+                    limit: stream.queue.capacity(),
                 });
+            }
+            let reservation = stream.queue.reserve(count).map_err(|e| push_error(e, count))?;
+            reservation.push(Chunk {
+                updates,
+                origin: Origin::Memory,
+                commit: waiter,
             });
+        }
+        Some(wal) => {
+            // A full queue is no refusal here: the updates wait in the log until the writers catch up.
+            let reservation = match stream.queue.reserve(count) {
+                Ok(reservation) => Some(reservation),
+                Err(PushError::Full { .. }) => None,
+                Err(e) => return Err(push_error(e, count)),
+            };
+            let slot = reservation
+                .as_ref()
+                .map_or_else(|| stream.queue.next_slot() as u16, Reservation::slot);
+            let payload = codec::encode_record(slot, &updates);
+            let feed = stream.feed.clone();
+            // Runs on the log's flusher thread once the record is on disk, in log order.
+            let on_durable =
+                Box::new(move |record: &DurableRecord<'_>| feed.offer(record, reservation, updates, waiter));
             let durable = wal.append(payload, on_durable).map_err(|e| log_error(e, count))?;
             match durable.await {
                 Ok(Ok(())) => {}
@@ -155,6 +157,13 @@ async fn accept<T: Update + WalCodec>(
         updates: count,
         committed: wait_for_commit,
     })
+}
+
+fn push_error(error: PushError, updates: usize) -> IngestError {
+    match error {
+        PushError::Full { .. } => IngestError::Overloaded { updates },
+        PushError::Closed => IngestError::ShuttingDown { updates },
+    }
 }
 
 fn log_error(error: WalError, updates: usize) -> IngestError {

@@ -24,6 +24,7 @@ use crate::metrics::{Metrics, StreamMetrics};
 use crate::model::{LocationUpdate, PollResult};
 use crate::pipeline::writer::WriterState;
 use crate::pipeline::StreamQueue;
+use crate::wal::feed::LogFeed;
 use crate::wal::Wal;
 
 /// Asks whether the database answers; provided by the start-up code, which owns the pool.
@@ -41,16 +42,19 @@ pub struct IngestLimits {
 /// The HTTP side of one stream.
 pub struct StreamIngest<T> {
     pub queue: Arc<StreamQueue<T>>,
+    /// Hands logged updates to the queue, or keeps them on disk while the writers are behind.
+    pub feed: Arc<LogFeed<T>>,
     pub metrics: StreamMetrics,
     /// The writers draining this stream's queue, for the age of the oldest update not yet written.
     pub writers: Vec<Arc<WriterState>>,
 }
 
-impl<T> StreamIngest<T> {
+impl<T: crate::model::Update + crate::wal::codec::WalCodec> StreamIngest<T> {
     /// Brings the gauges that are read, not counted, up to date; called before `/stats` and `/metrics` answer.
     pub fn refresh_gauges(&self) {
         self.metrics.queue_depth.set(self.queue.pending() as i64);
         self.metrics.queue_capacity.set(self.queue.capacity() as i64);
+        self.metrics.backlog_bytes.set(self.feed.backlog_bytes() as i64);
         let now = Instant::now();
         let oldest = self
             .writers

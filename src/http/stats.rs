@@ -59,6 +59,7 @@ fn stream_stats(m: &StreamMetrics) -> Value {
         "duplicate": m.duplicates.get(),
         "dead_lettered": m.dead_lettered.get(),
         "replayed": m.replayed.get(),
+        "wal_backlog_bytes": m.backlog_bytes.get(),
         "queue_depth": m.queue_depth.get(),
         "queue_capacity": m.queue_capacity.get(),
         "batches_written": m.batches_written.get(),

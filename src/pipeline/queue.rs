@@ -108,6 +108,8 @@ struct Shared {
     capacity: usize,
     /// Set when the gateway stops taking updates; writers then flush what they hold and drain the rest.
     closed: AtomicBool,
+    /// Set when a stop timed out: writers give up what they hold (the log, if any, keeps it for the next start).
+    abandoned: AtomicBool,
 }
 
 /// The queue of one stream: a shared bound and one channel per writer slot.
@@ -127,6 +129,7 @@ pub fn bounded<T>(capacity: usize, slots: usize) -> Arc<StreamQueue<T>> {
         pending: AtomicUsize::new(0),
         capacity,
         closed: AtomicBool::new(false),
+        abandoned: AtomicBool::new(false),
     });
     Arc::new(StreamQueue {
         shared,
@@ -173,8 +176,12 @@ impl<T> Drop for Reservation<T> {
 impl<T> StreamQueue<T> {
     /// Reserves room for `updates` updates on the next slot (round robin), or fails at once.
     pub fn reserve(self: &Arc<Self>, updates: usize) -> Result<Reservation<T>, PushError> {
-        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        self.reserve_on(updates, slot)
+        self.reserve_on(updates, self.next_slot())
+    }
+
+    /// The next slot in turn.
+    pub fn next_slot(&self) -> usize {
+        self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len()
     }
 
     /// Reserves room on a given slot (a replayed record goes back to its own slot).
@@ -216,6 +223,12 @@ impl<T> StreamQueue<T> {
     /// Stops taking updates: every later reservation fails with [`PushError::Closed`].
     pub fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
+    }
+
+    /// Tells the writers to stop retrying and give up what they hold: the stop has timed out.
+    pub fn abandon(&self) {
+        self.close();
+        self.shared.abandoned.store(true, Ordering::Release);
     }
 
     /// Updates accepted and not yet committed.
@@ -273,6 +286,10 @@ impl<T> QueueReceiver<T> {
 
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.shared.abandoned.load(Ordering::Acquire)
     }
 }
 

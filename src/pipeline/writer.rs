@@ -105,6 +105,9 @@ impl<T: CopyRecord> BatchWriter<T> {
     fn run(self, state: &WriterState) {
         let mut batcher = Batcher::new(self.policy);
         loop {
+            if self.queue.is_abandoned() {
+                return;
+            }
             let drained = self.fill(&mut batcher, state);
             if batcher.has_rows() {
                 let batch = batcher.take();
@@ -143,11 +146,16 @@ impl<T: CopyRecord> BatchWriter<T> {
         }
     }
 
-    /// Writes one batch, retrying until it is committed, then tells everyone who waits for it.
+    /// Writes one batch, retrying until it is committed (or the stop gives up), then tells everyone who waits.
     fn write(&self, batch: Batch<T>) {
         let progress = slot_progress(&batch.parts);
         let mut attempt = 1u32;
         let outcome = loop {
+            if self.queue.is_abandoned() {
+                warn!(writer = %self.name, rows = batch.rows.len(), "stop timed out; batch left unwritten");
+                // Dropping the parts uncommitted keeps their log segments for the next start.
+                return;
+            }
             match self
                 .runtime
                 .block_on(copy::write_batch(&self.pool, self.stream, &batch.rows, &progress))

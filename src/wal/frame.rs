@@ -88,6 +88,50 @@ impl<'a> Iterator for FrameReader<'a> {
     }
 }
 
+/// What the next frame of a stream of records is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Record(Vec<u8>),
+    /// A frame whose checksum did not match; its bytes are skipped.
+    Corrupt {
+        skipped: u64,
+    },
+    /// An incomplete frame or a damaged length: nothing after it can be framed reliably.
+    Torn,
+    /// Exactly at the limit.
+    End,
+}
+
+/// Reads the next frame from `input`, which holds `remaining` more bytes that may be read.
+pub fn read_next(input: &mut impl std::io::Read, remaining: u64) -> std::io::Result<Next> {
+    if remaining == 0 {
+        return Ok(Next::End);
+    }
+    if remaining < HEADER_BYTES as u64 {
+        return Ok(Next::Torn);
+    }
+    let mut header = [0u8; HEADER_BYTES];
+    input.read_exact(&mut header)?;
+    let len_bytes = [header[0], header[1], header[2], header[3]];
+    let len = u32::from_le_bytes(len_bytes) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len > MAX_PAYLOAD_BYTES || (HEADER_BYTES + len) as u64 > remaining {
+        return Ok(Next::Torn);
+    }
+    let mut payload = vec![0u8; len];
+    input.read_exact(&mut payload)?;
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&len_bytes);
+    hasher.update(&payload);
+    if hasher.finalize() == crc {
+        Ok(Next::Record(payload))
+    } else {
+        Ok(Next::Corrupt {
+            skipped: (HEADER_BYTES + len) as u64,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +191,35 @@ mod tests {
             expected.remove(victim);
             prop_assert_eq!(read, expected);
             prop_assert_eq!(reader.faults.corrupt_records, 1);
+        }
+
+        #[test]
+        fn the_streaming_reader_agrees_with_the_slice_reader(
+            payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..10),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<prop::sample::Index>(),
+        ) {
+            let (mut bytes, _) = log_of(&payloads);
+            if !bytes.is_empty() {
+                let at = flip.index(bytes.len());
+                bytes[at] ^= 0x40;
+            }
+            let bytes = &bytes[..cut.index(bytes.len() + 1)];
+            let from_slice: Vec<Vec<u8>> = FrameReader::new(bytes).map(<[u8]>::to_vec).collect();
+            let mut from_stream = Vec::new();
+            let mut input = bytes;
+            let mut remaining = bytes.len() as u64;
+            loop {
+                match read_next(&mut input, remaining).unwrap() {
+                    Next::Record(p) => {
+                        remaining -= framed_len(p.len()) as u64;
+                        from_stream.push(p);
+                    }
+                    Next::Corrupt { skipped } => remaining -= skipped,
+                    Next::Torn | Next::End => break,
+                }
+            }
+            prop_assert_eq!(from_stream, from_slice);
         }
 
         #[test]

@@ -14,6 +14,7 @@
 //! Non-goals: replication, reading the log for anything but replay, compaction.
 
 pub mod codec;
+pub mod feed;
 pub mod frame;
 
 use std::fs::{self, File, OpenOptions};
@@ -104,7 +105,31 @@ pub struct Segment {
     bytes: AtomicU64,
     /// Set when an update of this segment was abandoned before its commit: the file must stay for a replay.
     keep: AtomicBool,
+    /// Offsets of damaged records already counted: every stream's feed reads the segment, one counts.
+    reported_faults: Mutex<Vec<u64>>,
     accounting: Arc<Accounting>,
+}
+
+impl Segment {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Counts a damaged record at `offset` once, however many readers find it; returns whether this was the first.
+    pub fn report_fault(&self, offset: u64) -> bool {
+        let mut reported = self.reported_faults.lock().unwrap_or_else(|p| p.into_inner());
+        if reported.contains(&offset) {
+            return false;
+        }
+        reported.push(offset);
+        self.accounting.metrics.corrupt_records.inc();
+        true
+    }
+
+    /// Bytes of the file known to be on disk (written and fsynced).
+    pub fn durable_len(&self) -> u64 {
+        self.bytes.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for Segment {
@@ -155,14 +180,34 @@ impl Drop for SegmentRef {
     }
 }
 
-/// Runs on the flusher thread once a record is on disk: hands the record's updates to their writer.
-pub type OnDurable = Box<dyn FnOnce(u64, SegmentRef) + Send>;
+/// A record just made durable: where it is.
+pub struct DurableRecord<'a> {
+    pub lsn: u64,
+    pub segment: &'a Arc<Segment>,
+    /// Byte offset of the record's frame in the segment file.
+    pub offset: u64,
+    /// Bytes of the frame.
+    pub len: u64,
+}
+
+impl DurableRecord<'_> {
+    /// A hold on the record's segment until its updates are committed.
+    pub fn token(&self) -> SegmentRef {
+        SegmentRef::new(self.segment)
+    }
+}
+
+/// Runs on the flusher thread once a record is on disk, in log order: hands the record's updates on.
+pub type OnDurable = Box<dyn FnOnce(&DurableRecord<'_>) + Send>;
 
 /// Resolves once the record is on disk (or could not be written).
 pub type Durable = oneshot::Receiver<Result<(), WalError>>;
 
 struct Pending {
     lsn: u64,
+    /// Where the frame starts in the group's buffer, and its length.
+    buf_offset: usize,
+    len: usize,
     on_durable: OnDurable,
     done: oneshot::Sender<Result<(), WalError>>,
 }
@@ -187,28 +232,10 @@ pub struct Wal {
     flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// A segment left by an earlier run, to be replayed.
-pub struct RecoveredSegment {
-    pub path: PathBuf,
-    segment: Arc<Segment>,
-}
-
-impl RecoveredSegment {
-    /// The segment's bytes.
-    pub fn read(&self) -> io::Result<Vec<u8>> {
-        fs::read(&self.path)
-    }
-
-    /// A hold on the segment for updates replayed from it.
-    pub fn token(&self) -> SegmentRef {
-        SegmentRef::new(&self.segment)
-    }
-}
-
 /// The log directory as the previous run left it.
 pub struct Recovery {
     /// Segments in log order. Each is removed once dropped and every update replayed from it is committed.
-    pub segments: Vec<RecoveredSegment>,
+    pub segments: Vec<Arc<Segment>>,
     config: WalConfig,
     accounting: Arc<Accounting>,
     next_seq: u64,
@@ -248,14 +275,14 @@ impl Recovery {
             .map(|(_, path, len)| {
                 accounting.live_bytes.fetch_add(len, Ordering::AcqRel);
                 accounting.metrics.segments.inc();
-                let segment = Arc::new(Segment {
-                    path: path.clone(),
+                Arc::new(Segment {
+                    path,
                     dir: config.dir.clone(),
                     bytes: AtomicU64::new(len),
                     keep: AtomicBool::new(false),
+                    reported_faults: Mutex::new(Vec::new()),
                     accounting: accounting.clone(),
-                });
-                RecoveredSegment { path, segment }
+                })
             })
             .collect::<Vec<_>>();
         accounting
@@ -306,18 +333,20 @@ impl Recovery {
         })
     }
 
-    /// Counts damaged records found while reading the segments back.
-    pub fn record_faults(&self, faults: frame::ReadFaults, path: &Path) {
-        let damaged = faults.corrupt_records + usize::from(faults.torn_tail);
-        if damaged > 0 {
-            self.accounting.metrics.corrupt_records.inc_by(damaged as u64);
-            warn!(
-                path = %path.display(),
-                corrupt_records = faults.corrupt_records,
-                torn_tail = faults.torn_tail,
-                "damaged write-ahead log records skipped"
-            );
+    /// The highest lsn in the segments (0 when there are none): new records are numbered after it.
+    pub fn last_lsn(&self) -> Result<u64, WalOpenError> {
+        // Records are numbered in file order, so the last segment that holds a readable record has the highest.
+        for segment in self.segments.iter().rev() {
+            let bytes = fs::read(&segment.path).map_err(open_error("could not read", &segment.path))?;
+            let last = frame::FrameReader::new(&bytes)
+                .filter_map(codec::decode_header)
+                .map(|h| h.lsn)
+                .max();
+            if let Some(lsn) = last {
+                return Ok(lsn);
+            }
         }
+        Ok(0)
     }
 }
 
@@ -340,6 +369,7 @@ fn create_segment(
         dir: config.dir.clone(),
         bytes: AtomicU64::new(0),
         keep: AtomicBool::new(false),
+        reported_faults: Mutex::new(Vec::new()),
         accounting: accounting.clone(),
     });
     Ok((file, segment))
@@ -370,8 +400,15 @@ impl Wal {
         let lsn = state.next_lsn;
         state.next_lsn += 1;
         codec::set_lsn(&mut payload, lsn);
+        let buf_offset = state.buf.len();
         frame::encode(&payload, &mut state.buf);
-        state.pending.push(Pending { lsn, on_durable, done });
+        state.pending.push(Pending {
+            lsn,
+            buf_offset,
+            len: framed as usize,
+            on_durable,
+            done,
+        });
         drop(state);
         self.shared.work.notify_one();
         Ok(durable)
@@ -441,12 +478,18 @@ impl Flusher {
         let started = Instant::now();
         match self.file.write_all(buf).and_then(|()| self.file.sync_data()) {
             Ok(()) => {
-                self.segment.bytes.fetch_add(buf.len() as u64, Ordering::AcqRel);
+                let base = self.segment.bytes.fetch_add(buf.len() as u64, Ordering::AcqRel);
                 metrics.fsyncs.inc();
                 metrics.records.inc_by(pending.len() as u64);
                 metrics.fsync_duration.observe(started.elapsed().as_secs_f64());
                 for p in pending {
-                    (p.on_durable)(p.lsn, SegmentRef::new(&self.segment));
+                    let record = DurableRecord {
+                        lsn: p.lsn,
+                        segment: &self.segment,
+                        offset: base + p.buf_offset as u64,
+                        len: p.len as u64,
+                    };
+                    (p.on_durable)(&record);
                     let _ = p.done.send(Ok(()));
                 }
                 if self.segment.bytes.load(Ordering::Acquire) >= self.config.segment_bytes {
@@ -458,14 +501,13 @@ impl Flusher {
                 error!(error = %e, records = pending.len(), "could not write the log; the requests are refused");
                 // Cut off whatever part of the group reached the file, so the next group does not follow garbage.
                 let good = self.segment.bytes.load(Ordering::Acquire);
-                if self
+                let _ = self
                     .file
                     .set_len(good)
-                    .and_then(|()| self.file.seek(SeekFrom::Start(good)))
-                    .is_err()
-                {
-                    self.roll();
-                }
+                    .and_then(|()| self.file.seek(SeekFrom::Start(good)));
+                // Seal the segment, so that its space comes back as soon as its updates are written: with a
+                // full disk, nothing else frees any.
+                self.roll();
                 self.shared.accounting.release(buf.len() as u64);
                 let message = e.to_string();
                 for p in pending {
@@ -515,8 +557,11 @@ mod tests {
         for p in payloads {
             let tx = tx.clone();
             waits.push(
-                wal.append(p, Box::new(move |lsn, token| tx.send((lsn, token)).unwrap()))
-                    .unwrap(),
+                wal.append(
+                    p,
+                    Box::new(move |r: &DurableRecord| tx.send((r.lsn, r.token())).unwrap()),
+                )
+                .unwrap(),
             );
         }
         for w in waits {
@@ -539,12 +584,13 @@ mod tests {
         let recovery = Recovery::open(config(dir, 1 << 30, 1 << 20), metrics.wal.clone()).unwrap();
         let mut lsns = Vec::new();
         for s in &recovery.segments {
-            let bytes = s.read().unwrap();
+            let bytes = fs::read(s.path()).unwrap();
             lsns.extend(frame::FrameReader::new(&bytes).map(|p| codec::decode_header(p).unwrap().lsn));
         }
+        assert_eq!(recovery.last_lsn().unwrap(), lsns.last().copied().unwrap_or(0));
         // Keep the files for later looks: nothing here is committed.
         for s in &recovery.segments {
-            s.segment.keep.store(true, Ordering::Release);
+            s.keep.store(true, Ordering::Release);
         }
         lsns
     }
@@ -621,7 +667,7 @@ mod tests {
             .unwrap();
         let handed = append_all(&wal, vec![payload(1), payload(2)]);
         assert!(matches!(
-            wal.append(payload(3), Box::new(|_, _| {})),
+            wal.append(payload(3), Box::new(|_: &DurableRecord| {})),
             Err(WalError::Full { .. })
         ));
         for (_, token) in handed {

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ingest_gateway::config::Durability;
 use ingest_gateway::db::EmbeddedPostgres;
 
 use crate::helpers::{eventually, fresh_database, location_array, location_json, spawn_app_on, Ledger};
@@ -11,13 +12,14 @@ use crate::helpers::{eventually, fresh_database, location_array, location_json, 
 const LOCATION: &str = "/api/v1/location/update";
 
 #[test]
-fn a_full_queue_answers_503_with_retry_after_and_every_202_lands_once_the_database_is_back() {
+fn in_memory_mode_a_full_queue_answers_503_with_retry_after_and_every_202_lands_once_the_database_is_back() {
     let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
     let name = fresh_database(&cluster);
     let mut app = spawn_app_on(cluster.config(&name), |s| {
         s.queue_capacity = 100;
         s.batch_size = 10;
         s.writers = 1;
+        s.durability = Durability::Memory;
     });
     cluster.stop();
 

@@ -2,8 +2,10 @@
 //! in-process on a free port, a small HTTP client and a synchronous database client.
 
 use std::collections::BTreeSet;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -254,6 +256,8 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
 pub struct Ledger {
     pub acknowledged: BTreeSet<String>,
     pub refused: BTreeSet<String>,
+    /// Sent, but the connection broke before an answer: stored or not, either is right.
+    pub unknown: BTreeSet<String>,
     pub other_statuses: Vec<u16>,
 }
 
@@ -261,6 +265,163 @@ impl Ledger {
     pub fn merge(&mut self, other: Ledger) {
         self.acknowledged.extend(other.acknowledged);
         self.refused.extend(other.refused);
+        self.unknown.extend(other.unknown);
         self.other_statuses.extend(other.other_statuses);
+    }
+
+    /// Checks the stored rows against what was answered: every 202 is stored exactly once, and nothing that
+    /// was refused is stored. Returns (missing, unexpected, stored twice).
+    pub fn compare(&self, stored: &[(String, i64)]) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let ids: BTreeSet<&String> = stored.iter().map(|(id, _)| id).collect();
+        let missing = self
+            .acknowledged
+            .iter()
+            .filter(|id| !ids.contains(id))
+            .cloned()
+            .collect();
+        let unexpected = ids
+            .iter()
+            .filter(|id| !self.acknowledged.contains(**id) && !self.unknown.contains(**id))
+            .map(|id| (*id).clone())
+            .collect();
+        let twice = stored
+            .iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(id, _)| id.clone())
+            .collect();
+        (missing, unexpected, twice)
+    }
+}
+
+/// Threads posting location updates (singles, and every fourth request an array of 20) with unique device ids
+/// until stopped, recording every answer.
+pub struct Load {
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<JoinHandle<Ledger>>,
+}
+
+impl Load {
+    pub fn start(address: &str, threads: usize, tag: &str) -> Load {
+        let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let threads = (0..threads)
+            .map(|t| {
+                let (url, running, tag) = (
+                    format!("{address}/api/v1/location/update"),
+                    running.clone(),
+                    tag.to_owned(),
+                );
+                std::thread::spawn(move || {
+                    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
+                    let mut ledger = Ledger::default();
+                    let mut i = 0;
+                    while running.load(std::sync::atomic::Ordering::Relaxed) {
+                        let prefix = format!("{tag}-{t}-{i}");
+                        let (body, ids): (String, Vec<String>) = if i % 4 == 0 {
+                            (
+                                location_array(&prefix, 20),
+                                (0..20).map(|k| format!("{prefix}-{k}")).collect(),
+                            )
+                        } else {
+                            (location_json(&prefix), vec![prefix.clone()])
+                        };
+                        i += 1;
+                        match agent
+                            .post(&url)
+                            .set("Content-Type", "application/json")
+                            .send_string(&body)
+                        {
+                            Ok(r) if r.status() == 202 => ledger.acknowledged.extend(ids),
+                            Ok(r) => ledger.other_statuses.push(r.status()),
+                            Err(ureq::Error::Status(503, _)) => ledger.refused.extend(ids),
+                            Err(ureq::Error::Status(code, _)) => ledger.other_statuses.push(code),
+                            Err(e) if e.kind() == ureq::ErrorKind::ConnectionFailed => {
+                                // Never reached the gateway (it is down): certainly not stored.
+                                ledger.refused.extend(ids);
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            Err(_) => {
+                                ledger.unknown.extend(ids);
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                        }
+                    }
+                    ledger
+                })
+            })
+            .collect();
+        Load { running, threads }
+    }
+
+    pub fn stop(self) -> Ledger {
+        self.running.store(false, std::sync::atomic::Ordering::Relaxed);
+        let mut ledger = Ledger::default();
+        for t in self.threads {
+            ledger.merge(t.join().expect("a load thread panicked"));
+        }
+        ledger
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (free now; the caller binds it soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts the binary with `envs`; returns it and its HTTP address, read from its JSON log.
+pub fn start_gateway(envs: &[(&str, String)]) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ingest-gateway"));
+    command
+        .arg("serve")
+        .env_remove("DATABASE_URL")
+        .env("INGEST_LISTEN", "127.0.0.1:0")
+        .env("INGEST_LOG_FORMAT", "json")
+        .env("INGEST_FLUSH_INTERVAL", "200ms")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("start the gateway binary");
+    let stderr = child.stderr.take().unwrap();
+    let (port_tx, port_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // Keeps reading to the end so that the gateway never blocks on a full pipe.
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+                if let Some(port) = event["port"].as_u64() {
+                    let _ = port_tx.send(port);
+                }
+            }
+            if std::env::var_os("RUST_LOG").is_some() {
+                eprintln!("gateway: {line}");
+            }
+        }
+    });
+    let port = port_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the gateway logs its port");
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+pub fn signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: the pid is our own child's, not yet waited for.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+pub fn post_location(address: &str, body: &str) -> Option<u16> {
+    match ureq::post(&format!("{address}/api/v1/location/update"))
+        .set("Content-Type", "application/json")
+        .send_string(body)
+    {
+        Ok(r) => Some(r.status()),
+        Err(ureq::Error::Status(code, _)) => Some(code),
+        // Refused or reset once the gateway has closed its socket: not acknowledged.
+        Err(_) => None,
     }
 }

@@ -3,6 +3,8 @@
 
 mod backpressure;
 mod batching;
+mod crash;
+mod durability;
 mod helpers;
 mod ingest;
 mod migrations;

@@ -19,7 +19,11 @@ fn a_second_migration_run_applies_nothing() {
 
     assert_eq!(
         first.applied,
-        ["V1__create_location_updates", "V2__create_poll_results"]
+        [
+            "V1__create_location_updates",
+            "V2__create_poll_results",
+            "V3__natural_keys_dead_letters_wal_progress"
+        ]
     );
     assert!(second.applied.is_empty());
     let db = Db::connect(config);

@@ -1,0 +1,322 @@
+//! Feeds one stream's writers from the write-ahead log.
+//!
+//! While the writers keep up, a record is handed to them straight from memory the moment it is durable. When
+//! they fall behind (the queue is full: PostgreSQL is slow or away) the record stays on disk only and the stream
+//! has a *backlog*: from then on every record of the stream waits its turn on disk, and a refill thread reads
+//! them back in log order as the queue makes room, so that a writer still commits each slot's records in order.
+//! A restart is the same thing: the previous run's segments are the backlog. So the gateway keeps taking updates
+//! for as long as the log has room, while memory stays bounded by the queue.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{BufReader, Seek, SeekFrom};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::codec::{self, WalCodec};
+use super::frame::{self, Next};
+use super::{DurableRecord, Segment, SegmentRef};
+use crate::metrics::StreamMetrics;
+use crate::model::Update;
+use crate::pipeline::{Chunk, CommitWaiter, Origin, PushError, Reservation, StreamQueue};
+
+/// How long the refill thread waits for room in a full queue before it looks again.
+const ROOM_WAIT: Duration = Duration::from_millis(2);
+
+/// A slot's committed log position, as recorded in `ingest_wal_progress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub lsn: u64,
+    /// Updates of record `lsn` already written; `None` for all of them.
+    pub updates_done: Option<u32>,
+}
+
+struct FeedState {
+    /// Segments that hold backlog records, oldest first; empty when there is no backlog.
+    holds: VecDeque<Arc<Segment>>,
+    /// Where the backlog starts in the first held segment.
+    offset: u64,
+    /// Where the backlog ends in the last held segment (the end of its last record of this stream).
+    end: u64,
+    /// Requests waiting for the commit of a record in the backlog, by lsn.
+    waiters: HashMap<u64, Arc<CommitWaiter>>,
+    /// No more records will be offered (the log is closed).
+    input_closed: bool,
+}
+
+/// One stream's path from the log to its queue.
+pub struct LogFeed<T> {
+    queue: Arc<StreamQueue<T>>,
+    state: Mutex<FeedState>,
+    wake: Condvar,
+    /// This stream's committed position per slot: what a replay skips.
+    progress: HashMap<u16, Progress>,
+    metrics: StreamMetrics,
+}
+
+impl<T: Update + WalCodec> LogFeed<T> {
+    /// A feed whose backlog starts as the segments a previous run left (oldest first).
+    pub fn new(
+        queue: Arc<StreamQueue<T>>,
+        recovered: Vec<Arc<Segment>>,
+        progress: HashMap<u16, Progress>,
+        metrics: StreamMetrics,
+    ) -> Arc<Self> {
+        let end = recovered.last().map_or(0, |s| s.durable_len());
+        let state = FeedState {
+            holds: recovered.into(),
+            offset: 0,
+            end,
+            waiters: HashMap::new(),
+            input_closed: false,
+        };
+        Arc::new(Self {
+            queue,
+            state: Mutex::new(state),
+            wake: Condvar::new(),
+            progress,
+            metrics,
+        })
+    }
+
+    /// Starts the refill thread.
+    pub fn spawn(self: &Arc<Self>) -> std::io::Result<JoinHandle<()>> {
+        let feed = self.clone();
+        std::thread::Builder::new()
+            .name(format!("{}-log-feed", T::STREAM))
+            .spawn(move || feed.refill())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FeedState> {
+        // The state stays consistent even if a holder panicked: every update to it is a single assignment.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Called by the log's flusher, in log order, once a record of this stream is durable: queues its updates at
+    /// once when there is no backlog and room was reserved; otherwise they wait on disk.
+    pub fn offer(
+        &self,
+        record: &DurableRecord<'_>,
+        reservation: Option<Reservation<T>>,
+        updates: Vec<T>,
+        waiter: Option<Arc<CommitWaiter>>,
+    ) {
+        let mut state = self.lock();
+        if state.holds.is_empty() {
+            if let Some(reservation) = reservation {
+                let total = updates.len() as u32;
+                let slot = reservation.slot();
+                let origin = Origin::Logged {
+                    lsn: record.lsn,
+                    slot,
+                    start: 0,
+                    total,
+                    token: Box::new(record.token()),
+                };
+                reservation.push(Chunk {
+                    updates,
+                    origin,
+                    commit: waiter,
+                });
+                return;
+            }
+            state.holds.push_back(record.segment.clone());
+            state.offset = record.offset;
+            info!(
+                stream = T::STREAM,
+                "writers fall behind: updates now wait in the write-ahead log"
+            );
+        } else if !state.holds.back().is_some_and(|last| Arc::ptr_eq(last, record.segment)) {
+            state.holds.push_back(record.segment.clone());
+        }
+        state.end = record.offset + record.len;
+        if let Some(waiter) = waiter {
+            state.waiters.insert(record.lsn, waiter);
+        }
+        drop(state);
+        // The reservation (if any) is dropped here and its room given back: the updates are read back later.
+        self.wake.notify_one();
+    }
+
+    /// No more records will be offered; the refill thread stops once the backlog is queued.
+    pub fn close_input(&self) {
+        self.lock().input_closed = true;
+        self.wake.notify_all();
+    }
+
+    /// Whether every record offered so far has been queued.
+    pub fn is_caught_up(&self) -> bool {
+        self.lock().holds.is_empty()
+    }
+
+    /// Bytes of log between the backlog's start and its end (records of other streams included).
+    pub fn backlog_bytes(&self) -> u64 {
+        let state = self.lock();
+        let n = state.holds.len();
+        state
+            .holds
+            .iter()
+            .enumerate()
+            .map(|(i, s)| if i + 1 == n { state.end } else { s.durable_len() })
+            .sum::<u64>()
+            .saturating_sub(state.offset)
+    }
+
+    /// The refill thread: reads the backlog back, in order, into the queue.
+    fn refill(self: Arc<Self>) {
+        let mut open: Option<(Arc<Segment>, BufReader<File>, u64)> = None;
+        loop {
+            let (segment, from, until) = {
+                let mut state = self.lock();
+                loop {
+                    let Some(first) = state.holds.front().cloned() else {
+                        // Let go of the last segment read: an open file keeps its disk space after removal.
+                        open = None;
+                        if state.input_closed {
+                            return;
+                        }
+                        state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                        continue;
+                    };
+                    let last = state.holds.len() == 1;
+                    let until = if last { state.end } else { first.durable_len() };
+                    if state.offset < until {
+                        break (first, state.offset, until);
+                    }
+                    state.holds.pop_front();
+                    state.offset = 0;
+                    open = None;
+                    if state.holds.is_empty() {
+                        state.end = 0;
+                        info!(
+                            stream = T::STREAM,
+                            "write-ahead log backlog queued; writers are fed from memory again"
+                        );
+                    }
+                }
+            };
+            let reader = match &mut open {
+                Some((s, reader, pos)) if Arc::ptr_eq(s, &segment) && *pos == from => reader,
+                _ => match File::open(segment.path()).and_then(|mut f| f.seek(SeekFrom::Start(from)).map(|_| f)) {
+                    Ok(file) => &mut open.insert((segment.clone(), BufReader::new(file), from)).1,
+                    Err(e) => {
+                        warn!(path = %segment.path().display(), error = %e, "could not read a log segment; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                        open = None;
+                        continue;
+                    }
+                },
+            };
+            let next = match frame::read_next(reader, until - from) {
+                Ok(next) => next,
+                Err(e) => {
+                    warn!(path = %segment.path().display(), error = %e, "could not read a log segment; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                    open = None;
+                    continue;
+                }
+            };
+            let advanced = match next {
+                Next::Record(payload) => {
+                    let len = frame::framed_len(payload.len()) as u64;
+                    if !self.queue_record(&payload, &segment, from) {
+                        return;
+                    }
+                    from + len
+                }
+                Next::Corrupt { skipped } => {
+                    self.fault(&segment, from, "a damaged log record (checksum mismatch) is skipped");
+                    from + skipped
+                }
+                Next::Torn => {
+                    self.fault(
+                        &segment,
+                        from,
+                        "a torn record ends a log segment; the rest of it is skipped",
+                    );
+                    until
+                }
+                Next::End => until,
+            };
+            if let Some((_, _, pos)) = &mut open {
+                *pos = advanced;
+            }
+            let mut state = self.lock();
+            if state.holds.front().is_some_and(|s| Arc::ptr_eq(s, &segment)) {
+                state.offset = advanced;
+            }
+        }
+    }
+
+    fn fault(&self, segment: &Segment, offset: u64, message: &'static str) {
+        if segment.report_fault(offset) {
+            warn!(path = %segment.path().display(), offset, "{message}");
+        }
+    }
+
+    /// Queues what of a record belongs to this stream and is not yet committed, waiting for room; returns
+    /// false when the queue closed under it.
+    fn queue_record(&self, payload: &[u8], segment: &Arc<Segment>, offset: u64) -> bool {
+        let Some(header) = codec::decode_header(payload).filter(|h| h.stream == T::STREAM_ID) else {
+            return true;
+        };
+        let start = match self.progress.get(&header.slot) {
+            Some(p) if header.lsn < p.lsn => return true,
+            Some(p) if header.lsn == p.lsn => match p.updates_done {
+                None => return true,
+                Some(done) => done,
+            },
+            _ => 0,
+        };
+        let Some(mut updates) = codec::decode_updates::<T>(payload) else {
+            self.fault(segment, offset, "a log record could not be decoded; skipped");
+            return true;
+        };
+        let updates = updates.split_off((start as usize).min(updates.len()));
+        let waiter = self.lock().waiters.remove(&header.lsn);
+        if updates.is_empty() {
+            return true;
+        }
+        let n = updates.len();
+        let slot = header.slot as usize % self.queue.slots();
+        // A record larger than the whole queue goes in pieces, each tracked by its position in the record.
+        let piece = self.queue.capacity().max(1);
+        let mut rest = updates;
+        let mut start = start;
+        let mut waiter = waiter;
+        while !rest.is_empty() {
+            let tail = rest.split_off(piece.min(rest.len()));
+            let pieces_left = !tail.is_empty();
+            let updates = std::mem::replace(&mut rest, tail);
+            let reservation = loop {
+                match self.queue.reserve_on(updates.len(), slot) {
+                    Ok(r) => break r,
+                    Err(PushError::Full { .. }) => std::thread::sleep(ROOM_WAIT),
+                    Err(PushError::Closed) => return false,
+                }
+            };
+            let token = Box::new(SegmentRef::new(segment));
+            let len = updates.len() as u32;
+            let origin = Origin::Logged {
+                lsn: header.lsn,
+                slot: header.slot,
+                start,
+                total: header.count,
+                token,
+            };
+            // The waiter counts every update of the record, so each piece carries it.
+            let commit = if pieces_left { waiter.clone() } else { waiter.take() };
+            reservation.push(Chunk {
+                updates,
+                origin,
+                commit,
+            });
+            start += len;
+        }
+        self.metrics.replayed.inc_by(n as u64);
+        true
+    }
+}

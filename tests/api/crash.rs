@@ -1,0 +1,208 @@
+//! Crashes: the gateway killed with SIGKILL at random moments under load, and PostgreSQL killed or stopped
+//! under load. At the end, every update that got a 202 is stored exactly once, and nothing that was refused is.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ingest_gateway::db::EmbeddedPostgres;
+
+use crate::helpers::{
+    connection_string, eventually, free_port, fresh_database, shared_cluster, signal, spawn_app_on, start_gateway, Db,
+    Ledger, Load,
+};
+
+/// A small deterministic generator for kill times; the seed is printed so that a failure can be replayed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next_ms(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % below
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_under_load_loses_and_duplicates_nothing_acknowledged() {
+    let seed = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
+    let mut rng = Lcg(seed);
+    let cluster = shared_cluster();
+    let name = fresh_database(cluster);
+    let data_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let address = format!("http://127.0.0.1:{port}");
+    let envs = [
+        ("DATABASE_URL", connection_string(&cluster.config(&name))),
+        ("INGEST_DATA_DIR", data_dir.path().display().to_string()),
+        ("INGEST_LISTEN", format!("127.0.0.1:{port}")),
+        ("INGEST_BATCH_SIZE", "200".to_owned()),
+    ];
+    let kills = 5;
+    let (mut gateway, _) = start_gateway(&envs);
+    let load = Load::start(&address, 3, "crash");
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(300 + rng.next_ms(1200)));
+        signal(&gateway, libc::SIGKILL);
+        gateway.wait().unwrap();
+        (gateway, _) = start_gateway(&envs);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let ledger = load.stop();
+    signal(&gateway, libc::SIGTERM);
+    assert!(gateway.wait().unwrap().success(), "the last run stops cleanly");
+
+    let db = Db::connect(cluster.config(&name));
+    let stored = db.device_ids();
+    let (missing, unexpected, twice) = ledger.compare(&stored);
+    eprintln!(
+        "crash test (seed {seed}): {kills} kills, {} acknowledged, {} refused, {} unanswered, {} rows found, \
+         {} missing, {} unexpected, {} stored twice",
+        ledger.acknowledged.len(),
+        ledger.refused.len(),
+        ledger.unknown.len(),
+        stored.len(),
+        missing.len(),
+        unexpected.len(),
+        twice.len()
+    );
+    assert!(ledger.other_statuses.is_empty(), "{:?}", ledger.other_statuses);
+    assert!(ledger.acknowledged.len() > 100, "the load ran");
+    assert!(
+        missing.is_empty(),
+        "acknowledged but missing: {:?}",
+        &missing[..missing.len().min(10)]
+    );
+    assert!(
+        unexpected.is_empty(),
+        "refused but stored: {:?}",
+        &unexpected[..unexpected.len().min(10)]
+    );
+    assert!(twice.is_empty(), "stored twice: {twice:?}");
+    let wal: Vec<_> = std::fs::read_dir(data_dir.path().join("wal")).unwrap().collect();
+    assert!(wal.is_empty(), "the clean stop leaves an empty log: {wal:?}");
+}
+
+/// Runs load against a gateway while its database is taken away by `outage`, then checks the ledger.
+fn database_outage_under_load(tag: &str, outage: impl FnOnce(&mut EmbeddedPostgres)) {
+    // A killed server must keep what it acknowledged, as a real one does (the fast test server would not).
+    let mut cluster = EmbeddedPostgres::start_ephemeral_crash_safe().unwrap();
+    let name = fresh_database(&cluster);
+    let mut app = spawn_app_on(cluster.config(&name), |s| {
+        s.batch_size = 200;
+        s.shutdown_timeout = Duration::from_secs(60);
+    });
+    let load = Load::start(&app.address, 3, tag);
+    std::thread::sleep(Duration::from_secs(1));
+    outage(&mut cluster);
+    std::thread::sleep(Duration::from_secs(2));
+    let ledger: Ledger = load.stop();
+    let started = Instant::now();
+    assert!(app.stop().is_clean(), "the gateway catches up and stops cleanly");
+    let catch_up = started.elapsed();
+    app.db = Db::connect(cluster.config(&name));
+    let stored = app.db.device_ids();
+    let (missing, unexpected, twice) = ledger.compare(&stored);
+    eprintln!(
+        "{tag}: {} acknowledged, {} refused, {} rows found, {} missing, {} unexpected, {} stored twice; \
+         caught up in {catch_up:?}",
+        ledger.acknowledged.len(),
+        ledger.refused.len(),
+        stored.len(),
+        missing.len(),
+        unexpected.len(),
+        twice.len()
+    );
+    assert!(ledger.other_statuses.is_empty(), "{:?}", ledger.other_statuses);
+    assert!(ledger.acknowledged.len() > 100, "the load ran");
+    assert!(
+        missing.is_empty(),
+        "acknowledged but missing: {:?}",
+        &missing[..missing.len().min(10)]
+    );
+    assert!(
+        unexpected.is_empty(),
+        "refused but stored: {:?}",
+        &unexpected[..unexpected.len().min(10)]
+    );
+    assert!(twice.is_empty(), "stored twice: {twice:?}");
+}
+
+#[test]
+fn postgres_killed_and_restarted_under_load_loses_nothing_acknowledged() {
+    database_outage_under_load("pg-kill", |cluster| {
+        cluster.kill();
+        std::thread::sleep(Duration::from_secs(2));
+        cluster.restart().unwrap();
+    });
+}
+
+#[test]
+fn postgres_down_for_a_minute_under_load_loses_nothing_acknowledged() {
+    database_outage_under_load("pg-minute", |cluster| {
+        cluster.stop();
+        std::thread::sleep(Duration::from_secs(60));
+        cluster.restart().unwrap();
+    });
+}
+
+#[test]
+fn a_restart_replays_the_log_and_resumes_exactly_after_what_was_committed() {
+    // Kill the gateway while its database is away: everything acknowledged is only in the log.
+    let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
+    let name = fresh_database(&cluster);
+    let data_dir = tempfile::tempdir().unwrap();
+    let envs = [
+        ("DATABASE_URL", connection_string(&cluster.config(&name))),
+        ("INGEST_DATA_DIR", data_dir.path().display().to_string()),
+    ];
+    let (mut gateway, address) = start_gateway(&envs);
+    let first = Load::start(&address, 2, "before");
+    std::thread::sleep(Duration::from_millis(700));
+    cluster.stop();
+    std::thread::sleep(Duration::from_millis(700));
+    signal(&gateway, libc::SIGKILL);
+    gateway.wait().unwrap();
+    let mut ledger = first.stop();
+    cluster.restart().unwrap();
+
+    let (mut gateway, address) = start_gateway(&envs);
+    let db = Db::connect(cluster.config(&name));
+    eventually("the log is replayed", Duration::from_secs(60), || {
+        ureq::get(&format!("{address}/stats"))
+            .call()
+            .ok()
+            .and_then(|r| r.into_string().ok())
+            .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .is_some_and(|s| {
+                s["streams"]["location"]["queue_depth"] == 0 && s["streams"]["location"]["wal_backlog_bytes"] == 0
+            })
+    });
+    let second = Load::start(&address, 2, "after");
+    std::thread::sleep(Duration::from_millis(700));
+    ledger.merge(second.stop());
+    signal(&gateway, libc::SIGTERM);
+    assert!(gateway.wait().unwrap().success());
+
+    let stored = db.device_ids();
+    let (missing, unexpected, twice) = ledger.compare(&stored);
+    assert!(
+        missing.is_empty(),
+        "acknowledged but missing: {:?}",
+        &missing[..missing.len().min(10)]
+    );
+    assert!(
+        unexpected.is_empty(),
+        "refused but stored: {:?}",
+        &unexpected[..unexpected.len().min(10)]
+    );
+    assert!(twice.is_empty());
+    let progress = db.query("SELECT count(*) FROM ingest_wal_progress");
+    assert!(
+        progress[0].get::<_, i64>(0) >= 1,
+        "the writers recorded their log positions"
+    );
+}
