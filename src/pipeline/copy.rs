@@ -129,22 +129,28 @@ pub async fn write_batch<T: CopyRecord>(
     let write = async {
         let mut object = pool.get().await?;
         let client: &mut tokio_postgres::Client = &mut object;
+        // The common case first: the whole batch straight into the table, without a savepoint (under one,
+        // every row would get a subtransaction id). Only a batch PostgreSQL refuses is done again, row-aware.
+        let tx = client.transaction().await?;
+        let refused = match copy_rows(&tx, rows, false).await {
+            Ok(inserted) => {
+                record_progress(&tx, stream, progress).await?;
+                tx.commit().await?;
+                return Ok(WriteOutcome {
+                    inserted,
+                    ..WriteOutcome::default()
+                });
+            }
+            Err(error) => match classify(&error) {
+                Failure::Transient => return Err(error.into()),
+                refused => refused,
+            },
+        };
+        tx.rollback().await?;
         let mut tx = client.transaction().await?;
         let mut outcome = WriteOutcome::default();
-        write_rows(&mut tx, stream, rows, false, &mut outcome).await?;
-        for p in progress {
-            tx.execute(
-                "INSERT INTO ingest_wal_progress (stream, slot, lsn, updates_done) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (stream, slot) DO UPDATE SET lsn = EXCLUDED.lsn, updates_done = EXCLUDED.updates_done",
-                &[
-                    &stream,
-                    &i32::from(p.slot),
-                    &(p.lsn as i64),
-                    &p.updates_done.map(|n| n as i32),
-                ],
-            )
-            .await?;
-        }
+        write_rows(&mut tx, stream, rows, refused == Failure::Duplicate, &mut outcome).await?;
+        record_progress(&tx, stream, progress).await?;
         tx.commit().await?;
         Ok::<_, CopyError>(outcome)
     };
@@ -153,6 +159,28 @@ pub async fn write_batch<T: CopyRecord>(
         .map_err(|_| CopyError::Timeout(BATCH_WRITE_TIMEOUT))??;
     outcome.elapsed = started.elapsed();
     Ok(outcome)
+}
+
+/// Records the slots' log positions in the batch's transaction.
+async fn record_progress(
+    tx: &Transaction<'_>,
+    stream: &str,
+    progress: &[SlotProgress],
+) -> Result<(), tokio_postgres::Error> {
+    for p in progress {
+        tx.execute(
+            "INSERT INTO ingest_wal_progress (stream, slot, lsn, updates_done) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (stream, slot) DO UPDATE SET lsn = EXCLUDED.lsn, updates_done = EXCLUDED.updates_done",
+            &[
+                &stream,
+                &i32::from(p.slot),
+                &(p.lsn as i64),
+                &p.updates_done.map(|n| n as i32),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 type BoxedWrite<'a> = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a>>;
