@@ -9,7 +9,7 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::fields::{FieldError, Scalar};
+use super::fields::{FieldError, Scalar, MAX_ATTRIBUTES_BYTES};
 
 /// How the body is framed, from its `Content-Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +27,9 @@ pub struct RawUpdate<'de> {
     pub known: Vec<Option<Scalar>>,
     /// The unknown fields, kept as the raw JSON that was sent.
     pub attributes: Vec<(Cow<'de, str>, &'de RawValue)>,
+    /// Bytes of unknown fields seen; past twice the attributes limit they are no longer kept (the update is
+    /// refused anyway), so that a body of a million tiny keys costs no more memory than its size.
+    pub attributes_bytes: usize,
     /// Set when the update cannot be read at all (not an object, a key given twice).
     pub malformed: Option<FieldError>,
 }
@@ -51,6 +54,17 @@ pub fn parse_body<'de>(
     fields: &'static [&'static str],
     max_updates: usize,
 ) -> Result<Vec<RawUpdate<'de>>, BodyError> {
+    // The JSON reader does not check the bytes of values it skips over: check the whole body once, up front.
+    if let Err(e) = std::str::from_utf8(body) {
+        let valid = &body[..e.valid_up_to()];
+        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = valid.len() - valid.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+        return Err(BodyError::InvalidJson {
+            line,
+            column,
+            message: "the body is not valid UTF-8".into(),
+        });
+    }
     match format {
         BodyFormat::Json => parse_json(body, fields, max_updates),
         BodyFormat::Ndjson => parse_ndjson(body, fields, max_updates),
@@ -187,6 +201,7 @@ impl RawUpdate<'_> {
         RawUpdate {
             known: Vec::new(),
             attributes: Vec::new(),
+            attributes_bytes: 0,
             malformed: Some(FieldError {
                 field: None,
                 reason: "must be a JSON object".into(),
@@ -219,6 +234,7 @@ impl<'de> Visitor<'de> for UpdateSeed {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut known: Vec<Option<Scalar>> = vec![None; self.fields.len()];
         let mut attributes = Vec::new();
+        let mut attributes_bytes = 0usize;
         let mut duplicate: Option<String> = None;
         while let Some(key) = map.next_key_seed(KeySeed { fields: self.fields })? {
             match key {
@@ -230,7 +246,10 @@ impl<'de> Visitor<'de> for UpdateSeed {
                 }
                 Key::Other(name) => {
                     let value = map.next_value::<&'de RawValue>()?;
-                    attributes.push((name, value));
+                    attributes_bytes += name.len() + value.get().len() + 4;
+                    if attributes_bytes <= 2 * MAX_ATTRIBUTES_BYTES {
+                        attributes.push((name, value));
+                    }
                 }
             }
         }
@@ -247,6 +266,7 @@ impl<'de> Visitor<'de> for UpdateSeed {
         Ok(RawUpdate {
             known,
             attributes,
+            attributes_bytes,
             malformed,
         })
     }
@@ -393,10 +413,9 @@ mod tests {
     fn deep_nesting_is_read_without_recursion() {
         let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         let in_attribute = format!(r#"{{"x":{nested}}}"#);
-        assert_eq!(
-            parse(&in_attribute, BodyFormat::Json, 10).unwrap()[0].attributes.len(),
-            1
-        );
+        let update = &parse(&in_attribute, BodyFormat::Json, 10).unwrap()[0];
+        assert!(update.attributes.is_empty(), "too large to keep");
+        assert_eq!(update.attributes_bytes, 1 + nested.len() + 4);
         let in_known_field = format!(r#"{{"a":{nested}}}"#);
         assert_eq!(
             parse(&in_known_field, BodyFormat::Json, 10).unwrap()[0].known[0],

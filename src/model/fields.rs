@@ -238,21 +238,29 @@ impl Checker {
         Some(at)
     }
 
-    /// The unknown fields as one JSON object, built from the raw JSON that was sent (no re-parse), for the
-    /// `attributes` column; `None` when there are none.
-    pub fn attributes(&mut self, attributes: &[(Cow<'_, str>, &RawValue)], rules: &ValidationRules) -> Option<String> {
-        if attributes.is_empty() {
+    /// The unknown fields as one JSON object, built from the raw JSON that was sent, for the `attributes`
+    /// column; `None` when there are none. `seen_bytes` counts them all, even those no longer kept.
+    pub fn attributes(
+        &mut self,
+        attributes: &[(Cow<'_, str>, &RawValue)],
+        seen_bytes: usize,
+        rules: &ValidationRules,
+    ) -> Option<String> {
+        if attributes.is_empty() && seen_bytes == 0 {
             return None;
         }
-        let raw_len: usize = attributes.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum();
-        if raw_len > rules.max_attributes_bytes * 2 {
+        if seen_bytes > rules.max_attributes_bytes * 2 {
             // Far over the limit: say so without building the string.
-            self.fail("attributes", too_large(raw_len, rules));
+            self.fail("attributes", too_large(seen_bytes, rules));
             return None;
         }
-        let mut json = String::with_capacity(raw_len + 2);
+        let mut json = String::with_capacity(seen_bytes + 2);
         json.push('{');
         for (i, (key, value)) in attributes.iter().enumerate() {
+            if let Some(reason) = unstorable(key).or_else(|| unstorable_json(value.get())) {
+                self.fail("attributes", format!("`{key}` {reason}"));
+                return None;
+            }
             if i > 0 {
                 json.push(',');
             }
@@ -269,12 +277,88 @@ impl Checker {
         Some(json)
     }
 
+    /// A string PostgreSQL can store in a `text` column (no NUL character).
+    pub fn storable(&mut self, field: &str, value: String) -> Option<String> {
+        match unstorable(&value) {
+            None => Some(value),
+            Some(reason) => {
+                self.fail(field, reason);
+                None
+            }
+        }
+    }
+
     pub fn finish<T>(self, value: Option<T>) -> Result<T, Vec<FieldError>> {
         match value {
             Some(v) if self.errors.is_empty() => Ok(v),
             _ => Err(self.errors),
         }
     }
+}
+
+/// Why PostgreSQL could not store `text`, if it could not: it refuses the NUL character in `text` and `jsonb`.
+fn unstorable(text: &str) -> Option<&'static str> {
+    text.contains('\0')
+        .then_some("must not contain the NUL character (\\u0000), which PostgreSQL cannot store")
+}
+
+/// Largest decimal exponent accepted in attributes: PostgreSQL's `numeric` (which `jsonb` uses for numbers)
+/// refuses values far beyond this, and no real measurement needs more.
+const MAX_JSON_EXPONENT: u32 = 1000;
+
+const LONE_SURROGATE: &str = "holds a lone UTF-16 surrogate, which PostgreSQL cannot store";
+
+/// Why PostgreSQL's `jsonb` could not store a JSON value that serde_json accepted as raw text, if it could not:
+/// an escape that decodes to NUL or to a lone surrogate, or a number whose exponent is beyond `numeric`.
+fn unstorable_json(raw: &str) -> Option<&'static str> {
+    const NUL: &str = "must not contain the NUL character (\\u0000), which PostgreSQL cannot store";
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    let mut in_string = false;
+    // A high surrogate waits for its low half, which must come next.
+    let mut pending_high = false;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            if b == b'\\' && bytes.get(i + 1) == Some(&b'u') {
+                let unit = raw.get(i + 2..i + 6).and_then(|h| u16::from_str_radix(h, 16).ok())?;
+                match unit {
+                    0 => return Some(NUL),
+                    0xD800..=0xDBFF if !pending_high => pending_high = true,
+                    0xDC00..=0xDFFF if pending_high => pending_high = false,
+                    _ if pending_high => return Some(LONE_SURROGATE),
+                    0xD800..=0xDFFF => return Some(LONE_SURROGATE),
+                    _ => {}
+                }
+                i += 6;
+                continue;
+            }
+            if pending_high {
+                return Some(LONE_SURROGATE);
+            }
+            match b {
+                b'\\' => i += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'e' | b'E' => {
+                    let digits = bytes[i + 1..].iter().skip_while(|c| matches!(c, b'+' | b'-'));
+                    let exponent = digits
+                        .take_while(|c| c.is_ascii_digit())
+                        .fold(0u32, |n, c| n.saturating_mul(10).saturating_add(u32::from(c - b'0')));
+                    if exponent > MAX_JSON_EXPONENT {
+                        return Some("holds a number whose exponent PostgreSQL cannot store");
+                    }
+                }
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 fn too_large(bytes: usize, rules: &ValidationRules) -> String {

@@ -93,7 +93,7 @@ impl Update for LocationUpdate {
         let speed_kmh = Checker::optional(take(SPEED_KMH)).map(|v| c.number("speed_kmh", v, 0.0, 400.0, false));
         let heading_deg = Checker::optional(take(HEADING_DEG)).map(|v| c.number("heading_deg", v, 0.0, 360.0, true));
         let accuracy_m = Checker::optional(take(ACCURACY_M)).map(|v| c.number("accuracy_m", v, 0.0, 100_000.0, false));
-        let attributes = c.attributes(&raw.attributes, rules);
+        let attributes = c.attributes(&raw.attributes, raw.attributes_bytes, rules);
 
         let update = (|| {
             Some(LocationUpdate {

@@ -34,7 +34,7 @@ pub trait Update: Sized + Send + 'static {
 /// One rule broken by one update of a request: what a 422 lists.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct UpdateError {
-    /// Position of the update in the request (0-based; the line number − 1 for NDJSON).
+    /// Position of the update in the request, 0-based (for NDJSON, among the non-blank lines).
     pub index: usize,
     /// The field that breaks the rule; `None` when the update as a whole is wrong (not an object).
     pub field: Option<String>,

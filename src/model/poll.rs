@@ -72,16 +72,18 @@ impl Update for PollResult {
         let response_time_ms =
             Checker::optional(take(RESPONSE_TIME_MS)).map(|v| c.integer("response_time_ms", v, 0, 3_600_000));
         let error_message = Checker::optional(take(ERROR_MESSAGE)).map(|v| {
-            c.string("error_message", v).filter(|m| {
-                let ok = m.chars().count() <= MAX_ERROR_MESSAGE_CHARS;
-                if !ok {
-                    c.errors
-                        .push(FieldError::new("error_message", "must be at most 1024 characters"));
-                }
-                ok
-            })
+            c.string("error_message", v)
+                .and_then(|m| c.storable("error_message", m))
+                .filter(|m| {
+                    let ok = m.chars().count() <= MAX_ERROR_MESSAGE_CHARS;
+                    if !ok {
+                        c.errors
+                            .push(FieldError::new("error_message", "must be at most 1024 characters"));
+                    }
+                    ok
+                })
         });
-        let attributes = c.attributes(&raw.attributes, rules);
+        let attributes = c.attributes(&raw.attributes, raw.attributes_bytes, rules);
 
         let update = (|| {
             Some(PollResult {

@@ -267,7 +267,7 @@ async fn copy_rows<T: CopyRecord>(tx: &Transaction<'_>, rows: &[T], dedup: bool)
 
 /// Keeps a refused row with the database's error.
 async fn dead_letter<T: CopyRecord>(
-    tx: &Transaction<'_>,
+    tx: &mut Transaction<'_>,
     stream: &str,
     row: &T,
     error: &tokio_postgres::Error,
@@ -285,12 +285,26 @@ async fn dead_letter<T: CopyRecord>(
         None => (error.to_string(), None),
     };
     tracing::warn!(stream, sqlstate = sqlstate.as_deref().unwrap_or(""), error = %message, "row refused by the database, kept in dead_letters");
-    tx.execute(
-        "INSERT INTO dead_letters (stream, payload, error, sqlstate) VALUES ($1, $2::text::jsonb, $3, $4)",
-        &[&stream, &row.to_json(), &message, &sqlstate],
-    )
-    .await?;
-    Ok(())
+    const INSERT: &str =
+        "INSERT INTO dead_letters (stream, payload, error, sqlstate) VALUES ($1, $2::text::jsonb, $3, $4)";
+    let payload = row.to_json();
+    let savepoint = tx.transaction().await?;
+    match savepoint
+        .execute(INSERT, &[&stream, &payload, &message, &sqlstate])
+        .await
+    {
+        Ok(_) => savepoint.commit().await,
+        Err(e) if classify(&e) == Failure::Transient => Err(e),
+        Err(_) => {
+            // Even the row's JSON is refused (validation should make this impossible): keep it as a JSON
+            // string rather than let one row hold up its batch forever.
+            savepoint.rollback().await?;
+            let quoted = serde_json::json!({ "unstorable_payload": payload }).to_string();
+            tx.execute(INSERT, &[&stream, &quoted, &message, &sqlstate])
+                .await
+                .map(|_| ())
+        }
+    }
 }
 
 fn put_field(out: &mut BytesMut, bytes: &[u8]) {

@@ -6,6 +6,7 @@ mod batching;
 mod crash;
 mod durability;
 mod helpers;
+mod hostile;
 mod ingest;
 mod migrations;
 mod observability;
