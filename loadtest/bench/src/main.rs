@@ -1,0 +1,428 @@
+//! `ingest-bench`: the one-command benchmark of ingest-gateway against its ceilings and a naive baseline.
+//!
+//! It starts its own PostgreSQL, then measures, in alternating rounds, the gateway and what it should be compared
+//! with — the HTTP ceiling (parse and discard), the sink ceiling (binary COPY straight into the table) and a naive
+//! baseline (one INSERT per request) — with `wrk` as the load, and writes a Markdown report and a chart to
+//! `loadtest/results/`.
+//!
+//! # Layout
+//! - `pg`: the throwaway PostgreSQL and the admin connection
+//! - `procs`: the processes under test (start, sample, stop with their rusage)
+//! - `wrk`: running wrk and reading its figures
+//! - `servers`: the HTTP ceiling and naive baseline servers (hidden subcommands of this binary)
+//! - `sink`: the sink ceiling (binary COPY files fed to psql)
+//! - `variants`: what each variant runs and how its figures are taken
+//! - `report`, `plot`: the Markdown report and the PNG chart
+//!
+//! It runs the gateway's binary as a process and does not link its library: it measures what users run.
+
+mod pg;
+mod plot;
+mod procs;
+mod report;
+mod servers;
+mod sink;
+mod variants;
+mod wrk;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use crate::variants::{Bench, Kind, Shape, Variant};
+
+/// Exit status when the benchmark could not run (1 means it ran and the gateway missed `--min-ceiling-ratio`).
+const EXIT_ERROR: u8 = 2;
+/// wrk's threads: two, so that the load generator does not take every core from what it measures.
+const WRK_THREADS: u32 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "ingest-bench",
+    about = "Measures ingest-gateway against an HTTP ceiling, a COPY sink ceiling and a naive INSERT-per-request \
+             baseline, on its own PostgreSQL, with wrk as the load"
+)]
+struct Cli {
+    #[command(subcommand)]
+    server: Option<ServerCommand>,
+    /// Seconds of load per variant and round [default: 20; 5 with --quick]
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Rounds; each round runs every variant once, and each variant is reported at its best figures
+    /// [default: 2; 1 with --quick]
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Open connections of wrk (wrk -c)
+    #[arg(long, default_value_t = 64)]
+    connections: u32,
+    /// 5 s, one round, only the HTTP ceiling and the gateway with single updates (for CI)
+    #[arg(long)]
+    quick: bool,
+    /// Exit 1 when gateway single rows/s ÷ HTTP ceiling rows/s (default durability) is below this
+    #[arg(long)]
+    min_ceiling_ratio: Option<f64>,
+    /// Do not draw the PNG chart
+    #[arg(long)]
+    no_plot: bool,
+    /// The ingest-gateway binary [default: next to this binary]
+    #[arg(long)]
+    gateway: Option<PathBuf>,
+    /// Where the report and chart go [default: loadtest/results in the repository]
+    #[arg(long)]
+    results_dir: Option<PathBuf>,
+}
+
+/// The reference servers, run by the benchmark as child processes of this same binary.
+#[derive(Subcommand)]
+enum ServerCommand {
+    /// The HTTP ceiling: parse the body with serde_json, answer 202
+    #[command(hide = true)]
+    CeilingServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        workers: usize,
+    },
+    /// The naive baseline: one INSERT per request through a deadpool pool
+    #[command(hide = true)]
+    NaiveServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        workers: usize,
+        #[arg(long)]
+        database_url: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.server {
+        Some(ServerCommand::CeilingServer { listen, workers }) => {
+            servers::run_ceiling(*listen, *workers).map(|()| ExitCode::SUCCESS)
+        }
+        Some(ServerCommand::NaiveServer {
+            listen,
+            workers,
+            database_url,
+        }) => servers::run_naive(*listen, *workers, database_url).map(|()| ExitCode::SUCCESS),
+        None => run(&cli),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("ingest-bench: {e:#}");
+        ExitCode::from(EXIT_ERROR)
+    })
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let duration_secs = cli.duration.unwrap_or(if cli.quick { 5 } else { 20 }).max(1);
+    let rounds = cli.rounds.unwrap_or(if cli.quick { 1 } else { 2 }).max(1);
+    if cli.connections < WRK_THREADS {
+        bail!("--connections must be at least {WRK_THREADS} (one per wrk thread)");
+    }
+    let wrk_version = wrk::check_installed()?;
+    let repo = find_repo()?;
+    let self_exe = std::env::current_exe().context("could not find this binary")?;
+    let gateway_bin = match &cli.gateway {
+        Some(path) => path.clone(),
+        None => self_exe.with_file_name("ingest-gateway"),
+    };
+    if !gateway_bin.is_file() {
+        bail!(
+            "the gateway binary {} is missing; build it first (`cargo build --release -p ingest-gateway`) or \
+             run loadtest/bench.sh, which does",
+            gateway_bin.display()
+        );
+    }
+    let modes = variants::durability_modes(&gateway_bin)?;
+    let variants = plan(cli.quick, modes.as_deref());
+    if variants.iter().any(|v| v.kind == Kind::SinkCeiling) && Command::new("psql").arg("--version").output().is_err() {
+        bail!("psql is missing (Debian/Ubuntu: `apt-get install postgresql-client`); the sink ceiling runs it");
+    }
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+
+    eprintln!("ingest-bench: starting PostgreSQL");
+    let pg = pg::TempPostgres::start()?;
+    pg::Admin::connect(&pg.connection_string("postgres"))?.execute("CREATE DATABASE bench")?;
+    let database_url = pg.connection_string("bench");
+    migrate(&gateway_bin, &database_url, pg.dir())?;
+    let admin = pg::Admin::connect(&database_url)?;
+    let pg_version = pg.version();
+    let bench = Bench {
+        repo: repo.clone(),
+        gateway_bin,
+        self_exe,
+        pg,
+        admin,
+        database_url,
+        duration_secs,
+        connections: cli.connections,
+        wrk_threads: WRK_THREADS,
+        workers,
+    };
+
+    eprintln!(
+        "ingest-bench: {} variants × {rounds} round(s) × {duration_secs} s of load",
+        variants.len()
+    );
+    let mut measurements = Vec::new();
+    let mut failures = Vec::new();
+    for round in 1..=rounds {
+        for (index, variant) in variants.iter().enumerate() {
+            eprint!("  round {round}/{rounds}  {:<40}", variant.name);
+            // One variant failing (a gateway that does not start, say) should not throw away the others.
+            let m = match bench.measure(variant, round) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!(" FAILED\n{e:#}");
+                    failures.push(format!("{e:#}"));
+                    continue;
+                }
+            };
+            eprintln!(
+                " {:>8} rows/s{}  others' CPU {:.0} %",
+                plot::format_rate(m.rows_per_sec),
+                m.wrk
+                    .as_ref()
+                    .map(|w| format!("  p99 {:.2} ms  non-202 {}", w.p99_ms, w.non_202))
+                    .unwrap_or_default(),
+                m.others_cpu_share * 100.0
+            );
+            for note in &m.notes {
+                eprintln!("      note: {note}");
+            }
+            measurements.push((index, m));
+        }
+    }
+
+    let summaries = report::summarize(&variants, &measurements);
+    let checks = report::checks(&summaries);
+    println!("\n{}", report::results_table(&summaries));
+    println!("{}", report::checks_table(&checks));
+
+    let now = time::OffsetDateTime::now_utc();
+    let stamp = now
+        .format(time::macros::format_description!(
+            "[year][month][day]T[hour][minute][second]Z"
+        ))
+        .context("could not format the time")?;
+    let results_dir = cli
+        .results_dir
+        .clone()
+        .unwrap_or_else(|| repo.join("loadtest").join("results"));
+    std::fs::create_dir_all(&results_dir).with_context(|| format!("could not create {}", results_dir.display()))?;
+    let chart = if cli.no_plot {
+        None
+    } else {
+        let file = format!("{stamp}-rows.png");
+        let series: Vec<(String, Vec<(f64, f64)>)> = summaries
+            .iter()
+            .map(|s| (s.variant.name.clone(), s.best.series.clone()))
+            .collect();
+        let title = format!("rows landed per second, the fastest round of each variant ({stamp})");
+        match plot::draw(&results_dir.join(&file), &title, &series) {
+            Ok(with_text) => Some((file, with_text)),
+            Err(e) => {
+                eprintln!("ingest-bench: no chart: {e:#}");
+                None
+            }
+        }
+    };
+
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let context = report::Context {
+        title_time: now
+            .format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute] UTC"
+            ))
+            .unwrap_or_else(|_| stamp.clone()),
+        command: format!("loadtest/bench.sh {}", args.join(" ")).trim_end().to_owned(),
+        machine: machine(&repo, &pg_version, &wrk_version),
+        settings: settings(duration_secs, rounds, cli.connections, workers, modes.as_deref()),
+        wall_secs: started.elapsed().as_secs_f64(),
+        chart: chart.clone(),
+        failures: failures.clone(),
+    };
+    let report_path = results_dir.join(format!("{stamp}.md"));
+    std::fs::write(&report_path, report::markdown(&context, &summaries, &checks))
+        .with_context(|| format!("could not write {}", report_path.display()))?;
+    println!("report: {}", report_path.display());
+    if let Some((file, _)) = &chart {
+        println!("chart:  {}", results_dir.join(file).display());
+    }
+
+    if !failures.is_empty() {
+        bail!("{} variant run(s) failed (see the report's notes)", failures.len());
+    }
+    if let Some(min) = cli.min_ceiling_ratio {
+        match report::default_ceiling_ratio(&summaries) {
+            Some(r) if r >= min => {
+                println!("gateway single ÷ HTTP ceiling = {r:.2} ≥ {min}: ok");
+            }
+            Some(r) => {
+                println!("gateway single ÷ HTTP ceiling = {r:.2} is below --min-ceiling-ratio {min}");
+                return Ok(ExitCode::from(1));
+            }
+            None => bail!("--min-ceiling-ratio: the HTTP ceiling or the gateway single variant was not measured"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The variants of one round, in the order they run.
+fn plan(quick: bool, modes: Option<&[String]>) -> Vec<Variant> {
+    // One variant per durability mode (the default first), or one when the gateway has no such setting.
+    let modes: Vec<(Option<String>, bool)> = match modes {
+        Some(modes) if !modes.is_empty() => modes
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (Some(m.clone()), i == 0))
+            .take(if quick { 1 } else { usize::MAX })
+            .collect(),
+        _ => vec![(None, true)],
+    };
+    let gateway = |shape: Shape| {
+        modes.iter().map(move |(mode, default_mode)| {
+            Variant::new(Kind::Gateway {
+                shape,
+                durability: mode.clone(),
+                default_mode: *default_mode,
+            })
+        })
+    };
+    let mut plan = vec![Variant::new(Kind::HttpCeiling)];
+    plan.extend(gateway(Shape::Single));
+    if !quick {
+        plan.push(Variant::new(Kind::NaiveBaseline));
+        plan.push(Variant::new(Kind::SinkCeiling));
+        plan.extend(gateway(Shape::Batch1000));
+    }
+    plan
+}
+
+/// The repository: the nearest directory above the working directory (or this binary) with the wrk scripts.
+fn find_repo() -> anyhow::Result<PathBuf> {
+    let has_scripts = |dir: &Path| dir.join("loadtest/wrk/single.lua").is_file();
+    let starts = [std::env::current_dir().ok(), std::env::current_exe().ok()];
+    for start in starts.into_iter().flatten() {
+        if let Some(dir) = start.ancestors().find(|d| has_scripts(d)) {
+            return Ok(dir.to_owned());
+        }
+    }
+    bail!("run this from the ingest-gateway repository (loadtest/wrk/single.lua was not found)")
+}
+
+/// `ingest-gateway migrate` against the bench database: the schema exactly as the gateway creates it.
+fn migrate(gateway: &Path, database_url: &str, scratch: &Path) -> anyhow::Result<()> {
+    let log = scratch.join("migrate.log");
+    let mut command = Command::new(gateway);
+    command.arg("migrate").env("DATABASE_URL", database_url);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("INGEST_") {
+            command.env_remove(&key);
+        }
+    }
+    let status = command
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::fs::File::create(scratch.join("migrate.err"))?)
+        .status()
+        .context("could not run `ingest-gateway migrate`")?;
+    if !status.success() {
+        bail!(
+            "`ingest-gateway migrate` failed ({status}):\n{}{}",
+            pg::file_tail(&log, 20),
+            pg::file_tail(&scratch.join("migrate.err"), 20)
+        );
+    }
+    Ok(())
+}
+
+fn machine(repo: &Path, pg_version: &str, wrk_version: &str) -> Vec<(String, String)> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kib: f64 = m
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(format!("{:.1} GiB", kib / 1024.0 / 1024.0))
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(repo)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let mut commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".to_owned());
+    if git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) {
+        commit.push_str(" (with uncommitted changes)");
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    vec![
+        ("cores (nproc)".to_owned(), cores.to_string()),
+        ("CPU".to_owned(), model),
+        ("memory".to_owned(), memory),
+        ("kernel".to_owned(), kernel.trim().to_owned()),
+        ("PostgreSQL".to_owned(), pg_version.to_owned()),
+        ("wrk".to_owned(), wrk_version.to_owned()),
+        ("git commit".to_owned(), commit),
+    ]
+}
+
+fn settings(
+    duration_secs: u64,
+    rounds: u32,
+    connections: u32,
+    workers: usize,
+    modes: Option<&[String]>,
+) -> Vec<String> {
+    vec![
+        format!(
+            "{duration_secs} s of load per variant and round, {rounds} round(s), every variant once per round in \
+             turn; each figure reported at its best over the rounds"
+        ),
+        format!("wrk -t{WRK_THREADS} -c{connections} --timeout 10s --latency, on the same machine as the servers"),
+        format!(
+            "gateway: default settings (batch 1000 rows, flush 10 s, queue 100 000, {} writers), {workers} HTTP \
+             workers; durability modes: {}",
+            variants::WRITERS,
+            modes
+                .map(|m| m.join(", "))
+                .unwrap_or_else(|| "none (the gateway has no --durability)".to_owned())
+        ),
+        format!("HTTP ceiling and naive baseline: actix-web with {workers} workers, serde_json"),
+        format!(
+            "naive baseline: one INSERT per request, deadpool pool of {} connections",
+            workers * 4
+        ),
+        format!(
+            "sink ceiling: {} psql processes, `\\copy … WITH (FORMAT binary)` of {}-row batches",
+            variants::WRITERS,
+            variants::SINK_BATCH_ROWS
+        ),
+        "PostgreSQL: its own cluster on a Unix socket, default configuration (fsync on), the gateway's schema \
+         (`ingest-gateway migrate`); tables emptied and CHECKPOINT before each variant"
+            .to_owned(),
+    ]
+}

@@ -1,0 +1,436 @@
+//! The benchmark's output: summary table, targets with PASS/MISS, and the Markdown report.
+//!
+//! Each variant is reported by its best figures over the rounds; the ratios against the targets are computed for
+//! each durability mode; the table goes to stdout and the report next to the chart.
+
+use std::fmt::Write as _;
+
+use crate::plot::format_rate;
+use crate::variants::{Kind, Measurement, Shape, Variant};
+
+/// Peak resident memory the gateway should stay under.
+pub const MAX_GATEWAY_RSS_MB: f64 = 150.0;
+
+/// A variant and its runs, with the figures that are reported.
+pub struct Summary<'a> {
+    pub variant: &'a Variant,
+    pub runs: Vec<&'a Measurement>,
+    /// The best of each figure over the rounds: the highest rates, the lowest latencies, and — the conservative
+    /// side for targets on them — the highest peak memory and error counts; CPU, rows and the chart's line come
+    /// from the round with the most rows landed per second. Interference from other processes only ever makes
+    /// rates lower and latencies higher, so on a shared machine the best of each is the nearest to the truth,
+    /// for ceilings and gateway alike.
+    pub best: Measurement,
+    /// The lowest and highest share of the CPU other processes took in a round of this variant.
+    pub others_range: (f64, f64),
+}
+
+pub fn summarize<'a>(variants: &'a [Variant], measurements: &'a [(usize, Measurement)]) -> Vec<Summary<'a>> {
+    variants
+        .iter()
+        .enumerate()
+        .filter_map(|(index, variant)| {
+            let runs: Vec<&Measurement> = measurements
+                .iter()
+                .filter(|(i, _)| *i == index)
+                .map(|(_, m)| m)
+                .collect();
+            let top = runs
+                .iter()
+                .copied()
+                .max_by(|a, b| a.rows_per_sec.total_cmp(&b.rows_per_sec))?;
+            let mut best = top.clone();
+            let max = |f: fn(&Measurement) -> Option<f64>| runs.iter().filter_map(|m| f(m)).reduce(f64::max);
+            let min = |f: fn(&Measurement) -> Option<f64>| runs.iter().filter_map(|m| f(m)).reduce(f64::min);
+            best.accepted_rows_per_sec = max(|m| m.accepted_rows_per_sec);
+            best.peak_rss_kib = runs.iter().filter_map(|m| m.peak_rss_kib).max();
+            if let Some(wrk) = best.wrk.as_mut() {
+                wrk.requests_per_sec = max(|m| m.wrk.as_ref().map(|w| w.requests_per_sec)).unwrap_or(0.0);
+                wrk.p50_ms = min(|m| m.wrk.as_ref().map(|w| w.p50_ms)).unwrap_or(0.0);
+                wrk.p99_ms = min(|m| m.wrk.as_ref().map(|w| w.p99_ms)).unwrap_or(0.0);
+                wrk.max_ms = min(|m| m.wrk.as_ref().map(|w| w.max_ms)).unwrap_or(0.0);
+                if let Some(worst) = runs
+                    .iter()
+                    .filter_map(|m| m.wrk.as_ref())
+                    .max_by_key(|w| w.non_202 + w.socket_errors)
+                {
+                    wrk.non_202 = worst.non_202;
+                    wrk.socket_errors = worst.socket_errors;
+                    wrk.non_202_detail = worst.non_202_detail.clone();
+                }
+            }
+            let others_range = (
+                min(|m| Some(m.others_cpu_share)).unwrap_or(0.0),
+                max(|m| Some(m.others_cpu_share)).unwrap_or(0.0),
+            );
+            Some(Summary {
+                variant,
+                runs,
+                best,
+                others_range,
+            })
+        })
+        .collect()
+}
+
+/// Which way a target points.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+/// One figure checked against its target.
+pub struct Check {
+    pub what: String,
+    pub value: Option<f64>,
+    pub target: Target,
+    pub unit: &'static str,
+}
+
+impl Check {
+    pub fn passed(&self) -> Option<bool> {
+        let v = self.value?;
+        Some(match self.target {
+            Target::AtLeast(t) => v >= t,
+            Target::AtMost(t) => v <= t,
+        })
+    }
+
+    fn verdict(&self) -> &'static str {
+        match self.passed() {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "—",
+        }
+    }
+
+    fn target_text(&self) -> String {
+        match self.target {
+            Target::AtLeast(t) => format!("≥ {t}{}", self.unit),
+            Target::AtMost(t) => format!("≤ {t}{}", self.unit),
+        }
+    }
+
+    fn value_text(&self) -> String {
+        match self.value {
+            Some(v) if self.unit.is_empty() => format!("{v:.2}"),
+            Some(v) => format!("{v:.1}{}", self.unit),
+            None => "not measured".to_owned(),
+        }
+    }
+}
+
+fn find<'a>(summaries: &'a [Summary<'a>], pred: impl Fn(&Kind) -> bool) -> Option<&'a Measurement> {
+    summaries.iter().find(|s| pred(&s.variant.kind)).map(|s| &s.best)
+}
+
+fn is_gateway(kind: &Kind, want_shape: Shape, want_mode: &Option<String>) -> bool {
+    matches!(kind, Kind::Gateway { shape, durability, .. } if *shape == want_shape && durability == want_mode)
+}
+
+fn p99(m: &Measurement) -> Option<f64> {
+    m.wrk.as_ref().map(|w| w.p99_ms)
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+/// The targets, for each durability mode the gateway was measured in.
+pub fn checks(summaries: &[Summary]) -> Vec<Check> {
+    let ceiling = find(summaries, |k| *k == Kind::HttpCeiling);
+    let sink = find(summaries, |k| *k == Kind::SinkCeiling);
+    let naive = find(summaries, |k| *k == Kind::NaiveBaseline);
+    let mut modes: Vec<Option<String>> = Vec::new();
+    for s in summaries {
+        if let Kind::Gateway { durability, .. } = &s.variant.kind {
+            if !modes.contains(durability) {
+                modes.push(durability.clone());
+            }
+        }
+    }
+    let mut checks = Vec::new();
+    for mode in &modes {
+        let label = |shape: &str| match mode {
+            Some(m) => format!("gateway {shape}, {m}"),
+            None => format!("gateway {shape}"),
+        };
+        let single = find(summaries, |k| is_gateway(k, Shape::Single, mode));
+        let batch = find(summaries, |k| is_gateway(k, Shape::Batch1000, mode));
+        let rows = |m: Option<&Measurement>| m.map(|m| m.rows_per_sec);
+        if single.is_some() {
+            checks.push(Check {
+                what: format!("{} rows/s ÷ HTTP ceiling rows/s", label("single")),
+                value: ratio(rows(single), rows(ceiling)),
+                target: Target::AtLeast(0.75),
+                unit: "",
+            });
+            checks.push(Check {
+                what: format!("{} p99 ÷ HTTP ceiling p99", label("single")),
+                value: ratio(single.and_then(p99), ceiling.and_then(p99)),
+                target: Target::AtMost(2.0),
+                unit: "",
+            });
+        }
+        if batch.is_some() {
+            checks.push(Check {
+                what: format!("{} rows/s ÷ sink ceiling rows/s", label("1000/request")),
+                value: ratio(rows(batch), rows(sink)),
+                target: Target::AtLeast(0.8),
+                unit: "",
+            });
+        }
+        if single.is_some() && naive.is_some() {
+            checks.push(Check {
+                what: format!("{} rows/s ÷ naive baseline rows/s", label("single")),
+                value: ratio(rows(single), rows(naive)),
+                target: Target::AtLeast(5.0),
+                unit: "",
+            });
+        }
+        for (shape, m) in [("single", single), ("1000/request", batch)] {
+            if let Some(m) = m {
+                checks.push(Check {
+                    what: format!("{} peak RSS", label(shape)),
+                    value: m.peak_rss_kib.map(|k| k as f64 / 1024.0),
+                    target: Target::AtMost(MAX_GATEWAY_RSS_MB),
+                    unit: " MB",
+                });
+            }
+        }
+    }
+    checks
+}
+
+/// Gateway (default durability mode, single updates) rows/s ÷ HTTP ceiling rows/s: what `--min-ceiling-ratio`
+/// checks.
+pub fn default_ceiling_ratio(summaries: &[Summary]) -> Option<f64> {
+    let ceiling = find(summaries, |k| *k == Kind::HttpCeiling)?;
+    let gateway = find(summaries, |k| {
+        matches!(
+            k,
+            Kind::Gateway {
+                shape: Shape::Single,
+                default_mode: true,
+                ..
+            }
+        )
+    })?;
+    ratio(Some(gateway.rows_per_sec), Some(ceiling.rows_per_sec))
+}
+
+fn opt(v: Option<f64>, decimals: usize) -> String {
+    v.map(|v| format!("{v:.decimals$}")).unwrap_or_else(|| "—".to_owned())
+}
+
+fn row(name: &str, m: &Measurement, with_round: bool, others: Option<(f64, f64)>) -> String {
+    let wrk = m.wrk.as_ref();
+    let errors = wrk
+        .map(|w| {
+            let mut text = format!("{} / {}", w.non_202, w.socket_errors);
+            if !w.non_202_detail.is_empty() {
+                text.push(' ');
+                text.push_str(&w.non_202_detail);
+            }
+            text
+        })
+        .unwrap_or_else(|| "—".to_owned());
+    let round = if with_round {
+        format!(" {} | {:.1} |", m.round, m.landed_secs)
+    } else {
+        String::new()
+    };
+    format!(
+        "| {name} |{round} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        format_rate(m.rows_per_sec),
+        m.accepted_rows_per_sec
+            .map(format_rate)
+            .unwrap_or_else(|| "—".to_owned()),
+        wrk.map(|w| format_rate(w.requests_per_sec))
+            .unwrap_or_else(|| "—".to_owned()),
+        opt(wrk.map(|w| w.p50_ms), 2),
+        opt(wrk.map(|w| w.p99_ms), 2),
+        opt(wrk.map(|w| w.max_ms), 1),
+        errors,
+        opt(m.peak_rss_kib.map(|k| k as f64 / 1024.0), 1),
+        opt(m.cpu_secs, 1),
+        m.rows,
+        match others {
+            Some((low, high)) if (high - low) * 100.0 >= 0.5 => format!("{:.0}–{:.0}", low * 100.0, high * 100.0),
+            _ => format!("{:.0}", m.others_cpu_share * 100.0),
+        },
+    )
+}
+
+const HEADER: &str = "rows landed/s | accepted/s | req/s | p50 ms | p99 ms | max ms | non-202 / socket errors | \
+                      peak RSS MB | CPU s | rows | others' CPU %";
+/// Columns of [`HEADER`].
+const COLUMNS: usize = 11;
+
+/// The table of each variant's best figures.
+pub fn results_table(summaries: &[Summary]) -> String {
+    let mut out = format!("| variant | {HEADER} |\n|---|{}\n", "---:|".repeat(COLUMNS));
+    for s in summaries {
+        let _ = writeln!(out, "{}", row(&s.variant.name, &s.best, false, Some(s.others_range)));
+    }
+    out
+}
+
+/// The targets as a table.
+pub fn checks_table(checks: &[Check]) -> String {
+    if checks.is_empty() {
+        return "No target could be checked: the gateway was not measured.\n".to_owned();
+    }
+    let mut out = String::from("| target | value | wanted | result |\n|---|---:|---:|---|\n");
+    for c in checks {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            c.what,
+            c.value_text(),
+            c.target_text(),
+            c.verdict()
+        );
+    }
+    out
+}
+
+/// Everything the report says besides the figures.
+pub struct Context {
+    pub title_time: String,
+    pub command: String,
+    pub machine: Vec<(String, String)>,
+    pub settings: Vec<String>,
+    pub wall_secs: f64,
+    /// File name of the chart next to the report, when one was drawn, and whether it has text.
+    pub chart: Option<(String, bool)>,
+    /// Variants that could not be measured: each error, which names the variant and round.
+    pub failures: Vec<String>,
+}
+
+/// Above this share of the CPU taken by other processes, the report warns that its figures are depressed.
+const BUSY_MACHINE_SHARE: f64 = 0.10;
+
+pub fn markdown(ctx: &Context, summaries: &[Summary], checks: &[Check]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# ingest-gateway benchmark, {}\n", ctx.title_time);
+    let _ = writeln!(
+        out,
+        "`{}` — {:.0} s wall time (after the build).\n",
+        ctx.command, ctx.wall_secs
+    );
+    out.push_str("## Machine\n\n");
+    for (k, v) in &ctx.machine {
+        let _ = writeln!(out, "- {k}: {v}");
+    }
+    out.push_str("\n## Settings\n\n");
+    for s in &ctx.settings {
+        let _ = writeln!(out, "- {s}");
+    }
+    out.push_str("\n## Results (best of each figure over the rounds)\n\n");
+    // The best figures come from the least disturbed rounds: what matters is whether a variant had a quiet one.
+    let no_quiet_round = summaries.iter().map(|s| s.others_range.0).fold(0.0, f64::max);
+    let busiest_round = summaries.iter().map(|s| s.others_range.1).fold(0.0, f64::max);
+    if no_quiet_round > BUSY_MACHINE_SHARE {
+        let _ = writeln!(
+            out,
+            "**The machine was shared**: in every round of at least one variant, processes outside the benchmark \
+             took {:.0} % or more of its CPU (last column), so its figures are lower and noisier than on a quiet \
+             machine.\n",
+            no_quiet_round * 100.0
+        );
+    } else if busiest_round > BUSY_MACHINE_SHARE {
+        let _ = writeln!(
+            out,
+            "Processes outside the benchmark took up to {:.0} % of the CPU in some rounds (last column), but every \
+             variant also had a round with at most {:.0} %.\n",
+            busiest_round * 100.0,
+            no_quiet_round * 100.0
+        );
+    }
+    out.push_str(&results_table(summaries));
+    out.push_str(
+        "\nHighest rates, lowest latencies, highest peak RSS and error counts over the rounds; CPU s and rows from \
+         the round with the most rows landed/s. Every round is listed below.\n",
+    );
+    out.push_str("\n## Targets\n\n");
+    out.push_str(&checks_table(checks));
+
+    out.push_str("\n## Every round\n\n");
+    let _ = writeln!(
+        out,
+        "| variant | round | landed over s | {HEADER} |\n|---|---:|---:|{}",
+        "---:|".repeat(COLUMNS)
+    );
+    for s in summaries {
+        for m in &s.runs {
+            let _ = writeln!(out, "{}", row(&s.variant.name, m, true, None));
+        }
+    }
+    let notes: Vec<String> = summaries
+        .iter()
+        .flat_map(|s| {
+            s.runs.iter().flat_map(move |m| {
+                m.notes
+                    .iter()
+                    .map(move |n| format!("- {} (round {}): {n}", s.variant.name, m.round))
+            })
+        })
+        .collect();
+    let notes: Vec<String> = ctx
+        .failures
+        .iter()
+        // A failure's message may span lines (a log tail): indented, it stays inside its list item.
+        .map(|f| format!("- FAILED: {}", f.replace('\n', "\n  ")))
+        .chain(notes)
+        .collect();
+    if !notes.is_empty() {
+        out.push_str("\n## Notes\n\n");
+        for n in notes {
+            let _ = writeln!(out, "{n}");
+        }
+    }
+
+    out.push_str(HOW);
+    if let Some((file, with_text)) = &ctx.chart {
+        let _ = writeln!(
+            out,
+            "\n## Rows landed per second over time\n\n![rows landed per second]({file})\n"
+        );
+        if !with_text {
+            out.push_str("No font was found to label the chart; the lines are:\n\n");
+        } else {
+            out.push_str("Colours:\n\n");
+        }
+        for (index, s) in summaries.iter().enumerate() {
+            let colour = crate::plot::COLOURS[index % crate::plot::COLOURS.len()].0;
+            let _ = writeln!(out, "- {colour}: {} (round {})", s.variant.name, s.best.round);
+        }
+    }
+    out
+}
+
+const HOW: &str = "
+## How each figure is measured
+
+- **rows landed/s**: rows in PostgreSQL per second, from the start of the load until the flow of rows stopped,
+  read every 100 ms from each variant's own counter (gateway: `/stats` `written`; naive baseline: inserts
+  committed; sink: `\\copy` batches done) and checked against `count(*)` at the end. For the gateway, the last
+  partial batches, which wait for the flush interval once the load stops, are written at the stop (SIGTERM) and
+  left out of the rate (the notes say how many). The HTTP ceiling writes nothing: its figure is updates parsed
+  per second, the most the HTTP layer can hand on.
+- **accepted/s**: updates answered 202 per second over wrk's run; above rows landed/s when the queue absorbs load.
+- **req/s, p50, p99, max**: wrk (`--latency`, `--timeout 10s`); non-202 counted by the Lua script; socket errors
+  are connect + read + write + timeout.
+- **peak RSS, CPU s**: the server process under test over its whole life (wait4 rusage, and `VmHWM` sampled
+  every 100 ms); for the sink ceiling, the CPU of the psql processes.
+- **others' CPU %**: the share of the machine's CPU (all cores) taken during the variant by processes outside
+  the benchmark (`/proc/stat` user, system and steal time minus the benchmark's own processes and its
+  PostgreSQL; interrupt time, mostly the benchmark's own loopback traffic, is left out); above a few
+  per cent, that variant competed with something else.
+- Every variant starts on emptied tables after a `CHECKPOINT`, against the same PostgreSQL.
+";
