@@ -57,31 +57,7 @@ fn sigkill_at_random_moments_under_load_loses_and_duplicates_nothing_acknowledge
 
     let db = Db::connect(cluster.config(&name));
     let stored = db.device_ids();
-    let (missing, unexpected, twice) = ledger.compare(&stored);
-    eprintln!(
-        "crash test (seed {seed}): {kills} kills, {} acknowledged, {} refused, {} unanswered, {} rows found, \
-         {} missing, {} unexpected, {} stored twice",
-        ledger.acknowledged.len(),
-        ledger.refused.len(),
-        ledger.unknown.len(),
-        stored.len(),
-        missing.len(),
-        unexpected.len(),
-        twice.len()
-    );
-    assert!(ledger.other_statuses.is_empty(), "{:?}", ledger.other_statuses);
-    assert!(ledger.acknowledged.len() > 100, "the load ran");
-    assert!(
-        missing.is_empty(),
-        "acknowledged but missing: {:?}",
-        &missing[..missing.len().min(10)]
-    );
-    assert!(
-        unexpected.is_empty(),
-        "refused but stored: {:?}",
-        &unexpected[..unexpected.len().min(10)]
-    );
-    assert!(twice.is_empty(), "stored twice: {twice:?}");
+    ledger.assert_stored_exactly_once(&format!("crash test (seed {seed}, {kills} kills)"), &stored);
     let wal: Vec<_> = std::fs::read_dir(data_dir.path().join("wal")).unwrap().collect();
     assert!(wal.is_empty(), "the clean stop leaves an empty log: {wal:?}");
 }
@@ -105,30 +81,7 @@ fn database_outage_under_load(tag: &str, outage: impl FnOnce(&mut EmbeddedPostgr
     let catch_up = started.elapsed();
     app.db = Db::connect(cluster.config(&name));
     let stored = app.db.device_ids();
-    let (missing, unexpected, twice) = ledger.compare(&stored);
-    eprintln!(
-        "{tag}: {} acknowledged, {} refused, {} rows found, {} missing, {} unexpected, {} stored twice; \
-         caught up in {catch_up:?}",
-        ledger.acknowledged.len(),
-        ledger.refused.len(),
-        stored.len(),
-        missing.len(),
-        unexpected.len(),
-        twice.len()
-    );
-    assert!(ledger.other_statuses.is_empty(), "{:?}", ledger.other_statuses);
-    assert!(ledger.acknowledged.len() > 100, "the load ran");
-    assert!(
-        missing.is_empty(),
-        "acknowledged but missing: {:?}",
-        &missing[..missing.len().min(10)]
-    );
-    assert!(
-        unexpected.is_empty(),
-        "refused but stored: {:?}",
-        &unexpected[..unexpected.len().min(10)]
-    );
-    assert!(twice.is_empty(), "stored twice: {twice:?}");
+    ledger.assert_stored_exactly_once(&format!("{tag} (caught up in {catch_up:?})"), &stored);
 }
 
 #[test]
@@ -188,18 +141,7 @@ fn a_restart_replays_the_log_and_resumes_exactly_after_what_was_committed() {
     assert!(gateway.wait().unwrap().success());
 
     let stored = db.device_ids();
-    let (missing, unexpected, twice) = ledger.compare(&stored);
-    assert!(
-        missing.is_empty(),
-        "acknowledged but missing: {:?}",
-        &missing[..missing.len().min(10)]
-    );
-    assert!(
-        unexpected.is_empty(),
-        "refused but stored: {:?}",
-        &unexpected[..unexpected.len().min(10)]
-    );
-    assert!(twice.is_empty());
+    ledger.assert_stored_exactly_once("restart", &stored);
     let progress = db.query("SELECT count(*) FROM ingest_wal_progress");
     assert!(
         progress[0].get::<_, i64>(0) >= 1,

@@ -293,6 +293,38 @@ impl Ledger {
     }
 }
 
+impl Ledger {
+    /// Prints what was answered and what was found under `label`, then checks that every 202 is stored exactly
+    /// once and nothing refused is.
+    pub fn assert_stored_exactly_once(&self, label: &str, stored: &[(String, i64)]) {
+        let (missing, unexpected, twice) = self.compare(stored);
+        eprintln!(
+            "{label}: {} acknowledged, {} refused, {} unanswered, {} rows found, {} missing, {} unexpected, \
+             {} stored twice",
+            self.acknowledged.len(),
+            self.refused.len(),
+            self.unknown.len(),
+            stored.len(),
+            missing.len(),
+            unexpected.len(),
+            twice.len()
+        );
+        assert!(self.other_statuses.is_empty(), "{:?}", self.other_statuses);
+        assert!(self.acknowledged.len() > 100, "the load ran");
+        assert!(
+            missing.is_empty(),
+            "acknowledged but missing: {:?}",
+            &missing[..missing.len().min(10)]
+        );
+        assert!(
+            unexpected.is_empty(),
+            "refused but stored: {:?}",
+            &unexpected[..unexpected.len().min(10)]
+        );
+        assert!(twice.is_empty(), "stored twice: {twice:?}");
+    }
+}
+
 /// Threads posting location updates (singles, and every fourth request an array of 20) with unique device ids
 /// until stopped, recording every answer.
 pub struct Load {
