@@ -16,6 +16,7 @@ import { check } from 'k6';
 import exec from 'k6/execution';
 import { Counter, Rate } from 'k6/metrics';
 import { summarize, TREND_STATS } from './lib/summary.js';
+import { accepted, startRun } from './lib/gateway.js';
 
 const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
 const VUS = Number(__ENV.VUS || 50);
@@ -51,21 +52,9 @@ export const options = {
 
 // Runs once; its result reaches every VU, so all VUs share one run id (a base-36 timestamp plus a random suffix).
 export function setup() {
-  const res = http.get(`${BASE_URL}/healthz`, { tags: { name: 'healthz' } });
-  if (res.status !== 200) {
-    const what = res.status === 0 ? `failed (${res.error})` : `answered ${res.status}`;
-    throw new Error(`GET ${BASE_URL}/healthz ${what}; is the gateway running?`);
-  }
-  return { runId: Date.now().toString(36) + Math.floor(Math.random() * 1296).toString(36) };
+  return startRun(BASE_URL);
 }
 
-function accepted(res) {
-  try {
-    return res.json('accepted');
-  } catch (e) {
-    return undefined;
-  }
-}
 
 function header(res, name) {
   const wanted = name.toLowerCase();

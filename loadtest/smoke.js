@@ -9,6 +9,7 @@ import http from 'k6/http';
 import { check, sleep } from 'k6';
 import exec from 'k6/execution';
 import { latencyByName, summarize, TREND_STATS } from './lib/summary.js';
+import { accepted, startRun } from './lib/gateway.js';
 
 const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
 const BATCH = 100;
@@ -34,20 +35,9 @@ export const options = {
 
 // Runs once; its result reaches every VU, so all VUs share one run id.
 export function setup() {
-  const res = http.get(`${BASE_URL}/healthz`, { tags: { name: 'healthz' } });
-  if (res.status !== 200) {
-    throw new Error(`${BASE_URL}/healthz answered ${res.status}; is the gateway running?`);
-  }
-  return { runId: Date.now().toString(36) };
+  return startRun(BASE_URL);
 }
 
-function accepted(res) {
-  try {
-    return res.json('accepted');
-  } catch (e) {
-    return undefined;
-  }
-}
 
 function expectAccepted(res, what, n) {
   return check(res, {
