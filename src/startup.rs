@@ -206,11 +206,6 @@ impl Application {
         self.port
     }
 
-    /// The database connection settings the gateway writes with.
-    pub fn database_config(&self) -> &tokio_postgres::Config {
-        &self.database.config
-    }
-
     /// Serves until `stop` resolves, then stops without losing what was accepted (within the shutdown timeout).
     /// Runs inside an actix system (`actix_web::rt::System`).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<ShutdownOutcome> {

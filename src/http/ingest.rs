@@ -79,7 +79,12 @@ async fn accept<T: Update + WalCodec>(
     let gzip = is_gzip(req)?;
     let limit = state.limits.max_body_bytes;
     let raw = read_body(req, body, limit).await?;
-    let bytes = if gzip { gunzip(&raw, limit)? } else { raw.to_vec() };
+    // A plain body is parsed where it was read; only a gzip body needs a second buffer.
+    let bytes = if gzip {
+        std::borrow::Cow::Owned(gunzip(&raw, limit)?)
+    } else {
+        std::borrow::Cow::Borrowed(&raw[..])
+    };
 
     let received_at = OffsetDateTime::now_utc();
     let rules = ValidationRules {
