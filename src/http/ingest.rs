@@ -2,6 +2,7 @@
 //! NDJSON) within its limits, validate every update, and queue them all or none.
 
 use std::io::Read;
+use std::sync::Arc;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -140,11 +141,20 @@ async fn accept<T: Update + WalCodec>(
                 .map_or_else(|| stream.queue.next_slot() as u16, Reservation::slot);
             let payload = codec::encode_record(slot, &updates);
             let feed = stream.feed.clone();
-            // Runs on the log's flusher thread once the record is on disk, in log order.
+            // Runs where the record's group is flushed, once the record is on disk, in log order.
             let on_durable =
                 Box::new(move |record: &DurableRecord<'_>| feed.offer(record, reservation, updates, waiter));
-            let durable = wal.append(payload, on_durable).map_err(|e| log_error(e, count))?;
-            match durable.await {
+            let appended = wal.append(payload, on_durable).map_err(|e| log_error(e, count))?;
+            if appended.leads {
+                // A task of its own, so that the group is flushed even if this request is dropped by its client.
+                let wal = Arc::clone(wal);
+                actix_web::rt::spawn(async move {
+                    // Lets the requests already read on this worker append first, so that one fsync covers them.
+                    tokio::task::yield_now().await;
+                    wal.flush();
+                });
+            }
+            match appended.durable.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(log_error(e, count)),
                 Err(_) => return Err(IngestError::ShuttingDown { updates: count }),

@@ -279,6 +279,11 @@ impl<T> QueueReceiver<T> {
         }
     }
 
+    /// Whether nothing is waiting in this slot right now.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     /// Gives back the room of `n` committed updates.
     pub fn committed(&self, n: usize) {
         self.shared.pending.fetch_sub(n, Ordering::AcqRel);

@@ -19,6 +19,11 @@ use crate::metrics::StreamMetrics;
 /// How long an idle writer sleeps in the queue before it looks at the closed flag again.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
+/// How long a writer with a started batch lets updates gather before it looks again. A writer that waited in the
+/// queue instead would be woken for every chunk, and each wake costs the request that sends it a system call and
+/// the machine a context switch; a batch is due after many chunks anyway.
+const LINGER: Duration = Duration::from_millis(2);
+
 /// Capped exponential backoff between attempts at the same batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
@@ -136,8 +141,13 @@ impl<T: CopyRecord> BatchWriter<T> {
             };
             match self.queue.recv_until(deadline) {
                 Received::Chunk(chunk) => {
-                    batcher.push(chunk, Instant::now());
+                    let now = Instant::now();
+                    batcher.push(chunk, now);
                     state.set_oldest(batcher.oldest());
+                    if self.queue.is_empty() && !batcher.is_due(now) && !self.queue.is_closed() {
+                        let until_due = batcher.deadline().map_or(LINGER, |d| d.saturating_duration_since(now));
+                        std::thread::sleep(LINGER.min(until_due));
+                    }
                 }
                 Received::Timeout if batcher.has_rows() && self.queue.is_closed() => return false,
                 Received::Timeout => {}

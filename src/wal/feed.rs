@@ -95,8 +95,8 @@ impl<T: Update + WalCodec> LogFeed<T> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Called by the log's flusher, in log order, once a record of this stream is durable: queues its updates at
-    /// once when there is no backlog and room was reserved; otherwise they wait on disk.
+    /// Called by the group's flush, in log order, once a record of this stream is durable: queues its updates
+    /// at once when there is no backlog and room was reserved; otherwise they wait on disk.
     pub fn offer(
         &self,
         record: &DurableRecord<'_>,

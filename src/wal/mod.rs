@@ -21,8 +21,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -197,11 +196,19 @@ impl DurableRecord<'_> {
     }
 }
 
-/// Runs on the flusher thread once a record is on disk, in log order: hands the record's updates on.
+/// Runs once a record is on disk, in log order, on the thread that flushed it: hands the record's updates on.
 pub type OnDurable = Box<dyn FnOnce(&DurableRecord<'_>) + Send>;
 
 /// Resolves once the record is on disk (or could not be written).
 pub type Durable = oneshot::Receiver<Result<(), WalError>>;
+
+/// An appended record, not yet on disk.
+pub struct Appended {
+    pub durable: Durable,
+    /// Whether this append opened a group: its caller must then call [`Wal::flush`] (after letting whatever else
+    /// is ready append to the same group). Every other append joins a group whose leader has not flushed yet.
+    pub leads: bool,
+}
 
 struct Pending {
     lsn: u64,
@@ -213,23 +220,26 @@ struct Pending {
 }
 
 struct State {
-    /// Framed records appended since the flusher last took the buffer: the next group.
+    /// Framed records appended since the last flush took the buffer: the next group.
     buf: Vec<u8>,
     pending: Vec<Pending>,
     next_lsn: u64,
+    /// A leader was named since the last flush took the buffer, and will flush: later appends join its group.
+    leader_named: bool,
     closed: bool,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    work: Condvar,
-    accounting: Arc<Accounting>,
-}
-
 /// The running log.
+///
+/// Group commit without a flusher thread: the append that opens a group makes its caller the group's leader,
+/// which flushes once the other requests ready on its worker have appended. The acknowledged path then hands
+/// nothing to another thread; a second leader waits for the file while the first one's fsync runs, and takes
+/// everything appended meanwhile as one group.
 pub struct Wal {
-    shared: Arc<Shared>,
-    flusher: Mutex<Option<JoinHandle<()>>>,
+    state: Mutex<State>,
+    /// Held for a group's write and fsync; taken before `state`, never after.
+    file: Mutex<ActiveSegment>,
+    accounting: Arc<Accounting>,
 }
 
 /// The log directory as the previous run left it.
@@ -303,33 +313,22 @@ impl Recovery {
     /// Starts the log for new records, numbered from `next_lsn`.
     pub fn start(self, next_lsn: u64) -> Result<Wal, WalOpenError> {
         let (file, segment) = create_segment(&self.config, self.next_seq, &self.accounting)?;
-        let shared = Arc::new(Shared {
+        Ok(Wal {
             state: Mutex::new(State {
                 buf: Vec::new(),
                 pending: Vec::new(),
                 next_lsn,
+                leader_named: false,
                 closed: false,
             }),
-            work: Condvar::new(),
-            accounting: self.accounting.clone(),
-        });
-        let flusher = Flusher {
-            shared: shared.clone(),
-            config: self.config,
-            file,
-            segment,
-            seq: self.next_seq,
-        };
-        let thread = std::thread::Builder::new()
-            .name("wal-flusher".into())
-            .spawn(move || flusher.run())
-            .map_err(open_error(
-                "could not start the log flusher thread",
-                Path::new("wal-flusher"),
-            ))?;
-        Ok(Wal {
-            shared,
-            flusher: Mutex::new(Some(thread)),
+            file: Mutex::new(ActiveSegment {
+                config: self.config,
+                file,
+                segment,
+                seq: self.next_seq,
+                spare: Vec::new(),
+            }),
+            accounting: self.accounting,
         })
     }
 
@@ -383,18 +382,18 @@ fn sync_dir(dir: &Path) {
 
 impl Wal {
     /// Appends a record (an encoded [`codec`] payload, its lsn filled in here). `on_durable` runs, in log
-    /// order, once the record is on disk; the returned receiver resolves then, or with the write error.
-    pub fn append(&self, mut payload: Vec<u8>, on_durable: OnDurable) -> Result<Durable, WalError> {
+    /// order, once the record is on disk; [`Appended::durable`] resolves then, or with the write error.
+    pub fn append(&self, mut payload: Vec<u8>, on_durable: OnDurable) -> Result<Appended, WalError> {
         let framed = frame::framed_len(payload.len()) as u64;
-        self.shared.accounting.reserve(framed)?;
+        self.accounting.reserve(framed)?;
         let (done, durable) = oneshot::channel();
-        let Ok(mut state) = self.shared.state.lock() else {
-            self.shared.accounting.release(framed);
+        let Ok(mut state) = self.state.lock() else {
+            self.accounting.release(framed);
             return Err(WalError::Closed);
         };
         if state.closed {
             drop(state);
-            self.shared.accounting.release(framed);
+            self.accounting.release(framed);
             return Err(WalError::Closed);
         }
         let lsn = state.next_lsn;
@@ -409,25 +408,44 @@ impl Wal {
             on_durable,
             done,
         });
-        drop(state);
-        self.shared.work.notify_one();
-        Ok(durable)
+        let leads = !std::mem::replace(&mut state.leader_named, true);
+        Ok(Appended { durable, leads })
     }
 
-    /// Writes what was appended, then stops the flusher. Segments stay until their updates are committed.
+    /// Writes and fsyncs every record appended so far as one group, then hands each on and resolves its
+    /// [`Durable`]. Blocks while another group's fsync runs, then takes what was appended meanwhile.
+    pub fn flush(&self) {
+        let mut active = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut buf, pending) = {
+            let Ok(mut state) = self.state.lock() else {
+                return;
+            };
+            state.leader_named = false;
+            if state.buf.is_empty() {
+                return;
+            }
+            let spare = std::mem::take(&mut active.spare);
+            (
+                std::mem::replace(&mut state.buf, spare),
+                std::mem::take(&mut state.pending),
+            )
+        };
+        active.write_group(&buf, pending, &self.accounting);
+        buf.clear();
+        active.spare = buf;
+    }
+
+    /// Refuses new records and writes those appended. Segments stay until their updates are committed.
     pub fn close(&self) {
-        if let Ok(mut state) = self.shared.state.lock() {
+        if let Ok(mut state) = self.state.lock() {
             state.closed = true;
         }
-        self.shared.work.notify_all();
-        if let Some(thread) = self.flusher.lock().ok().and_then(|mut t| t.take()) {
-            let _ = thread.join();
-        }
+        self.flush();
     }
 
     /// Bytes of log on disk.
     pub fn used_bytes(&self) -> u64 {
-        self.shared.accounting.live_bytes.load(Ordering::Acquire)
+        self.accounting.live_bytes.load(Ordering::Acquire)
     }
 }
 
@@ -437,44 +455,19 @@ impl Drop for Wal {
     }
 }
 
-/// Owns the active segment file: writes each group, fsyncs it, then releases the group's records.
-struct Flusher {
-    shared: Arc<Shared>,
+/// The segment file records are appended to.
+struct ActiveSegment {
     config: WalConfig,
     file: File,
     segment: Arc<Segment>,
     seq: u64,
+    /// The previous group's buffer, kept for its capacity.
+    spare: Vec<u8>,
 }
 
-impl Flusher {
-    fn run(mut self) {
-        let mut spare = Vec::new();
-        loop {
-            let (mut buf, pending) = {
-                let Ok(mut state) = self.shared.state.lock() else {
-                    return;
-                };
-                while state.buf.is_empty() && !state.closed {
-                    state = match self.shared.work.wait(state) {
-                        Ok(state) => state,
-                        Err(_) => return,
-                    };
-                }
-                if state.buf.is_empty() {
-                    break;
-                }
-                let buf = std::mem::replace(&mut state.buf, std::mem::take(&mut spare));
-                (buf, std::mem::take(&mut state.pending))
-            };
-            self.flush(&buf, pending);
-            buf.clear();
-            spare = buf;
-        }
-        // Closed: the active segment is released here and removed once its last update is committed.
-    }
-
-    fn flush(&mut self, buf: &[u8], pending: Vec<Pending>) {
-        let metrics = &self.shared.accounting.metrics;
+impl ActiveSegment {
+    fn write_group(&mut self, buf: &[u8], pending: Vec<Pending>, accounting: &Arc<Accounting>) {
+        let metrics = &accounting.metrics;
         let started = Instant::now();
         match self.file.write_all(buf).and_then(|()| self.file.sync_data()) {
             Ok(()) => {
@@ -493,7 +486,7 @@ impl Flusher {
                     let _ = p.done.send(Ok(()));
                 }
                 if self.segment.bytes.load(Ordering::Acquire) >= self.config.segment_bytes {
-                    self.roll();
+                    self.roll(accounting);
                 }
             }
             Err(e) => {
@@ -507,8 +500,8 @@ impl Flusher {
                     .and_then(|()| self.file.seek(SeekFrom::Start(good)));
                 // Seal the segment, so that its space comes back as soon as its updates are written: with a
                 // full disk, nothing else frees any.
-                self.roll();
-                self.shared.accounting.release(buf.len() as u64);
+                self.roll(accounting);
+                accounting.release(buf.len() as u64);
                 let message = e.to_string();
                 for p in pending {
                     let _ = p.done.send(Err(WalError::Io(message.clone())));
@@ -518,8 +511,8 @@ impl Flusher {
     }
 
     /// Starts a new segment; the old one is removed once its last update is committed.
-    fn roll(&mut self) {
-        match create_segment(&self.config, self.seq + 1, &self.shared.accounting) {
+    fn roll(&mut self, accounting: &Arc<Accounting>) {
+        match create_segment(&self.config, self.seq + 1, accounting) {
             Ok((file, segment)) => {
                 self.seq += 1;
                 self.file = file;
@@ -561,9 +554,11 @@ mod tests {
                     p,
                     Box::new(move |r: &DurableRecord| tx.send((r.lsn, r.token())).unwrap()),
                 )
-                .unwrap(),
+                .unwrap()
+                .durable,
             );
         }
+        wal.flush();
         for w in waits {
             w.blocking_recv().unwrap().unwrap();
         }
@@ -571,7 +566,7 @@ mod tests {
         rx.iter().collect()
     }
 
-    /// For what the flusher thread does right after the fsync the test waited for.
+    /// For what happens on disk after the fsync the test waited for.
     fn wait_until(mut condition: impl FnMut() -> bool) {
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
         while !condition() {
@@ -608,7 +603,7 @@ mod tests {
             handed.iter().map(|(lsn, _)| *lsn).collect::<Vec<_>>(),
             (10..30).collect::<Vec<_>>()
         );
-        // The roll follows the fsync that the appends waited for: give the flusher a moment.
+        // The roll follows the fsync that the appends waited for.
         wait_until(|| metrics.wal.segments.get() > 1);
         // Simulate a crash: nothing committed, the process gone.
         for (_, token) in handed {
