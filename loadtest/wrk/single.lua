@@ -28,6 +28,21 @@ function init(args)
   math.randomseed(os.time() * 1000 + thread_id)
 end
 
+-- WRK_DELAY_MS (optional, may be fractional): the average pause of each connection before each request, for a
+-- load below saturation (ingest-bench's soak sets it). A fraction becomes one more millisecond that often, since
+-- wrk's delays are whole milliseconds.
+local pause_ms = tonumber(os.getenv("WRK_DELAY_MS") or "") or 0
+if pause_ms > 0 then
+  local whole = math.floor(pause_ms)
+  local fraction = pause_ms - whole
+  function delay()
+    if math.random() < fraction then
+      return whole + 1
+    end
+    return whole
+  end
+end
+
 function request()
   counter = counter + 1
   local body = string.format(

@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -18,6 +19,10 @@ use crate::wal::{DurableRecord, WalError};
 
 /// A 422 lists at most this many broken rules.
 const MAX_ERROR_DETAILS: usize = 100;
+/// How long a request waits for room in a full queue before its updates go to the write-ahead log's backlog
+/// instead. Long enough for a batch or two to commit, so that clients faster than PostgreSQL are paced by their
+/// answers; short, so that nobody is held for long.
+const ROOM_WAIT: Duration = Duration::from_millis(250);
 
 pub async fn location(
     req: HttpRequest,
@@ -130,8 +135,9 @@ async fn accept<T: Update + WalCodec>(
             });
         }
         Some(wal) => {
-            // A full queue is no refusal here: the updates wait in the log until the writers catch up.
-            let reservation = match stream.queue.reserve(count) {
+            // A full queue is no refusal here: after a short wait for room, the updates wait in the log until the
+            // writers catch up.
+            let reservation = match stream.queue.reserve_within(count, ROOM_WAIT).await {
                 Ok(reservation) => Some(reservation),
                 Err(PushError::Full { .. }) => None,
                 Err(e) => return Err(push_error(e, count)),
@@ -151,7 +157,7 @@ async fn accept<T: Update + WalCodec>(
                 actix_web::rt::spawn(async move {
                     // Lets the requests already read on this worker append first, so that one fsync covers them.
                     tokio::task::yield_now().await;
-                    wal.flush();
+                    wal.flush_when_free().await;
                 });
             }
             match appended.durable.await {

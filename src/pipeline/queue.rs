@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
@@ -110,6 +110,11 @@ struct Shared {
     closed: AtomicBool,
     /// Set when a stop timed out: writers give up what they hold (the log, if any, keeps it for the next start).
     abandoned: AtomicBool,
+    /// Woken whenever writers give room back.
+    room: tokio::sync::Notify,
+    /// Set when a wait for room ran out with none given back (PostgreSQL down, say); cleared by the next commit.
+    /// While set, nobody waits.
+    stalled: AtomicBool,
 }
 
 /// The queue of one stream: a shared bound and one channel per writer slot.
@@ -130,6 +135,8 @@ pub fn bounded<T>(capacity: usize, slots: usize) -> Arc<StreamQueue<T>> {
         capacity,
         closed: AtomicBool::new(false),
         abandoned: AtomicBool::new(false),
+        room: tokio::sync::Notify::new(),
+        stalled: AtomicBool::new(false),
     });
     Arc::new(StreamQueue {
         shared,
@@ -177,6 +184,33 @@ impl<T> StreamQueue<T> {
     /// Reserves room for `updates` updates on the next slot (round robin), or fails at once.
     pub fn reserve(self: &Arc<Self>, updates: usize) -> Result<Reservation<T>, PushError> {
         self.reserve_on(updates, self.next_slot())
+    }
+
+    /// [`reserve`](Self::reserve), but when the queue is full, waits up to `max_wait` for the writers to give
+    /// room back, so that a client sending faster than PostgreSQL takes its updates is slowed down rather than
+    /// answered at once. Fails at once when a wait has just run out with no room given back at all: stalled
+    /// writers (PostgreSQL down) make nobody wait.
+    pub async fn reserve_within(
+        self: &Arc<Self>,
+        updates: usize,
+        max_wait: Duration,
+    ) -> Result<Reservation<T>, PushError> {
+        let deadline = tokio::time::Instant::now() + max_wait;
+        loop {
+            // Registered before the attempt, so that room given back in between is not missed.
+            let freed = self.shared.room.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            match self.reserve(updates) {
+                Err(PushError::Full { .. })
+                    if updates <= self.shared.capacity && !self.shared.stalled.load(Ordering::Acquire) => {}
+                other => return other,
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                self.shared.stalled.store(true, Ordering::Release);
+                return self.reserve(updates);
+            }
+        }
     }
 
     /// The next slot in turn.
@@ -287,6 +321,8 @@ impl<T> QueueReceiver<T> {
     /// Gives back the room of `n` committed updates.
     pub fn committed(&self, n: usize) {
         self.shared.pending.fetch_sub(n, Ordering::AcqRel);
+        self.shared.stalled.store(false, Ordering::Release);
+        self.shared.room.notify_waiters();
     }
 
     pub fn is_closed(&self) -> bool {
@@ -341,6 +377,50 @@ mod tests {
         drop(r);
         assert_eq!(queue.pending(), 0);
         assert!(queue.reserve(5).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_request_finding_the_queue_full_gets_the_room_a_commit_gives_back() {
+        let queue = bounded::<u32>(5, 1);
+        let rx = queue.receiver(0);
+        queue.try_push(Chunk::in_memory(vec![1, 2, 3, 4])).unwrap();
+        let waiting = tokio::spawn({
+            let queue = queue.clone();
+            async move {
+                queue
+                    .reserve_within(3, Duration::from_secs(60))
+                    .await
+                    .map(|r| r.updates)
+            }
+        });
+        // Let the waiter find the queue full before the room comes back.
+        tokio::task::yield_now().await;
+        assert_eq!(updates(rx.recv_until(Instant::now())), vec![1, 2, 3, 4]);
+        rx.committed(4);
+        assert_eq!(waiting.await.unwrap(), Ok(3));
+    }
+
+    #[tokio::test]
+    async fn once_a_wait_for_room_runs_out_nobody_waits_until_the_next_commit() {
+        let queue = bounded::<u32>(2, 1);
+        let rx = queue.receiver(0);
+        queue.try_push(Chunk::in_memory(vec![1, 2])).unwrap();
+        let full = |r: Result<Reservation<u32>, PushError>| matches!(r, Err(PushError::Full { .. }));
+        assert!(full(queue.reserve_within(1, Duration::from_millis(1)).await));
+        // Stalled: even a wait of an hour answers at once.
+        assert!(full(queue.reserve_within(1, Duration::from_secs(3600)).await));
+        assert_eq!(updates(rx.recv_until(Instant::now())), vec![1, 2]);
+        rx.committed(2);
+        assert!(queue.reserve_within(2, Duration::from_secs(3600)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_request_larger_than_the_queue_does_not_wait() {
+        let queue = bounded::<u32>(2, 1);
+        assert!(matches!(
+            queue.reserve_within(3, Duration::from_secs(3600)).await,
+            Err(PushError::Full { .. })
+        ));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -205,8 +205,8 @@ pub type Durable = oneshot::Receiver<Result<(), WalError>>;
 /// An appended record, not yet on disk.
 pub struct Appended {
     pub durable: Durable,
-    /// Whether this append opened a group: its caller must then call [`Wal::flush`] (after letting whatever else
-    /// is ready append to the same group). Every other append joins a group whose leader has not flushed yet.
+    /// Whether this append opened a group: its caller must then call [`Wal::flush`] or [`Wal::flush_when_free`]
+    /// (after letting whatever else is ready append to the same group). Every other append joins a group whose leader has not flushed yet.
     pub leads: bool,
 }
 
@@ -233,12 +233,14 @@ struct State {
 ///
 /// Group commit without a flusher thread: the append that opens a group makes its caller the group's leader,
 /// which flushes once the other requests ready on its worker have appended. The acknowledged path then hands
-/// nothing to another thread; a second leader waits for the file while the first one's fsync runs, and takes
-/// everything appended meanwhile as one group.
+/// nothing to another thread; a second leader waits (without blocking its worker) while the first one's fsync
+/// runs, and takes everything appended meanwhile as one group.
 pub struct Wal {
     state: Mutex<State>,
     /// Held for a group's write and fsync; taken before `state`, never after.
     file: Mutex<ActiveSegment>,
+    /// Woken when a group's fsync is over and `file` free.
+    file_free: tokio::sync::Notify,
     accounting: Arc<Accounting>,
 }
 
@@ -328,6 +330,7 @@ impl Recovery {
                 seq: self.next_seq,
                 spare: Vec::new(),
             }),
+            file_free: tokio::sync::Notify::new(),
             accounting: self.accounting,
         })
     }
@@ -415,24 +418,48 @@ impl Wal {
     /// Writes and fsyncs every record appended so far as one group, then hands each on and resolves its
     /// [`Durable`]. Blocks while another group's fsync runs, then takes what was appended meanwhile.
     pub fn flush(&self) {
-        let mut active = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut buf, pending) = {
+        self.flush_group(self.file.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// [`flush`](Self::flush) for a leader on an async worker: while another group's fsync runs, it waits without
+    /// blocking the thread, which goes on reading requests that join this group.
+    pub async fn flush_when_free(&self) {
+        loop {
+            // Registered before the attempt, so that the end of the other fsync in between is not missed.
+            let free = self.file_free.notified();
+            tokio::pin!(free);
+            free.as_mut().enable();
+            match self.file.try_lock() {
+                Ok(active) => return self.flush_group(active),
+                Err(TryLockError::Poisoned(p)) => return self.flush_group(p.into_inner()),
+                Err(TryLockError::WouldBlock) => free.await,
+            }
+        }
+    }
+
+    fn flush_group(&self, mut active: MutexGuard<'_, ActiveSegment>) {
+        let taken = {
             let Ok(mut state) = self.state.lock() else {
                 return;
             };
             state.leader_named = false;
             if state.buf.is_empty() {
-                return;
+                None
+            } else {
+                let spare = std::mem::take(&mut active.spare);
+                Some((
+                    std::mem::replace(&mut state.buf, spare),
+                    std::mem::take(&mut state.pending),
+                ))
             }
-            let spare = std::mem::take(&mut active.spare);
-            (
-                std::mem::replace(&mut state.buf, spare),
-                std::mem::take(&mut state.pending),
-            )
         };
-        active.write_group(&buf, pending, &self.accounting);
-        buf.clear();
-        active.spare = buf;
+        if let Some((mut buf, pending)) = taken {
+            active.write_group(&buf, pending, &self.accounting);
+            buf.clear();
+            active.spare = buf;
+        }
+        drop(active);
+        self.file_free.notify_waiters();
     }
 
     /// Refuses new records and writes those appended. Segments stay until their updates are committed.
@@ -653,6 +680,43 @@ mod tests {
             let expected: Vec<u64> = (1..=u64::from(n) - lost as u64).collect();
             proptest::prop_assert_eq!(read, expected);
         }
+    }
+
+    #[tokio::test]
+    async fn a_leader_on_an_async_worker_flushes_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new().unwrap();
+        let wal = Recovery::open(config(dir.path(), 1 << 30, 1 << 20), metrics.wal.clone())
+            .unwrap()
+            .start(1)
+            .unwrap();
+        // The "writer" keeps every record's segment, as uncommitted updates do.
+        let (tx, rx) = mpsc::channel();
+        let append = |n: u8| {
+            let tx = tx.clone();
+            wal.append(
+                payload(n),
+                Box::new(move |r: &DurableRecord| tx.send(r.token()).unwrap()),
+            )
+            .unwrap()
+        };
+        let first = append(1);
+        let second = append(2);
+        assert!(
+            first.leads && !second.leads,
+            "the second record joins the first one's group"
+        );
+        wal.flush_when_free().await;
+        assert_eq!(first.durable.await.unwrap(), Ok(()));
+        assert_eq!(second.durable.await.unwrap(), Ok(()));
+        assert_eq!(metrics.wal.fsyncs.get(), 1);
+        let third = append(3);
+        assert!(third.leads, "after a flush, the next append opens a new group");
+        // Closing writes the group whose leader never flushed.
+        drop(wal);
+        let tokens: Vec<SegmentRef> = rx.try_iter().collect();
+        assert_eq!(tokens.len(), 3);
+        assert_eq!(read_back(dir.path(), &metrics), vec![1, 2, 3]);
     }
 
     #[test]

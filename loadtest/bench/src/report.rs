@@ -5,6 +5,7 @@
 
 use std::fmt::Write as _;
 
+use crate::endurance::{RampOutcome, SoakOutcome};
 use crate::plot::format_rate;
 use crate::variants::{Kind, Measurement, Shape, Variant};
 
@@ -206,6 +207,156 @@ pub fn checks(summaries: &[Summary]) -> Vec<Check> {
     checks
 }
 
+/// The soak's targets: memory that does not grow, and nothing acknowledged missing.
+pub fn soak_checks(soak: &SoakOutcome) -> Vec<Check> {
+    let label = mode_label("soak", soak.durability.as_deref());
+    vec![
+        Check {
+            what: format!(
+                "{label}: RSS growth over {:.0} min at {:.0} % of saturation",
+                soak_minutes(soak),
+                soak.load * 100.0
+            ),
+            value: soak.rss_growth_percent(),
+            target: Target::AtMost(5.0),
+            unit: " %",
+        },
+        Check {
+            what: format!("{label}: acknowledged updates missing from the table"),
+            value: Some(soak.missing() as f64),
+            target: Target::AtMost(0.0),
+            unit: "",
+        },
+        Check {
+            what: format!("{label}: peak RSS"),
+            value: Some(soak.peak_rss_kib as f64 / 1024.0),
+            target: Target::AtMost(MAX_GATEWAY_RSS_MB),
+            unit: " MB",
+        },
+    ]
+}
+
+/// The ramp's targets: every check passes, p99 under 50 ms.
+pub fn ramp_checks(ramp: &RampOutcome) -> Vec<Check> {
+    let label = mode_label("ramp 50 → 500 users", ramp.durability.as_deref());
+    vec![
+        Check {
+            what: format!("{label}: k6 checks passed"),
+            value: ramp.checks_percent(),
+            target: Target::AtLeast(100.0),
+            unit: " %",
+        },
+        Check {
+            what: format!("{label}: p99"),
+            value: Some(ramp.p99_ms),
+            target: Target::AtMost(50.0),
+            unit: " ms",
+        },
+        Check {
+            what: format!("{label}: updates answered 202 missing from the table"),
+            value: Some(ramp.updates_accepted.saturating_sub(ramp.rows) as f64),
+            target: Target::AtMost(0.0),
+            unit: "",
+        },
+    ]
+}
+
+fn mode_label(what: &str, durability: Option<&str>) -> String {
+    match durability {
+        Some(mode) => format!("{what}, {mode}"),
+        None => what.to_owned(),
+    }
+}
+
+fn soak_minutes(soak: &SoakOutcome) -> f64 {
+    soak.windows.iter().map(|w| w.wrk.duration_secs).sum::<f64>() / 60.0
+}
+
+/// The soak's section of the report: its settings, and each window's rate, latency and memory.
+pub fn soak_section(soak: &SoakOutcome) -> String {
+    let mut out = String::from("\n## Soak\n\n");
+    let _ = writeln!(
+        out,
+        "The gateway ({}) was driven unpaced for a moment to find its saturation with single updates \
+         ({:.0} req/s), then held at {:.0} % of it for {:.1} minutes: wrk with a pause before each request, set \
+         again after each window from the rate the last one reached. RSS is read after each window; growth is from \
+         the first window to the last. After the load the gateway drained its queues ({:.1} s), stopped on SIGTERM \
+         (exit {:?}) and the table was counted.\n",
+        soak.durability.as_deref().unwrap_or("default settings"),
+        soak.saturation_rps,
+        soak.load * 100.0,
+        soak_minutes(soak),
+        soak.drain_secs,
+        soak.exit_code,
+    );
+    let _ = writeln!(
+        out,
+        "- mean rate {:.0} req/s (target {:.0}); acknowledged {} updates, table {} rows, missing {}; peak RSS {:.1} MB\n",
+        soak.mean_rps(),
+        soak.saturation_rps * soak.load,
+        soak.acknowledged,
+        soak.rows,
+        soak.missing(),
+        soak.peak_rss_kib as f64 / 1024.0
+    );
+    out.push_str("| at s | pause ms | req/s | p50 ms | p99 ms | max ms | non-202 / socket errors | RSS MB |\n");
+    out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for w in &soak.windows {
+        let _ = writeln!(
+            out,
+            "| {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {} / {} | {:.1} |",
+            w.at_secs,
+            w.delay_ms,
+            w.wrk.requests_per_sec,
+            w.wrk.p50_ms,
+            w.wrk.p99_ms,
+            w.wrk.max_ms,
+            w.wrk.non_202,
+            w.wrk.socket_errors,
+            w.rss_kib as f64 / 1024.0
+        );
+    }
+    for n in &soak.notes {
+        let _ = writeln!(out, "\n- note: {n}");
+    }
+    out
+}
+
+/// The ramp's section of the report.
+pub fn ramp_section(ramp: &RampOutcome) -> String {
+    let mut out = String::from("\n## Ramp (k6)\n\n");
+    let _ = writeln!(
+        out,
+        "`k6 run loadtest/ramp.js` (stage durations × {}) against a fresh gateway ({}): 50 → 500 users over 4 \
+         minutes, 500 for 4, down over 2; each user posts a fix (every 10th time 100 of them) and sleeps 0.5–1.5 s. \
+         k6 exited with {:?}{}.\n",
+        ramp.scale,
+        ramp.durability.as_deref().unwrap_or("default settings"),
+        ramp.k6_exit,
+        ramp.html_report
+            .as_ref()
+            .map(|f| format!("; its HTML report: [{f}]({f})"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "- requests {}; checks {} passed, {} failed; p99 {:.2} ms, max {:.1} ms; updates answered 202 {}, rows in \
+         the table {}; gateway peak RSS {:.1} MB",
+        ramp.requests,
+        ramp.checks_passed,
+        ramp.checks_failed,
+        ramp.p99_ms,
+        ramp.max_ms,
+        ramp.updates_accepted,
+        ramp.rows,
+        ramp.peak_rss_kib as f64 / 1024.0
+    );
+    for n in &ramp.notes {
+        let _ = writeln!(out, "- note: {n}");
+    }
+    out
+}
+
 /// Gateway (default durability mode, single updates) rows/s ÷ HTTP ceiling rows/s: what `--min-ceiling-ratio`
 /// checks.
 pub fn default_ceiling_ratio(summaries: &[Summary]) -> Option<f64> {
@@ -310,6 +461,8 @@ pub struct Context {
     pub chart: Option<(String, bool)>,
     /// Variants that could not be measured: each error, which names the variant and round.
     pub failures: Vec<String>,
+    /// Sections of the long runs (soak, ramp), after the targets.
+    pub sections: Vec<String>,
 }
 
 /// Above this share of the CPU taken by other processes, the report warns that its figures are depressed.
@@ -359,6 +512,9 @@ pub fn markdown(ctx: &Context, summaries: &[Summary], checks: &[Check]) -> Strin
     );
     out.push_str("\n## Targets\n\n");
     out.push_str(&checks_table(checks));
+    for section in &ctx.sections {
+        out.push_str(section);
+    }
 
     out.push_str("\n## Every round\n\n");
     let _ = writeln!(

@@ -168,15 +168,15 @@ impl Bench {
         Ok(m)
     }
 
-    fn scratch(&self, name: &str) -> PathBuf {
+    pub fn scratch(&self, name: &str) -> PathBuf {
         self.pg.dir().join(name)
     }
 
-    fn script(&self, shape: Shape) -> PathBuf {
+    pub fn script(&self, shape: Shape) -> PathBuf {
         self.repo.join("loadtest").join("wrk").join(shape.script())
     }
 
-    fn url(port: u16) -> String {
+    pub fn url(port: u16) -> String {
         format!("http://127.0.0.1:{port}/api/v1/location/update")
     }
 
@@ -289,21 +289,16 @@ impl Bench {
         })
     }
 
-    fn gateway(
-        &self,
-        variant: &Variant,
-        round: u32,
-        shape: Shape,
-        durability: Option<&str>,
-    ) -> anyhow::Result<Measurement> {
+    /// Starts the gateway with its default settings on a free port and a fresh data directory under the scratch
+    /// directory (where a write-ahead log goes); returns it and that directory.
+    pub fn start_gateway(&self, slug: &str, durability: Option<&str>) -> anyhow::Result<(Service, PathBuf)> {
         let port = procs::free_port()?;
-        let slug = format!("{}-{round}", variant.slug());
-        let data_dir = self.scratch(&slug);
+        let data_dir = self.scratch(slug);
         std::fs::create_dir_all(&data_dir)?;
         let mut command = Command::new(&self.gateway_bin);
         command.arg("serve");
         // Defaults, whatever this shell has set: only the database, the address and a fresh data directory
-        // (where a write-ahead log would go) are given.
+        // are given.
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("INGEST_") {
                 command.env_remove(&key);
@@ -318,7 +313,19 @@ impl Bench {
         }
         let log = self.scratch(&format!("{slug}.log"));
         let service = Service::start("the gateway", command, port, &log, "/readyz", Duration::from_secs(120))?;
+        Ok((service, data_dir))
+    }
 
+    fn gateway(
+        &self,
+        variant: &Variant,
+        round: u32,
+        shape: Shape,
+        durability: Option<&str>,
+    ) -> anyhow::Result<Measurement> {
+        let slug = format!("{}-{round}", variant.slug());
+        let (service, data_dir) = self.start_gateway(&slug, durability)?;
+        let (port, log) = (service.port, service.log_path.clone());
         let t0 = Instant::now();
         let monitor = Monitor::start(
             t0,
@@ -377,12 +384,12 @@ fn counter_progress(port: u16) -> Box<dyn FnMut() -> Option<u64> + Send> {
 }
 
 /// The gateway's `/stats`, summed over its streams.
-struct GatewayStats {
-    written: u64,
-    queue_depth: u64,
+pub struct GatewayStats {
+    pub written: u64,
+    pub queue_depth: u64,
 }
 
-fn gateway_stats(port: u16) -> Option<GatewayStats> {
+pub fn gateway_stats(port: u16) -> Option<GatewayStats> {
     let (status, body) = procs::http_get(port, "/stats").ok()?;
     if status != 200 {
         return None;
@@ -403,7 +410,7 @@ fn gateway_stats(port: u16) -> Option<GatewayStats> {
 
 /// After the load: waits until the gateway's queues are empty, or until its written counter has stood still for
 /// [`STILL_FOR`] (only partial batches are left, waiting for the flush interval). Returns a note on time-out.
-fn wait_until_written(port: u16, monitor: &Monitor) -> Result<(), String> {
+pub fn wait_until_written(port: u16, monitor: &Monitor) -> Result<(), String> {
     let start = Instant::now();
     let mut last: Option<(u64, Instant)> = None;
     loop {

@@ -43,7 +43,25 @@ pub fn check_installed() -> anyhow::Result<String> {
 
 /// Runs `wrk -t<threads> -c<connections> -d<secs>s --latency -s <script> <url>`.
 pub fn run(script: &Path, url: &str, threads: u32, connections: u32, duration_secs: u64) -> anyhow::Result<WrkOutcome> {
-    let output = Command::new("wrk")
+    run_paced(script, url, threads, connections, duration_secs, None)
+}
+
+/// [`run`], each connection pausing `delay_ms` on average before each request (a script that reads
+/// `WRK_DELAY_MS`, such as `single.lua`): a load below saturation.
+pub fn run_paced(
+    script: &Path,
+    url: &str,
+    threads: u32,
+    connections: u32,
+    duration_secs: u64,
+    delay_ms: Option<f64>,
+) -> anyhow::Result<WrkOutcome> {
+    let mut command = Command::new("wrk");
+    command.env_remove("WRK_DELAY_MS");
+    if let Some(delay) = delay_ms {
+        command.env("WRK_DELAY_MS", format!("{delay:.3}"));
+    }
+    let output = command
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))
         .arg(format!("-d{duration_secs}s"))
