@@ -13,7 +13,8 @@ use crate::wrk::{self, WrkOutcome};
 
 /// The soak's load is set again after each window of this length, from the rate the last one reached.
 const SOAK_WINDOW_SECS: u64 = 30;
-/// The unpaced run that finds the gateway's saturation before the soak.
+/// The unpaced runs before the soak: a warm-up, then the one that finds the gateway's saturation.
+const WARM_UP_SECS: u64 = 10;
 const SATURATION_SECS: u64 = 15;
 
 /// One window of the soak.
@@ -37,7 +38,7 @@ pub struct SoakOutcome {
     pub windows: Vec<SoakWindow>,
     /// `VmHWM` of the gateway at the end: its peak, the saturation run included.
     pub peak_rss_kib: u64,
-    /// Updates answered 202 over the saturation run and the soak.
+    /// Updates answered 202 over the warm-up, the saturation run and the soak.
     pub acknowledged: u64,
     /// Rows in the table after the gateway stopped.
     pub rows: u64,
@@ -135,8 +136,10 @@ impl Bench {
             wrk::run_paced(&script, &url, self.wrk_threads, self.connections, secs, delay)
         };
 
+        // A fresh gateway (and a just-emptied table) runs slower for its first seconds: warm up first.
+        let warm_up = run(WARM_UP_SECS, None)?;
         let saturation = run(SATURATION_SECS, None)?;
-        let mut acknowledged = saturation.accepted;
+        let mut acknowledged = warm_up.accepted + saturation.accepted;
         let saturation_rps = saturation.requests_per_sec;
         let target = saturation_rps * load;
         eprintln!(

@@ -60,12 +60,14 @@ struct Cli {
     /// Open connections of wrk (wrk -c)
     #[arg(long, default_value_t = 64)]
     connections: u32,
-    /// 5 s, one round, only the HTTP ceiling and the gateway with single updates (for CI)
+    /// 5 s, one round, only the HTTP ceiling and the gateway with single updates, in its default durability mode
+    /// and any mode a --min-ceiling-ratio names (for CI)
     #[arg(long)]
     quick: bool,
-    /// Exit 1 when gateway single rows/s ÷ HTTP ceiling rows/s (default durability) is below this
-    #[arg(long)]
-    min_ceiling_ratio: Option<f64>,
+    /// Exit 1 when gateway single rows/s ÷ HTTP ceiling rows/s is below RATIO: `0.3` for the default durability
+    /// mode, `memory=0.5` for a named one; may be given once per mode
+    #[arg(long, value_name = "[MODE=]RATIO", value_parser = parse_min_ratio)]
+    min_ceiling_ratio: Vec<MinRatio>,
     /// After the variants: hold the gateway (default settings) at --soak-load × its saturation with single updates
     /// for this many seconds, reading its memory, then check that every acknowledged update is in the table
     /// (600 for the 10-minute soak)
@@ -164,7 +166,16 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         );
     }
     let modes = variants::durability_modes(&gateway_bin)?;
-    let variants = plan(cli.quick, modes.as_deref());
+    if let Some(known) = modes.as_ref() {
+        let named = cli.min_ceiling_ratio.iter().filter_map(|g| g.mode.as_ref());
+        if let Some(unknown) = named.into_iter().find(|m| !known.contains(m)) {
+            bail!(
+                "--min-ceiling-ratio names the mode {unknown:?}; the gateway's modes are {}",
+                known.join(", ")
+            );
+        }
+    }
+    let variants = plan(cli.quick, modes.as_deref(), &cli.min_ceiling_ratio);
     if variants.iter().any(|v| v.kind == Kind::SinkCeiling) && Command::new("psql").arg("--version").output().is_err() {
         bail!("psql is missing (Debian/Ubuntu: `apt-get install postgresql-client`); the sink ceiling runs it");
     }
@@ -319,30 +330,60 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     if !failures.is_empty() {
         bail!("{} variant run(s) failed (see the report's notes)", failures.len());
     }
-    if let Some(min) = cli.min_ceiling_ratio {
-        match report::default_ceiling_ratio(&summaries) {
-            Some(r) if r >= min => {
-                println!("gateway single ÷ HTTP ceiling = {r:.2} ≥ {min}: ok");
-            }
-            Some(r) => {
-                println!("gateway single ÷ HTTP ceiling = {r:.2} is below --min-ceiling-ratio {min}");
-                return Ok(ExitCode::from(1));
-            }
-            None => bail!("--min-ceiling-ratio: the HTTP ceiling or the gateway single variant was not measured"),
+    let mut below = false;
+    for gate in &cli.min_ceiling_ratio {
+        let mode = gate.mode.as_deref().or(default_mode).unwrap_or("default");
+        let Some(r) = report::ceiling_ratio(&summaries, gate.mode.as_deref()) else {
+            bail!("--min-ceiling-ratio: the HTTP ceiling or the gateway single variant ({mode}) was not measured");
+        };
+        if r >= gate.ratio {
+            println!("gateway single, {mode} ÷ HTTP ceiling = {r:.2} ≥ {}: ok", gate.ratio);
+        } else {
+            println!(
+                "gateway single, {mode} ÷ HTTP ceiling = {r:.2} is below --min-ceiling-ratio {}",
+                gate.ratio
+            );
+            below = true;
         }
+    }
+    if below {
+        return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--min-ceiling-ratio`: a floor for one durability mode (`None`: the default one).
+#[derive(Debug, Clone, PartialEq)]
+struct MinRatio {
+    mode: Option<String>,
+    ratio: f64,
+}
+
+fn parse_min_ratio(text: &str) -> Result<MinRatio, String> {
+    let (mode, ratio) = match text.split_once('=') {
+        Some((mode, ratio)) => (Some(mode.trim().to_owned()), ratio),
+        None => (None, text),
+    };
+    let ratio: f64 = ratio
+        .trim()
+        .parse()
+        .map_err(|_| format!("{ratio:?} is not a number (expected RATIO or MODE=RATIO, e.g. 0.3 or memory=0.5)"))?;
+    if !(0.0..=10.0).contains(&ratio) {
+        return Err(format!("{ratio} is not a ratio between 0 and 10"));
+    }
+    Ok(MinRatio { mode, ratio })
+}
+
 /// The variants of one round, in the order they run.
-fn plan(quick: bool, modes: Option<&[String]>) -> Vec<Variant> {
-    // One variant per durability mode (the default first), or one when the gateway has no such setting.
+fn plan(quick: bool, modes: Option<&[String]>, gated: &[MinRatio]) -> Vec<Variant> {
+    // One variant per durability mode (the default first), or one when the gateway has no such setting; with
+    // --quick, the default mode and the modes a --min-ceiling-ratio names.
     let modes: Vec<(Option<String>, bool)> = match modes {
         Some(modes) if !modes.is_empty() => modes
             .iter()
             .enumerate()
+            .filter(|(i, m)| !quick || *i == 0 || gated.iter().any(|g| g.mode.as_ref() == Some(*m)))
             .map(|(i, m)| (Some(m.clone()), i == 0))
-            .take(if quick { 1 } else { usize::MAX })
             .collect(),
         _ => vec![(None, true)],
     };
@@ -485,4 +526,42 @@ fn settings(
          (`ingest-gateway migrate`); tables emptied and CHECKPOINT before each variant"
             .to_owned(),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ratio_floor_is_for_the_default_mode_or_a_named_one() {
+        assert_eq!(parse_min_ratio("0.3"), Ok(MinRatio { mode: None, ratio: 0.3 }));
+        assert_eq!(
+            parse_min_ratio("memory=0.5"),
+            Ok(MinRatio {
+                mode: Some("memory".to_owned()),
+                ratio: 0.5
+            })
+        );
+        assert!(parse_min_ratio("memory=fast").is_err());
+        assert!(parse_min_ratio("-1").is_err());
+    }
+
+    #[test]
+    fn quick_runs_the_default_mode_and_the_gated_ones() {
+        let modes = ["wal".to_owned(), "memory".to_owned()];
+        let names = |plan: Vec<Variant>| plan.into_iter().map(|v| v.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(plan(true, Some(&modes), &[])),
+            ["HTTP ceiling (parse + 202)", "gateway single, wal"]
+        );
+        let gate = parse_min_ratio("memory=0.5").unwrap();
+        assert_eq!(
+            names(plan(true, Some(&modes), &[gate])),
+            [
+                "HTTP ceiling (parse + 202)",
+                "gateway single, wal",
+                "gateway single, memory"
+            ]
+        );
+    }
 }

@@ -277,7 +277,7 @@ pub fn soak_section(soak: &SoakOutcome) -> String {
     let mut out = String::from("\n## Soak\n\n");
     let _ = writeln!(
         out,
-        "The gateway ({}) was driven unpaced for a moment to find its saturation with single updates \
+        "The gateway ({}) was driven unpaced, after a warm-up, to find its saturation with single updates \
          ({:.0} req/s), then held at {:.0} % of it for {:.1} minutes: wrk with a pause before each request, set \
          again after each window from the rate the last one reached. RSS is read after each window; growth is from \
          the first window to the last. After the load the gateway drained its queues ({:.1} s), stopped on SIGTERM \
@@ -357,19 +357,20 @@ pub fn ramp_section(ramp: &RampOutcome) -> String {
     out
 }
 
-/// Gateway (default durability mode, single updates) rows/s ÷ HTTP ceiling rows/s: what `--min-ceiling-ratio`
-/// checks.
-pub fn default_ceiling_ratio(summaries: &[Summary]) -> Option<f64> {
+/// Gateway single-update rows/s ÷ HTTP ceiling rows/s in a durability mode (`None`: the default one): what
+/// `--min-ceiling-ratio` checks.
+pub fn ceiling_ratio(summaries: &[Summary], mode: Option<&str>) -> Option<f64> {
     let ceiling = find(summaries, |k| *k == Kind::HttpCeiling)?;
-    let gateway = find(summaries, |k| {
-        matches!(
-            k,
-            Kind::Gateway {
-                shape: Shape::Single,
-                default_mode: true,
-                ..
-            }
-        )
+    let gateway = find(summaries, |k| match k {
+        Kind::Gateway {
+            shape: Shape::Single,
+            durability,
+            default_mode,
+        } => match mode {
+            Some(mode) => durability.as_deref() == Some(mode),
+            None => *default_mode,
+        },
+        _ => false,
     })?;
     ratio(Some(gateway.rows_per_sec), Some(ceiling.rows_per_sec))
 }
