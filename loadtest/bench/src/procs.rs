@@ -338,6 +338,11 @@ impl CpuSnapshot {
 
     /// The share of the machine's CPU capacity (all cores) that processes outside the benchmark used between
     /// `self` and `later`.
+    /// CPU seconds the watched process tree used between `self` and `later`.
+    pub fn tree_secs_since(&self, later: &CpuSnapshot) -> f64 {
+        (later.tree_secs - self.tree_secs).max(0.0)
+    }
+
     pub fn others_share(&self, later: &CpuSnapshot, cores: usize) -> f64 {
         let elapsed = later.at.duration_since(self.at).as_secs_f64() * cores as f64;
         let ours = (later.own_secs - self.own_secs) + (later.tree_secs - self.tree_secs);

@@ -397,7 +397,7 @@ fn row(name: &str, m: &Measurement, with_round: bool, others: Option<(f64, f64)>
         String::new()
     };
     format!(
-        "| {name} |{round} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        "| {name} |{round} {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
         format_rate(m.rows_per_sec),
         m.accepted_rows_per_sec
             .map(format_rate)
@@ -410,6 +410,7 @@ fn row(name: &str, m: &Measurement, with_round: bool, others: Option<(f64, f64)>
         errors,
         opt(m.peak_rss_kib.map(|k| k as f64 / 1024.0), 1),
         opt(m.cpu_secs, 1),
+        m.pg_cpu_secs,
         m.rows,
         match others {
             Some((low, high)) if (high - low) * 100.0 >= 0.5 => format!("{:.0}–{:.0}", low * 100.0, high * 100.0),
@@ -419,9 +420,9 @@ fn row(name: &str, m: &Measurement, with_round: bool, others: Option<(f64, f64)>
 }
 
 const HEADER: &str = "rows landed/s | accepted/s | req/s | p50 ms | p99 ms | max ms | non-202 / socket errors | \
-                      peak RSS MB | CPU s | rows | others' CPU %";
+                      peak RSS MB | CPU s | PostgreSQL CPU s | rows | others' CPU %";
 /// Columns of [`HEADER`].
-const COLUMNS: usize = 11;
+const COLUMNS: usize = 12;
 
 /// The table of each variant's best figures.
 pub fn results_table(summaries: &[Summary]) -> String {
@@ -585,6 +586,7 @@ const HOW: &str = "
   are connect + read + write + timeout.
 - **peak RSS, CPU s**: the server process under test over its whole life (wait4 rusage, and `VmHWM` sampled
   every 100 ms); for the sink ceiling, the CPU of the psql processes.
+- **PostgreSQL CPU s**: CPU time of the PostgreSQL server and its backends over the variant, load and drain.
 - **others' CPU %**: the share of the machine's CPU (all cores) taken during the variant by processes outside
   the benchmark (`/proc/stat` user, system and steal time minus the benchmark's own processes and its
   PostgreSQL; interrupt time, mostly the benchmark's own loopback traffic, is left out); above a few

@@ -132,6 +132,8 @@ pub struct Measurement {
     pub series: Vec<(f64, f64)>,
     /// Share of the machine's CPU (all cores) that processes outside the benchmark took during the variant.
     pub others_cpu_share: f64,
+    /// CPU seconds of the PostgreSQL server and its backends during the variant.
+    pub pg_cpu_secs: f64,
     /// Anything a reader should know about this run (rows missing, an unclean exit…).
     pub notes: Vec<String>,
 }
@@ -164,7 +166,9 @@ impl Bench {
         }
         .with_context(|| format!("{} (round {round}) failed", variant.name))?;
         m.round = round;
-        m.others_cpu_share = before.others_share(&procs::CpuSnapshot::take(self.pg.pid()), self.workers);
+        let after = procs::CpuSnapshot::take(self.pg.pid());
+        m.others_cpu_share = before.others_share(&after, self.workers);
+        m.pg_cpu_secs = before.tree_secs_since(&after);
         Ok(m)
     }
 
