@@ -451,7 +451,7 @@ pub fn find_bin_dir() -> Option<PathBuf> {
 }
 
 /// The user to run the server as: none when not root, else `postgres` or `nobody`.
-fn server_user() -> Option<(u32, u32)> {
+pub fn server_user() -> Option<(u32, u32)> {
     // SAFETY: geteuid cannot fail; getpwnam is called with valid C strings during start-up, and its result is
     // read at once, before any other call could overwrite the static buffer it points into.
     unsafe {

@@ -9,7 +9,7 @@
 //! Each writer has its own channel (a *slot*), filled in order: a slot's updates are committed in the order
 //! they were logged, which is what lets the write-ahead log resume each slot exactly after its last commit.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -112,9 +112,11 @@ struct Shared {
     abandoned: AtomicBool,
     /// Woken whenever writers give room back.
     room: tokio::sync::Notify,
-    /// Set when a wait for room ran out with none given back (PostgreSQL down, say); cleared by the next commit.
-    /// While set, nobody waits.
+    /// Set when a wait for room ran out with nothing committed meanwhile (PostgreSQL down, say); cleared by the
+    /// next commit. While set, nobody waits.
     stalled: AtomicBool,
+    /// Batches committed so far: tells a wait that ran out whether the writers moved at all.
+    commits: AtomicU64,
 }
 
 /// The queue of one stream: a shared bound and one channel per writer slot.
@@ -137,6 +139,7 @@ pub fn bounded<T>(capacity: usize, slots: usize) -> Arc<StreamQueue<T>> {
         abandoned: AtomicBool::new(false),
         room: tokio::sync::Notify::new(),
         stalled: AtomicBool::new(false),
+        commits: AtomicU64::new(0),
     });
     Arc::new(StreamQueue {
         shared,
@@ -188,26 +191,38 @@ impl<T> StreamQueue<T> {
 
     /// [`reserve`](Self::reserve), but when the queue is full, waits up to `max_wait` for the writers to give
     /// room back, so that a client sending faster than PostgreSQL takes its updates is slowed down rather than
-    /// answered at once. Fails at once when a wait has just run out with no room given back at all: stalled
-    /// writers (PostgreSQL down) make nobody wait.
+    /// answered at once. Fails at once while the queue is stalled: once a wait has run out with nothing committed
+    /// meanwhile (PostgreSQL down, say), nobody waits until the next commit.
     pub async fn reserve_within(
         self: &Arc<Self>,
         updates: usize,
         max_wait: Duration,
     ) -> Result<Reservation<T>, PushError> {
+        let may_wait = |r: &Result<Reservation<T>, PushError>| {
+            matches!(r, Err(PushError::Full { .. }))
+                && updates <= self.shared.capacity
+                && !self.shared.stalled.load(Ordering::Acquire)
+        };
+        // The common case, room at once, registers no waiter.
+        let first = self.reserve(updates);
+        if !may_wait(&first) {
+            return first;
+        }
         let deadline = tokio::time::Instant::now() + max_wait;
+        let commits_before = self.shared.commits.load(Ordering::Acquire);
         loop {
             // Registered before the attempt, so that room given back in between is not missed.
             let freed = self.shared.room.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            match self.reserve(updates) {
-                Err(PushError::Full { .. })
-                    if updates <= self.shared.capacity && !self.shared.stalled.load(Ordering::Acquire) => {}
-                other => return other,
+            let attempt = self.reserve(updates);
+            if !may_wait(&attempt) {
+                return attempt;
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                self.shared.stalled.store(true, Ordering::Release);
+                if self.shared.commits.load(Ordering::Acquire) == commits_before {
+                    self.shared.stalled.store(true, Ordering::Release);
+                }
                 return self.reserve(updates);
             }
         }
@@ -321,6 +336,7 @@ impl<T> QueueReceiver<T> {
     /// Gives back the room of `n` committed updates.
     pub fn committed(&self, n: usize) {
         self.shared.pending.fetch_sub(n, Ordering::AcqRel);
+        self.shared.commits.fetch_add(1, Ordering::AcqRel);
         self.shared.stalled.store(false, Ordering::Release);
         self.shared.room.notify_waiters();
     }
@@ -412,6 +428,24 @@ mod tests {
         assert_eq!(updates(rx.recv_until(Instant::now())), vec![1, 2]);
         rx.committed(2);
         assert!(queue.reserve_within(2, Duration::from_secs(3600)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_runs_out_while_the_writers_commit_does_not_stall_the_queue() {
+        let queue = bounded::<u32>(2, 1);
+        let rx = queue.receiver(0);
+        queue.try_push(Chunk::in_memory(vec![1])).unwrap();
+        queue.try_push(Chunk::in_memory(vec![2])).unwrap();
+        let waiting = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.reserve_within(2, Duration::from_millis(50)).await.is_ok() }
+        });
+        tokio::task::yield_now().await;
+        // One commit: the writers move, but the room given back is too little for the waiter.
+        assert_eq!(updates(rx.recv_until(Instant::now())), vec![1]);
+        rx.committed(1);
+        assert!(!waiting.await.unwrap());
+        assert!(!queue.shared.stalled.load(Ordering::Acquire));
     }
 
     #[tokio::test]

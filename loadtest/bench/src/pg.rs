@@ -7,7 +7,6 @@
 //! `initdb` and `postgres` refuse to run as root, and this benchmark often runs as root (containers, CI): then
 //! both run as the `postgres` user (or `nobody`), in a directory handed to that user.
 
-use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::PermissionsExt;
@@ -17,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use ingest_gateway::db::embedded::{find_bin_dir, server_user};
 
 /// The port only names the socket file (`.s.PGSQL.5432`); nothing listens on TCP.
 pub const SOCKET_PORT: u16 = 5432;
@@ -225,56 +225,6 @@ fn remove_stale_dirs() {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
-}
-
-/// Where `initdb` and `postgres` are: `$PG_BIN`, `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`,
-/// then `PATH`.
-fn find_bin_dir() -> Option<PathBuf> {
-    let has_server = |dir: &Path| dir.join("postgres").is_file() && dir.join("initdb").is_file();
-    if let Some(dir) = std::env::var_os("PG_BIN").map(PathBuf::from) {
-        return has_server(&dir).then_some(dir);
-    }
-    let from_pg_config = Command::new("pg_config")
-        .arg("--bindir")
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    if let Some(dir) = from_pg_config.filter(|d| has_server(d)) {
-        return Some(dir);
-    }
-    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
-        .filter(|(_, dir)| has_server(dir))
-        .collect();
-    versions.sort();
-    if let Some((_, dir)) = versions.pop() {
-        return Some(dir);
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?).find(|d| has_server(d))
-}
-
-/// The user to run the server as: none when not root, else `postgres` or `nobody`.
-fn server_user() -> Option<(u32, u32)> {
-    // SAFETY: geteuid cannot fail; getpwnam gets valid C strings and its result is read at once, before any
-    // other call could overwrite the static buffer it points into (the benchmark is single-threaded here).
-    unsafe {
-        if libc::geteuid() != 0 {
-            return None;
-        }
-        for name in ["postgres", "nobody"] {
-            let cname = CString::new(name).ok()?;
-            let entry = libc::getpwnam(cname.as_ptr());
-            if !entry.is_null() {
-                return Some(((*entry).pw_uid, (*entry).pw_gid));
-            }
-        }
-    }
-    None
 }
 
 /// The last `lines` lines of a text file (empty when it cannot be read).

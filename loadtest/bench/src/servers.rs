@@ -81,17 +81,19 @@ async fn parse_and_discard(counter: web::Data<Counter>, body: web::Bytes) -> Htt
     accepted(n)
 }
 
-/// Runs the HTTP ceiling server until SIGTERM.
-pub fn run_ceiling(listen: SocketAddr, workers: usize) -> anyhow::Result<()> {
-    let counter = web::Data::new(Counter::default());
+/// Runs an actix-web server with `routes` (plus the body limit and `/healthz`) until SIGTERM.
+fn serve(
+    listen: SocketAddr,
+    workers: usize,
+    what: &str,
+    routes: impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+) -> anyhow::Result<()> {
     actix_web::rt::System::new().block_on(async move {
         HttpServer::new(move || {
             App::new()
-                .app_data(counter.clone())
                 .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
-                .route(UPDATE_PATH, web::post().to(parse_and_discard))
-                .route("/written", web::get().to(written))
                 .route("/healthz", web::get().to(healthz))
+                .configure(routes.clone())
         })
         .workers(workers)
         .shutdown_timeout(5)
@@ -99,7 +101,17 @@ pub fn run_ceiling(listen: SocketAddr, workers: usize) -> anyhow::Result<()> {
         .with_context(|| format!("could not listen on {listen}"))?
         .run()
         .await
-        .context("the ceiling server failed")
+        .with_context(|| format!("{what} failed"))
+    })
+}
+
+/// Runs the HTTP ceiling server until SIGTERM.
+pub fn run_ceiling(listen: SocketAddr, workers: usize) -> anyhow::Result<()> {
+    let counter = web::Data::new(Counter::default());
+    serve(listen, workers, "the ceiling server", move |app| {
+        app.app_data(counter.clone())
+            .route(UPDATE_PATH, web::post().to(parse_and_discard))
+            .route("/written", web::get().to(written));
     })
 }
 
@@ -175,21 +187,9 @@ pub fn run_naive(listen: SocketAddr, workers: usize, database_url: &str) -> anyh
         pool,
         counter: Counter::default(),
     });
-    actix_web::rt::System::new().block_on(async move {
-        HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
-                .route(UPDATE_PATH, web::post().to(insert_one))
-                .route("/written", web::get().to(naive_written))
-                .route("/healthz", web::get().to(healthz))
-        })
-        .workers(workers)
-        .shutdown_timeout(5)
-        .bind(listen)
-        .with_context(|| format!("could not listen on {listen}"))?
-        .run()
-        .await
-        .context("the naive baseline server failed")
+    serve(listen, workers, "the naive baseline server", move |app| {
+        app.app_data(state.clone())
+            .route(UPDATE_PATH, web::post().to(insert_one))
+            .route("/written", web::get().to(naive_written));
     })
 }
