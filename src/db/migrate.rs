@@ -8,11 +8,16 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
+/// The advisory lock key that serialises migrations between gateways sharing a database ("ingest" in ASCII).
+const MIGRATION_LOCK: i64 = 0x696e_6765_7374;
+
 /// Why the schema could not be brought up to date.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     #[error("could not connect to the database")]
     Connect(#[source] tokio_postgres::Error),
+    #[error("could not take the migration lock")]
+    Lock(#[source] tokio_postgres::Error),
     #[error("a migration failed")]
     Migration(#[from] refinery::Error),
 }
@@ -28,6 +33,12 @@ pub struct MigrateOutcome {
 pub async fn run(config: &tokio_postgres::Config) -> Result<MigrateOutcome, MigrateError> {
     let (mut client, connection) = config.connect(NoTls).await.map_err(MigrateError::Connect)?;
     let connection = tokio::spawn(connection);
+    // Replicas that start together would otherwise apply the same migration twice; the lock is a session's,
+    // so it goes with the connection even if this process dies.
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(MigrateError::Lock)?;
     let report = embedded::migrations::runner().run_async(&mut client).await;
     drop(client);
     // The connection task ends once the client is gone; its own error, if any, already failed the run.

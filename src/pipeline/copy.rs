@@ -18,6 +18,7 @@ use futures_util::SinkExt;
 use time::OffsetDateTime;
 use tokio_postgres::Transaction;
 
+use crate::db::checkpoint::{self, Checkpoint};
 use crate::model::{LocationUpdate, PollResult};
 
 /// A batch that does not finish in this time is abandoned (and retried): a hung connection must not stall a
@@ -40,15 +41,6 @@ pub trait CopyRecord: Send + Sync + 'static {
     fn encode_copy(&self, out: &mut BytesMut);
     /// The row as JSON, for `dead_letters`.
     fn to_json(&self) -> String;
-}
-
-/// The log position a batch brings a slot to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SlotProgress {
-    pub slot: u16,
-    pub lsn: u64,
-    /// How many of the record's updates are written; `None` for all of them.
-    pub updates_done: Option<u32>,
 }
 
 /// What a committed batch did.
@@ -118,12 +110,20 @@ pub fn encode_batch<T: CopyRecord>(rows: &[T], out: &mut BytesMut) {
     out.put_i16(-1);
 }
 
-/// Writes `rows` and the slots' progress in one transaction.
+/// Where a batch's rows came from in a gateway's log: recorded with the batch, so that a replay skips them.
+#[derive(Debug, Clone, Copy)]
+pub struct LogPositions<'a> {
+    /// The gateway that logged the rows.
+    pub instance: &'a str,
+    pub checkpoints: &'a [Checkpoint],
+}
+
+/// Writes `rows` and the log positions they bring their slots to, in one transaction.
 pub async fn write_batch<T: CopyRecord>(
     pool: &Pool,
     stream: &str,
     rows: &[T],
-    progress: &[SlotProgress],
+    positions: LogPositions<'_>,
 ) -> Result<WriteOutcome, CopyError> {
     let started = Instant::now();
     let write = async {
@@ -134,7 +134,7 @@ pub async fn write_batch<T: CopyRecord>(
         let tx = client.transaction().await?;
         let refused = match copy_rows(&tx, rows, false).await {
             Ok(inserted) => {
-                record_progress(&tx, stream, progress).await?;
+                checkpoint::record(&tx, positions.instance, stream, positions.checkpoints).await?;
                 tx.commit().await?;
                 return Ok(WriteOutcome {
                     inserted,
@@ -150,7 +150,7 @@ pub async fn write_batch<T: CopyRecord>(
         let mut tx = client.transaction().await?;
         let mut outcome = WriteOutcome::default();
         write_rows(&mut tx, stream, rows, refused == Failure::Duplicate, &mut outcome).await?;
-        record_progress(&tx, stream, progress).await?;
+        checkpoint::record(&tx, positions.instance, stream, positions.checkpoints).await?;
         tx.commit().await?;
         Ok::<_, CopyError>(outcome)
     };
@@ -159,28 +159,6 @@ pub async fn write_batch<T: CopyRecord>(
         .map_err(|_| CopyError::Timeout(BATCH_WRITE_TIMEOUT))??;
     outcome.elapsed = started.elapsed();
     Ok(outcome)
-}
-
-/// Records the slots' log positions in the batch's transaction.
-async fn record_progress(
-    tx: &Transaction<'_>,
-    stream: &str,
-    progress: &[SlotProgress],
-) -> Result<(), tokio_postgres::Error> {
-    for p in progress {
-        tx.execute(
-            "INSERT INTO ingest_wal_progress (stream, slot, lsn, updates_done) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (stream, slot) DO UPDATE SET lsn = EXCLUDED.lsn, updates_done = EXCLUDED.updates_done",
-            &[
-                &stream,
-                &i32::from(p.slot),
-                &(p.lsn as i64),
-                &p.updates_done.map(|n| n as i32),
-            ],
-        )
-        .await?;
-    }
-    Ok(())
 }
 
 type BoxedWrite<'a> = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a>>;

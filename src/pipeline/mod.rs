@@ -12,7 +12,7 @@ pub mod queue;
 pub mod writer;
 
 pub use batch::{Batch, BatchPolicy, Batcher};
-pub use copy::{CopyRecord, SlotProgress, WriteOutcome};
+pub use copy::{CopyRecord, LogPositions, WriteOutcome};
 pub use queue::{
     bounded, Chunk, CommitToken, CommitWaiter, Origin, PushError, QueueReceiver, Reservation, StreamQueue,
 };

@@ -12,8 +12,9 @@ use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
 use super::batch::{Batch, BatchPolicy, Batcher, Part, PartOrigin};
-use super::copy::{self, CopyRecord, SlotProgress, WriteOutcome};
+use super::copy::{self, CopyRecord, LogPositions, WriteOutcome};
 use super::queue::{QueueReceiver, Received};
+use crate::db::Checkpoint;
 use crate::metrics::StreamMetrics;
 
 /// How long an idle writer sleeps in the queue before it looks at the closed flag again.
@@ -87,6 +88,8 @@ pub struct BatchWriter<T: CopyRecord> {
     pub name: String,
     /// The stream's name, as stored in `dead_letters` and `ingest_wal_progress`.
     pub stream: &'static str,
+    /// The gateway's identity, under which its log positions are recorded.
+    pub instance: Arc<str>,
     pub queue: QueueReceiver<T>,
     pub policy: BatchPolicy,
     pub backoff: Backoff,
@@ -166,10 +169,15 @@ impl<T: CopyRecord> BatchWriter<T> {
                 // Dropping the parts uncommitted keeps their log segments for the next start.
                 return;
             }
-            match self
-                .runtime
-                .block_on(copy::write_batch(&self.pool, self.stream, &batch.rows, &progress))
-            {
+            match self.runtime.block_on(copy::write_batch(
+                &self.pool,
+                self.stream,
+                &batch.rows,
+                LogPositions {
+                    instance: &self.instance,
+                    checkpoints: &progress,
+                },
+            )) {
                 Ok(outcome) => break outcome,
                 Err(error) => {
                     self.metrics.batch_failures.inc();
@@ -229,15 +237,15 @@ impl<T: CopyRecord> BatchWriter<T> {
 }
 
 /// The position each log slot reaches once the batch is committed: its last part per slot.
-pub fn slot_progress(parts: &[Part]) -> Vec<SlotProgress> {
-    let mut progress: Vec<SlotProgress> = Vec::new();
+pub fn slot_progress(parts: &[Part]) -> Vec<Checkpoint> {
+    let mut progress: Vec<Checkpoint> = Vec::new();
     for part in parts {
         if let PartOrigin::Logged {
             lsn, slot, end, total, ..
         } = part.origin
         {
             let updates_done = (end < total).then_some(end);
-            let position = SlotProgress {
+            let position = Checkpoint {
                 slot,
                 lsn,
                 updates_done,

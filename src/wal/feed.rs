@@ -19,20 +19,13 @@ use tracing::{info, warn};
 use super::codec::{self, WalCodec};
 use super::frame::{self, Next};
 use super::{DurableRecord, Segment, SegmentRef};
+use crate::db::Checkpoint;
 use crate::metrics::StreamMetrics;
 use crate::model::Update;
 use crate::pipeline::{Chunk, CommitWaiter, Origin, PushError, Reservation, StreamQueue};
 
 /// How long the refill thread waits for room in a full queue before it looks again.
 const ROOM_WAIT: Duration = Duration::from_millis(2);
-
-/// A slot's committed log position, as recorded in `ingest_wal_progress`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
-    pub lsn: u64,
-    /// Updates of record `lsn` already written; `None` for all of them.
-    pub updates_done: Option<u32>,
-}
 
 struct FeedState {
     /// Segments that hold backlog records, oldest first; empty when there is no backlog.
@@ -53,7 +46,7 @@ pub struct LogFeed<T> {
     state: Mutex<FeedState>,
     wake: Condvar,
     /// This stream's committed position per slot: what a replay skips.
-    progress: HashMap<u16, Progress>,
+    progress: HashMap<u16, Checkpoint>,
     metrics: StreamMetrics,
 }
 
@@ -62,7 +55,7 @@ impl<T: Update + WalCodec> LogFeed<T> {
     pub fn new(
         queue: Arc<StreamQueue<T>>,
         recovered: Vec<Arc<Segment>>,
-        progress: HashMap<u16, Progress>,
+        progress: HashMap<u16, Checkpoint>,
         metrics: StreamMetrics,
     ) -> Arc<Self> {
         let end = recovered.last().map_or(0, |s| s.durable_len());

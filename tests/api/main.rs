@@ -10,5 +10,6 @@ mod hostile;
 mod ingest;
 mod migrations;
 mod observability;
+mod replicas;
 mod signals;
 mod validation;

@@ -1,6 +1,8 @@
 //! Builds the gateway — database, migrations, pool, queues, writers, write-ahead log and its replay, HTTP
 //! server — and runs it until stopped. The only module that knows all the others.
 
+pub mod data_dir;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +16,7 @@ use tokio::runtime::Runtime;
 use tracing::{info, warn};
 
 use crate::config::{Durability, Settings};
-use crate::db::{self, EmbeddedPostgres, PostgresOptions};
+use crate::db::{self, Checkpoint, EmbeddedPostgres, PostgresOptions};
 use crate::http::{self, AppState, DatabaseCheck, IngestLimits, StreamIngest};
 use crate::metrics::{Metrics, StreamMetrics};
 use crate::model::{LocationUpdate, PollResult, Update};
@@ -22,8 +24,9 @@ use crate::pipeline::writer::WriterState;
 use crate::pipeline::{self, Backoff, BatchPolicy, BatchWriter, CopyRecord, StreamQueue, WriterHandle};
 use crate::shutdown::{self, ShutdownOutcome};
 use crate::wal::codec::WalCodec;
-use crate::wal::feed::{LogFeed, Progress};
+use crate::wal::feed::LogFeed;
 use crate::wal::{Recovery, Segment, Wal, WalConfig};
+use data_dir::DataDir;
 
 /// Size at which a log segment is closed and a new one started.
 const WAL_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -73,6 +76,7 @@ pub fn database_runtime() -> anyhow::Result<Runtime> {
 
 /// `ingest-gateway migrate`: applies the pending migrations and returns.
 pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let _data_dir = DataDir::open(&settings.data_dir)?;
     let database = Database::open(settings)?;
     let runtime = database_runtime()?;
     runtime.block_on(db::migrate::run(&database.config))?;
@@ -93,15 +97,18 @@ pub struct Application {
     feeds: Vec<std::thread::JoinHandle<()>>,
     writers: Vec<WriterHandle>,
     shutdown_timeout: Duration,
-    /// Dropped last: the runtime the pool lives on, then the database itself.
+    /// Dropped last: the runtime the pool lives on, then the database itself, then the data directory's lock.
     runtime: Runtime,
     database: Database,
+    data_dir: DataDir,
 }
 
 impl Application {
     /// Opens the database, applies migrations, starts the writers, replays the write-ahead log left by the
     /// previous run and binds the HTTP port. Call it outside any async runtime (it blocks on start-up IO).
     pub fn build(settings: &Settings) -> anyhow::Result<Self> {
+        // First of all: a second process on the same directory must not touch its database or its log.
+        let mut data_dir = DataDir::open(&settings.data_dir)?;
         let database = Database::open(settings)?;
         let runtime = database_runtime()?;
         runtime
@@ -115,7 +122,9 @@ impl Application {
             db::pool::build(database.config.clone(), writers_per_stream * 2 + 2)?
         };
         let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
+        let instance: Arc<str> = data_dir.instance().into();
         let parts = PipelineParts {
+            instance: instance.clone(),
             pool: &pool,
             runtime: &runtime,
             policy: BatchPolicy {
@@ -138,7 +147,7 @@ impl Application {
         let mut recovery =
             Recovery::open(wal_config, metrics.wal.clone()).context("could not open the write-ahead log")?;
         let mut progress = runtime
-            .block_on(load_progress(&pool))
+            .block_on(load_checkpoints(&pool, &mut data_dir))
             .context("could not read the log progress")?;
         let last_lsn = recovery.last_lsn().context("could not read the write-ahead log")?;
         let committed_lsn = progress
@@ -198,6 +207,7 @@ impl Application {
             shutdown_timeout: settings.shutdown_timeout,
             runtime,
             database,
+            data_dir,
         })
     }
 
@@ -271,6 +281,7 @@ impl Application {
         // The pool's connections live on the runtime; dropping it here would block, so let it wind down alone.
         self.runtime.shutdown_background();
         drop(self.database);
+        drop(self.data_dir);
         if let Some(result) = server_failed {
             result
                 .context("the HTTP server task failed")?
@@ -282,6 +293,7 @@ impl Application {
 
 /// What every stream's pipeline is built from.
 struct PipelineParts<'a> {
+    instance: Arc<str>,
     pool: &'a Pool,
     runtime: &'a Runtime,
     policy: BatchPolicy,
@@ -302,6 +314,7 @@ impl PipelineParts<'_> {
             let writer = BatchWriter {
                 name: format!("{}-writer-{slot}", T::STREAM),
                 stream: T::STREAM,
+                instance: self.instance.clone(),
                 queue: queue.receiver(slot),
                 policy: self.policy,
                 backoff: Backoff::default(),
@@ -341,7 +354,7 @@ impl<T: Update + WalCodec + CopyRecord> StreamParts<T> {
     fn with_feed(
         self,
         recovered: Vec<Arc<Segment>>,
-        progress: Option<HashMap<u16, Progress>>,
+        progress: Option<HashMap<u16, Checkpoint>>,
     ) -> anyhow::Result<FedStream<T>> {
         let feed = LogFeed::new(
             self.queue.clone(),
@@ -360,24 +373,20 @@ impl<T: Update + WalCodec + CopyRecord> StreamParts<T> {
     }
 }
 
-/// Every slot's committed log position, by stream, as recorded in `ingest_wal_progress`.
-async fn load_progress(pool: &Pool) -> anyhow::Result<HashMap<String, HashMap<u16, Progress>>> {
+/// This gateway's committed log positions; first claims those a gateway kept before identities existed, when
+/// they are this data directory's.
+async fn load_checkpoints(pool: &Pool, data_dir: &mut DataDir) -> anyhow::Result<db::Checkpoints> {
     let client = pool.get().await?;
-    let rows = client
-        .query("SELECT stream, slot, lsn, updates_done FROM ingest_wal_progress", &[])
-        .await?;
-    let mut progress: HashMap<String, HashMap<u16, Progress>> = HashMap::new();
-    for r in rows {
-        let slot: i32 = r.get(1);
-        let lsn: i64 = r.get(2);
-        let done: Option<i32> = r.get(3);
-        let position = Progress {
-            lsn: lsn as u64,
-            updates_done: done.map(|d| d as u32),
-        };
-        progress.entry(r.get(0)).or_default().insert(slot as u16, position);
+    if data_dir.adopts_unowned() {
+        let adopted = db::checkpoint::adopt_unowned(&**client, data_dir.instance()).await?;
+        data_dir.unowned_adopted()?;
+        info!(
+            positions = adopted,
+            instance = data_dir.instance(),
+            "log positions from before gateway identities claimed"
+        );
     }
-    Ok(progress)
+    Ok(db::checkpoint::load(&**client, data_dir.instance()).await?)
 }
 
 /// The readiness check: a trivial query, run on the database runtime where the pool lives.

@@ -1,0 +1,81 @@
+//! Committed log positions (`ingest_wal_progress`): written in each batch's transaction, read at start-up so that
+//! a replay resumes exactly after the last commit. The only SQL that touches the table.
+//!
+//! A position is keyed by the gateway that logged the record (its instance identity), the stream and the log
+//! slot: gateways sharing a database number their records independently, so one's position says nothing of
+//! another's records.
+
+use std::collections::HashMap;
+
+use tokio_postgres::{GenericClient, Transaction};
+
+/// How far one log slot's records are committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub slot: u16,
+    /// The last record whose updates are (at least partly) committed.
+    pub lsn: u64,
+    /// How many of that record's updates are committed; `None` for all of them. A record larger than a batch is
+    /// committed in several pieces.
+    pub updates_done: Option<u32>,
+}
+
+/// Every slot's checkpoint of one gateway, by stream, then by slot.
+pub type Checkpoints = HashMap<String, HashMap<u16, Checkpoint>>;
+
+/// Reads the checkpoints of `instance`.
+pub async fn load(client: &impl GenericClient, instance: &str) -> Result<Checkpoints, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT stream, slot, lsn, updates_done FROM ingest_wal_progress WHERE instance = $1",
+            &[&instance],
+        )
+        .await?;
+    let mut checkpoints = Checkpoints::new();
+    for row in rows {
+        let slot = row.get::<_, i32>(1) as u16;
+        let checkpoint = Checkpoint {
+            slot,
+            lsn: row.get::<_, i64>(2) as u64,
+            updates_done: row.get::<_, Option<i32>>(3).map(|n| n as u32),
+        };
+        checkpoints.entry(row.get(0)).or_default().insert(slot, checkpoint);
+    }
+    Ok(checkpoints)
+}
+
+/// Records the slots' checkpoints in the batch's transaction.
+pub async fn record(
+    tx: &Transaction<'_>,
+    instance: &str,
+    stream: &str,
+    checkpoints: &[Checkpoint],
+) -> Result<(), tokio_postgres::Error> {
+    for c in checkpoints {
+        tx.execute(
+            "INSERT INTO ingest_wal_progress (instance, stream, slot, lsn, updates_done) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (instance, stream, slot) \
+             DO UPDATE SET lsn = EXCLUDED.lsn, updates_done = EXCLUDED.updates_done",
+            &[
+                &instance,
+                &stream,
+                &i32::from(c.slot),
+                &(c.lsn as i64),
+                &c.updates_done.map(|n| n as i32),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Gives the checkpoints kept before gateways had identities (instance `''`) to `instance`; returns how many.
+/// Called once, by the gateway whose data directory holds the log they describe.
+pub async fn adopt_unowned(client: &impl GenericClient, instance: &str) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE ingest_wal_progress SET instance = $1 WHERE instance = ''",
+            &[&instance],
+        )
+        .await
+}
