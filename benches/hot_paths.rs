@@ -5,9 +5,9 @@ use std::hint::black_box;
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ingest_gateway::intake::record as codec;
 use ingest_gateway::model::{self, BodyFormat, LocationUpdate, Update, ValidationRules};
 use ingest_gateway::pipeline::copy::encode_batch;
-use ingest_gateway::wal::codec;
 use time::OffsetDateTime;
 
 fn location_json(i: usize, now: &str) -> String {

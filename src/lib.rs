@@ -1,25 +1,30 @@
-//! ingest-gateway: takes small JSON updates over HTTP, validates them, holds them in a bounded queue and writes
-//! them into PostgreSQL in batches with binary `COPY`.
+//! ingest-gateway: takes small JSON updates over HTTP, validates them, makes them durable and writes them into
+//! PostgreSQL in batches with binary `COPY`.
 //!
 //! # Layout
+//! The modules follow the trip an update takes; imports point down this list, never up (`startup` sees all).
 //! - [`config`]: every setting, with its default, flag and `INGEST_*` environment variable.
 //! - [`telemetry`]: the `tracing` subscriber (text or JSON lines).
 //! - [`metrics`]: the one Prometheus registry and the per-stream metric handles.
+//! - [`http`]: the transport: routes, headers, body, gzip, parse and validate, then hand over to the intake and
+//!   map its answer to a status. Knows nothing of the log or the queue.
 //! - [`model`]: wire payloads → validated updates; pure, no IO.
-//! - [`http`]: the actix-web routes (ingest, stats, metrics, health) and their error mapping.
-//! - [`pipeline`]: the bounded queue, the batching rule, the batch writers and the binary `COPY` encoder.
-//! - [`db`]: the connection pool, the migrations runner and the embedded PostgreSQL.
-//! - [`startup`]: builds everything above and runs it; the only module that knows all others.
-//! - [`shutdown`]: the stop sequence: stop HTTP → close queues → writers flush → exit.
-//! - [`wal`]: the write-ahead log that makes an acknowledged update survive a crash.
+//! - [`intake`]: transport-agnostic `submit(updates, ack)`; the accepting gate and the durability backends
+//!   (memory, the write-ahead log) and the feed that replays the log into the queue.
+//! - [`wal`]: the write-ahead log itself: segments, frames, group commit, recovery. Imports nothing of the crate.
+//! - [`pipeline`]: the bounded queue, the batching rule, the batch writers (reading from a `Source`) and the
+//!   binary `COPY` encoder; one opaque `Delivery` carries a batch's checkpoints and commits.
+//! - [`db`]: the connection pool, migrations, the embedded PostgreSQL and the checkpoint SQL.
+//! - [`startup`]: builds everything above and runs it: the data directory and its lock, one generic per-stream
+//!   builder, the stop sequence.
 
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod intake;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
-pub mod shutdown;
 pub mod startup;
 pub mod telemetry;
 pub mod wal;

@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ingest_gateway::config::{Cli, Command};
+use ingest_gateway::startup::shutdown;
 use ingest_gateway::startup::{self, Application};
-use ingest_gateway::{shutdown, telemetry};
+use ingest_gateway::telemetry;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

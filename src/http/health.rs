@@ -19,13 +19,9 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if !state.is_accepting() {
         reasons.push("shutting down".to_owned());
     }
-    for (name, pending, capacity) in [
-        (
-            "location",
-            state.location.queue.pending(),
-            state.location.queue.capacity(),
-        ),
-        ("poll", state.poll.queue.pending(), state.poll.queue.capacity()),
+    for (name, (pending, capacity)) in [
+        ("location", state.location.queue_fill()),
+        ("poll", state.poll.queue_fill()),
     ] {
         if pending as f64 > capacity as f64 * HIGH_WATER_MARK {
             reasons.push(format!("the {name} queue holds {pending} of {capacity} updates"));

@@ -1,9 +1,8 @@
 //! `POST /api/v1/location/update` and `POST /api/v1/poll/update`: read the body (plain or gzip, JSON or
-//! NDJSON) within its limits, validate every update, and queue them all or none.
+//! NDJSON) within its limits, validate every update, hand them all to the intake, and turn its answer into a
+//! status.
 
 use std::io::Read;
-use std::sync::Arc;
-use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -11,18 +10,13 @@ use futures_util::StreamExt;
 use time::OffsetDateTime;
 
 use super::errors::IngestError;
-use super::{AppState, StreamIngest};
+use super::AppState;
+use crate::intake::record::RecordCodec;
+use crate::intake::{Ack, Intake, Receipt, SubmitError};
 use crate::model::{self, BodyError, BodyFormat, Update, ValidationRules};
-use crate::pipeline::{Chunk, CommitWaiter, Origin, PushError, Reservation};
-use crate::wal::codec::{self, WalCodec};
-use crate::wal::{DurableRecord, WalError};
 
 /// A 422 lists at most this many broken rules.
 const MAX_ERROR_DETAILS: usize = 100;
-/// How long a request waits for room in a full queue before its updates go to the write-ahead log's backlog
-/// instead. Long enough for a batch or two to commit, so that clients faster than PostgreSQL are paced by their
-/// answers; short, so that nobody is held for long.
-const ROOM_WAIT: Duration = Duration::from_millis(250);
 
 pub async fn location(
     req: HttpRequest,
@@ -40,15 +34,16 @@ pub async fn poll(
     ingest(&req, body, &state, &state.poll).await
 }
 
-async fn ingest<T: Update + WalCodec>(
+async fn ingest<T: Update + RecordCodec>(
     req: &HttpRequest,
     body: web::Payload,
     state: &AppState,
-    stream: &StreamIngest<T>,
+    stream: &Intake<T>,
 ) -> Result<HttpResponse, IngestError> {
+    let metrics = stream.metrics();
     match accept(req, body, state, stream).await {
-        Ok(Accepted { updates, committed }) => {
-            stream.metrics.accepted.inc_by(updates as u64);
+        Ok(Receipt { updates, committed }) => {
+            metrics.accepted.inc_by(updates as u64);
             let body = if committed {
                 format!("{{\"accepted\":{updates},\"committed\":true}}")
             } else {
@@ -57,30 +52,27 @@ async fn ingest<T: Update + WalCodec>(
             Ok(HttpResponse::Accepted().content_type("application/json").body(body))
         }
         Err(error) => {
-            stream.metrics.rejected(error.reason()).inc_by(error.updates());
+            metrics.rejected(error.reason()).inc_by(error.updates());
             Err(error)
         }
     }
 }
 
-/// What an accepted request got.
-struct Accepted {
-    updates: usize,
-    /// The updates are committed in PostgreSQL (the request asked `?ack=commit`).
-    committed: bool,
-}
-
-/// Reads, validates and queues the request's updates, durably when the log is on.
-async fn accept<T: Update + WalCodec>(
+/// Reads and validates the request's updates, then submits them.
+async fn accept<T: Update + RecordCodec>(
     req: &HttpRequest,
     body: web::Payload,
     state: &AppState,
-    stream: &StreamIngest<T>,
-) -> Result<Accepted, IngestError> {
-    if !state.is_accepting() {
+    stream: &Intake<T>,
+) -> Result<Receipt, IngestError> {
+    if !stream.is_accepting() {
         return Err(IngestError::ShuttingDown { updates: 0 });
     }
-    let wait_for_commit = wants_commit(req)?;
+    let ack = if wants_commit(req)? {
+        Ack::Committed
+    } else {
+        Ack::Durable
+    };
     let format = body_format(req)?;
     let gzip = is_gzip(req)?;
     let limit = state.limits.max_body_bytes;
@@ -106,92 +98,16 @@ async fn accept<T: Update + WalCodec>(
     let updates = model::validate_all::<T>(raw_updates, &rules, received_at, MAX_ERROR_DETAILS)
         .map_err(IngestError::InvalidUpdates)?;
     let count = updates.len();
-    if count == 0 {
-        return Ok(Accepted {
-            updates: 0,
-            committed: wait_for_commit,
-        });
-    }
-    let (waiter, committed) = match wait_for_commit {
-        true => {
-            let (waiter, committed) = CommitWaiter::new(count);
-            (Some(waiter), Some(committed))
-        }
-        false => (None, None),
-    };
-    match &state.wal {
-        None => {
-            if count > stream.queue.capacity() {
-                // Without the log, a request larger than the whole queue could never be taken: no retry helps.
-                return Err(IngestError::TooManyUpdates {
-                    limit: stream.queue.capacity(),
-                });
-            }
-            let reservation = stream.queue.reserve(count).map_err(|e| push_error(e, count))?;
-            reservation.push(Chunk {
-                updates,
-                origin: Origin::Memory,
-                commit: waiter,
-            });
-        }
-        Some(wal) => {
-            // A full queue is no refusal here: after a short wait for room, the updates wait in the log until the
-            // writers catch up.
-            let reservation = match stream.queue.reserve_within(count, ROOM_WAIT).await {
-                Ok(reservation) => Some(reservation),
-                Err(PushError::Full { .. }) => None,
-                Err(e) => return Err(push_error(e, count)),
-            };
-            let slot = reservation
-                .as_ref()
-                .map_or_else(|| stream.queue.next_slot() as u16, Reservation::slot);
-            let payload = codec::encode_record(slot, &updates);
-            let feed = stream.feed.clone();
-            // Runs where the record's group is flushed, once the record is on disk, in log order.
-            let on_durable =
-                Box::new(move |record: &DurableRecord<'_>| feed.offer(record, reservation, updates, waiter));
-            let appended = wal.append(payload, on_durable).map_err(|e| log_error(e, count))?;
-            if appended.leads {
-                // A task of its own, so that the group is flushed even if this request is dropped by its client.
-                let wal = Arc::clone(wal);
-                actix_web::rt::spawn(async move {
-                    // Lets the requests already read on this worker append first, so that one fsync covers them.
-                    tokio::task::yield_now().await;
-                    wal.flush_when_free().await;
-                });
-            }
-            match appended.durable.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(log_error(e, count)),
-                Err(_) => return Err(IngestError::ShuttingDown { updates: count }),
-            }
-        }
-    }
-    if let Some(committed) = committed {
-        // The writers drain everything before the process stops, so the waiter is dropped unanswered only when
-        // the stop timed out: the updates may still be written from the log at the next start.
-        committed
-            .await
-            .map_err(|_| IngestError::ShuttingDown { updates: count })?;
-    }
-    Ok(Accepted {
-        updates: count,
-        committed: wait_for_commit,
-    })
+    stream.submit(updates, ack).await.map_err(|e| submit_error(e, count))
 }
 
-fn push_error(error: PushError, updates: usize) -> IngestError {
+fn submit_error(error: SubmitError, updates: usize) -> IngestError {
     match error {
-        PushError::Full { .. } => IngestError::Overloaded { updates },
-        PushError::Closed => IngestError::ShuttingDown { updates },
-    }
-}
-
-fn log_error(error: WalError, updates: usize) -> IngestError {
-    match error {
-        WalError::Full { .. } => IngestError::LogFull { updates },
-        WalError::Closed => IngestError::ShuttingDown { updates },
-        WalError::Io(message) => IngestError::Storage { updates, message },
+        SubmitError::ShuttingDown => IngestError::ShuttingDown { updates },
+        SubmitError::Overloaded => IngestError::Overloaded { updates },
+        SubmitError::LargerThanQueue { limit } => IngestError::TooManyUpdates { limit },
+        SubmitError::LogFull => IngestError::LogFull { updates },
+        SubmitError::LogWrite(message) => IngestError::Storage { updates, message },
     }
 }
 

@@ -12,7 +12,6 @@ pub mod stats;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,12 +19,9 @@ use actix_web::dev::{Service, ServiceResponse};
 use actix_web::{web, App, HttpResponse};
 
 use crate::config::Durability;
-use crate::metrics::{Metrics, StreamMetrics};
+use crate::intake::Intake;
+use crate::metrics::Metrics;
 use crate::model::{LocationUpdate, PollResult};
-use crate::pipeline::writer::WriterState;
-use crate::pipeline::StreamQueue;
-use crate::wal::feed::LogFeed;
-use crate::wal::Wal;
 
 /// Asks whether the database answers; provided by the start-up code, which owns the pool.
 pub type DatabaseCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool>>> + Send + Sync>;
@@ -39,50 +35,24 @@ pub struct IngestLimits {
     pub max_age: Duration,
 }
 
-/// The HTTP side of one stream.
-pub struct StreamIngest<T> {
-    pub queue: Arc<StreamQueue<T>>,
-    /// Hands logged updates to the queue, or keeps them on disk while the writers are behind.
-    pub feed: Arc<LogFeed<T>>,
-    pub metrics: StreamMetrics,
-    /// The writers draining this stream's queue, for the age of the oldest update not yet written.
-    pub writers: Vec<Arc<WriterState>>,
-}
-
-impl<T: crate::model::Update + crate::wal::codec::WalCodec> StreamIngest<T> {
-    /// Brings the gauges that are read, not counted, up to date; called before `/stats` and `/metrics` answer.
-    pub fn refresh_gauges(&self) {
-        self.metrics.queue_depth.set(self.queue.pending() as i64);
-        self.metrics.queue_capacity.set(self.queue.capacity() as i64);
-        self.metrics.backlog_bytes.set(self.feed.backlog_bytes() as i64);
-        let now = Instant::now();
-        let oldest = self
-            .writers
-            .iter()
-            .filter_map(|w| w.oldest_age(now))
-            .max()
-            .unwrap_or_default();
-        self.metrics.oldest_pending_age.set(oldest.as_secs_f64());
-    }
-}
-
 /// What every handler shares.
 pub struct AppState {
-    pub location: StreamIngest<LocationUpdate>,
-    pub poll: StreamIngest<PollResult>,
+    /// Where each stream's validated updates are handed over.
+    pub location: Arc<Intake<LocationUpdate>>,
+    pub poll: Arc<Intake<PollResult>>,
     pub limits: IngestLimits,
-    /// What a 202 promises; with `Wal`, `wal` is the log every accepted request is appended to.
+    /// What a `202` promises, as `/stats` reports it.
     pub durability: Durability,
-    pub wal: Option<Arc<Wal>>,
+    /// The registry behind `/metrics`, and the figures `/stats` reads.
     pub metrics: Arc<Metrics>,
-    /// Cleared when the gateway starts to stop: from then on, updates get 503.
-    pub accepting: Arc<AtomicBool>,
+    /// Asked by `/readyz`.
     pub database_check: DatabaseCheck,
 }
 
 impl AppState {
+    /// Whether updates are taken (the same gate closes every stream).
     pub fn is_accepting(&self) -> bool {
-        self.accepting.load(Ordering::Acquire)
+        self.location.is_accepting()
     }
 
     pub fn refresh_gauges(&self) {

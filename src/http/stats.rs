@@ -26,8 +26,8 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
             Durability::Memory => "memory",
         },
         "streams": {
-            "location": stream_stats(&state.location.metrics),
-            "poll": stream_stats(&state.poll.metrics),
+            "location": stream_stats(state.location.metrics()),
+            "poll": stream_stats(state.poll.metrics()),
         },
         "wal": {
             "bytes": wal.bytes.get(),

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::queue::{Chunk, CommitToken, CommitWaiter, Origin};
+use super::delivery::Delivery;
+use super::queue::{Chunk, CommitWaiter};
 
 /// When a batch is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,21 +20,8 @@ pub struct BatchPolicy {
 pub struct Part {
     /// Rows of the batch from this part.
     pub rows: usize,
-    pub origin: PartOrigin,
+    pub delivery: Option<Box<dyn Delivery>>,
     pub commit: Option<Arc<CommitWaiter>>,
-}
-
-/// The log position a part covers.
-pub enum PartOrigin {
-    Memory,
-    Logged {
-        lsn: u64,
-        slot: u16,
-        /// Updates of the record written once this part is: the part ends here.
-        end: u32,
-        total: u32,
-        token: Box<dyn CommitToken>,
-    },
 }
 
 /// Rows to write in one transaction, and where they came from.
@@ -100,34 +88,10 @@ impl<T> Batcher<T> {
         } else {
             Vec::new()
         };
-        let (part_origin, rest_origin) = match chunk.origin {
-            Origin::Memory => (PartOrigin::Memory, Origin::Memory),
-            Origin::Logged {
-                lsn,
-                slot,
-                start,
-                total,
-                token,
-            } => {
-                let end = start + taken as u32;
-                let rest_token = if taken < n { token.split() } else { token_placeholder() };
-                (
-                    PartOrigin::Logged {
-                        lsn,
-                        slot,
-                        end,
-                        total,
-                        token,
-                    },
-                    Origin::Logged {
-                        lsn,
-                        slot,
-                        start: end,
-                        total,
-                        token: rest_token,
-                    },
-                )
-            }
+        let mut delivery = chunk.delivery;
+        let rest_delivery = match &mut delivery {
+            Some(d) if taken < n => Some(d.split_off(taken)),
+            _ => None,
         };
         if self.batch.rows.is_empty() {
             // The common case: the chunk's rows become the batch's without a copy.
@@ -137,12 +101,12 @@ impl<T> Batcher<T> {
         }
         self.batch.parts.push(Part {
             rows: taken,
-            origin: part_origin,
+            delivery,
             commit: chunk.commit.clone(),
         });
         (taken < n).then(|| Chunk {
             updates: rest_updates,
-            origin: rest_origin,
+            delivery: rest_delivery,
             commit: chunk.commit,
         })
     }
@@ -197,21 +161,10 @@ impl<T> Batcher<T> {
     }
 }
 
-/// A token for an empty remainder: never committed, never dropped with meaning.
-fn token_placeholder() -> Box<dyn CommitToken> {
-    struct Nothing;
-    impl CommitToken for Nothing {
-        fn committed(self: Box<Self>) {}
-        fn split(&self) -> Box<dyn CommitToken> {
-            Box::new(Nothing)
-        }
-    }
-    Box::new(Nothing)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::Checkpoint;
     use proptest::prelude::*;
 
     const POLICY: BatchPolicy = BatchPolicy {
@@ -219,25 +172,45 @@ mod tests {
         flush_interval: Duration::from_secs(10),
     };
 
-    struct Token;
-    impl CommitToken for Token {
-        fn committed(self: Box<Self>) {}
-        fn split(&self) -> Box<dyn CommitToken> {
-            Box::new(Token)
+    /// A record's updates `start..end` of `total`, as a log would deliver them.
+    struct Span {
+        lsn: u64,
+        start: usize,
+        end: usize,
+        total: usize,
+    }
+
+    impl Delivery for Span {
+        fn split_off(&mut self, at: usize) -> Box<dyn Delivery> {
+            let rest = Span {
+                lsn: self.lsn,
+                start: self.start + at,
+                end: self.end,
+                total: self.total,
+            };
+            self.end = self.start + at;
+            Box::new(rest)
         }
+        fn checkpoint(&self) -> Option<Checkpoint> {
+            Some(Checkpoint {
+                slot: 0,
+                lsn: self.lsn,
+                updates_done: (self.end < self.total).then_some(self.end as u32),
+            })
+        }
+        fn committed(self: Box<Self>) {}
     }
 
     fn logged(updates: Vec<u32>, lsn: u64) -> Chunk<u32> {
-        let total = updates.len() as u32;
+        let total = updates.len();
         Chunk {
             updates,
-            origin: Origin::Logged {
+            delivery: Some(Box::new(Span {
                 lsn,
-                slot: 0,
                 start: 0,
+                end: total,
                 total,
-                token: Box::new(Token),
-            },
+            })),
             commit: None,
         }
     }
@@ -282,19 +255,19 @@ mod tests {
         let mut b = Batcher::new(POLICY);
         b.push(logged(vec![1], 7), t0);
         b.push(logged((2..=8).collect(), 8), t0 + Duration::from_secs(1));
-        let ends = |batch: &Batch<u32>| -> Vec<(u64, u32, u32)> {
+        let ends = |batch: &Batch<u32>| -> Vec<(u64, Option<u32>)> {
             batch
                 .parts
                 .iter()
-                .map(|p| match &p.origin {
-                    PartOrigin::Logged { lsn, end, total, .. } => (*lsn, *end, *total),
-                    PartOrigin::Memory => panic!("logged"),
+                .map(|p| {
+                    let c = p.delivery.as_ref().and_then(|d| d.checkpoint()).expect("logged");
+                    (c.lsn, c.updates_done)
                 })
                 .collect()
         };
         let first = b.take();
         assert_eq!(first.rows, vec![1, 2, 3]);
-        assert_eq!(ends(&first), [(7, 1, 1), (8, 2, 7)]);
+        assert_eq!(ends(&first), [(7, None), (8, Some(2))]);
         assert_eq!(
             b.deadline(),
             Some(t0 + Duration::from_secs(11)),
@@ -302,12 +275,12 @@ mod tests {
         );
         let second = b.take();
         assert_eq!(second.rows, vec![4, 5, 6]);
-        assert_eq!(ends(&second), [(8, 5, 7)]);
+        assert_eq!(ends(&second), [(8, Some(5))]);
         assert!(!b.is_full());
         b.push(logged(vec![9], 9), t0);
         let third = b.take();
         assert_eq!(third.rows, vec![7, 8, 9]);
-        assert_eq!(ends(&third), [(8, 7, 7), (9, 1, 1)]);
+        assert_eq!(ends(&third), [(8, None), (9, None)]);
         assert!(b.is_empty());
     }
 

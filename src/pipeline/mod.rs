@@ -2,18 +2,22 @@
 //! and the binary `COPY` that writes each batch.
 //!
 //! - [`queue`]: the bounded queue (the only user of `crossbeam_channel`).
+//! - [`source`]: what a writer reads from (the queue, or another source).
+//! - [`delivery`]: what a writer tells the source of its updates: checkpoints and commits.
 //! - [`batch`]: the pure batching rule (size or age, clock injected).
-//! - [`writer`]: drains a queue on its own thread, writes batches, retries with capped backoff.
+//! - [`writer`]: drains a source on its own thread, writes batches, retries with capped backoff.
 //! - [`copy`]: binary `COPY … FROM STDIN` of one batch; the only SQL writer.
 
 pub mod batch;
 pub mod copy;
+pub mod delivery;
 pub mod queue;
+pub mod source;
 pub mod writer;
 
 pub use batch::{Batch, BatchPolicy, Batcher};
 pub use copy::{CopyRecord, LogPositions, WriteOutcome};
-pub use queue::{
-    bounded, Chunk, CommitToken, CommitWaiter, Origin, PushError, QueueReceiver, Reservation, StreamQueue,
-};
-pub use writer::{Backoff, BatchWriter, WriterHandle};
+pub use delivery::Delivery;
+pub use queue::{bounded, Chunk, CommitWaiter, PushError, QueueReceiver, Reservation, StreamQueue};
+pub use source::{Received, Source};
+pub use writer::{Backoff, BatchWriter, WriterHandle, WriterState};

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use super::delivery::Delivery;
+use super::source::Received;
+
 /// Why updates were not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
@@ -28,31 +31,6 @@ pub enum PushError {
     /// The gateway is stopping and takes nothing more.
     #[error("the queue is closed")]
     Closed,
-}
-
-/// Told once the updates it was attached to are committed; lets the log delete what is no longer needed.
-pub trait CommitToken: Send {
-    /// The updates are committed in PostgreSQL.
-    fn committed(self: Box<Self>);
-    /// A token for a part of the same updates (a request split across batches).
-    fn split(&self) -> Box<dyn CommitToken>;
-}
-
-/// Where a chunk of updates comes from.
-pub enum Origin {
-    /// Held in memory only.
-    Memory,
-    /// A write-ahead log record (or what remains of it to write).
-    Logged {
-        lsn: u64,
-        /// The slot the record was logged for; the writer records its progress under it.
-        slot: u16,
-        /// Position of the chunk's first update within the record.
-        start: u32,
-        /// Updates in the whole record.
-        total: u32,
-        token: Box<dyn CommitToken>,
-    },
 }
 
 /// Wakes a request that waits for its updates to be committed (`?ack=commit`).
@@ -87,7 +65,8 @@ impl CommitWaiter {
 /// A request's updates on their way to a writer.
 pub struct Chunk<T> {
     pub updates: Vec<T>,
-    pub origin: Origin,
+    /// The source's side of the updates; `None` for updates held in memory only.
+    pub delivery: Option<Box<dyn Delivery>>,
     /// Set when the request waits for the commit: the batch is then written at once.
     pub commit: Option<Arc<CommitWaiter>>,
 }
@@ -96,7 +75,7 @@ impl<T> Chunk<T> {
     pub fn in_memory(updates: Vec<T>) -> Self {
         Self {
             updates,
-            origin: Origin::Memory,
+            delivery: None,
             commit: None,
         }
     }
@@ -306,15 +285,6 @@ impl<T> StreamQueue<T> {
 pub struct QueueReceiver<T> {
     rx: Receiver<Chunk<T>>,
     shared: Arc<Shared>,
-}
-
-/// What a writer gets when it waits for updates.
-pub enum Received<T> {
-    Chunk(Chunk<T>),
-    /// Nothing arrived before the deadline.
-    Timeout,
-    /// The queue is closed and this slot is empty: nothing more will come.
-    Drained,
 }
 
 impl<T> QueueReceiver<T> {

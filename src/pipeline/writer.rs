@@ -11,10 +11,10 @@ use deadpool_postgres::Pool;
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
-use super::batch::{Batch, BatchPolicy, Batcher, Part, PartOrigin};
+use super::batch::{Batch, BatchPolicy, Batcher};
 use super::copy::{self, CopyRecord, LogPositions, WriteOutcome};
-use super::queue::{QueueReceiver, Received};
-use crate::db::Checkpoint;
+use super::delivery;
+use super::source::{Received, Source};
 use crate::metrics::StreamMetrics;
 
 /// How long an idle writer sleeps in the queue before it looks at the closed flag again.
@@ -82,15 +82,15 @@ pub struct WriterHandle {
     pub thread: JoinHandle<()>,
 }
 
-/// Drains one slot of a queue into PostgreSQL.
-pub struct BatchWriter<T: CopyRecord> {
+/// Drains one source (a slot of a queue) into PostgreSQL.
+pub struct BatchWriter<S: Source> {
     /// Names the writer in logs: `<stream>-writer-<slot>`.
     pub name: String,
     /// The stream's name, as stored in `dead_letters` and `ingest_wal_progress`.
     pub stream: &'static str,
     /// The gateway's identity, under which its log positions are recorded.
     pub instance: Arc<str>,
-    pub queue: QueueReceiver<T>,
+    pub source: S,
     pub policy: BatchPolicy,
     pub backoff: Backoff,
     pub pool: Pool,
@@ -99,7 +99,10 @@ pub struct BatchWriter<T: CopyRecord> {
     pub metrics: StreamMetrics,
 }
 
-impl<T: CopyRecord> BatchWriter<T> {
+impl<S: Source> BatchWriter<S>
+where
+    S::Update: CopyRecord,
+{
     /// Starts the writer on its own thread. It returns once the queue is closed and everything is written.
     pub fn spawn(self) -> std::io::Result<WriterHandle> {
         let state = Arc::new(WriterState::default());
@@ -113,7 +116,7 @@ impl<T: CopyRecord> BatchWriter<T> {
     fn run(self, state: &WriterState) {
         let mut batcher = Batcher::new(self.policy);
         loop {
-            if self.queue.is_abandoned() {
+            if self.source.is_abandoned() {
                 return;
             }
             let drained = self.fill(&mut batcher, state);
@@ -130,29 +133,29 @@ impl<T: CopyRecord> BatchWriter<T> {
     }
 
     /// Takes chunks until the batch is due; returns whether the queue is closed and empty.
-    fn fill(&self, batcher: &mut Batcher<T>, state: &WriterState) -> bool {
+    fn fill(&self, batcher: &mut Batcher<S::Update>, state: &WriterState) -> bool {
         loop {
             let now = Instant::now();
             if batcher.is_due(now) {
                 return false;
             }
             // The wait is capped so that a writer notices the queue closing even while its batch is young.
-            let deadline = if self.queue.is_closed() {
+            let deadline = if self.source.is_closed() {
                 now
             } else {
                 batcher.deadline().map_or(now + IDLE_WAIT, |d| d.min(now + IDLE_WAIT))
             };
-            match self.queue.recv_until(deadline) {
+            match self.source.recv_until(deadline) {
                 Received::Chunk(chunk) => {
                     let now = Instant::now();
                     batcher.push(chunk, now);
                     state.set_oldest(batcher.oldest());
-                    if self.queue.is_empty() && !batcher.is_due(now) && !self.queue.is_closed() {
+                    if self.source.is_empty() && !batcher.is_due(now) && !self.source.is_closed() {
                         let until_due = batcher.deadline().map_or(LINGER, |d| d.saturating_duration_since(now));
                         std::thread::sleep(LINGER.min(until_due));
                     }
                 }
-                Received::Timeout if batcher.has_rows() && self.queue.is_closed() => return false,
+                Received::Timeout if batcher.has_rows() && self.source.is_closed() => return false,
                 Received::Timeout => {}
                 Received::Drained => return true,
             }
@@ -160,11 +163,11 @@ impl<T: CopyRecord> BatchWriter<T> {
     }
 
     /// Writes one batch, retrying until it is committed (or the stop gives up), then tells everyone who waits.
-    fn write(&self, batch: Batch<T>) {
-        let progress = slot_progress(&batch.parts);
+    fn write(&self, batch: Batch<S::Update>) {
+        let checkpoints = delivery::last_per_slot(batch.parts.iter().filter_map(|p| p.delivery.as_deref()));
         let mut attempt = 1u32;
         let outcome = loop {
-            if self.queue.is_abandoned() {
+            if self.source.is_abandoned() {
                 warn!(writer = %self.name, rows = batch.rows.len(), "stop timed out; batch left unwritten");
                 // Dropping the parts uncommitted keeps their log segments for the next start.
                 return;
@@ -175,7 +178,7 @@ impl<T: CopyRecord> BatchWriter<T> {
                 &batch.rows,
                 LogPositions {
                     instance: &self.instance,
-                    checkpoints: &progress,
+                    checkpoints: &checkpoints,
                 },
             )) {
                 Ok(outcome) => break outcome,
@@ -197,14 +200,14 @@ impl<T: CopyRecord> BatchWriter<T> {
         };
         self.record_success(batch.rows.len(), &outcome);
         for part in batch.parts {
-            if let PartOrigin::Logged { token, .. } = part.origin {
-                token.committed();
+            if let Some(delivery) = part.delivery {
+                delivery.committed();
             }
             if let Some(waiter) = part.commit {
                 waiter.committed(part.rows);
             }
         }
-        self.queue.committed(batch.rows.len());
+        self.source.committed(batch.rows.len());
     }
 
     fn record_success(&self, rows: usize, outcome: &WriteOutcome) {
@@ -234,29 +237,6 @@ impl<T: CopyRecord> BatchWriter<T> {
             "batch written"
         );
     }
-}
-
-/// The position each log slot reaches once the batch is committed: its last part per slot.
-pub fn slot_progress(parts: &[Part]) -> Vec<Checkpoint> {
-    let mut progress: Vec<Checkpoint> = Vec::new();
-    for part in parts {
-        if let PartOrigin::Logged {
-            lsn, slot, end, total, ..
-        } = part.origin
-        {
-            let updates_done = (end < total).then_some(end);
-            let position = Checkpoint {
-                slot,
-                lsn,
-                updates_done,
-            };
-            match progress.iter_mut().find(|p| p.slot == slot) {
-                Some(p) => *p = position,
-                None => progress.push(position),
-            }
-        }
-    }
-    progress
 }
 
 /// An error and its causes on one line: `copy failed: db error: connection refused`.

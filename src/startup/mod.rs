@@ -1,32 +1,35 @@
-//! Builds the gateway — database, migrations, pool, queues, writers, write-ahead log and its replay, HTTP
-//! server — and runs it until stopped. The only module that knows all the others.
+//! Builds the gateway — data directory, database, migrations, pool, write-ahead log, one pipeline per stream
+//! with its replay, HTTP server — and runs it until stopped. The only module that knows all the others.
+//!
+//! - [`data_dir`]: the locked data directory and the gateway's identity.
+//! - [`streams`]: one generic per-stream builder.
+//! - [`shutdown`]: the stop sequence.
 
 pub mod data_dir;
+pub mod shutdown;
+pub mod streams;
 
-use std::collections::HashMap;
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_web::{web, HttpServer};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use tokio::runtime::Runtime;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::{Durability, Settings};
-use crate::db::{self, Checkpoint, EmbeddedPostgres, PostgresOptions};
-use crate::http::{self, AppState, DatabaseCheck, IngestLimits, StreamIngest};
-use crate::metrics::{Metrics, StreamMetrics};
-use crate::model::{LocationUpdate, PollResult, Update};
-use crate::pipeline::writer::WriterState;
-use crate::pipeline::{self, Backoff, BatchPolicy, BatchWriter, CopyRecord, StreamQueue, WriterHandle};
-use crate::shutdown::{self, ShutdownOutcome};
-use crate::wal::codec::WalCodec;
-use crate::wal::feed::LogFeed;
-use crate::wal::{Recovery, Segment, Wal, WalConfig};
+use crate::db::{self, EmbeddedPostgres, PostgresOptions};
+use crate::http::{self, AppState, DatabaseCheck, IngestLimits};
+use crate::intake::Gate;
+use crate::metrics::Metrics;
+use crate::model::{LocationUpdate, PollResult};
+use crate::pipeline::BatchPolicy;
+use crate::wal::{Recovery, Wal, WalConfig};
 use data_dir::DataDir;
+use shutdown::ShutdownOutcome;
+use streams::{StreamHandle, StreamParts};
 
 /// Size at which a log segment is closed and a new one started.
 const WAL_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -88,14 +91,9 @@ pub struct Application {
     listener: TcpListener,
     port: u16,
     state: web::Data<AppState>,
-    location_queue: Arc<StreamQueue<LocationUpdate>>,
-    poll_queue: Arc<StreamQueue<PollResult>>,
+    gate: Gate,
     wal: Option<Arc<Wal>>,
-    location_feed: Arc<LogFeed<LocationUpdate>>,
-    poll_feed: Arc<LogFeed<PollResult>>,
-    /// The feeds' refill threads: they finish once the log is closed and its backlog queued.
-    feeds: Vec<std::thread::JoinHandle<()>>,
-    writers: Vec<WriterHandle>,
+    streams: Vec<StreamHandle>,
     shutdown_timeout: Duration,
     /// Dropped last: the runtime the pool lives on, then the database itself, then the data directory's lock.
     runtime: Runtime,
@@ -122,21 +120,6 @@ impl Application {
             db::pool::build(database.config.clone(), writers_per_stream * 2 + 2)?
         };
         let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
-        let instance: Arc<str> = data_dir.instance().into();
-        let parts = PipelineParts {
-            instance: instance.clone(),
-            pool: &pool,
-            runtime: &runtime,
-            policy: BatchPolicy {
-                max_rows: settings.batch_size as usize,
-                flush_interval: settings.flush_interval,
-            },
-            writers: writers_per_stream,
-            capacity: settings.queue_capacity as usize,
-        };
-        let (location, mut writers) = parts.stream::<LocationUpdate>(&metrics.location)?;
-        let (poll, poll_writers) = parts.stream::<PollResult>(&metrics.poll)?;
-        writers.extend(poll_writers);
 
         // Whatever the durability now, a log left by an earlier run holds acknowledged updates: replay it.
         let wal_config = WalConfig {
@@ -144,22 +127,19 @@ impl Application {
             max_bytes: settings.wal_max_bytes,
             segment_bytes: WAL_SEGMENT_BYTES.min(settings.wal_max_bytes / 4).max(1),
         };
+        metrics.wal.capacity.set(wal_config.max_bytes as i64);
         let mut recovery =
-            Recovery::open(wal_config, metrics.wal.clone()).context("could not open the write-ahead log")?;
-        let mut progress = runtime
+            Recovery::open(wal_config, Arc::new(metrics.wal.clone())).context("could not open the write-ahead log")?;
+        let mut checkpoints = runtime
             .block_on(load_checkpoints(&pool, &mut data_dir))
             .context("could not read the log progress")?;
         let last_lsn = recovery.last_lsn().context("could not read the write-ahead log")?;
-        let committed_lsn = progress
+        let committed_lsn = checkpoints
             .values()
-            .flat_map(|slots| slots.values().map(|p| p.lsn))
+            .flat_map(|slots| slots.values().map(|c| c.lsn))
             .max()
             .unwrap_or(0);
         let recovered = std::mem::take(&mut recovery.segments);
-        let location = location.with_feed(recovered.clone(), progress.remove(LocationUpdate::STREAM))?;
-        let poll = poll.with_feed(recovered, progress.remove(PollResult::STREAM))?;
-        let feeds = vec![location.feed_thread, poll.feed_thread];
-        let (location, poll) = (location.ingest, poll.ingest);
         let wal = match settings.durability {
             Durability::Wal => {
                 // Past every number used before, even by records whose segments are gone.
@@ -173,11 +153,28 @@ impl Application {
             Durability::Memory => None,
         };
 
+        let gate = Gate::default();
+        let parts = StreamParts {
+            instance: data_dir.instance().into(),
+            pool: &pool,
+            runtime: runtime.handle().clone(),
+            policy: BatchPolicy {
+                max_rows: settings.batch_size as usize,
+                flush_interval: settings.flush_interval,
+            },
+            writers: writers_per_stream,
+            capacity: settings.queue_capacity as usize,
+            wal: wal.clone(),
+            recovered,
+            gate: gate.clone(),
+        };
+        let (location, location_handle) = parts.build::<LocationUpdate>(&metrics.location, &mut checkpoints)?;
+        let (poll, poll_handle) = parts.build::<PollResult>(&metrics.poll, &mut checkpoints)?;
+        drop(parts);
+
         let listener =
             TcpListener::bind(&settings.listen).with_context(|| format!("could not listen on {}", settings.listen))?;
         let port = listener.local_addr()?.port();
-        let (location_queue, poll_queue) = (location.queue.clone(), poll.queue.clone());
-        let (location_feed, poll_feed) = (location.feed.clone(), poll.feed.clone());
         let state = web::Data::new(AppState {
             location,
             poll,
@@ -188,22 +185,16 @@ impl Application {
                 max_age: settings.max_age,
             },
             durability: settings.durability,
-            wal: wal.clone(),
             metrics,
-            accepting: Arc::new(AtomicBool::new(true)),
             database_check: database_check(&runtime, pool),
         });
         Ok(Application {
             listener,
             port,
             state,
-            location_queue,
-            poll_queue,
+            gate,
             wal,
-            location_feed,
-            poll_feed,
-            feeds,
-            writers,
+            streams: vec![location_handle, poll_handle],
             shutdown_timeout: settings.shutdown_timeout,
             runtime,
             database,
@@ -234,50 +225,19 @@ impl Application {
             () = stop => None,
             result = &mut server_task => Some(result),
         };
-        let started = Instant::now();
-        let deadline = started + self.shutdown_timeout;
-
-        // 1. Stop taking updates; requests already past the check finish and may still queue theirs.
-        self.state.accepting.store(false, Ordering::Release);
-        if server_failed.is_none() {
-            server_handle.stop(true).await;
-        }
-        // 2. Nothing more can arrive: the log writes its last group, the queues close, the writers write what
-        //    they hold at once, then stop.
-        if let Some(wal) = &self.wal {
-            wal.close();
-        }
-        self.location_feed.close_input();
-        self.poll_feed.close_input();
-        let fed = shutdown::wait_for_threads(&self.feeds, deadline).await;
-        // Closing the queues before the feeds are done would strand the backlog; a timed-out stop leaves it in
-        // the log for the next start.
-        self.location_queue.close();
-        self.poll_queue.close();
-        let threads: Vec<_> = self.writers.into_iter().map(|w| w.thread).collect();
-        let finished = fed && shutdown::wait_for_threads(&threads, deadline).await;
-        if !finished {
-            self.location_queue.abandon();
-            self.poll_queue.abandon();
-        }
-        let unwritten = self.location_queue.pending()
-            + self.poll_queue.pending()
-            + usize::from(!self.location_feed.is_caught_up())
-            + usize::from(!self.poll_feed.is_caught_up());
-        let outcome = ShutdownOutcome {
-            unwritten,
-            elapsed: started.elapsed(),
+        let stop_transports = async {
+            if server_failed.is_none() {
+                server_handle.stop(true).await;
+            }
         };
-        if finished && unwritten == 0 {
-            info!(
-                elapsed_ms = outcome.elapsed.as_millis() as u64,
-                "stopped; every accepted update is written"
-            );
-        } else if self.wal.is_some() {
-            warn!(unwritten, timeout = ?self.shutdown_timeout, "stopped before every accepted update was written; the write-ahead log keeps them for the next start");
-        } else {
-            warn!(unwritten, timeout = ?self.shutdown_timeout, "stopped before every accepted update was written; with durability=memory they are lost");
-        }
+        let outcome = shutdown::stop(
+            &self.gate,
+            stop_transports,
+            self.wal.as_deref(),
+            self.streams,
+            self.shutdown_timeout,
+        )
+        .await;
         // The pool's connections live on the runtime; dropping it here would block, so let it wind down alone.
         self.runtime.shutdown_background();
         drop(self.database);
@@ -288,88 +248,6 @@ impl Application {
                 .context("the HTTP server failed")?;
         }
         Ok(outcome)
-    }
-}
-
-/// What every stream's pipeline is built from.
-struct PipelineParts<'a> {
-    instance: Arc<str>,
-    pool: &'a Pool,
-    runtime: &'a Runtime,
-    policy: BatchPolicy,
-    writers: usize,
-    capacity: usize,
-}
-
-impl PipelineParts<'_> {
-    /// One stream: its queue and a writer per slot.
-    fn stream<T: Update + CopyRecord>(
-        &self,
-        metrics: &StreamMetrics,
-    ) -> anyhow::Result<(StreamParts<T>, Vec<WriterHandle>)> {
-        let queue = pipeline::bounded::<T>(self.capacity, self.writers);
-        metrics.queue_capacity.set(self.capacity as i64);
-        let mut handles = Vec::with_capacity(self.writers);
-        for slot in 0..self.writers {
-            let writer = BatchWriter {
-                name: format!("{}-writer-{slot}", T::STREAM),
-                stream: T::STREAM,
-                instance: self.instance.clone(),
-                queue: queue.receiver(slot),
-                policy: self.policy,
-                backoff: Backoff::default(),
-                pool: self.pool.clone(),
-                runtime: self.runtime.handle().clone(),
-                metrics: metrics.clone(),
-            };
-            handles.push(writer.spawn().context("could not start a batch writer thread")?);
-        }
-        let writers: Vec<Arc<WriterState>> = handles.iter().map(|h| h.state.clone()).collect();
-        Ok((
-            StreamParts {
-                queue,
-                metrics: metrics.clone(),
-                writers,
-            },
-            handles,
-        ))
-    }
-}
-
-/// A stream's queue and writers, before its log feed is attached.
-struct StreamParts<T> {
-    queue: Arc<StreamQueue<T>>,
-    metrics: StreamMetrics,
-    writers: Vec<Arc<WriterState>>,
-}
-
-/// A stream ready for the HTTP side, and its feed's refill thread.
-struct FedStream<T> {
-    ingest: StreamIngest<T>,
-    feed_thread: std::thread::JoinHandle<()>,
-}
-
-impl<T: Update + WalCodec + CopyRecord> StreamParts<T> {
-    /// Attaches the log feed, whose backlog starts as the segments left by the previous run.
-    fn with_feed(
-        self,
-        recovered: Vec<Arc<Segment>>,
-        progress: Option<HashMap<u16, Checkpoint>>,
-    ) -> anyhow::Result<FedStream<T>> {
-        let feed = LogFeed::new(
-            self.queue.clone(),
-            recovered,
-            progress.unwrap_or_default(),
-            self.metrics.clone(),
-        );
-        let feed_thread = feed.spawn().context("could not start a log feed thread")?;
-        let ingest = StreamIngest {
-            queue: self.queue,
-            feed,
-            metrics: self.metrics,
-            writers: self.writers,
-        };
-        Ok(FedStream { ingest, feed_thread })
     }
 }
 

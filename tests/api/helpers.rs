@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ingest_gateway::config::Settings;
 use ingest_gateway::db::EmbeddedPostgres;
-use ingest_gateway::shutdown::ShutdownOutcome;
+use ingest_gateway::startup::shutdown::ShutdownOutcome;
 use ingest_gateway::startup::Application;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;

@@ -16,16 +16,53 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::codec::{self, WalCodec};
-use super::frame::{self, Next};
-use super::{DurableRecord, Segment, SegmentRef};
+use super::record::{self, RecordCodec};
 use crate::db::Checkpoint;
 use crate::metrics::StreamMetrics;
 use crate::model::Update;
-use crate::pipeline::{Chunk, CommitWaiter, Origin, PushError, Reservation, StreamQueue};
+use crate::pipeline::{Chunk, CommitWaiter, Delivery, PushError, Reservation, StreamQueue};
+use crate::wal::frame::{self, Next};
+use crate::wal::{DurableRecord, Segment, SegmentRef};
 
-/// How long the refill thread waits for room in a full queue before it looks again.
-const ROOM_WAIT: Duration = Duration::from_millis(2);
+/// How long the refill thread sleeps when the queue is full before it looks for room again.
+const REFILL_RETRY: Duration = Duration::from_millis(2);
+
+/// Updates `start..end` of the log record `lsn`, logged for `slot`, on their way to PostgreSQL: their checkpoint,
+/// and a hold on the record's segment until they are committed.
+pub struct LoggedDelivery {
+    lsn: u64,
+    slot: u16,
+    start: u32,
+    end: u32,
+    /// Updates in the whole record.
+    total: u32,
+    hold: SegmentRef,
+}
+
+impl Delivery for LoggedDelivery {
+    fn split_off(&mut self, at: usize) -> Box<dyn Delivery> {
+        let split = self.start + at as u32;
+        let rest = LoggedDelivery {
+            start: split,
+            hold: self.hold.clone(),
+            ..*self
+        };
+        self.end = split;
+        Box::new(rest)
+    }
+
+    fn checkpoint(&self) -> Option<Checkpoint> {
+        Some(Checkpoint {
+            slot: self.slot,
+            lsn: self.lsn,
+            updates_done: (self.end < self.total).then_some(self.end),
+        })
+    }
+
+    fn committed(self: Box<Self>) {
+        self.hold.committed();
+    }
+}
 
 struct FeedState {
     /// Segments that hold backlog records, oldest first; empty when there is no backlog.
@@ -50,7 +87,7 @@ pub struct LogFeed<T> {
     metrics: StreamMetrics,
 }
 
-impl<T: Update + WalCodec> LogFeed<T> {
+impl<T: Update + RecordCodec> LogFeed<T> {
     /// A feed whose backlog starts as the segments a previous run left (oldest first).
     pub fn new(
         queue: Arc<StreamQueue<T>>,
@@ -101,17 +138,17 @@ impl<T: Update + WalCodec> LogFeed<T> {
         if state.holds.is_empty() {
             if let Some(reservation) = reservation {
                 let total = updates.len() as u32;
-                let slot = reservation.slot();
-                let origin = Origin::Logged {
+                let delivery = LoggedDelivery {
                     lsn: record.lsn,
-                    slot,
+                    slot: reservation.slot(),
                     start: 0,
+                    end: total,
                     total,
-                    token: Box::new(record.token()),
+                    hold: record.token(),
                 };
                 reservation.push(Chunk {
                     updates,
-                    origin,
+                    delivery: Some(Box::new(delivery)),
                     commit: waiter,
                 });
                 return;
@@ -253,7 +290,7 @@ impl<T: Update + WalCodec> LogFeed<T> {
     /// Queues what of a record belongs to this stream and is not yet committed, waiting for room; returns
     /// false when the queue closed under it.
     fn queue_record(&self, payload: &[u8], segment: &Arc<Segment>, offset: u64) -> bool {
-        let Some(header) = codec::decode_header(payload).filter(|h| h.stream == T::STREAM_ID) else {
+        let Some(header) = record::decode_header(payload).filter(|h| h.stream == T::STREAM_ID) else {
             return true;
         };
         let start = match self.progress.get(&header.slot) {
@@ -264,7 +301,7 @@ impl<T: Update + WalCodec> LogFeed<T> {
             },
             _ => 0,
         };
-        let Some(mut updates) = codec::decode_updates::<T>(payload) else {
+        let Some(mut updates) = record::decode_updates::<T>(payload) else {
             self.fault(segment, offset, "a log record could not be decoded; skipped");
             return true;
         };
@@ -287,24 +324,24 @@ impl<T: Update + WalCodec> LogFeed<T> {
             let reservation = loop {
                 match self.queue.reserve_on(updates.len(), slot) {
                     Ok(r) => break r,
-                    Err(PushError::Full { .. }) => std::thread::sleep(ROOM_WAIT),
+                    Err(PushError::Full { .. }) => std::thread::sleep(REFILL_RETRY),
                     Err(PushError::Closed) => return false,
                 }
             };
-            let token = Box::new(SegmentRef::new(segment));
             let len = updates.len() as u32;
-            let origin = Origin::Logged {
+            let delivery = LoggedDelivery {
                 lsn: header.lsn,
                 slot: header.slot,
                 start,
+                end: start + len,
                 total: header.count,
-                token,
+                hold: SegmentRef::new(segment),
             };
             // The waiter counts every update of the record, so each piece carries it.
             let commit = if pieces_left { waiter.clone() } else { waiter.take() };
             reservation.push(Chunk {
                 updates,
-                origin,
+                delivery: Some(Box::new(delivery)),
                 commit,
             });
             start += len;

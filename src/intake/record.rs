@@ -1,5 +1,6 @@
-//! The payload of a log record: a header (`lsn`, stream, slot, update count) and the request's validated updates
-//! in a compact binary form, so that a replay needs no JSON parsing and no validation.
+//! The record an accepted request becomes in the write-ahead log: a header (`lsn`, stream, slot, update count)
+//! and the request's validated updates in a compact binary form, so that a replay needs no JSON parsing and no
+//! validation. The lsn comes first, where the log expects it ([`crate::wal::LSN_BYTES`]).
 
 use time::OffsetDateTime;
 
@@ -24,16 +25,17 @@ pub struct RecordHeader {
 }
 
 /// An update type that can be stored in the log.
-pub trait WalCodec: Sized {
+pub trait RecordCodec: Sized {
     const STREAM_ID: u8;
     fn encode(&self, out: &mut Vec<u8>);
     fn decode(input: &mut Reader<'_>) -> Option<Self>;
 }
 
 /// Encodes a record for `updates` queued on `slot`; the lsn is filled in by the log when it is appended.
-pub fn encode_record<T: WalCodec>(slot: u16, updates: &[T]) -> Vec<u8> {
+pub fn encode_record<T: RecordCodec>(slot: u16, updates: &[T]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + updates.len() * 96);
-    out.extend_from_slice(&0u64.to_le_bytes());
+    // The lsn's place, filled in by the log when the record is appended.
+    out.resize(crate::wal::LSN_BYTES, 0);
     out.push(T::STREAM_ID);
     out.extend_from_slice(&slot.to_le_bytes());
     out.extend_from_slice(&(updates.len() as u32).to_le_bytes());
@@ -41,11 +43,6 @@ pub fn encode_record<T: WalCodec>(slot: u16, updates: &[T]) -> Vec<u8> {
         u.encode(&mut out);
     }
     out
-}
-
-/// Writes the lsn into an encoded record.
-pub fn set_lsn(payload: &mut [u8], lsn: u64) {
-    payload[..8].copy_from_slice(&lsn.to_le_bytes());
 }
 
 /// Reads a record's header; `None` for a payload too short to hold one.
@@ -61,7 +58,7 @@ pub fn decode_header(payload: &[u8]) -> Option<RecordHeader> {
 
 /// Reads a record's updates; `None` when the payload does not hold `T`s (a record of another stream or damage
 /// that the checksum missed).
-pub fn decode_updates<T: WalCodec>(payload: &[u8]) -> Option<Vec<T>> {
+pub fn decode_updates<T: RecordCodec>(payload: &[u8]) -> Option<Vec<T>> {
     let header = decode_header(payload)?;
     if header.stream != T::STREAM_ID {
         return None;
@@ -148,7 +145,7 @@ fn put_f64(out: &mut Vec<u8>, v: f64) {
     out.extend_from_slice(&v.to_bits().to_le_bytes());
 }
 
-impl WalCodec for LocationUpdate {
+impl RecordCodec for LocationUpdate {
     const STREAM_ID: u8 = LOCATION_STREAM;
 
     fn encode(&self, out: &mut Vec<u8>) {
@@ -178,7 +175,7 @@ impl WalCodec for LocationUpdate {
     }
 }
 
-impl WalCodec for PollResult {
+impl RecordCodec for PollResult {
     const STREAM_ID: u8 = POLL_STREAM;
 
     fn encode(&self, out: &mut Vec<u8>) {
@@ -230,7 +227,7 @@ mod tests {
     fn records_round_trip_with_their_header() {
         let updates: Vec<_> = (0..5).map(location).collect();
         let mut payload = encode_record(3, &updates);
-        set_lsn(&mut payload, 42);
+        payload[..8].copy_from_slice(&42u64.to_le_bytes());
         assert_eq!(
             decode_header(&payload),
             Some(RecordHeader {

@@ -1,0 +1,222 @@
+//! The intake: where validated updates are handed over, whatever transport brought them. It decides what a `202`
+//! promises and keeps that promise: [`Intake::submit`] returns only once the updates are as safe as the gateway's
+//! durability says (in memory, or fsynced in the write-ahead log), or committed in PostgreSQL when asked.
+//!
+//! - [`log`]: the write-ahead-log backend: append, group commit, then hand the updates on.
+//! - [`feed`]: from the log to the queue, and the backlog read back when the writers fall behind or after a
+//!   restart.
+//! - [`record`]: the binary record a request becomes in the log.
+
+pub mod feed;
+pub mod log;
+pub mod record;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::metrics::StreamMetrics;
+use crate::model::Update;
+use crate::pipeline::{Chunk, CommitWaiter, PushError, StreamQueue, WriterState};
+use crate::wal::Wal;
+use feed::LogFeed;
+use record::RecordCodec;
+
+/// How long a request waits for room in a full queue before its updates go to the write-ahead log's backlog
+/// instead. Long enough for a batch or two to commit, so that clients faster than PostgreSQL are paced by their
+/// answers; short, so that nobody is held for long.
+const FULL_QUEUE_WAIT: Duration = Duration::from_millis(250);
+
+/// When a submission is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// Once the updates are as durable as the gateway promises (memory or log).
+    Durable,
+    /// Once the updates are committed in PostgreSQL.
+    Committed,
+}
+
+/// What an accepted submission got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    pub updates: usize,
+    /// The updates are committed in PostgreSQL (asked with [`Ack::Committed`]).
+    pub committed: bool,
+}
+
+/// Why a submission was refused; nothing of it is kept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the gateway is stopping")]
+    ShuttingDown,
+    #[error("the queue is full")]
+    Overloaded,
+    /// Without the log, a submission larger than the whole queue could never be taken: no retry helps.
+    #[error("more updates than the queue holds ({limit})")]
+    LargerThanQueue { limit: usize },
+    #[error("the write-ahead log is full")]
+    LogFull,
+    #[error("the write-ahead log could not be written: {0}")]
+    LogWrite(String),
+}
+
+/// Open while the gateway takes updates; closed once, when it starts to stop. Shared by every stream.
+#[derive(Debug, Clone, Default)]
+pub struct Gate {
+    closed: Arc<AtomicBool>,
+}
+
+impl Gate {
+    pub fn is_open(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+    }
+
+    /// From now on every submission is refused with [`SubmitError::ShuttingDown`].
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+/// One stream's intake: its queue, the log (when updates are made durable there) and the log's feed.
+pub struct Intake<T> {
+    queue: Arc<StreamQueue<T>>,
+    /// The log every submission is appended to; `None` when a `202` promises memory only.
+    wal: Option<Arc<Wal>>,
+    /// Hands logged updates to the queue, or keeps them on disk while the writers are behind; also replays the
+    /// log a previous run left, whatever the durability now.
+    feed: Arc<LogFeed<T>>,
+    gate: Gate,
+    metrics: StreamMetrics,
+    /// The writers draining the queue, for the age of the oldest update not yet written.
+    writers: Vec<Arc<WriterState>>,
+}
+
+impl<T: Update + RecordCodec> Intake<T> {
+    pub fn new(
+        queue: Arc<StreamQueue<T>>,
+        wal: Option<Arc<Wal>>,
+        feed: Arc<LogFeed<T>>,
+        gate: Gate,
+        metrics: StreamMetrics,
+        writers: Vec<Arc<WriterState>>,
+    ) -> Self {
+        Self {
+            queue,
+            wal,
+            feed,
+            gate,
+            metrics,
+            writers,
+        }
+    }
+
+    /// Whether submissions are taken; lets a transport refuse before it reads a body.
+    pub fn is_accepting(&self) -> bool {
+        self.gate.is_open()
+    }
+
+    /// Takes `updates` whole or not at all, and answers as `ack` asks.
+    pub async fn submit(&self, updates: Vec<T>, ack: Ack) -> Result<Receipt, SubmitError> {
+        if !self.gate.is_open() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let count = updates.len();
+        let committed = ack == Ack::Committed;
+        if count == 0 {
+            return Ok(Receipt { updates: 0, committed });
+        }
+        let (waiter, commit) = match ack {
+            Ack::Committed => {
+                let (waiter, commit) = CommitWaiter::new(count);
+                (Some(waiter), Some(commit))
+            }
+            Ack::Durable => (None, None),
+        };
+        match &self.wal {
+            None => {
+                if count > self.queue.capacity() {
+                    return Err(SubmitError::LargerThanQueue {
+                        limit: self.queue.capacity(),
+                    });
+                }
+                let reservation = self.queue.reserve(count).map_err(push_error)?;
+                reservation.push(Chunk {
+                    updates,
+                    delivery: None,
+                    commit: waiter,
+                });
+            }
+            Some(wal) => log::submit(wal, &self.queue, &self.feed, updates, waiter, FULL_QUEUE_WAIT).await?,
+        }
+        if let Some(commit) = commit {
+            // The writers drain everything before the process stops, so the waiter is dropped unanswered only when
+            // the stop timed out: the updates may still be written from the log at the next start.
+            commit.await.map_err(|_| SubmitError::ShuttingDown)?;
+        }
+        Ok(Receipt {
+            updates: count,
+            committed,
+        })
+    }
+
+    /// Updates in the queue (accepted, not yet committed) and its capacity.
+    pub fn queue_fill(&self) -> (usize, usize) {
+        (self.queue.pending(), self.queue.capacity())
+    }
+
+    pub fn metrics(&self) -> &StreamMetrics {
+        &self.metrics
+    }
+
+    /// Brings the gauges that are read, not counted, up to date; called before `/stats` and `/metrics` answer.
+    pub fn refresh_gauges(&self) {
+        self.metrics.queue_depth.set(self.queue.pending() as i64);
+        self.metrics.queue_capacity.set(self.queue.capacity() as i64);
+        self.metrics.backlog_bytes.set(self.feed.backlog_bytes() as i64);
+        let now = Instant::now();
+        let oldest = self
+            .writers
+            .iter()
+            .filter_map(|w| w.oldest_age(now))
+            .max()
+            .unwrap_or_default();
+        self.metrics.oldest_pending_age.set(oldest.as_secs_f64());
+    }
+}
+
+/// The stop sequence's view of a stream, whatever its update type.
+pub trait Drain: Send + Sync {
+    /// No more records will come from the log: the feed stops once its backlog is queued.
+    fn close_input(&self);
+    /// Nothing more will be queued: the writers write what they hold, then stop.
+    fn close_queue(&self);
+    /// The stop timed out: the writers give up what they hold (the log keeps it for the next start).
+    fn abandon(&self);
+    /// Accepted updates not yet committed (an unread backlog counts as one).
+    fn unwritten(&self) -> usize;
+}
+
+impl<T: Update + RecordCodec> Drain for Intake<T> {
+    fn close_input(&self) {
+        self.feed.close_input();
+    }
+
+    fn close_queue(&self) {
+        self.queue.close();
+    }
+
+    fn abandon(&self) {
+        self.queue.abandon();
+    }
+
+    fn unwritten(&self) -> usize {
+        self.queue.pending() + usize::from(!self.feed.is_caught_up())
+    }
+}
+
+fn push_error(error: PushError) -> SubmitError {
+    match error {
+        PushError::Full { .. } => SubmitError::Overloaded,
+        PushError::Closed => SubmitError::ShuttingDown,
+    }
+}

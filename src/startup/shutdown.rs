@@ -1,0 +1,120 @@
+//! The stop sequence: stop taking updates (503), let in-flight requests finish, close the queues, let the
+//! writers write everything they were given, and report what, if anything, could not be written in time.
+
+use std::future::Future;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::streams::StreamHandle;
+use crate::intake::Gate;
+use crate::wal::Wal;
+
+/// What the stop achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownOutcome {
+    /// Accepted updates that were not written before the shutdown timeout (0 for a clean stop).
+    pub unwritten: usize,
+    pub elapsed: Duration,
+}
+
+impl ShutdownOutcome {
+    pub fn is_clean(&self) -> bool {
+        self.unwritten == 0
+    }
+}
+
+/// Resolves at the first SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process can only be killed; never resolving keeps it serving.
+        tracing::error!("could not install the SIGTERM/SIGINT handlers; the gateway can only be killed");
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(
+        signal = name,
+        "stop requested: no more updates are taken, accepted ones are being written"
+    );
+}
+
+/// Waits until every thread has finished or `deadline` has passed; returns whether all finished.
+/// Polls with async sleeps so that the HTTP runtime it runs on is not blocked.
+async fn wait_for_threads(threads: &[&JoinHandle<()>], deadline: Instant) -> bool {
+    loop {
+        if threads.iter().all(|t| t.is_finished()) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs the whole stop: the gate closes (new submissions get 503), `stop_transports` lets the requests in flight
+/// finish, the log writes its last group, each stream's feed queues its backlog, the queues close and the writers
+/// write what they hold. Past `timeout`, the writers give up and whatever is left stays in the log (if any).
+pub async fn stop(
+    gate: &Gate,
+    stop_transports: impl Future<Output = ()>,
+    wal: Option<&Wal>,
+    streams: Vec<StreamHandle>,
+    timeout: Duration,
+) -> ShutdownOutcome {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    // 1. Stop taking updates; requests already past the gate finish and may still queue theirs.
+    gate.close();
+    stop_transports.await;
+    // 2. Nothing more can arrive: the log writes its last group, the feeds queue their backlog.
+    if let Some(wal) = wal {
+        wal.close();
+    }
+    for stream in &streams {
+        stream.drain.close_input();
+    }
+    let feeds: Vec<&JoinHandle<()>> = streams.iter().map(|s| &s.feed).collect();
+    let writers: Vec<&JoinHandle<()>> = streams.iter().flat_map(|s| &s.writers).collect();
+    let fed = wait_for_threads(&feeds, deadline).await;
+    // 3. Closing the queues before the feeds are done would strand the backlog; a timed-out stop leaves it in the
+    //    log for the next start.
+    for stream in &streams {
+        stream.drain.close_queue();
+    }
+    let finished = fed && wait_for_threads(&writers, deadline).await;
+    if !finished {
+        for stream in &streams {
+            stream.drain.abandon();
+        }
+    }
+    let unwritten = streams.iter().map(|s| s.drain.unwritten()).sum();
+    let outcome = ShutdownOutcome {
+        unwritten,
+        elapsed: started.elapsed(),
+    };
+    if finished && unwritten == 0 {
+        info!(
+            elapsed_ms = outcome.elapsed.as_millis() as u64,
+            "stopped; every accepted update is written"
+        );
+    } else if wal.is_some() {
+        warn!(
+            unwritten,
+            ?timeout,
+            "stopped before every accepted update was written; the write-ahead log keeps them for the next start"
+        );
+    } else {
+        warn!(
+            unwritten,
+            ?timeout,
+            "stopped before every accepted update was written; with durability=memory they are lost"
+        );
+    }
+    outcome
+}

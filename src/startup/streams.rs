@@ -1,0 +1,98 @@
+//! One stream, built the same way whatever its update type: its queue, its batch writers, the feed that replays
+//! the previous run's log into it, and its intake.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use tokio::runtime::Handle;
+
+use crate::db::Checkpoints;
+use crate::intake::feed::LogFeed;
+use crate::intake::record::RecordCodec;
+use crate::intake::{Drain, Gate, Intake};
+use crate::metrics::StreamMetrics;
+use crate::model::Update;
+use crate::pipeline::{self, Backoff, BatchPolicy, BatchWriter, CopyRecord};
+use crate::wal::{Segment, Wal};
+
+/// An update type the gateway takes: validated from JSON, logged, written by `COPY`.
+pub trait Stream: Update + RecordCodec + CopyRecord {}
+impl<T: Update + RecordCodec + CopyRecord> Stream for T {}
+
+/// What every stream is built from.
+pub struct StreamParts<'a> {
+    /// The gateway's identity, under which its writers record their log positions.
+    pub instance: Arc<str>,
+    pub pool: &'a Pool,
+    /// The database runtime, which the writers enter to do IO.
+    pub runtime: Handle,
+    pub policy: BatchPolicy,
+    pub writers: usize,
+    pub capacity: usize,
+    /// The log new submissions go to; `None` with `durability=memory`.
+    pub wal: Option<Arc<Wal>>,
+    /// The segments the previous run left, oldest first: every stream replays its own records from them.
+    pub recovered: Vec<Arc<Segment>>,
+    pub gate: Gate,
+}
+
+/// A running stream, as the stop sequence sees it.
+pub struct StreamHandle {
+    pub name: &'static str,
+    pub drain: Arc<dyn Drain>,
+    /// The feed's refill thread: finishes once the log is closed and its backlog queued.
+    pub feed: JoinHandle<()>,
+    /// The writers: finish once the queue is closed and drained.
+    pub writers: Vec<JoinHandle<()>>,
+}
+
+impl StreamParts<'_> {
+    /// Builds stream `T`: its writers start at once, its feed starts replaying what the previous run left.
+    pub fn build<T: Stream>(
+        &self,
+        metrics: &StreamMetrics,
+        checkpoints: &mut Checkpoints,
+    ) -> anyhow::Result<(Arc<Intake<T>>, StreamHandle)> {
+        let queue = pipeline::bounded::<T>(self.capacity, self.writers);
+        metrics.queue_capacity.set(self.capacity as i64);
+        let mut writers = Vec::with_capacity(self.writers);
+        for slot in 0..self.writers {
+            let writer = BatchWriter {
+                name: format!("{}-writer-{slot}", T::STREAM),
+                stream: T::STREAM,
+                instance: self.instance.clone(),
+                source: queue.receiver(slot),
+                policy: self.policy,
+                backoff: Backoff::default(),
+                pool: self.pool.clone(),
+                runtime: self.runtime.clone(),
+                metrics: metrics.clone(),
+            };
+            writers.push(writer.spawn().context("could not start a batch writer thread")?);
+        }
+        let feed = LogFeed::new(
+            queue.clone(),
+            self.recovered.clone(),
+            checkpoints.remove(T::STREAM).unwrap_or_default(),
+            metrics.clone(),
+        );
+        let feed_thread = feed.spawn().context("could not start a log feed thread")?;
+        let intake = Arc::new(Intake::new(
+            queue,
+            self.wal.clone(),
+            feed,
+            self.gate.clone(),
+            metrics.clone(),
+            writers.iter().map(|w| w.state.clone()).collect(),
+        ));
+        let handle = StreamHandle {
+            name: T::STREAM,
+            drain: intake.clone(),
+            feed: feed_thread,
+            writers: writers.into_iter().map(|w| w.thread).collect(),
+        };
+        Ok((intake, handle))
+    }
+}
