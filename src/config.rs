@@ -47,9 +47,14 @@ pub enum Durability {
 /// Every setting. Durations are written like `250ms`, `10s`, `5m`, `30d`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
-    /// HTTP address to listen on; port 0 picks a free port (the log says which).
+    /// Where to listen, comma-separated: TCP addresses (port 0 picks a free port; the log says which) and Unix
+    /// sockets as `unix:/path/to/socket`.
     #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:8080", global = true)]
     pub listen: String,
+
+    /// Permissions of a Unix socket listener's file, in octal: who on this host may send.
+    #[arg(long, env = "INGEST_SOCKET_MODE", default_value = "660", value_parser = parse_octal_mode, global = true)]
+    pub socket_mode: u32,
 
     /// PostgreSQL to write to; when unset, an embedded PostgreSQL is started under <data-dir>/postgres.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
@@ -121,6 +126,15 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (write durations like 250ms, 10s, 5m)"))
 }
 
+/// Parses an octal file mode such as `660` or `0o660`.
+fn parse_octal_mode(text: &str) -> Result<u32, String> {
+    let digits = text.trim().trim_start_matches("0o");
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{text:?} is not an octal file mode such as 660"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +149,7 @@ mod tests {
     fn defaults_match_the_documented_table() {
         let s = Settings::defaults();
         assert_eq!(s.listen, "127.0.0.1:8080");
+        assert_eq!(s.socket_mode, 0o660);
         assert_eq!(s.batch_size, 1000);
         assert_eq!(s.flush_interval, Duration::from_secs(10));
         assert_eq!(s.queue_capacity, 100_000);
@@ -160,6 +175,14 @@ mod tests {
         assert_eq!(cli.command, Some(Command::Serve));
         assert_eq!(cli.settings.flush_interval, Duration::from_millis(250));
         assert_eq!(cli.settings.max_age, Duration::from_secs(2 * 86_400));
+    }
+
+    #[test]
+    fn a_socket_mode_is_octal() {
+        assert_eq!(parse_octal_mode("660"), Ok(0o660));
+        assert_eq!(parse_octal_mode("0o600"), Ok(0o600));
+        assert!(parse_octal_mode("999").is_err());
+        assert!(parse_octal_mode("1777").is_err());
     }
 
     #[test]

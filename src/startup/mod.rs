@@ -2,14 +2,15 @@
 //! with its replay, HTTP server — and runs it until stopped. The only module that knows all the others.
 //!
 //! - [`data_dir`]: the locked data directory and the gateway's identity.
+//! - [`listener`]: TCP and Unix-socket listeners.
 //! - [`streams`]: one generic per-stream builder.
 //! - [`shutdown`]: the stop sequence.
 
 pub mod data_dir;
+pub mod listener;
 pub mod shutdown;
 pub mod streams;
 
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use crate::model::{LocationUpdate, PollResult};
 use crate::pipeline::BatchPolicy;
 use crate::wal::{Recovery, Wal, WalConfig};
 use data_dir::DataDir;
+use listener::Listener;
 use shutdown::ShutdownOutcome;
 use streams::{StreamHandle, StreamParts};
 
@@ -88,7 +90,8 @@ pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
 
 /// A gateway that is built and bound, ready to run.
 pub struct Application {
-    listener: TcpListener,
+    listeners: Vec<Listener>,
+    /// The first TCP port bound (0 when there is none).
     port: u16,
     state: web::Data<AppState>,
     gate: Gate,
@@ -172,9 +175,14 @@ impl Application {
         let (poll, poll_handle) = parts.build::<PollResult>(&metrics.poll, &mut checkpoints)?;
         drop(parts);
 
-        let listener =
-            TcpListener::bind(&settings.listen).with_context(|| format!("could not listen on {}", settings.listen))?;
-        let port = listener.local_addr()?.port();
+        let listeners = listener::open_all(&settings.listen, settings.socket_mode)?;
+        let port = listeners
+            .iter()
+            .find_map(|l| match l {
+                Listener::Tcp(tcp) => tcp.local_addr().ok().map(|a| a.port()),
+                Listener::Unix(_) => None,
+            })
+            .unwrap_or(0);
         let state = web::Data::new(AppState {
             location,
             poll,
@@ -189,7 +197,7 @@ impl Application {
             database_check: database_check(&runtime, pool),
         });
         Ok(Application {
-            listener,
+            listeners,
             port,
             state,
             gate,
@@ -202,7 +210,7 @@ impl Application {
         })
     }
 
-    /// The HTTP port actually bound (useful with port 0).
+    /// The first TCP port actually bound (useful with port 0); 0 when listening on Unix sockets only.
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -211,15 +219,28 @@ impl Application {
     /// Runs inside an actix system (`actix_web::rt::System`).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<ShutdownOutcome> {
         let state = self.state.clone();
-        let address = self.listener.local_addr()?;
-        let server = HttpServer::new(move || http::app(state.clone()))
-            .listen(self.listener)?
+        let mut server = HttpServer::new(move || http::app(state.clone()))
             .disable_signals()
-            .shutdown_timeout(self.shutdown_timeout.as_secs().max(1))
-            .run();
+            .shutdown_timeout(self.shutdown_timeout.as_secs().max(1));
+        // Kept until the server has stopped: a socket file is removed when its listener goes.
+        let mut sockets = Vec::new();
+        for listener in self.listeners {
+            match listener {
+                Listener::Tcp(tcp) => {
+                    let address = tcp.local_addr()?;
+                    server = server.listen(tcp)?;
+                    info!(address = %address, port = address.port(), "ingest-gateway is listening");
+                }
+                Listener::Unix(socket) => {
+                    server = server.listen_uds(socket.listener.try_clone()?)?;
+                    info!(socket = %socket.path.display(), "ingest-gateway is listening");
+                    sockets.push(socket);
+                }
+            }
+        }
+        let server = server.run();
         let server_handle = server.handle();
         let mut server_task = actix_web::rt::spawn(server);
-        info!(address = %address, port = self.port, "ingest-gateway is listening");
 
         let server_failed = tokio::select! {
             () = stop => None,
@@ -238,6 +259,7 @@ impl Application {
             self.shutdown_timeout,
         )
         .await;
+        drop(sockets);
         // The pool's connections live on the runtime; dropping it here would block, so let it wind down alone.
         self.runtime.shutdown_background();
         drop(self.database);

@@ -12,4 +12,5 @@ mod migrations;
 mod observability;
 mod replicas;
 mod signals;
+mod unix_socket;
 mod validation;
