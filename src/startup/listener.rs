@@ -72,7 +72,7 @@ pub fn open_all(list: &str, socket_mode: u32) -> Result<Vec<Listener>, ListenErr
         .map(str::trim)
         .filter(|a| !a.is_empty())
         .map(|address| match address.strip_prefix("unix:") {
-            Some(path) if path.is_empty() => Err(ListenError::NoSocketPath),
+            Some("") => Err(ListenError::NoSocketPath),
             Some(path) => bind_unix(Path::new(path), socket_mode).map(Listener::Unix),
             None => TcpListener::bind(address)
                 .map(Listener::Tcp)
