@@ -4,25 +4,47 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
+use ingest_gateway::model::BodyFormat;
 use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
+use crate::cases::{self, max_body_bytes, max_updates, Expected, Stream, MAX_ERRORS, NESTING_LEVELS};
 use crate::helpers::{eventually, gzip, location_array, location_json, now_rfc3339, spawn_app, Answer, TestApp};
 
-const LOCATION: &str = "/api/v1/location/update";
-const POLL: &str = "/api/v1/poll/update";
+const LOCATION: &str = path(Stream::Location);
+const POLL: &str = path(Stream::Poll);
 /// A request header: name and value.
 type Header = (&'static str, &'static str);
 const JSON: Header = ("Content-Type", "application/json");
 const NDJSON: Header = ("Content-Type", "application/x-ndjson");
 const GZIP: Header = ("Content-Encoding", "gzip");
-/// The default body limit, which these tests keep.
-const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
-const MAX_UPDATES: usize = 10_000;
+
+/// Where the gateway takes `stream`'s updates.
+const fn path(stream: Stream) -> &'static str {
+    match stream {
+        Stream::Location => "/api/v1/location/update",
+        Stream::Poll => "/api/v1/poll/update",
+    }
+}
+
+/// The `Content-Type` of a body framed as `format`.
+fn content_type(format: BodyFormat) -> Header {
+    match format {
+        BodyFormat::Json => JSON,
+        BodyFormat::Ndjson => NDJSON,
+    }
+}
 
 /// Checks `answer` is `status` with the error `code`, and that the request queued nothing on either stream.
 fn assert_refused(app: &TestApp, answer: &Answer, status: u16, code: &str, what: &str) {
     assert_eq!(answer.status, status, "{what} → {}", abridged(&answer.body));
     assert_eq!(answer.json()["error"], code, "{what} → {}", abridged(&answer.body));
+    assert_nothing_queued(app, what);
+}
+
+/// Checks no request so far queued anything on either stream.
+fn assert_nothing_queued(app: &TestApp, what: &str) {
     let stats = app.get("/stats").json();
     for stream in ["location", "poll"] {
         assert_eq!(
@@ -40,11 +62,44 @@ fn assert_refused(app: &TestApp, answer: &Answer, status: u16, code: &str, what:
 fn assert_names(answer: &Answer, index: usize, field: Option<&str>, what: &str) {
     let json = answer.json();
     let details = json["details"].as_array().expect("details");
-    let field = field.map_or(Value::Null, Value::from);
     assert!(
-        details.iter().any(|d| d["index"] == index && d["field"] == field),
-        "{what}: expected update {index} field {field} in {details:?}"
+        names(answer, index, field),
+        "{what}: expected update {index} field {field:?} in {details:?}"
     );
+}
+
+/// Whether `answer`'s details name `field` of update `index`.
+fn names(answer: &Answer, index: usize, field: Option<&str>) -> bool {
+    let json: Value = serde_json::from_str(&answer.body).unwrap_or_default();
+    let field = field.map_or(Value::Null, Value::from);
+    json["details"]
+        .as_array()
+        .is_some_and(|details| details.iter().any(|d| d["index"] == index && d["field"] == field))
+}
+
+/// Whether `answer` is the outcome a shared case expects: the same one the model is held to.
+fn is_expected(answer: &Answer, expected: Expected) -> bool {
+    let json: Value = serde_json::from_str(&answer.body).unwrap_or_default();
+    let is = |status, code: &str| answer.status == status && json["error"] == code;
+    match expected {
+        Expected::Accepted => answer.status == 202,
+        Expected::InvalidJson => is(400, "invalid_json"),
+        Expected::TooManyUpdates => is(413, "payload_too_large"),
+        Expected::Refused { index, field } => is(422, "invalid_update") && names(answer, index, field),
+    }
+}
+
+/// Checks `answer` is what `expected` says, and that a refused request queued nothing on either stream.
+fn assert_expected(app: &TestApp, answer: &Answer, expected: Expected, what: &str) {
+    assert!(
+        is_expected(answer, expected),
+        "{what}: expected {expected:?}, got {} {}",
+        answer.status,
+        abridged(&answer.body)
+    );
+    if expected != Expected::Accepted {
+        assert_nothing_queued(app, what);
+    }
 }
 
 /// Stops the gateway (everything accepted is written by then) and checks that no table holds a row.
@@ -60,30 +115,14 @@ fn abridged(text: &str) -> String {
     text.chars().take(300).collect()
 }
 
-/// A location update with `field` set to the raw JSON `value` (replacing it when it is a known field).
+/// A location update made now with `field` set to the raw JSON `value` (replacing it when it is a known field).
 fn location_with(field: &str, value: &str) -> String {
-    let mut fields = vec![
-        ("device_id", "\"d\"".to_owned()),
-        ("recorded_at", format!("\"{}\"", now_rfc3339())),
-        ("lat", "1".to_owned()),
-        ("lon", "2".to_owned()),
-    ];
-    match fields.iter_mut().find(|(name, _)| *name == field) {
-        Some(known) => known.1 = value.to_owned(),
-        None => fields.push((field, value.to_owned())),
-    }
-    let fields: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
-    format!("{{{}}}", fields.join(","))
+    Stream::Location.update_with(&now_rfc3339(), field, value)
 }
 
-/// A poll result with `field` set to the raw JSON `value`.
+/// A poll result made now with `field` set to the raw JSON `value` (replacing it when it is a known field).
 fn poll_with(field: &str, value: &str) -> String {
-    let base = format!(r#""project_id":1,"polled_at":"{}","success":true"#, now_rfc3339());
-    let base: Vec<&str> = base
-        .split(',')
-        .filter(|kv| !kv.starts_with(&format!("\"{field}\"")))
-        .collect();
-    format!("{{{},\"{field}\":{value}}}", base.join(","))
+    Stream::Poll.update_with(&now_rfc3339(), field, value)
 }
 
 /// Sends a request written by hand, for what an HTTP client will not send (a Content-Length that lies, a chunked
@@ -181,29 +220,18 @@ impl MemoryPeak {
 #[test]
 fn deeply_nested_json_gets_422_naming_where_it_is_or_400_when_unclosed() {
     let app = spawn_app(|_| {});
-    let levels = 100_000;
-    let nested = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
-    let nested_objects = format!("{}0{}", r#"{"a":"#.repeat(levels), "}".repeat(levels));
-    let cases = [
-        (LOCATION, location_with("lat", &nested), Some("lat")),
-        (LOCATION, location_with("device_id", &nested_objects), Some("device_id")),
-        (LOCATION, location_with("extra", &nested), Some("attributes")),
-        (LOCATION, location_with("extra", &nested_objects), Some("attributes")),
-        (POLL, poll_with("project_id", &nested), Some("project_id")),
-        (POLL, poll_with("extra", &nested_objects), Some("attributes")),
-        (LOCATION, nested.clone(), None),
-    ];
-    for (path, body, field) in &cases {
-        let what = format!("{levels} levels for {field:?}");
+    let at = now_rfc3339();
+    for case in cases::nesting() {
+        let body = case.body(&at, NESTING_LEVELS);
+        let what = format!("{NESTING_LEVELS} levels of {:?} in {:?}", case.shape, case.field);
         for content_type in [JSON, NDJSON] {
-            let answer = app.post(path, body.as_bytes(), &[content_type]);
-            assert_refused(&app, &answer, 422, "invalid_update", &what);
-            assert_names(&answer, 0, *field, &what);
+            let answer = app.post(path(case.stream), body.as_bytes(), &[content_type]);
+            assert_expected(&app, &answer, case.expected, &what);
         }
     }
-    for unclosed in ["[".repeat(levels), r#"{"a":"#.repeat(levels)] {
-        let answer = app.post_json(LOCATION, &location_with("extra", &unclosed));
-        assert_refused(&app, &answer, 400, "invalid_json", "unclosed nesting");
+    for unclosed in cases::unclosed_nesting(&at, NESTING_LEVELS) {
+        let answer = app.post_json(LOCATION, &unclosed);
+        assert_expected(&app, &answer, Expected::InvalidJson, "unclosed nesting");
     }
     assert_nothing_stored(app);
 }
@@ -226,40 +254,20 @@ fn nesting_that_fits_the_attribute_limit_is_stored_as_sent() {
 #[test]
 fn a_number_beyond_f64_gets_400_and_one_beyond_i64_but_within_f64_gets_422() {
     let app = spawn_app(|_| {});
-    // serde_json refuses a number f64 cannot hold while it reads the body, as it refuses NaN: the body is not
-    // JSON the gateway can read, so 400, before any rule runs.
-    for (path, body) in [
-        (LOCATION, location_with("lat", "1e400")),
-        (LOCATION, location_with("lon", "-1e400")),
-        (LOCATION, location_with("speed_kmh", "1e999999999")),
-        (POLL, poll_with("status_code", "1e400")),
-        // An integer too long for even an f64 is out of range the same way.
-        (LOCATION, location_with("lon", &"9".repeat(400))),
-    ] {
-        let answer = app.post_json(path, &body);
-        assert_refused(&app, &answer, 400, "invalid_json", &body);
-        let reason = answer.json()["details"][0]["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        assert!(reason.contains("number out of range"), "{body} → {reason}");
-    }
-    // An integer past u64 is read as an f64: a number, but out of the field's range, so 422 naming the field.
-    let big = "123456789012345678901234567890";
-    for (path, body, field) in [
-        (LOCATION, location_with("lat", big), "lat"),
-        (LOCATION, location_with("accuracy_m", &format!("-{big}")), "accuracy_m"),
-        (LOCATION, location_with("recorded_at", big), "recorded_at"),
-        (POLL, poll_with("project_id", big), "project_id"),
-        (
-            POLL,
-            poll_with("response_time_ms", "18446744073709551616"),
-            "response_time_ms",
-        ),
-    ] {
-        let answer = app.post_json(path, &body);
-        assert_refused(&app, &answer, 422, "invalid_update", field);
-        assert_names(&answer, 0, Some(field), field);
+    let at = now_rfc3339();
+    for case in cases::numbers_out_of_range() {
+        let body = case.body(&at);
+
+        let answer = app.post_json(path(case.stream), &body);
+
+        assert_expected(&app, &answer, case.expected, &body);
+        if case.expected == Expected::InvalidJson {
+            let reason = answer.json()["details"][0]["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            assert!(reason.contains("number out of range"), "{body} → {reason}");
+        }
     }
     assert_nothing_stored(app);
 }
@@ -431,34 +439,36 @@ fn nan_and_infinity_tokens_get_400_wherever_they_are() {
 #[test]
 fn ten_thousand_tiny_updates_in_one_request_are_accepted_and_every_one_lands() {
     let app = spawn_app(|_| {});
-    let answer = app.post_json(LOCATION, &location_array("tiny", MAX_UPDATES));
+    let max_updates = max_updates();
+    let answer = app.post_json(LOCATION, &location_array("tiny", max_updates));
     assert_eq!(answer.status, 202, "{}", abridged(&answer.body));
-    assert_eq!(answer.json()["accepted"], MAX_UPDATES);
+    assert_eq!(answer.json()["accepted"], max_updates);
 
     let at = now_rfc3339();
-    let lines: Vec<String> = (1..=MAX_UPDATES)
+    let lines: Vec<String> = (1..=max_updates)
         .map(|p| format!(r#"{{"project_id":{p},"polled_at":"{at}","success":true}}"#))
         .collect();
     let answer = app.post(POLL, lines.join("\n").as_bytes(), &[NDJSON]);
     assert_eq!(answer.status, 202, "{}", abridged(&answer.body));
-    assert_eq!(answer.json()["accepted"], MAX_UPDATES);
+    assert_eq!(answer.json()["accepted"], max_updates);
 
     eventually("all 20 000 rows are written", Duration::from_secs(60), || {
-        app.db.count("location_updates") == MAX_UPDATES as i64 && app.db.count("poll_results") == MAX_UPDATES as i64
+        app.db.count("location_updates") == max_updates as i64 && app.db.count("poll_results") == max_updates as i64
     });
-    assert_eq!(app.db.device_ids().len(), MAX_UPDATES, "each device once");
+    assert_eq!(app.db.device_ids().len(), max_updates, "each device once");
     assert_eq!(app.db.count("dead_letters"), 0);
 }
 
 #[test]
 fn ten_thousand_and_one_updates_get_413_and_store_nothing() {
     let app = spawn_app(|_| {});
-    let one_too_many = location_array("over", MAX_UPDATES + 1);
-    let lines = vec![location_json("over"); MAX_UPDATES + 1].join("\n");
+    let max_updates = max_updates();
+    let one_too_many = location_array("over", max_updates + 1);
+    let lines = vec![location_json("over"); max_updates + 1].join("\n");
     let at = now_rfc3339();
     let polls = format!(
         "[{}]",
-        vec![format!(r#"{{"project_id":1,"polled_at":"{at}","success":true}}"#); MAX_UPDATES + 1].join(",")
+        vec![format!(r#"{{"project_id":1,"polled_at":"{at}","success":true}}"#); max_updates + 1].join(",")
     );
     let gzipped = gzip(one_too_many.as_bytes());
     for (path, body, headers) in [
@@ -469,7 +479,7 @@ fn ten_thousand_and_one_updates_get_413_and_store_nothing() {
     ] {
         let answer = app.post(path, body, headers);
         assert_refused(&app, &answer, 413, "payload_too_large", "10 001 updates");
-        assert_eq!(answer.json()["details"][0]["limit_updates"], MAX_UPDATES);
+        assert_eq!(answer.json()["details"][0]["limit_updates"], max_updates);
     }
     assert_nothing_stored(app);
 }
@@ -477,49 +487,67 @@ fn ten_thousand_and_one_updates_get_413_and_store_nothing() {
 #[test]
 fn ten_thousand_empty_objects_get_422_with_exactly_100_details() {
     let app = spawn_app(|_| {});
-    let body = format!("[{}]", vec!["{}"; MAX_UPDATES].join(","));
+    let body = cases::empty_objects(max_updates(), BodyFormat::Json);
     let answer = app.post_json(LOCATION, &body);
     assert_refused(&app, &answer, 422, "invalid_update", "10 000 empty objects");
     let json = answer.json();
     let details = json["details"].as_array().unwrap();
-    assert_eq!(details.len(), 100);
-    // Four required fields per update: the first 25 updates fill the list.
+    assert_eq!(details.len(), MAX_ERRORS);
+    // Four required fields per update: the first MAX_ERRORS / 4 updates fill the list.
     assert_eq!(
         details[0],
         serde_json::json!({"index": 0, "field": "device_id", "reason": "is required"})
     );
-    assert!(details.iter().all(|d| d["index"].as_u64().unwrap() < 25));
+    assert!(details
+        .iter()
+        .all(|d| d["index"].as_u64().unwrap() < MAX_ERRORS as u64 / 4));
     assert!(
-        json["message"].as_str().unwrap().starts_with("10000 of the updates"),
+        json["message"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{} of the updates", max_updates())),
         "{}",
         json["message"]
     );
     let stats = app.get("/stats").json();
     assert_eq!(
         stats["streams"]["location"]["rejected_by_reason"]["invalid_update"],
-        MAX_UPDATES
+        max_updates()
     );
     assert_nothing_stored(app);
 }
 
-/// A location update padded with an unknown string field to exactly `len` bytes.
+#[test]
+fn empty_objects_up_to_the_update_limit_get_422_and_past_it_get_413_however_many() {
+    let app = spawn_app(|_| {});
+    for (count, expected) in cases::update_counts() {
+        for format in [BodyFormat::Json, BodyFormat::Ndjson] {
+            let body = cases::empty_objects(count, format);
+
+            let answer = app.post(LOCATION, body.as_bytes(), &[content_type(format)]);
+
+            assert_expected(&app, &answer, expected, &format!("{count} empty objects, {format:?}"));
+        }
+    }
+    assert_nothing_stored(app);
+}
+
+/// A location update made now, padded with an unknown string field to exactly `len` bytes.
 fn padded_to(len: usize) -> String {
-    let head = location_json("pad");
-    let head = &head[..head.len() - 1];
-    let pad = len - head.len() - r#","pad":""}"#.len();
-    format!(r#"{head},"pad":"{}"}}"#, "x".repeat(pad))
+    cases::padded_to(&now_rfc3339(), len)
 }
 
 #[test]
 fn an_8_mib_string_gets_422_at_the_body_limit_and_413_one_byte_past_it() {
     let app = spawn_app(|_| {});
-    let at_limit = padded_to(MAX_BODY_BYTES);
-    assert_eq!(at_limit.len(), MAX_BODY_BYTES);
+    let max_body_bytes = max_body_bytes();
+    let at_limit = padded_to(max_body_bytes);
+    assert_eq!(at_limit.len(), max_body_bytes);
     let answer = app.post_json(LOCATION, &at_limit);
     assert_refused(&app, &answer, 422, "invalid_update", "8 MiB string at the limit");
     assert_names(&answer, 0, Some("attributes"), "8 MiB string at the limit");
 
-    let past_limit = padded_to(MAX_BODY_BYTES + 1);
+    let past_limit = padded_to(max_body_bytes + 1);
     let length = past_limit.len().to_string();
     // Refused from the declared length before the body is read, and by count when no length is declared.
     let declared = send_raw(
@@ -535,7 +563,7 @@ fn an_8_mib_string_gets_422_at_the_body_limit_and_413_one_byte_past_it() {
         "payload_too_large",
         "declared one byte past the limit",
     );
-    assert_eq!(declared.json()["details"][0]["limit_bytes"], MAX_BODY_BYTES);
+    assert_eq!(declared.json()["details"][0]["limit_bytes"], max_body_bytes);
     let streamed = send_raw(
         &app,
         LOCATION,
@@ -557,6 +585,7 @@ fn a_gzip_bomb_gets_413_without_being_inflated() {
     let app = spawn_app(|_| {});
     // 1 GiB of zeros, compressed 1 MiB at a time so that the test never holds more than that; the fast level keeps
     // the test quick and still packs the gigabyte into less than the body limit.
+    let max_body_bytes = max_body_bytes();
     let zeros = vec![0u8; 1024 * 1024];
     let compress = |level, times| {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), level);
@@ -572,14 +601,14 @@ fn a_gzip_bomb_gets_413_without_being_inflated() {
     let members: Vec<u8> = member.iter().copied().cycle().take(member.len() * 4096).collect();
     for body in [&bomb, &members] {
         // Under the limit as sent: what must be refused is what they inflate to.
-        assert!(body.len() < MAX_BODY_BYTES, "{} bytes", body.len());
+        assert!(body.len() < max_body_bytes, "{} bytes", body.len());
     }
 
     let before = MemoryPeak::start();
     for (what, body) in [("1 GiB in one member", &bomb), ("4 GiB in 4096 members", &members)] {
         let answer = app.post(LOCATION, body, &[JSON, GZIP]);
         assert_refused(&app, &answer, 413, "payload_too_large", what);
-        assert_eq!(answer.json()["details"][0]["limit_bytes"], MAX_BODY_BYTES);
+        assert_eq!(answer.json()["details"][0]["limit_bytes"], max_body_bytes);
     }
     if let Some(grown) = before.and_then(|b| b.growth()) {
         eprintln!("refusing the bombs raised this process's peak by {grown} bytes");
@@ -621,7 +650,7 @@ fn a_gzip_body_cut_short_or_corrupt_gets_400() {
 #[test]
 fn a_declared_content_length_over_the_limit_gets_413_before_any_body_is_sent() {
     let app = spawn_app(|_| {});
-    for length in [MAX_BODY_BYTES + 1, 1 << 30, usize::MAX] {
+    for length in [max_body_bytes() + 1, 1 << 30, usize::MAX] {
         let length = length.to_string();
         // Only a few bytes follow: a gateway that waited for the body would hang here until the read timeout.
         let answer = send_raw(&app, LOCATION, &[JSON, ("Content-Length", &length)], b"[{".to_vec());
@@ -633,7 +662,7 @@ fn a_declared_content_length_over_the_limit_gets_413_before_any_body_is_sent() {
 #[test]
 fn an_ndjson_line_of_9_mib_gets_413() {
     let app = spawn_app(|_| {});
-    let line = padded_to(9 * 1024 * 1024);
+    let line = padded_to(max_body_bytes() + 1024 * 1024);
     let length = line.len().to_string();
     let answer = send_raw(
         &app,
@@ -675,20 +704,14 @@ fn an_empty_json_array_is_accepted_as_zero_updates_and_stores_nothing() {
 #[test]
 fn an_update_postgresql_cannot_store_gets_422_and_the_stream_keeps_flowing() {
     let app = spawn_app(|_| {});
-    let cases = [
-        (LOCATION, location_with("note", r#""a\u0000b""#), "attributes"),
-        (LOCATION, location_with(r#"a\u0000b"#, "1"), "attributes"),
-        (LOCATION, location_with("note", r#""\ud800""#), "attributes"),
-        (LOCATION, location_with("n", "1e999999"), "attributes"),
-        (POLL, poll_with("error_message", r#""a\u0000b""#), "error_message"),
-    ];
+    let at = now_rfc3339();
     // Every case is sent before failing, so that one run shows each answer.
-    let wrong: Vec<String> = cases
+    let wrong: Vec<String> = cases::unstorable()
         .iter()
-        .filter_map(|(path, body, field)| {
-            let answer = app.post_json(path, body);
-            let named = answer.status == 422 && answer.body.contains(&format!("\"field\":\"{field}\""));
-            (!named).then(|| format!("{body} → {} {}", answer.status, answer.body))
+        .filter_map(|case| {
+            let body = case.body(&at);
+            let answer = app.post_json(path(case.stream), &body);
+            (!is_expected(&answer, case.expected)).then(|| format!("{body} → {} {}", answer.status, answer.body))
         })
         .collect();
     assert!(wrong.is_empty(), "expected 422:\n{}", wrong.join("\n"));
@@ -698,4 +721,41 @@ fn an_update_postgresql_cannot_store_gets_422_and_the_stream_keeps_flowing() {
         app.db.count("location_updates") == 1
     });
     assert_eq!(app.db.count("dead_letters"), 0);
+}
+
+#[test]
+fn numbers_and_escapes_postgresql_does_store_are_accepted_and_written() {
+    // The counterpart of the test above, against PostgreSQL itself: what the rules let through, jsonb takes.
+    let mut app = spawn_app(|_| {});
+    let storable = cases::storable();
+    for (i, case) in storable.iter().enumerate() {
+        // A second apart: the same device at the same moment would be one update, stored once.
+        let at = OffsetDateTime::now_utc() - time::Duration::seconds(i as i64);
+        let body = case.body(&at.format(&Rfc3339).unwrap());
+
+        let answer = app.post_json(path(case.stream), &body);
+
+        assert_expected(&app, &answer, case.expected, &body);
+    }
+    // Stopping writes everything accepted: a value PostgreSQL refused would be a dead letter by then.
+    assert!(app.stop().is_clean());
+    assert_eq!(app.db.count("dead_letters"), 0);
+    assert_eq!(app.db.count("location_updates"), storable.len() as i64);
+}
+
+#[test]
+fn a_body_at_the_size_limit_gets_a_clear_4xx_whatever_its_shape() {
+    let app = spawn_app(|_| {});
+    for cases::LargeBody {
+        what,
+        format,
+        body,
+        expected,
+    } in cases::largest_bodies(&now_rfc3339())
+    {
+        let answer = app.post(LOCATION, body.as_bytes(), &[content_type(format)]);
+
+        assert_expected(&app, &answer, expected, what);
+    }
+    assert_nothing_stored(app);
 }

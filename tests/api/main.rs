@@ -3,6 +3,9 @@
 
 mod backpressure;
 mod batching;
+// Shared with the model's property tests, which are a binary of their own.
+#[path = "../cases/mod.rs"]
+mod cases;
 mod crash;
 mod durability;
 mod helpers;
