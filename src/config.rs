@@ -114,7 +114,8 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The defaults, as `serve` with no flags and no environment would see them; tests start from here.
+    /// The settings `serve` sees with no flags: the defaults, and any `INGEST_*` variables of the environment;
+    /// tests start from here.
     pub fn defaults() -> Self {
         // Parsing an empty command line cannot fail: every setting has a default.
         Cli::parse_from(["ingest-gateway"]).settings
