@@ -1,34 +1,18 @@
 //! Crashes: the gateway killed with SIGKILL at random moments under load, and PostgreSQL killed or stopped
 //! under load. At the end, every update that got a 202 is stored exactly once, and nothing that was refused is.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ingest_gateway::db::EmbeddedPostgres;
 
 use crate::helpers::{
-    connection_string, eventually, free_port, fresh_database, shared_cluster, signal, spawn_app_on, start_gateway, Db,
-    Ledger, Load,
+    connection_string, crash_seed, eventually, free_port, fresh_database, shared_cluster, signal, spawn_app_on,
+    start_gateway, Db, Lcg, Ledger, Load,
 };
-
-/// A small deterministic generator for kill times; the seed is printed so that a failure can be replayed.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next_ms(&mut self, below: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % below
-    }
-}
 
 #[test]
 fn sigkill_at_random_moments_under_load_loses_and_duplicates_nothing_acknowledged() {
-    let seed = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
+    let seed = crash_seed();
     let mut rng = Lcg(seed);
     let cluster = shared_cluster();
     let name = fresh_database(cluster);

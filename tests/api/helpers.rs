@@ -457,3 +457,31 @@ pub fn post_location(address: &str, body: &str) -> Option<u16> {
         Err(_) => None,
     }
 }
+
+/// A small deterministic generator for kill times; its seed is printed by the tests so that a failure can be
+/// replayed with `CRASH_SEED`.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// A number below `below`.
+    pub fn next_ms(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % below
+    }
+}
+
+/// The seed of a crash test: `CRASH_SEED` when set, otherwise the clock.
+pub fn crash_seed() -> u64 {
+    std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+}

@@ -4,31 +4,12 @@
 
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::helpers::{
-    connection_string, eventually, fresh_database, shared_cluster, signal, start_gateway, Db, Ledger, Load,
+    connection_string, crash_seed, eventually, fresh_database, shared_cluster, signal, start_gateway, Db, Lcg, Ledger,
+    Load,
 };
-
-/// A small deterministic generator; the seed is printed so that a failure can be replayed.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
-fn seed() -> u64 {
-    std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64)
-}
 
 fn gateway_envs(database_url: &str, data_dir: &std::path::Path) -> Vec<(&'static str, String)> {
     vec![
@@ -45,7 +26,7 @@ fn stats(address: &str) -> Option<serde_json::Value> {
 
 #[test]
 fn two_gateways_on_one_database_lose_and_duplicate_nothing_when_one_is_killed_at_random_moments() {
-    let seed = seed();
+    let seed = crash_seed();
     let mut rng = Lcg(seed);
     let cluster = shared_cluster();
     let name = fresh_database(cluster);
@@ -61,8 +42,8 @@ fn two_gateways_on_one_database_lose_and_duplicate_nothing_when_one_is_killed_at
         .collect();
     let rounds = 6;
     for round in 1..=rounds {
-        std::thread::sleep(Duration::from_millis(400 + rng.below(1200)));
-        let victim = rng.below(2) as usize;
+        std::thread::sleep(Duration::from_millis(400 + rng.next_ms(1200)));
+        let victim = rng.next_ms(2) as usize;
         signal(&gateways[victim].0, libc::SIGKILL);
         gateways[victim].0.wait().unwrap();
         if let Some(load) = loads[victim].take() {
