@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::io::{BufReader, Seek, SeekFrom};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -75,6 +75,16 @@ struct FeedState {
     waiters: HashMap<u64, Arc<CommitWaiter>>,
     /// No more records will be offered (the log is closed).
     input_closed: bool,
+}
+
+/// Where the next whole record after a damaged one at `from` starts, reading the segment up to `until`; `None`
+/// when none follows. Damage is rare, so the rest of the segment is simply read into memory to search it.
+fn resync_in(segment: &Segment, from: u64, until: u64) -> std::io::Result<Option<u64>> {
+    let mut file = File::open(segment.path())?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut rest = Vec::new();
+    (&mut file).take(until - from).read_to_end(&mut rest)?;
+    Ok(frame::resync(&rest).map(|skip| from + skip as u64))
 }
 
 /// One stream's path from the log to its queue.
@@ -257,17 +267,38 @@ impl<T: Update + RecordCodec> LogFeed<T> {
                     }
                     from + len
                 }
-                Next::Corrupt { skipped } => {
-                    self.fault(&segment, from, "a damaged log record (checksum mismatch) is skipped");
-                    from + skipped
-                }
-                Next::Torn => {
-                    self.fault(
-                        &segment,
-                        from,
-                        "a torn record ends a log segment; the rest of it is skipped",
-                    );
-                    until
+                Next::Damaged { complete } => {
+                    // The reader stopped somewhere inside the damaged frame: the next read reopens where it must.
+                    open = None;
+                    match resync_in(&segment, from, until) {
+                        Ok(Some(next)) => {
+                            self.fault(
+                                &segment,
+                                from,
+                                true,
+                                "a damaged log record is skipped; replay goes on after it",
+                            );
+                            next
+                        }
+                        Ok(None) if complete => {
+                            self.fault(&segment, from, true, "a damaged log record ends a log segment; skipped");
+                            until
+                        }
+                        Ok(None) => {
+                            self.fault(
+                                &segment,
+                                from,
+                                false,
+                                "a torn record ends a log segment; the rest of it is skipped",
+                            );
+                            until
+                        }
+                        Err(e) => {
+                            warn!(path = %segment.path().display(), error = %e, "could not read a log segment; retrying");
+                            std::thread::sleep(Duration::from_secs(1));
+                            continue;
+                        }
+                    }
                 }
                 Next::End => until,
             };
@@ -281,8 +312,8 @@ impl<T: Update + RecordCodec> LogFeed<T> {
         }
     }
 
-    fn fault(&self, segment: &Segment, offset: u64, message: &'static str) {
-        if segment.report_fault(offset) {
+    fn fault(&self, segment: &Segment, offset: u64, damaged: bool, message: &'static str) {
+        if segment.report_fault(offset, damaged) {
             warn!(path = %segment.path().display(), offset, "{message}");
         }
     }
@@ -302,7 +333,7 @@ impl<T: Update + RecordCodec> LogFeed<T> {
             _ => 0,
         };
         let Some(mut updates) = record::decode_updates::<T>(payload) else {
-            self.fault(segment, offset, "a log record could not be decoded; skipped");
+            self.fault(segment, offset, true, "a log record could not be decoded; skipped");
             return true;
         };
         let updates = updates.split_off((start as usize).min(updates.len()));

@@ -1,5 +1,8 @@
 //! Record framing in a log segment: `[len: u32 LE][crc32: u32 LE][payload; len]`, the checksum covering the
 //! length and the payload, so that a torn write or a flipped bit is detected rather than replayed.
+//!
+//! After a damaged frame — whether its payload or its length was hit — reading resumes at the next offset where a
+//! whole frame with a matching checksum starts ([`resync`]), so one damaged record costs only itself.
 
 /// Bytes before each payload.
 pub const HEADER_BYTES: usize = 8;
@@ -57,47 +60,68 @@ impl<'a> Iterator for FrameReader<'a> {
     type Item = &'a [u8];
 
     fn next(&mut self) -> Option<&'a [u8]> {
-        loop {
-            let rest = &self.bytes[self.offset..];
-            if rest.is_empty() {
-                return None;
+        let rest = &self.bytes[self.offset..];
+        if rest.is_empty() {
+            return None;
+        }
+        if let Some(payload) = frame_at(rest) {
+            self.offset += HEADER_BYTES + payload.len();
+            return Some(payload);
+        }
+        let complete = declared_len(rest).is_some_and(|len| HEADER_BYTES + len <= rest.len());
+        match resync(rest) {
+            Some(skip) => {
+                self.faults.corrupt_records += 1;
+                self.offset += skip;
+                self.next()
             }
-            if rest.len() < HEADER_BYTES {
-                self.faults.torn_tail = true;
-                return None;
+            None => {
+                // Nothing whole follows: a complete frame was damaged, or the last write was cut short.
+                if complete {
+                    self.faults.corrupt_records += 1;
+                } else {
+                    self.faults.torn_tail = true;
+                }
+                self.offset = self.bytes.len();
+                None
             }
-            let len_bytes: [u8; 4] = [rest[0], rest[1], rest[2], rest[3]];
-            let len = u32::from_le_bytes(len_bytes) as usize;
-            let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-            if len > MAX_PAYLOAD_BYTES || rest.len() - HEADER_BYTES < len {
-                // A length past the end is a write cut short, or a length that was itself damaged: either way
-                // nothing after it can be framed reliably.
-                self.faults.torn_tail = true;
-                return None;
-            }
-            let payload = &rest[HEADER_BYTES..HEADER_BYTES + len];
-            self.offset += HEADER_BYTES + len;
-            let mut hasher = crc32fast::Hasher::new();
-            hasher.update(&len_bytes);
-            hasher.update(payload);
-            if hasher.finalize() == crc {
-                return Some(payload);
-            }
-            self.faults.corrupt_records += 1;
         }
     }
+}
+
+/// The length a frame at the start of `bytes` declares, if its header is there and the length is plausible.
+fn declared_len(bytes: &[u8]) -> Option<usize> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    (bytes.len() >= HEADER_BYTES && len <= MAX_PAYLOAD_BYTES).then_some(len)
+}
+
+/// The payload of the frame at the start of `bytes`, if a whole frame with a matching checksum is there.
+pub fn frame_at(bytes: &[u8]) -> Option<&[u8]> {
+    let len = declared_len(bytes)?;
+    let payload = bytes.get(HEADER_BYTES..HEADER_BYTES + len)?;
+    let crc = u32::from_le_bytes(bytes[4..8].try_into().ok()?);
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&bytes[..4]);
+    hasher.update(payload);
+    (hasher.finalize() == crc).then_some(payload)
+}
+
+/// Where, after the damaged frame at the start of `bytes`, the next whole frame with a matching checksum starts.
+/// Every later offset is tried, not the damaged frame's own length: the length may be what was hit, and a wrong
+/// one can point past good records. A false match needs a 32-bit checksum to agree by chance.
+pub fn resync(bytes: &[u8]) -> Option<usize> {
+    (1..bytes.len()).find(|&at| frame_at(&bytes[at..]).is_some())
 }
 
 /// What the next frame of a stream of records is.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
     Record(Vec<u8>),
-    /// A frame whose checksum did not match; its bytes are skipped.
-    Corrupt {
-        skipped: u64,
+    /// Not a whole frame with a matching checksum: the reader [`resync`]s on the bytes from here. `complete` when a
+    /// frame of the declared length fits before the limit (it was damaged); otherwise it may be a write cut short.
+    Damaged {
+        complete: bool,
     },
-    /// An incomplete frame or a damaged length: nothing after it can be framed reliably.
-    Torn,
     /// Exactly at the limit.
     End,
 }
@@ -108,7 +132,7 @@ pub fn read_next(input: &mut impl std::io::Read, remaining: u64) -> std::io::Res
         return Ok(Next::End);
     }
     if remaining < HEADER_BYTES as u64 {
-        return Ok(Next::Torn);
+        return Ok(Next::Damaged { complete: false });
     }
     let mut header = [0u8; HEADER_BYTES];
     input.read_exact(&mut header)?;
@@ -116,7 +140,7 @@ pub fn read_next(input: &mut impl std::io::Read, remaining: u64) -> std::io::Res
     let len = u32::from_le_bytes(len_bytes) as usize;
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     if len > MAX_PAYLOAD_BYTES || (HEADER_BYTES + len) as u64 > remaining {
-        return Ok(Next::Torn);
+        return Ok(Next::Damaged { complete: false });
     }
     let mut payload = vec![0u8; len];
     input.read_exact(&mut payload)?;
@@ -126,9 +150,7 @@ pub fn read_next(input: &mut impl std::io::Read, remaining: u64) -> std::io::Res
     if hasher.finalize() == crc {
         Ok(Next::Record(payload))
     } else {
-        Ok(Next::Corrupt {
-            skipped: (HEADER_BYTES + len) as u64,
-        })
+        Ok(Next::Damaged { complete: true })
     }
 }
 
@@ -194,6 +216,29 @@ mod tests {
         }
 
         #[test]
+        fn a_damaged_length_loses_that_record_only(
+            payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..64), 2..20),
+            victim in any::<prop::sample::Index>(),
+            byte in 0usize..4,
+            bit in 0u8..8,
+        ) {
+            let (mut bytes, ends) = log_of(&payloads);
+            let victim = victim.index(payloads.len());
+            let start = if victim == 0 { 0 } else { ends[victim - 1] };
+            bytes[start + byte] ^= 1 << bit;
+            let mut reader = FrameReader::new(&bytes);
+            let read: Vec<Vec<u8>> = reader.by_ref().map(<[u8]>::to_vec).collect();
+            let mut expected = payloads.clone();
+            expected.remove(victim);
+            prop_assert_eq!(read, expected);
+            prop_assert_eq!(
+                reader.faults.corrupt_records + usize::from(reader.faults.torn_tail),
+                1,
+                "one fault: a damaged record, or a last record that now looks cut short"
+            );
+        }
+
+        #[test]
         fn the_streaming_reader_agrees_with_the_slice_reader(
             payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..10),
             cut in any::<prop::sample::Index>(),
@@ -207,16 +252,19 @@ mod tests {
             let bytes = &bytes[..cut.index(bytes.len() + 1)];
             let from_slice: Vec<Vec<u8>> = FrameReader::new(bytes).map(<[u8]>::to_vec).collect();
             let mut from_stream = Vec::new();
-            let mut input = bytes;
-            let mut remaining = bytes.len() as u64;
+            let mut offset = 0;
             loop {
-                match read_next(&mut input, remaining).unwrap() {
+                let mut input = &bytes[offset..];
+                match read_next(&mut input, (bytes.len() - offset) as u64).unwrap() {
                     Next::Record(p) => {
-                        remaining -= framed_len(p.len()) as u64;
+                        offset += framed_len(p.len());
                         from_stream.push(p);
                     }
-                    Next::Corrupt { skipped } => remaining -= skipped,
-                    Next::Torn | Next::End => break,
+                    Next::Damaged { .. } => match resync(&bytes[offset..]) {
+                        Some(skip) => offset += skip,
+                        None => break,
+                    },
+                    Next::End => break,
                 }
             }
             prop_assert_eq!(from_stream, from_slice);

@@ -138,6 +138,9 @@ pub struct Segment {
     keep: AtomicBool,
     /// Offsets of damaged records already counted: every stream's feed reads the segment, one counts.
     reported_faults: Mutex<Vec<u64>>,
+    /// Set when a damaged record was found in it: once done with, the file is kept aside (renamed), never
+    /// deleted, for whoever wants to look at it.
+    damaged: AtomicBool,
     accounting: Arc<Accounting>,
 }
 
@@ -146,13 +149,17 @@ impl Segment {
         &self.path
     }
 
-    /// Counts a damaged record at `offset` once, however many readers find it; returns whether this was the first.
-    pub fn report_fault(&self, offset: u64) -> bool {
+    /// Counts a fault at `offset` once, however many readers find it; returns whether this was the first. A
+    /// `damaged` record (not a write cut short at the end) keeps the segment aside once it is done with.
+    pub fn report_fault(&self, offset: u64, damaged: bool) -> bool {
         let mut reported = self.reported_faults.lock().unwrap_or_else(|p| p.into_inner());
         if reported.contains(&offset) {
             return false;
         }
         reported.push(offset);
+        if damaged {
+            self.damaged.store(true, Ordering::Release);
+        }
         self.accounting.observer.corrupt_record();
         true
     }
@@ -166,6 +173,19 @@ impl Segment {
 impl Drop for Segment {
     fn drop(&mut self) {
         if self.keep.load(Ordering::Acquire) {
+            return;
+        }
+        if self.damaged.load(Ordering::Acquire) {
+            let aside = self.path.with_extension("wal.damaged");
+            match fs::rename(&self.path, &aside) {
+                Ok(()) => {
+                    sync_dir(&self.dir);
+                    warn!(path = %aside.display(), "a log segment with a damaged record is kept aside, not deleted");
+                }
+                Err(e) => warn!(path = %self.path.display(), error = %e, "could not keep a damaged log segment aside"),
+            }
+            self.accounting.release(self.bytes.load(Ordering::Acquire));
+            self.accounting.observer.segments_changed(-1);
             return;
         }
         match fs::remove_file(&self.path) {
@@ -327,6 +347,7 @@ impl Recovery {
                     bytes: AtomicU64::new(len),
                     keep: AtomicBool::new(false),
                     reported_faults: Mutex::new(Vec::new()),
+                    damaged: AtomicBool::new(false),
                     accounting: accounting.clone(),
                 })
             })
@@ -402,6 +423,7 @@ fn create_segment(
         bytes: AtomicU64::new(0),
         keep: AtomicBool::new(false),
         reported_faults: Mutex::new(Vec::new()),
+        damaged: AtomicBool::new(false),
         accounting: accounting.clone(),
     });
     Ok((file, segment))

@@ -132,3 +132,70 @@ fn a_restart_replays_the_log_and_resumes_exactly_after_what_was_committed() {
         "the writers recorded their log positions"
     );
 }
+
+#[test]
+fn a_record_whose_length_is_damaged_costs_only_itself_and_its_segment_is_kept_aside() {
+    // Everything acknowledged stays in the log: the database is away until the gateway is killed.
+    let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
+    let name = fresh_database(&cluster);
+    let data_dir = tempfile::tempdir().unwrap();
+    let envs = [
+        ("DATABASE_URL", connection_string(&cluster.config(&name))),
+        ("INGEST_DATA_DIR", data_dir.path().display().to_string()),
+    ];
+    let (mut gateway, address) = start_gateway(&envs);
+    cluster.stop();
+    for i in 0..5 {
+        let body = crate::helpers::location_json(&format!("damaged-{i}"));
+        assert_eq!(crate::helpers::post_location(&address, &body), Some(202));
+    }
+    signal(&gateway, libc::SIGKILL);
+    gateway.wait().unwrap();
+
+    // One request, one record: damage the length of the third.
+    let wal_dir = data_dir.path().join("wal");
+    let segment = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::metadata(p).unwrap().len() > 0)
+        .expect("a segment with the records");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let mut offset = 0;
+    for _ in 0..2 {
+        let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+        offset += 8 + len;
+    }
+    bytes[offset + 1] ^= 0x10;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    cluster.restart().unwrap();
+    let (mut gateway, address) = start_gateway(&envs);
+    let stats = || -> serde_json::Value {
+        serde_json::from_str(
+            &ureq::get(&format!("{address}/stats"))
+                .call()
+                .unwrap()
+                .into_string()
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    eventually("the log is replayed", Duration::from_secs(60), || {
+        let s = stats();
+        s["streams"]["location"]["written"] == 4 && s["streams"]["location"]["queue_depth"] == 0
+    });
+    assert_eq!(stats()["wal"]["corrupt_records"], 1, "the damage is counted once");
+    signal(&gateway, libc::SIGTERM);
+    assert!(gateway.wait().unwrap().success());
+
+    let db = Db::connect(cluster.config(&name));
+    let mut stored: Vec<String> = db.device_ids().into_iter().map(|(id, _)| id).collect();
+    stored.sort();
+    assert_eq!(stored, ["damaged-0", "damaged-1", "damaged-3", "damaged-4"]);
+    let kept: Vec<_> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".damaged"))
+        .collect();
+    assert_eq!(kept.len(), 1, "the damaged segment is kept aside: {kept:?}");
+}
