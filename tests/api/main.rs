@@ -5,6 +5,7 @@ mod backpressure;
 mod batching;
 mod crash;
 mod durability;
+mod embedded;
 mod helpers;
 mod hostile;
 mod ingest;
