@@ -104,6 +104,8 @@ pub struct EmbeddedPostgres {
     /// The user the server runs as when the gateway runs as root.
     run_as: Option<(u32, u32)>,
     child: Option<Child>,
+    /// The directory of a throwaway server, which [`Self::temp_dir`] lends to callers for their scratch files.
+    temp_dir: Option<PathBuf>,
     /// Holds a throwaway cluster (or a short socket directory) and removes it after the server stops.
     _temp_dirs: Vec<tempfile::TempDir>,
 }
@@ -144,6 +146,7 @@ impl EmbeddedPostgres {
             ephemeral: options.ephemeral,
             run_as,
             child: None,
+            temp_dir: None,
             _temp_dirs: temp_dirs,
         };
         server.init_if_needed()?;
@@ -174,6 +177,7 @@ impl EmbeddedPostgres {
             ephemeral: safety == CommitSafety::Fast,
         })?;
         hand_over(dir.path(), server.run_as, 0o755)?;
+        server.temp_dir = Some(dir.path().to_owned());
         server._temp_dirs.push(dir);
         Ok(server)
     }
@@ -205,12 +209,38 @@ impl EmbeddedPostgres {
         &self.data_dir
     }
 
+    /// The directory a throwaway server lives in (its cluster and log are inside), removed once the server has
+    /// stopped — or, when its process died without stopping it, by a later throwaway server's start, a minute on.
+    /// Files a caller keeps here go with the server. `None` for a server on a directory of the caller's.
+    pub fn temp_dir(&self) -> Option<&Path> {
+        self.temp_dir.as_deref()
+    }
+
+    /// The postmaster's process id while the server runs: the parent of every backend, so `/proc` tells the CPU
+    /// time the server spends.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// What `postgres --version` says of the binaries this server runs (`postgres (PostgreSQL) 15.18`), or
+    /// `None` when it cannot be run.
+    pub fn version(&self) -> Option<String> {
+        Command::new(self.bin_dir.join("postgres"))
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    }
+
     /// Stops the server (fast shutdown: open transactions are rolled back, committed data is kept).
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        signal(&child, libc::SIGINT);
+        send_signal(&child, libc::SIGINT);
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             match child.try_wait() {
@@ -229,7 +259,7 @@ impl EmbeddedPostgres {
     /// Kills the server at once, as a crash would (the next start runs crash recovery).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            signal(&child, libc::SIGKILL);
+            send_signal(&child, libc::SIGKILL);
             let _ = child.wait();
         }
     }
@@ -325,15 +355,7 @@ impl EmbeddedPostgres {
                 "full_page_writes=off",
             ]);
         }
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) == -1 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut command, libc::SIGQUIT);
         let child = spawn_from_keeper_thread(command).map_err(io_error("could not run postgres", &self.bin_dir))?;
         self.child = Some(child);
         self.wait_until_ready()
@@ -382,10 +404,27 @@ impl Drop for EmbeddedPostgres {
     }
 }
 
-fn signal(child: &Child, signal: libc::c_int) {
-    // The pid is our own child's, not yet reaped, so it cannot name another process.
+/// Sends `signal` to `child`, which must not have been waited for yet: once reaped, its pid may name another
+/// process. (`Child::kill` sends only SIGKILL.)
+pub fn send_signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: kill has no memory effects; the pid is of a child not yet reaped, so it names no other process.
     unsafe {
         libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+/// Has the kernel send `signal` to the process `command` starts when the *thread* that spawns it ends — with the
+/// whole process when spawned from the main thread or a thread that lives as long — so a crash or a kill leaves
+/// no child running.
+pub fn die_with_parent(command: &mut Command, signal: libc::c_int) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

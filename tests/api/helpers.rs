@@ -439,12 +439,7 @@ pub fn start_gateway(envs: &[(&str, String)]) -> (Child, String) {
     (child, format!("http://127.0.0.1:{port}"))
 }
 
-pub fn signal(child: &Child, signal: libc::c_int) {
-    // SAFETY: the pid is our own child's, not yet waited for.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, signal);
-    }
-}
+pub use ingest_gateway::db::embedded::send_signal as signal;
 
 pub fn post_location(address: &str, body: &str) -> Option<u16> {
     match ureq::post(&format!("{address}/api/v1/location/update"))

@@ -8,6 +8,7 @@ mod batching;
 mod cases;
 mod crash;
 mod durability;
+mod embedded;
 mod helpers;
 mod hostile;
 mod ingest;

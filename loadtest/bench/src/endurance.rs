@@ -242,7 +242,7 @@ impl Bench {
         let rows = self.admin.count_rows("location_updates")?;
         let summary: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(&export)
-                .with_context(|| format!("k6 wrote no summary; its log:\n{}", crate::pg::file_tail(&log, 30)))?,
+                .with_context(|| format!("k6 wrote no summary; its log:\n{}", procs::file_tail(&log, 30)))?,
         )
         .context("k6's summary is not JSON")?;
         let metric = |name: &str, field: &str| summary["metrics"][name][field].as_f64();

@@ -6,7 +6,7 @@
 //! `loadtest/results/`.
 //!
 //! # Layout
-//! - `pg`: the throwaway PostgreSQL and the admin connection
+//! - `pg`: the admin connection to the benchmark's PostgreSQL
 //! - `procs`: the processes under test (start, sample, stop with their rusage)
 //! - `wrk`: running wrk and reading its figures
 //! - `servers`: the HTTP ceiling and naive baseline servers (hidden subcommands of this binary)
@@ -14,7 +14,8 @@
 //! - `variants`: what each variant runs and how its figures are taken
 //! - `report`, `plot`: the Markdown report and the PNG chart
 //!
-//! It runs the gateway's binary as a process and does not link its library: it measures what users run.
+//! It measures the gateway's binary, run as a process as users run it. From the gateway's library it takes only
+//! the PostgreSQL launcher (`db::EmbeddedPostgres`, the same one the gateway embeds) and its process helpers.
 
 mod endurance;
 mod pg;
@@ -33,6 +34,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use ingest_gateway::db::EmbeddedPostgres;
 
 use crate::variants::{Bench, Kind, Shape, Variant};
 
@@ -182,17 +184,23 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
 
     eprintln!("ingest-bench: starting PostgreSQL");
-    let pg = pg::TempPostgres::start()?;
+    // Crash-safe: fsync on, as a real server runs, so the variants pay for durable commits.
+    let pg = EmbeddedPostgres::start_ephemeral_crash_safe().context("could not start PostgreSQL")?;
+    let scratch_dir = pg
+        .temp_dir()
+        .context("the throwaway PostgreSQL has no temporary directory")?
+        .to_owned();
     pg::Admin::connect(&pg.connection_string("postgres"))?.execute("CREATE DATABASE bench")?;
     let database_url = pg.connection_string("bench");
-    migrate(&gateway_bin, &database_url, pg.dir())?;
+    migrate(&gateway_bin, &database_url, &scratch_dir)?;
     let admin = pg::Admin::connect(&database_url)?;
-    let pg_version = pg.version();
+    let pg_version = pg.version().unwrap_or_else(|| "unknown".to_owned());
     let bench = Bench {
         repo: repo.clone(),
         gateway_bin,
         self_exe,
         pg,
+        scratch_dir,
         admin,
         database_url,
         duration_secs,
@@ -436,8 +444,8 @@ fn migrate(gateway: &Path, database_url: &str, scratch: &Path) -> anyhow::Result
     if !status.success() {
         bail!(
             "`ingest-gateway migrate` failed ({status}):\n{}{}",
-            pg::file_tail(&log, 20),
-            pg::file_tail(&scratch.join("migrate.err"), 20)
+            procs::file_tail(&log, 20),
+            procs::file_tail(&scratch.join("migrate.err"), 20)
         );
     }
     Ok(())
@@ -522,7 +530,8 @@ fn settings(
             variants::WRITERS,
             variants::SINK_BATCH_ROWS
         ),
-        "PostgreSQL: its own cluster on a Unix socket, default configuration (fsync on), the gateway's schema \
+        "PostgreSQL: a throwaway cluster started by the gateway's own launcher, on a Unix socket, default \
+         configuration (fsync on) but max_connections = 200, the gateway's schema \
          (`ingest-gateway migrate`); tables emptied and CHECKPOINT before each variant"
             .to_owned(),
     ]

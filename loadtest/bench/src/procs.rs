@@ -3,9 +3,9 @@
 //! A server is started and waited for until it answers; its peak memory and the variant's progress counter are
 //! sampled while the load runs; it is stopped with SIGTERM and reaped with `wait4` for its CPU time and peak RSS.
 
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,34 +14,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ingest_gateway::db::embedded::{die_with_parent, send_signal};
 
 /// How often the progress counter (rows landed) is read while the load runs.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// How often the process's peak resident memory is read.
 const RSS_EVERY: Duration = Duration::from_millis(100);
-
-/// Sends `signal` to `pid`.
-pub fn signal(pid: u32, signal: libc::c_int) {
-    // SAFETY: kill has no memory effects; callers pass the pid of their own child, not yet reaped, so it cannot
-    // name another process.
-    unsafe {
-        libc::kill(pid as libc::pid_t, signal);
-    }
-}
-
-/// Asks the kernel to send `signal` to the child when the benchmark dies, so a killed benchmark leaves no server
-/// behind. The signal fires when the spawning *thread* ends: spawn from the main thread.
-pub fn die_with_parent(command: &mut Command, signal: libc::c_int) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
 
 /// A free TCP port on 127.0.0.1 (free when asked; the server binds it a moment later).
 pub fn free_port() -> anyhow::Result<u16> {
@@ -90,6 +68,19 @@ fn dechunk(mut rest: &str) -> String {
         rest = after[size..].trim_start_matches("\r\n");
     }
     body
+}
+
+/// The last `lines` lines of a text file (empty when it cannot be read), for error messages.
+pub fn file_tail(path: &Path, lines: usize) -> String {
+    let mut bytes = Vec::new();
+    if let Ok(mut file) = File::open(path) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(8192)));
+        let _ = file.read_to_end(&mut bytes);
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// What the kernel accounted to a process over its whole life.
@@ -163,7 +154,7 @@ impl Service {
     }
 
     pub fn log_tail(&self) -> String {
-        crate::pg::file_tail(&self.log_path, 30)
+        file_tail(&self.log_path, 30)
     }
 
     /// Sends SIGTERM (a graceful stop: the gateway writes everything it accepted) and waits for the exit, up to
@@ -173,7 +164,7 @@ impl Service {
             bail!("{} is not running", self.name);
         };
         let pid = child.id();
-        signal(pid, libc::SIGTERM);
+        send_signal(&child, libc::SIGTERM);
         let deadline = Instant::now() + timeout;
         let mut killed = false;
         loop {
@@ -187,7 +178,7 @@ impl Service {
                 return Ok(usage);
             }
             if Instant::now() >= deadline && !killed {
-                signal(pid, libc::SIGKILL);
+                send_signal(&child, libc::SIGKILL);
                 killed = true;
             }
             std::thread::sleep(Duration::from_millis(20));

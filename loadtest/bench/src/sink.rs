@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use ingest_gateway::db::embedded::die_with_parent;
 
 /// The columns the gateway's COPY writes, in its order.
 const COLUMNS: &str = "device_id, recorded_at, lat, lon, speed_kmh, heading_deg, accuracy_m, attributes, received_at";
@@ -59,7 +60,7 @@ pub fn run(
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log);
-        crate::procs::die_with_parent(&mut command, libc::SIGKILL);
+        die_with_parent(&mut command, libc::SIGKILL);
         let mut child = command
             .spawn()
             .context("could not run psql (Debian/Ubuntu: `apt-get install postgresql-client`)")?;
@@ -89,7 +90,7 @@ pub fn run(
         match driven {
             Ok(n) => rows += n,
             Err(e) => {
-                failure.get_or_insert(e.context(format!("psql said:\n{}", crate::pg::file_tail(&log_path, 10))));
+                failure.get_or_insert(e.context(format!("psql said:\n{}", crate::procs::file_tail(&log_path, 10))));
             }
         }
     }

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use ingest_gateway::db::EmbeddedPostgres;
 
-use crate::pg::{Admin, TempPostgres};
+use crate::pg::Admin;
 use crate::procs::{self, Monitor, Sample, Service};
 use crate::wrk::{self, WrkOutcome};
 
@@ -143,7 +144,10 @@ pub struct Bench {
     pub repo: PathBuf,
     pub gateway_bin: PathBuf,
     pub self_exe: PathBuf,
-    pub pg: TempPostgres,
+    pub pg: EmbeddedPostgres,
+    /// Logs, COPY files and the gateways' data directories: inside the server's temporary directory, so that
+    /// they go with it.
+    pub scratch_dir: PathBuf,
     pub admin: Admin,
     pub database_url: String,
     pub duration_secs: u64,
@@ -173,7 +177,7 @@ impl Bench {
     }
 
     pub fn scratch(&self, name: &str) -> PathBuf {
-        self.pg.dir().join(name)
+        self.scratch_dir.join(name)
     }
 
     pub fn script(&self, shape: Shape) -> PathBuf {
@@ -344,7 +348,7 @@ impl Bench {
         let seen = monitor.finish();
         let usage = service
             .stop(Duration::from_secs(60))
-            .map_err(|e| e.context(format!("the gateway's log:\n{}", crate::pg::file_tail(&log, 20))))?;
+            .map_err(|e| e.context(format!("the gateway's log:\n{}", procs::file_tail(&log, 20))))?;
         if usage.exit_code != Some(0) {
             notes.push(format!("the gateway exited with {:?} after SIGTERM", usage.exit_code));
         }
