@@ -108,6 +108,11 @@ pub struct Settings {
     #[arg(long, env = "INGEST_MAX_FUTURE_SKEW", default_value = "5m", value_parser = parse_duration, global = true)]
     pub max_future_skew: Duration,
 
+    /// How long the batch writers may fail to write (database down, privilege revoked, …) before `/readyz` says the
+    /// gateway is not ready.
+    #[arg(long, env = "INGEST_STALL_TIMEOUT", default_value = "1m", value_parser = parse_duration, global = true)]
+    pub stall_timeout: Duration,
+
     /// How old a `recorded_at` / `polled_at` may be.
     #[arg(long, env = "INGEST_MAX_AGE", default_value = "30d", value_parser = parse_duration, global = true)]
     pub max_age: Duration,
@@ -161,6 +166,7 @@ mod tests {
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(s.durability, Durability::Wal);
         assert_eq!(s.wal_max_bytes, 1 << 30);
+        assert_eq!(s.stall_timeout, Duration::from_secs(60));
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! Labelled children are looked up once, at start-up, so that the hot path is an atomic add.
 //! `/stats` reads the same handles, so the JSON snapshot and `/metrics` can never disagree.
 
+use std::sync::{Arc, Mutex};
+
 use prometheus::process_collector::ProcessCollector;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -20,6 +22,8 @@ pub const LAST_BATCH_ROWS: &str = "ingest_last_batch_rows";
 pub const LAST_BATCH_TIMESTAMP: &str = "ingest_last_batch_timestamp_seconds";
 pub const LAST_BATCH_DURATION: &str = "ingest_last_batch_duration_seconds";
 pub const OLDEST_PENDING_AGE: &str = "ingest_oldest_pending_age_seconds";
+pub const WRITER_STALLED: &str = "ingest_writer_stalled_seconds";
+pub const WRITER_RESTARTS: &str = "ingest_writer_restarts_total";
 pub const BATCH_ROWS: &str = "ingest_batch_rows";
 pub const BATCH_WRITE_DURATION: &str = "ingest_batch_write_duration_seconds";
 pub const UPDATES_DUPLICATE: &str = "ingest_updates_duplicate_total";
@@ -132,8 +136,38 @@ pub struct StreamMetrics {
     pub last_batch_timestamp: Gauge,
     pub last_batch_duration: Gauge,
     pub oldest_pending_age: Gauge,
+    /// How long the writers have failed, labelled with why.
+    pub stalled: StallGauge,
+    pub writer_restarts: IntCounter,
     pub batch_rows: Histogram,
     pub batch_write_duration: Histogram,
+}
+
+/// One stream's series of `ingest_writer_stalled_seconds`: a single series, whose `reason` label follows the
+/// latest failure, so that a change of reason leaves no stale series behind.
+#[derive(Clone)]
+pub struct StallGauge {
+    family: GaugeVec,
+    stream: String,
+    /// The reason of the series now exported, if any.
+    reason: Arc<Mutex<Option<String>>>,
+}
+
+impl StallGauge {
+    /// Sets the gauge: `Some((seconds, reason))` while stalled, `None` once writing again.
+    pub fn set(&self, stall: Option<(f64, &str)>) {
+        let mut current = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let reason = stall.map_or("none", |(_, r)| r);
+        if current.as_deref() != Some(reason) {
+            if let Some(old) = current.take() {
+                let _ = self.family.remove_label_values(&[&self.stream, &old]);
+            }
+            *current = Some(reason.to_owned());
+        }
+        self.family
+            .with_label_values(&[&self.stream, reason])
+            .set(stall.map_or(0.0, |(s, _)| s));
+    }
 }
 
 impl StreamMetrics {
@@ -186,6 +220,18 @@ impl Metrics {
         )?;
         let last_duration = GaugeVec::new(
             Opts::new(LAST_BATCH_DURATION, "How long the last batch write took"),
+            stream,
+        )?;
+        let stalled = GaugeVec::new(
+            Opts::new(
+                WRITER_STALLED,
+                "How long the stream's writers have failed to write, by why (SQLSTATE class, connection, timeout, \
+                 panic); 0 while they write",
+            ),
+            &["stream", "reason"],
+        )?;
+        let restarts = IntCounterVec::new(
+            Opts::new(WRITER_RESTARTS, "Batch writers that panicked and were restarted"),
             stream,
         )?;
         let oldest = GaugeVec::new(
@@ -268,6 +314,8 @@ impl Metrics {
         reg(Box::new(last_at.clone()))?;
         reg(Box::new(last_duration.clone()))?;
         reg(Box::new(oldest.clone()))?;
+        reg(Box::new(stalled.clone()))?;
+        reg(Box::new(restarts.clone()))?;
         reg(Box::new(batch_rows.clone()))?;
         reg(Box::new(batch_seconds.clone()))?;
         reg(Box::new(duplicates.clone()))?;
@@ -305,6 +353,12 @@ impl Metrics {
             last_batch_timestamp: last_at.with_label_values(&[name]),
             last_batch_duration: last_duration.with_label_values(&[name]),
             oldest_pending_age: oldest.with_label_values(&[name]),
+            stalled: StallGauge {
+                family: stalled.clone(),
+                stream: name.to_owned(),
+                reason: Arc::new(Mutex::new(None)),
+            },
+            writer_restarts: restarts.with_label_values(&[name]),
             batch_rows: batch_rows.with_label_values(&[name]),
             batch_write_duration: batch_seconds.with_label_values(&[name]),
         };

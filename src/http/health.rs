@@ -27,6 +27,17 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             reasons.push(format!("the {name} queue holds {pending} of {capacity} updates"));
         }
     }
+    for (name, stall) in [
+        ("location", state.location.writer_stall()),
+        ("poll", state.poll.writer_stall()),
+    ] {
+        if let Some((failing, reason)) = stall.filter(|(d, _)| *d >= state.stall_timeout) {
+            reasons.push(format!(
+                "the {name} writers have failed to write for {} s ({reason})",
+                failing.as_secs()
+            ));
+        }
+    }
     if !(state.database_check)().await {
         reasons.push("the database does not answer".to_owned());
     }

@@ -47,6 +47,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Asked by `/readyz`.
     pub database_check: DatabaseCheck,
+    /// Writers failing for this long make the gateway not ready.
+    pub stall_timeout: Duration,
 }
 
 impl AppState {

@@ -26,8 +26,8 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
             Durability::Memory => "memory",
         },
         "streams": {
-            "location": stream_stats(state.location.metrics()),
-            "poll": stream_stats(state.poll.metrics()),
+            "location": stream_stats(state.location.metrics(), state.location.writer_stall()),
+            "poll": stream_stats(state.poll.metrics(), state.poll.writer_stall()),
         },
         "wal": {
             "bytes": wal.bytes.get(),
@@ -41,7 +41,7 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
     }))
 }
 
-fn stream_stats(m: &StreamMetrics) -> Value {
+fn stream_stats(m: &StreamMetrics, stall: Option<(std::time::Duration, String)>) -> Value {
     let rejected_by_reason: Map<String, Value> = RejectReason::ALL
         .iter()
         .map(|r| (r.as_str().to_owned(), m.rejected(*r).get().into()))
@@ -59,6 +59,8 @@ fn stream_stats(m: &StreamMetrics) -> Value {
         "duplicate": m.duplicates.get(),
         "dead_lettered": m.dead_lettered.get(),
         "replayed": m.replayed.get(),
+        "writers_failing_s": stall.as_ref().map_or(0.0, |(d, _)| d.as_secs_f64()),
+        "writers_failing_reason": stall.map(|(_, reason)| reason),
         "wal_backlog_bytes": m.backlog_bytes.get(),
         "queue_depth": m.queue_depth.get(),
         "queue_capacity": m.queue_capacity.get(),

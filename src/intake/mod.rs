@@ -181,6 +181,17 @@ impl<T: Update + RecordCodec> Intake<T> {
             .max()
             .unwrap_or_default();
         self.metrics.oldest_pending_age.set(oldest.as_secs_f64());
+        let stall = self.writer_stall();
+        self.metrics
+            .stalled
+            .set(stall.as_ref().map(|(d, reason)| (d.as_secs_f64(), reason.as_str())));
+    }
+
+    /// How long this stream's writers have failed to write, and why (the longest-failing writer's); `None` while
+    /// every writer writes.
+    pub fn writer_stall(&self) -> Option<(Duration, String)> {
+        let now = Instant::now();
+        self.writers.iter().filter_map(|w| w.stall(now)).max_by_key(|(d, _)| *d)
     }
 }
 

@@ -66,6 +66,23 @@ pub enum CopyError {
     Timeout(Duration),
 }
 
+impl CopyError {
+    /// Why, in a word that makes a small label set: the SQLSTATE class (`sqlstate_42` for a privilege, say), or
+    /// `connection` / `timeout` when PostgreSQL gave no code.
+    pub fn reason(&self) -> String {
+        let code = match self {
+            CopyError::Postgres(e) => e.code(),
+            CopyError::Pool(deadpool_postgres::PoolError::Backend(e)) => e.code(),
+            CopyError::Timeout(_) => return "timeout".to_owned(),
+            CopyError::Pool(_) => None,
+        };
+        match code {
+            Some(state) => format!("sqlstate_{}", &state.code()[..2]),
+            None => "connection".to_owned(),
+        }
+    }
+}
+
 /// What a database error means for the rows that caused it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {

@@ -2,14 +2,15 @@
 //! and retries a failed batch with capped exponential backoff until it is committed. A batch is never dropped:
 //! while it waits, its updates keep their room in the queue, so the queue fills and the API answers 503.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::Pool;
 use tokio::runtime::Handle;
-use tracing::{debug, warn};
+use tracing::{debug, error, info, warn};
 
 use super::batch::{Batch, BatchPolicy, Batcher};
 use super::copy::{self, CopyRecord, LogPositions, WriteOutcome};
@@ -49,11 +50,18 @@ impl Backoff {
     }
 }
 
+/// How often a writer that keeps failing at its longest backoff says so again.
+const STALL_REMINDER: Duration = Duration::from_secs(60);
+
 /// What a writer shares with the rest of the gateway while it runs.
 #[derive(Debug, Default)]
 pub struct WriterState {
     /// Arrival of the oldest update the writer holds, as nanoseconds after [`epoch`] + 1; 0 when it holds none.
     oldest_held: AtomicU64,
+    /// When the writer's current run of failed attempts began, encoded like `oldest_held`; 0 while it writes.
+    failing_since: AtomicU64,
+    /// Why the last attempt failed (see [`copy::CopyError::reason`]).
+    failure_reason: Mutex<String>,
 }
 
 fn epoch() -> Instant {
@@ -65,6 +73,25 @@ impl WriterState {
     fn set_oldest(&self, at: Option<Instant>) {
         let encoded = at.map_or(0, |at| at.saturating_duration_since(epoch()).as_nanos() as u64 + 1);
         self.oldest_held.store(encoded, Ordering::Release);
+    }
+
+    fn set_failing(&self, since: Option<Instant>, reason: &str) {
+        if since.is_some() {
+            *self.failure_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.to_owned();
+        }
+        let encoded = since.map_or(0, |at| at.saturating_duration_since(epoch()).as_nanos() as u64 + 1);
+        self.failing_since.store(encoded, Ordering::Release);
+    }
+
+    /// How long the writer has failed to write its batch, and why; `None` while it writes.
+    pub fn stall(&self, now: Instant) -> Option<(Duration, String)> {
+        match self.failing_since.load(Ordering::Acquire) {
+            0 => None,
+            n => Some((
+                now.saturating_duration_since(epoch() + Duration::from_nanos(n - 1)),
+                self.failure_reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            )),
+        }
     }
 
     /// How long the oldest update this writer holds has waited.
@@ -109,11 +136,20 @@ where
         let thread_state = state.clone();
         let thread = std::thread::Builder::new()
             .name(self.name.clone())
-            .spawn(move || self.run(&thread_state))?;
+            .spawn(move || self.run_restarting(&thread_state))?;
         Ok(WriterHandle { state, thread })
     }
 
-    fn run(self, state: &WriterState) {
+    /// Runs the writer; one that panics outside a write is counted and started again. The chunks it held are
+    /// dropped: their log segments are kept for the next start (updates held in memory only are lost).
+    fn run_restarting(self, state: &WriterState) {
+        while std::panic::catch_unwind(AssertUnwindSafe(|| self.run(state))).is_err() {
+            self.metrics.writer_restarts.inc();
+            error!(writer = %self.name, "batch writer panicked; restarted");
+        }
+    }
+
+    fn run(&self, state: &WriterState) {
         let mut batcher = Batcher::new(self.policy);
         loop {
             if self.source.is_abandoned() {
@@ -122,7 +158,7 @@ where
             let drained = self.fill(&mut batcher, state);
             if batcher.has_rows() {
                 let batch = batcher.take();
-                self.write(batch);
+                self.write(batch, state);
                 state.set_oldest(batcher.oldest());
             }
             if drained && batcher.is_empty() {
@@ -163,41 +199,65 @@ where
     }
 
     /// Writes one batch, retrying until it is committed (or the stop gives up), then tells everyone who waits.
-    fn write(&self, batch: Batch<S::Update>) {
+    fn write(&self, batch: Batch<S::Update>, state: &WriterState) {
         let checkpoints = delivery::last_per_slot(batch.parts.iter().filter_map(|p| p.delivery.as_deref()));
         let mut attempt = 1u32;
+        let mut failing_since = None;
+        let mut last_said: Option<(Duration, Instant)> = None;
         let outcome = loop {
             if self.source.is_abandoned() {
                 warn!(writer = %self.name, rows = batch.rows.len(), "stop timed out; batch left unwritten");
                 // Dropping the parts uncommitted keeps their log segments for the next start.
                 return;
             }
-            match self.runtime.block_on(copy::write_batch(
-                &self.pool,
-                self.stream,
-                &batch.rows,
-                LogPositions {
-                    instance: &self.instance,
-                    checkpoints: &checkpoints,
-                },
-            )) {
-                Ok(outcome) => break outcome,
-                Err(error) => {
-                    self.metrics.batch_failures.inc();
-                    let delay = self.backoff.delay(attempt);
-                    warn!(
-                        writer = %self.name,
-                        rows = batch.rows.len(),
-                        attempt,
-                        retry_in_ms = delay.as_millis() as u64,
-                        error = %error_chain(&error),
-                        "batch write failed, retrying"
-                    );
-                    std::thread::sleep(delay);
-                    attempt = attempt.saturating_add(1);
+            let positions = LogPositions {
+                instance: &self.instance,
+                checkpoints: &checkpoints,
+            };
+            // A panic in an attempt (a bug, or a library's) is a failed attempt: the batch is kept and retried.
+            let attempted = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                self.runtime
+                    .block_on(copy::write_batch(&self.pool, self.stream, &batch.rows, positions))
+            }));
+            let (reason, message) = match attempted {
+                Ok(Ok(outcome)) => break outcome,
+                Ok(Err(error)) => (error.reason(), error_chain(&error)),
+                Err(_) => {
+                    self.metrics.writer_restarts.inc();
+                    ("panic".to_owned(), "the batch write panicked".to_owned())
                 }
+            };
+            self.metrics.batch_failures.inc();
+            let now = Instant::now();
+            let since = *failing_since.get_or_insert(now);
+            state.set_failing(Some(since), &reason);
+            let delay = self.backoff.delay(attempt);
+            // Said once per backoff step, then once a minute at the longest: a long outage is a few lines, not one
+            // per attempt.
+            let say = match last_said {
+                Some((said_delay, at)) => said_delay != delay || now.duration_since(at) >= STALL_REMINDER,
+                None => true,
+            };
+            if say {
+                last_said = Some((delay, now));
+                warn!(
+                    writer = %self.name,
+                    rows = batch.rows.len(),
+                    attempt,
+                    failing_for_s = now.duration_since(since).as_secs(),
+                    reason = %reason,
+                    retry_in_ms = delay.as_millis() as u64,
+                    error = %message,
+                    "batch write failed, retrying"
+                );
             }
+            std::thread::sleep(delay);
+            attempt = attempt.saturating_add(1);
         };
+        if failing_since.is_some() {
+            state.set_failing(None, "");
+            info!(writer = %self.name, attempts = attempt, "batch written after failures; the writer is back");
+        }
         self.record_success(batch.rows.len(), &outcome);
         for part in batch.parts {
             if let Some(delivery) = part.delivery {
@@ -254,6 +314,65 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A source that panics on its first read, then reports itself drained.
+    struct PanicsOnce {
+        reads: AtomicUsize,
+    }
+
+    impl Source for PanicsOnce {
+        type Update = crate::model::LocationUpdate;
+        fn recv_until(&self, _deadline: Instant) -> Received<Self::Update> {
+            if self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("a bug in the source");
+            }
+            Received::Drained
+        }
+        fn is_empty(&self) -> bool {
+            true
+        }
+        fn committed(&self, _n: usize) {}
+        fn is_closed(&self) -> bool {
+            false
+        }
+        fn is_abandoned(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn a_writer_that_panics_is_restarted_and_counted() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let pool = {
+            let _inside = runtime.enter();
+            crate::db::pool::build(tokio_postgres::Config::new(), 1).unwrap()
+        };
+        let metrics = Metrics::new().unwrap().location;
+        let writer = BatchWriter {
+            name: "location-writer-0".into(),
+            stream: "location",
+            instance: "test".into(),
+            source: PanicsOnce {
+                reads: AtomicUsize::new(0),
+            },
+            policy: BatchPolicy {
+                max_rows: 10,
+                flush_interval: Duration::from_secs(1),
+            },
+            backoff: Backoff::default(),
+            pool,
+            runtime: runtime.handle().clone(),
+            metrics: metrics.clone(),
+        };
+        let handle = writer.spawn().unwrap();
+        handle.thread.join().expect("the panic stays inside the writer");
+        assert_eq!(metrics.writer_restarts.get(), 1);
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {

@@ -195,6 +195,7 @@ impl Application {
             durability: settings.durability,
             metrics,
             database_check: database_check(&runtime, pool),
+            stall_timeout: settings.stall_timeout,
         });
         Ok(Application {
             listeners,

@@ -16,5 +16,6 @@ mod migrations;
 mod observability;
 mod replicas;
 mod signals;
+mod stalls;
 mod unix_socket;
 mod validation;
