@@ -4,10 +4,12 @@
 //! - [`stats`]: `GET /stats` (JSON) and `GET /metrics` (Prometheus).
 //! - [`health`]: `GET /healthz`, `GET /readyz`.
 //! - [`errors`]: every refusal as one enum, mapped to a status and a JSON body.
+//! - [`request_id`]: `X-Request-Id`, kept or made, echoed, and named in the log.
 
 pub mod errors;
 pub mod health;
 pub mod ingest;
+pub mod request_id;
 pub mod stats;
 
 use std::future::Future;
@@ -16,12 +18,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::dev::{Service, ServiceResponse};
-use actix_web::{web, App, HttpResponse};
+use actix_web::http::StatusCode;
+use actix_web::{web, App, HttpMessage, HttpResponse};
+use tracing::warn;
 
 use crate::config::Durability;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::model::{LocationUpdate, PollResult};
+use request_id::RequestId;
 
 /// Asks whether the database answers; provided by the start-up code, which owns the pool.
 pub type DatabaseCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool>>> + Send + Sync>;
@@ -96,10 +101,22 @@ pub fn app(
     let http_metrics = state.metrics.http.clone();
     App::new().app_data(state).configure(routes).wrap_fn(move |req, srv| {
         let started = Instant::now();
+        let request_id = RequestId::of(req.headers());
+        req.extensions_mut().insert(request_id.clone());
         let response = srv.call(req);
         let http_metrics = http_metrics.clone();
         async move {
-            let response = response.await?;
+            let mut response = response.await?;
+            // 503 is the gateway pacing its clients, said by its own metrics; anything else 5xx is a fault.
+            if response.status().is_server_error() && response.status() != StatusCode::SERVICE_UNAVAILABLE {
+                warn!(
+                    request_id = request_id.as_str(),
+                    route = response.request().match_name().unwrap_or("unmatched"),
+                    status = response.status().as_u16(),
+                    "request failed"
+                );
+            }
+            response.headers_mut().insert(request_id::HEADER, request_id.0);
             // The route's name (its pattern), never the raw path, so that the label set stays small.
             let route = response.request().match_name().unwrap_or("unmatched");
             let status = response.status();

@@ -89,6 +89,8 @@ impl Db {
 pub struct Answer {
     pub status: u16,
     pub retry_after: Option<String>,
+    /// The `X-Request-Id` the gateway answered with.
+    pub request_id: Option<String>,
     pub body: String,
 }
 
@@ -208,10 +210,12 @@ fn into_answer(result: Result<ureq::Response, ureq::Error>) -> Answer {
     };
     let status = response.status();
     let retry_after = response.header("Retry-After").map(str::to_owned);
+    let request_id = response.header("X-Request-Id").map(str::to_owned);
     let body = response.into_string().expect("read the answer");
     Answer {
         status,
         retry_after,
+        request_id,
         body,
     }
 }

@@ -173,6 +173,7 @@ fn send_raw(app: &TestApp, path: &str, headers: &[(&str, &str)], body: Vec<u8>) 
     Answer {
         status,
         retry_after: None,
+        request_id: None,
         body: String::from_utf8_lossy(&body).into_owned(),
     }
 }

@@ -68,3 +68,17 @@ fn health_and_readiness_answer_when_all_is_well() {
     assert_eq!(ready.status, 200, "{}", ready.body);
     assert_eq!(ready.json()["status"], "ready");
 }
+
+#[test]
+fn a_request_id_is_echoed_when_given_and_made_when_not() {
+    let app = spawn_app(|_| {});
+    let given = app.post(
+        "/api/v1/location/update",
+        b"{",
+        &[("Content-Type", "application/json"), ("X-Request-Id", "client-42")],
+    );
+    assert_eq!(given.status, 400);
+    assert_eq!(given.request_id.as_deref(), Some("client-42"));
+    let made = [app.get("/healthz"), app.get("/healthz")].map(|a| a.request_id.expect("an id is made"));
+    assert_ne!(made[0], made[1], "each request gets its own");
+}
