@@ -3,11 +3,13 @@
 //!
 //! - [`data_dir`]: the locked data directory and the gateway's identity.
 //! - [`listener`]: TCP and Unix-socket listeners.
+//! - [`reload`]: what SIGHUP re-reads.
 //! - [`streams`]: one generic per-stream builder.
 //! - [`shutdown`]: the stop sequence.
 
 pub mod data_dir;
 pub mod listener;
+pub mod reload;
 pub mod shutdown;
 pub mod streams;
 
@@ -30,6 +32,7 @@ use crate::pipeline::BatchPolicy;
 use crate::wal::{Recovery, Wal, WalConfig};
 use data_dir::DataDir;
 use listener::Listener;
+use reload::Reloads;
 use shutdown::ShutdownOutcome;
 use streams::{StreamHandle, StreamParts};
 
@@ -98,6 +101,8 @@ pub struct Application {
     wal: Option<Arc<Wal>>,
     streams: Vec<StreamHandle>,
     shutdown_timeout: Duration,
+    /// What SIGHUP re-reads; parts register themselves while the gateway is built.
+    reloads: Reloads,
     /// Dropped last: the runtime the pool lives on, then the database itself, then the data directory's lock.
     runtime: Runtime,
     database: Database,
@@ -205,6 +210,7 @@ impl Application {
             wal,
             streams: vec![location_handle, poll_handle],
             shutdown_timeout: settings.shutdown_timeout,
+            reloads: Reloads::default(),
             runtime,
             database,
             data_dir,
@@ -242,6 +248,7 @@ impl Application {
         let server = server.run();
         let server_handle = server.handle();
         let mut server_task = actix_web::rt::spawn(server);
+        let reloading = actix_web::rt::spawn(reload::on_sighup(self.reloads.clone()));
 
         let server_failed = tokio::select! {
             () = stop => None,
@@ -260,6 +267,7 @@ impl Application {
             self.shutdown_timeout,
         )
         .await;
+        reloading.abort();
         drop(sockets);
         // The pool's connections live on the runtime; dropping it here would block, so let it wind down alone.
         self.runtime.shutdown_background();

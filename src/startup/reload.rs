@@ -1,0 +1,73 @@
+//! What is re-read on SIGHUP without dropping a connection (API keys, TLS certificates, …): each part registers
+//! how to reload itself; a failed reload keeps what was loaded before and says why.
+
+use std::sync::{Arc, Mutex};
+
+use tracing::{info, warn};
+
+type ReloadFn = Box<dyn Fn() -> anyhow::Result<()> + Send + Sync>;
+
+/// The reloadable parts of a running gateway.
+#[derive(Clone, Default)]
+pub struct Reloads {
+    parts: Arc<Mutex<Vec<(&'static str, ReloadFn)>>>,
+}
+
+impl Reloads {
+    /// Registers `reload`, named `what` in the log.
+    pub fn register(&self, what: &'static str, reload: impl Fn() -> anyhow::Result<()> + Send + Sync + 'static) {
+        self.lock().push((what, Box::new(reload)));
+    }
+
+    /// Reloads every part; one that fails keeps its previous state.
+    pub fn reload_all(&self) {
+        for (what, reload) in self.lock().iter() {
+            match reload() {
+                Ok(()) => info!(what = *what, "reloaded"),
+                Err(error) => warn!(
+                    what = *what,
+                    error = format!("{error:#}"),
+                    "reload failed; the previous one stays"
+                ),
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(&'static str, ReloadFn)>> {
+        // A reload that panicked leaves the list itself intact.
+        self.parts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Reloads everything at each SIGHUP, until the process ends.
+pub async fn on_sighup(reloads: Reloads) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        warn!("could not install the SIGHUP handler; reloading needs a restart");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        info!(signal = "SIGHUP", "reloading");
+        reloads.reload_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn every_part_is_reloaded_even_after_one_fails() {
+        let reloads = Reloads::default();
+        let count = Arc::new(AtomicUsize::new(0));
+        reloads.register("broken", || anyhow::bail!("no such file"));
+        let seen = count.clone();
+        reloads.register("counted", move || {
+            seen.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        });
+        reloads.reload_all();
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+}
