@@ -84,6 +84,31 @@ pub struct Settings {
     #[arg(long, env = "INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024, global = true)]
     pub max_body_bytes: usize,
 
+    /// Total time a request body may take to arrive.
+    #[arg(long, env = "INGEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub body_timeout: Duration,
+
+    /// Slowest a request body may arrive, in bytes per second on average (after a 5 s grace); 0 for no minimum.
+    #[arg(long, env = "INGEST_BODY_MIN_RATE", default_value_t = 1024, global = true)]
+    pub body_min_rate: u64,
+
+    /// Bytes of request bodies the whole process holds at once; a request past it gets 503 at once.
+    #[arg(long, env = "INGEST_MAX_INFLIGHT_BODY_BYTES", default_value_t = 256 * 1024 * 1024, global = true)]
+    pub max_inflight_body_bytes: usize,
+
+    /// How many times its compressed size a gzip body may expand to (bodies up to 64 KiB always may).
+    #[arg(long, env = "INGEST_MAX_GZIP_RATIO", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_gzip_ratio: u32,
+
+    /// Open client connections at most (over all HTTP workers); more wait in the listen backlog.
+    #[arg(long, env = "INGEST_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_connections: u32,
+
+    /// Longest a `?ack=commit` request waits for the commit; past it, the answer says the updates are durable but
+    /// not yet committed (`"committed": false`).
+    #[arg(long, env = "INGEST_COMMIT_WAIT", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub commit_wait: Duration,
+
     /// Updates per request at most.
     #[arg(long, env = "INGEST_MAX_UPDATES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub max_updates: u32,

@@ -54,10 +54,12 @@ pub enum RejectReason {
     LogFull,
     /// The write-ahead log could not be written (disk full, IO error).
     StorageError,
+    /// The body arrived too slowly, or not whole in time.
+    BodyTimeout,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::InvalidJson,
         RejectReason::PayloadTooLarge,
         RejectReason::UnsupportedMediaType,
@@ -66,6 +68,7 @@ impl RejectReason {
         RejectReason::ShuttingDown,
         RejectReason::LogFull,
         RejectReason::StorageError,
+        RejectReason::BodyTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -78,6 +81,7 @@ impl RejectReason {
             RejectReason::ShuttingDown => "shutting_down",
             RejectReason::LogFull => "log_full",
             RejectReason::StorageError => "storage_error",
+            RejectReason::BodyTimeout => "body_timeout",
         }
     }
 }

@@ -61,6 +61,12 @@ pub enum IngestError {
     Storage { updates: usize, message: String },
     #[error("unsupported query parameter: {0}")]
     InvalidParameter(String),
+    #[error("the body did not arrive in time ({received_bytes} bytes received)")]
+    BodyTimeout { received_bytes: usize },
+    #[error("the gateway holds as many request bodies as it may; retry after the Retry-After delay")]
+    BodyBudget,
+    #[error("the body expands more than {max_ratio} times when decompressed")]
+    GzipRatio { max_ratio: usize },
 }
 
 impl IngestError {
@@ -70,7 +76,11 @@ impl IngestError {
             IngestError::InvalidJson { .. } | IngestError::InvalidEncoding { .. } | IngestError::ReadBody { .. } => {
                 RejectReason::InvalidJson
             }
-            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => RejectReason::PayloadTooLarge,
+            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } | IngestError::GzipRatio { .. } => {
+                RejectReason::PayloadTooLarge
+            }
+            IngestError::BodyTimeout { .. } => RejectReason::BodyTimeout,
+            IngestError::BodyBudget => RejectReason::Overloaded,
             IngestError::UnsupportedMediaType { .. } => RejectReason::UnsupportedMediaType,
             IngestError::InvalidUpdates(_) => RejectReason::InvalidUpdate,
             IngestError::Overloaded { .. } => RejectReason::Overloaded,
@@ -98,7 +108,11 @@ impl IngestError {
             IngestError::InvalidJson { .. } => "invalid_json",
             IngestError::InvalidEncoding { .. } => "invalid_encoding",
             IngestError::ReadBody { .. } => "invalid_body",
-            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => "payload_too_large",
+            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } | IngestError::GzipRatio { .. } => {
+                "payload_too_large"
+            }
+            IngestError::BodyTimeout { .. } => "body_timeout",
+            IngestError::BodyBudget => "overloaded",
             IngestError::UnsupportedMediaType { .. } => "unsupported_media_type",
             IngestError::InvalidUpdates(_) => "invalid_update",
             IngestError::Overloaded { .. } | IngestError::ShuttingDown { .. } | IngestError::LogFull { .. } => {
@@ -129,6 +143,9 @@ impl IngestError {
             | IngestError::LogFull { .. }
             | IngestError::Storage { .. } => vec![json!({"retry_after_seconds": RETRY_AFTER_SECS})],
             IngestError::InvalidParameter(p) => vec![json!({"parameter": p, "accepted": ["ack=commit"]})],
+            IngestError::BodyTimeout { received_bytes } => vec![json!({"received_bytes": received_bytes})],
+            IngestError::BodyBudget => vec![json!({"retry_after_seconds": RETRY_AFTER_SECS})],
+            IngestError::GzipRatio { max_ratio } => vec![json!({"max_gzip_ratio": max_ratio})],
         }
     }
 }
@@ -143,7 +160,11 @@ impl ResponseError for IngestError {
             IngestError::InvalidJson { .. } | IngestError::InvalidEncoding { .. } | IngestError::ReadBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::BodyTooLarge { .. } | IngestError::TooManyUpdates { .. } | IngestError::GzipRatio { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            IngestError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            IngestError::BodyBudget => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::InvalidUpdates(_) => StatusCode::UNPROCESSABLE_ENTITY,
             IngestError::Overloaded { .. }

@@ -10,13 +10,18 @@ use futures_util::StreamExt;
 use time::OffsetDateTime;
 
 use super::errors::IngestError;
-use super::AppState;
+use super::limits::BudgetShare;
+use super::{AppState, IngestLimits};
 use crate::intake::record::RecordCodec;
 use crate::intake::{Ack, Intake, Receipt, SubmitError};
 use crate::model::{self, BodyError, BodyFormat, Update, ValidationRules};
 
 /// A 422 lists at most this many broken rules.
 const MAX_ERROR_DETAILS: usize = 100;
+/// Bodies larger than this are parsed on the blocking pool rather than on the event loop.
+const OFF_LOOP_BYTES: usize = 64 * 1024;
+/// A gzip body may always expand to this much, whatever its ratio: tiny bodies compress well.
+const GZIP_FREE_BYTES: usize = 64 * 1024;
 
 pub async fn location(
     req: HttpRequest,
@@ -34,7 +39,7 @@ pub async fn poll(
     ingest(&req, body, &state, &state.poll).await
 }
 
-async fn ingest<T: Update + RecordCodec>(
+async fn ingest<T: Update + RecordCodec + Send + 'static>(
     req: &HttpRequest,
     body: web::Payload,
     state: &AppState,
@@ -44,10 +49,9 @@ async fn ingest<T: Update + RecordCodec>(
     match accept(req, body, state, stream).await {
         Ok(Receipt { updates, committed }) => {
             metrics.accepted.inc_by(updates as u64);
-            let body = if committed {
-                format!("{{\"accepted\":{updates},\"committed\":true}}")
-            } else {
-                format!("{{\"accepted\":{updates}}}")
+            let body = match committed {
+                Some(committed) => format!("{{\"accepted\":{updates},\"committed\":{committed}}}"),
+                None => format!("{{\"accepted\":{updates}}}"),
             };
             Ok(HttpResponse::Accepted().content_type("application/json").body(body))
         }
@@ -59,7 +63,7 @@ async fn ingest<T: Update + RecordCodec>(
 }
 
 /// Reads and validates the request's updates, then submits them.
-async fn accept<T: Update + RecordCodec>(
+async fn accept<T: Update + RecordCodec + Send + 'static>(
     req: &HttpRequest,
     body: web::Payload,
     state: &AppState,
@@ -75,30 +79,57 @@ async fn accept<T: Update + RecordCodec>(
     };
     let format = body_format(req)?;
     let gzip = is_gzip(req)?;
-    let limit = state.limits.max_body_bytes;
-    let raw = read_body(req, body, limit).await?;
-    // A plain body is parsed where it was read; only a gzip body needs a second buffer.
-    let bytes = if gzip {
-        std::borrow::Cow::Owned(gunzip(&raw, limit)?)
-    } else {
-        std::borrow::Cow::Borrowed(&raw[..])
+    let limits = &state.limits;
+    // The request's bytes count against the process's budget until its updates are parsed; they are freed before
+    // any wait for the log or for the commit.
+    let updates = {
+        let mut share = state.body_budget.share();
+        let raw = read_body(req, body, limits, &mut share).await?;
+        let bytes = if gzip {
+            let plain = gunzip(&raw, limits)?;
+            if !share.cover(raw.len() + plain.len()) {
+                return Err(IngestError::BodyBudget);
+            }
+            drop(raw);
+            web::Bytes::from(plain)
+        } else {
+            raw.freeze()
+        };
+        let max_updates = limits.max_updates;
+        let rules = ValidationRules {
+            now: OffsetDateTime::now_utc(),
+            max_future_skew: limits.max_future_skew,
+            max_age: limits.max_age,
+            max_attributes_bytes: model::MAX_ATTRIBUTES_BYTES,
+        };
+        let large = bytes.len() > OFF_LOOP_BYTES;
+        let parse = move || parse_and_validate::<T>(&bytes, format, max_updates, &rules);
+        if large {
+            // Milliseconds of parsing: done off the event loop, so that the worker's other connections (health
+            // checks included) are served meanwhile.
+            web::block(parse)
+                .await
+                .map_err(|_| IngestError::ShuttingDown { updates: 0 })??
+        } else {
+            parse()?
+        }
     };
+    let count = updates.len();
+    stream.submit(updates, ack).await.map_err(|e| submit_error(e, count))
+}
 
-    let received_at = OffsetDateTime::now_utc();
-    let rules = ValidationRules {
-        now: received_at,
-        max_future_skew: state.limits.max_future_skew,
-        max_age: state.limits.max_age,
-        max_attributes_bytes: model::MAX_ATTRIBUTES_BYTES,
-    };
-    let raw_updates = model::parse_body(&bytes, format, T::FIELDS, state.limits.max_updates).map_err(|e| match e {
+/// Parses and validates a whole body: every update valid, or the request refused.
+fn parse_and_validate<T: Update>(
+    bytes: &[u8],
+    format: BodyFormat,
+    max_updates: usize,
+    rules: &ValidationRules,
+) -> Result<Vec<T>, IngestError> {
+    let raw_updates = model::parse_body(bytes, format, T::FIELDS, max_updates).map_err(|e| match e {
         BodyError::InvalidJson { line, column, message } => IngestError::InvalidJson { line, column, message },
         BodyError::TooManyUpdates { limit } => IngestError::TooManyUpdates { limit },
     })?;
-    let updates = model::validate_all::<T>(raw_updates, &rules, received_at, MAX_ERROR_DETAILS)
-        .map_err(IngestError::InvalidUpdates)?;
-    let count = updates.len();
-    stream.submit(updates, ack).await.map_err(|e| submit_error(e, count))
+    model::validate_all::<T>(raw_updates, rules, rules.now, MAX_ERROR_DETAILS).map_err(IngestError::InvalidUpdates)
 }
 
 fn submit_error(error: SubmitError, updates: usize) -> IngestError {
@@ -155,8 +186,15 @@ fn is_gzip(req: &HttpRequest) -> Result<bool, IngestError> {
     }
 }
 
-/// Reads the body as sent, refusing it as soon as it passes `limit` bytes.
-async fn read_body(req: &HttpRequest, mut body: web::Payload, limit: usize) -> Result<web::BytesMut, IngestError> {
+/// Reads the body as sent, refusing it as soon as it passes the size limit or the process's body budget, or when
+/// it arrives too slowly.
+async fn read_body(
+    req: &HttpRequest,
+    mut body: web::Payload,
+    limits: &IngestLimits,
+    share: &mut BudgetShare,
+) -> Result<web::BytesMut, IngestError> {
+    let limit = limits.max_body_bytes;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -165,19 +203,54 @@ async fn read_body(req: &HttpRequest, mut body: web::Payload, limit: usize) -> R
     if declared.is_some_and(|n| n > limit) {
         return Err(IngestError::BodyTooLarge { limit_bytes: limit });
     }
-    let mut bytes = web::BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit));
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| IngestError::ReadBody { message: e.to_string() })?;
+    // A declared length is taken from the budget at once: a request that cannot fit is refused before it is read.
+    let initial = declared.unwrap_or(8 * 1024).min(limit);
+    if !share.cover(initial) {
+        return Err(IngestError::BodyBudget);
+    }
+    let mut bytes = web::BytesMut::with_capacity(initial);
+    let started = tokio::time::Instant::now();
+    loop {
+        let next_by = limits.body_deadline.next_chunk_by(started, bytes.len());
+        let chunk = match tokio::time::timeout_at(next_by, body.next()).await {
+            Ok(Some(chunk)) => chunk.map_err(|e| IngestError::ReadBody { message: e.to_string() })?,
+            Ok(None) => break,
+            Err(_) => {
+                return Err(IngestError::BodyTimeout {
+                    received_bytes: bytes.len(),
+                })
+            }
+        };
         if bytes.len() + chunk.len() > limit {
             return Err(IngestError::BodyTooLarge { limit_bytes: limit });
+        }
+        if !share.cover(bytes.len() + chunk.len()) {
+            return Err(IngestError::BodyBudget);
         }
         bytes.extend_from_slice(&chunk);
     }
     Ok(bytes)
 }
 
-/// Decompresses a gzip body, stopping at `limit` bytes so that a gzip bomb costs at most `limit` of memory.
-fn gunzip(compressed: &[u8], limit: usize) -> Result<Vec<u8>, IngestError> {
+/// Decompresses a gzip body, stopping at the body limit and at `max_gzip_ratio` times the compressed size, so that
+/// a gzip bomb costs little memory and little parsing.
+fn gunzip(compressed: &[u8], limits: &IngestLimits) -> Result<Vec<u8>, IngestError> {
+    let by_ratio = compressed
+        .len()
+        .saturating_mul(limits.max_gzip_ratio)
+        .max(GZIP_FREE_BYTES);
+    if by_ratio < limits.max_body_bytes {
+        return gunzip_within(compressed, by_ratio).map_err(|e| match e {
+            IngestError::BodyTooLarge { .. } => IngestError::GzipRatio {
+                max_ratio: limits.max_gzip_ratio,
+            },
+            other => other,
+        });
+    }
+    gunzip_within(compressed, limits.max_body_bytes)
+}
+
+fn gunzip_within(compressed: &[u8], limit: usize) -> Result<Vec<u8>, IngestError> {
     let mut out = Vec::with_capacity((compressed.len() * 4).min(limit + 1));
     let mut decoder = flate2::read::MultiGzDecoder::new(compressed).take(limit as u64 + 1);
     decoder

@@ -9,6 +9,7 @@
 pub mod errors;
 pub mod health;
 pub mod ingest;
+pub mod limits;
 pub mod request_id;
 pub mod stats;
 
@@ -26,6 +27,7 @@ use crate::config::Durability;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::model::{LocationUpdate, PollResult};
+use limits::{BodyBudget, BodyDeadline};
 use request_id::RequestId;
 
 /// Asks whether the database answers; provided by the start-up code, which owns the pool.
@@ -38,6 +40,10 @@ pub struct IngestLimits {
     pub max_updates: usize,
     pub max_future_skew: Duration,
     pub max_age: Duration,
+    /// How fast and how soon a body must arrive.
+    pub body_deadline: BodyDeadline,
+    /// How many times its compressed size a gzip body may expand to.
+    pub max_gzip_ratio: usize,
 }
 
 /// What every handler shares.
@@ -52,6 +58,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Asked by `/readyz`.
     pub database_check: DatabaseCheck,
+    /// Request bodies in flight, for the whole process.
+    pub body_budget: Arc<BodyBudget>,
     /// Writers failing for this long make the gateway not ready.
     pub stall_timeout: Duration,
 }

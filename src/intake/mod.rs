@@ -40,8 +40,9 @@ pub enum Ack {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Receipt {
     pub updates: usize,
-    /// The updates are committed in PostgreSQL (asked with [`Ack::Committed`]).
-    pub committed: bool,
+    /// With [`Ack::Committed`]: whether the updates were committed in PostgreSQL within the commit wait (when not,
+    /// they are durable as the gateway promises, and committed later). `None` when the commit was not asked for.
+    pub committed: Option<bool>,
 }
 
 /// Why a submission was refused; nothing of it is kept.
@@ -89,6 +90,8 @@ pub struct Intake<T> {
     metrics: StreamMetrics,
     /// The writers draining the queue, for the age of the oldest update not yet written.
     writers: Vec<Arc<WriterState>>,
+    /// Longest a submission waits for its commit ([`Ack::Committed`]).
+    commit_wait: Duration,
 }
 
 impl<T: Update + RecordCodec> Intake<T> {
@@ -99,6 +102,7 @@ impl<T: Update + RecordCodec> Intake<T> {
         gate: Gate,
         metrics: StreamMetrics,
         writers: Vec<Arc<WriterState>>,
+        commit_wait: Duration,
     ) -> Self {
         Self {
             queue,
@@ -107,6 +111,7 @@ impl<T: Update + RecordCodec> Intake<T> {
             gate,
             metrics,
             writers,
+            commit_wait,
         }
     }
 
@@ -121,8 +126,8 @@ impl<T: Update + RecordCodec> Intake<T> {
             return Err(SubmitError::ShuttingDown);
         }
         let count = updates.len();
-        let committed = ack == Ack::Committed;
         if count == 0 {
+            let committed = (ack == Ack::Committed).then_some(true);
             return Ok(Receipt { updates: 0, committed });
         }
         let (waiter, commit) = match ack {
@@ -148,11 +153,18 @@ impl<T: Update + RecordCodec> Intake<T> {
             }
             Some(wal) => log::submit(wal, &self.queue, &self.feed, updates, waiter, FULL_QUEUE_WAIT).await?,
         }
-        if let Some(commit) = commit {
-            // The writers drain everything before the process stops, so the waiter is dropped unanswered only when
-            // the stop timed out: the updates may still be written from the log at the next start.
-            commit.await.map_err(|_| SubmitError::ShuttingDown)?;
-        }
+        let committed = match commit {
+            // Bounded, so that a request does not wait as long as PostgreSQL is away: past the wait, the answer says
+            // the updates are accepted but not yet committed.
+            Some(commit) => match tokio::time::timeout(self.commit_wait, commit).await {
+                Ok(Ok(())) => Some(true),
+                // The writers drain everything before the process stops, so the waiter is dropped unanswered only
+                // when the stop timed out: the updates may still be written from the log at the next start.
+                Ok(Err(_)) => return Err(SubmitError::ShuttingDown),
+                Err(_) => Some(false),
+            },
+            None => None,
+        };
         Ok(Receipt {
             updates: count,
             committed,

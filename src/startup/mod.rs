@@ -24,6 +24,7 @@ use tracing::info;
 
 use crate::config::{Durability, Settings};
 use crate::db::{self, EmbeddedPostgres, PostgresOptions};
+use crate::http::limits::{BodyBudget, BodyDeadline};
 use crate::http::{self, AppState, DatabaseCheck, IngestLimits};
 use crate::intake::Gate;
 use crate::metrics::Metrics;
@@ -101,6 +102,8 @@ pub struct Application {
     wal: Option<Arc<Wal>>,
     streams: Vec<StreamHandle>,
     shutdown_timeout: Duration,
+    /// Open client connections at most, over all HTTP workers.
+    max_connections: usize,
     /// What SIGHUP re-reads; parts register themselves while the gateway is built.
     reloads: Reloads,
     /// Dropped last: the runtime the pool lives on, then the database itself, then the data directory's lock.
@@ -175,6 +178,7 @@ impl Application {
             wal: wal.clone(),
             recovered,
             gate: gate.clone(),
+            commit_wait: settings.commit_wait,
         };
         let (location, location_handle) = parts.build::<LocationUpdate>(&metrics.location, &mut checkpoints)?;
         let (poll, poll_handle) = parts.build::<PollResult>(&metrics.poll, &mut checkpoints)?;
@@ -196,7 +200,13 @@ impl Application {
                 max_updates: settings.max_updates as usize,
                 max_future_skew: settings.max_future_skew,
                 max_age: settings.max_age,
+                body_deadline: BodyDeadline {
+                    total: settings.body_timeout,
+                    min_bytes_per_sec: settings.body_min_rate,
+                },
+                max_gzip_ratio: settings.max_gzip_ratio as usize,
             },
+            body_budget: BodyBudget::new(settings.max_inflight_body_bytes),
             durability: settings.durability,
             metrics,
             database_check: database_check(&runtime, pool),
@@ -210,6 +220,7 @@ impl Application {
             wal,
             streams: vec![location_handle, poll_handle],
             shutdown_timeout: settings.shutdown_timeout,
+            max_connections: settings.max_connections as usize,
             reloads: Reloads::default(),
             runtime,
             database,
@@ -226,7 +237,11 @@ impl Application {
     /// Runs inside an actix system (`actix_web::rt::System`).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<ShutdownOutcome> {
         let state = self.state.clone();
+        // actix counts connections per worker.
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut server = HttpServer::new(move || http::app(state.clone()))
+            .workers(workers)
+            .max_connections(self.max_connections.div_ceil(workers))
             .disable_signals()
             .shutdown_timeout(self.shutdown_timeout.as_secs().max(1));
         // Kept until the server has stopped: a socket file is removed when its listener goes.

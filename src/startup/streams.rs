@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
@@ -36,6 +37,8 @@ pub struct StreamParts<'a> {
     /// The segments the previous run left, oldest first: every stream replays its own records from them.
     pub recovered: Vec<Arc<Segment>>,
     pub gate: Gate,
+    /// Longest a `?ack=commit` submission waits for its commit.
+    pub commit_wait: Duration,
 }
 
 /// A running stream, as the stop sequence sees it.
@@ -86,6 +89,7 @@ impl StreamParts<'_> {
             self.gate.clone(),
             metrics.clone(),
             writers.iter().map(|w| w.state.clone()).collect(),
+            self.commit_wait,
         ));
         let handle = StreamHandle {
             name: T::STREAM,
