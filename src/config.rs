@@ -76,6 +76,11 @@ pub struct Settings {
     #[arg(long, env = "INGEST_QUEUE_CAPACITY", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub queue_capacity: u32,
 
+    /// About how much memory a stream's queued updates may take (attributes included); past it, as past the
+    /// capacity, updates wait in the log (`wal`) or get 503 (`memory`).
+    #[arg(long, env = "INGEST_QUEUE_MAX_BYTES", default_value_t = 64 * 1024 * 1024, global = true)]
+    pub queue_max_bytes: usize,
+
     /// Parallel batch writers per stream, each with its own connection.
     #[arg(long, env = "INGEST_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..), global = true)]
     pub writers: u16,

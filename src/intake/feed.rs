@@ -158,6 +158,7 @@ impl<T: Update + RecordCodec> LogFeed<T> {
                 };
                 reservation.push(Chunk {
                     updates,
+                    bytes: 0,
                     delivery: Some(Box::new(delivery)),
                     commit: waiter,
                 });
@@ -353,7 +354,10 @@ impl<T: Update + RecordCodec> LogFeed<T> {
             let pieces_left = !tail.is_empty();
             let updates = std::mem::replace(&mut rest, tail);
             let reservation = loop {
-                match self.queue.reserve_on(updates.len(), slot) {
+                match self
+                    .queue
+                    .reserve_on(updates.len(), super::memory_bytes(&updates), slot)
+                {
                     Ok(r) => break r,
                     Err(PushError::Full { .. }) => std::thread::sleep(REFILL_RETRY),
                     Err(PushError::Closed) => return false,
@@ -372,6 +376,7 @@ impl<T: Update + RecordCodec> LogFeed<T> {
             let commit = if pieces_left { waiter.clone() } else { waiter.take() };
             reservation.push(Chunk {
                 updates,
+                bytes: 0,
                 delivery: Some(Box::new(delivery)),
                 commit,
             });

@@ -24,7 +24,8 @@ pub(super) async fn submit<T: Update + RecordCodec>(
 ) -> Result<(), SubmitError> {
     // A full queue is no refusal here: after a short wait for room, the updates wait in the log until the
     // writers catch up.
-    let reservation = match queue.reserve_within(updates.len(), full_queue_wait).await {
+    let bytes = super::memory_bytes(&updates);
+    let reservation = match queue.reserve_within(updates.len(), bytes, full_queue_wait).await {
         Ok(reservation) => Some(reservation),
         Err(PushError::Full { .. }) => None,
         Err(PushError::Closed) => return Err(SubmitError::ShuttingDown),

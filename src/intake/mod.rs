@@ -144,9 +144,11 @@ impl<T: Update + RecordCodec> Intake<T> {
                         limit: self.queue.capacity(),
                     });
                 }
-                let reservation = self.queue.reserve(count).map_err(push_error)?;
+                let bytes = memory_bytes(&updates);
+                let reservation = self.queue.reserve(count, bytes).map_err(push_error)?;
                 reservation.push(Chunk {
                     updates,
+                    bytes,
                     delivery: None,
                     commit: waiter,
                 });
@@ -235,6 +237,11 @@ impl<T: Update + RecordCodec> Drain for Intake<T> {
     fn unwritten(&self) -> usize {
         self.queue.pending() + usize::from(!self.feed.is_caught_up())
     }
+}
+
+/// About how much memory `updates` take: what the queue's byte bound counts.
+pub fn memory_bytes<T: Update>(updates: &[T]) -> usize {
+    updates.iter().map(Update::memory_bytes).sum()
 }
 
 fn push_error(error: PushError) -> SubmitError {

@@ -56,6 +56,10 @@ impl Update for LocationUpdate {
         "accuracy_m",
     ];
 
+    fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.device_id.capacity() + self.attributes.as_ref().map_or(0, String::capacity)
+    }
+
     fn validate(
         raw: RawUpdate<'_>,
         rules: &ValidationRules,

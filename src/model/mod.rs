@@ -23,6 +23,9 @@ pub trait Update: Sized + Send + 'static {
     /// The field names the stream knows; every other field goes to `attributes`.
     const FIELDS: &'static [&'static str];
 
+    /// About how much memory the update takes, inline and on the heap: what the queue's byte bound counts.
+    fn memory_bytes(&self) -> usize;
+
     /// Checks every rule; on failure returns every broken rule, not just the first.
     fn validate(
         raw: RawUpdate<'_>,

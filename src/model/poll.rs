@@ -47,6 +47,12 @@ impl Update for PollResult {
         "error_message",
     ];
 
+    fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.error_message.as_ref().map_or(0, String::capacity)
+            + self.attributes.as_ref().map_or(0, String::capacity)
+    }
+
     fn validate(
         raw: RawUpdate<'_>,
         rules: &ValidationRules,

@@ -20,6 +20,8 @@ pub struct BatchPolicy {
 pub struct Part {
     /// Rows of the batch from this part.
     pub rows: usize,
+    /// Their share of the chunk's queue bytes.
+    pub bytes: usize,
     pub delivery: Option<Box<dyn Delivery>>,
     pub commit: Option<Arc<CommitWaiter>>,
 }
@@ -88,6 +90,12 @@ impl<T> Batcher<T> {
         } else {
             Vec::new()
         };
+        // The bytes follow the rows in proportion; the two shares add up to the chunk's exactly.
+        let taken_bytes = if taken < n {
+            (chunk.bytes as u128 * taken as u128 / n as u128) as usize
+        } else {
+            chunk.bytes
+        };
         let mut delivery = chunk.delivery;
         let rest_delivery = match &mut delivery {
             Some(d) if taken < n => Some(d.split_off(taken)),
@@ -101,11 +109,13 @@ impl<T> Batcher<T> {
         }
         self.batch.parts.push(Part {
             rows: taken,
+            bytes: taken_bytes,
             delivery,
             commit: chunk.commit.clone(),
         });
         (taken < n).then(|| Chunk {
             updates: rest_updates,
+            bytes: chunk.bytes - taken_bytes,
             delivery: rest_delivery,
             commit: chunk.commit,
         })
@@ -205,6 +215,7 @@ mod tests {
         let total = updates.len();
         Chunk {
             updates,
+            bytes: total * 10,
             delivery: Some(Box::new(Span {
                 lsn,
                 start: 0,
@@ -305,6 +316,11 @@ mod tests {
             }
             prop_assert!(out.iter().all(|batch| !batch.rows.is_empty() && batch.rows.len() <= max_rows));
             prop_assert!(out.iter().all(|batch| batch.parts.iter().map(|p| p.rows).sum::<usize>() == batch.rows.len()));
+            prop_assert_eq!(
+                out.iter().flat_map(|b| &b.parts).map(|p| p.bytes).sum::<usize>(),
+                next as usize * 10,
+                "every byte reserved is given back once"
+            );
             let rows: Vec<u32> = out.into_iter().flat_map(|b| b.rows).collect();
             prop_assert_eq!(rows, (0..next).collect::<Vec<_>>());
         }

@@ -21,12 +21,13 @@ use super::source::Received;
 /// Why updates were not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
-    /// Not enough room for every update of the request.
-    #[error("the queue holds {pending} of {capacity} updates; {wanted} more do not fit")]
+    /// Not enough room for every update of the request, counted in `what`: updates, or their bytes.
+    #[error("the queue holds {pending} of {capacity} {what}; {wanted} more do not fit")]
     Full {
         pending: usize,
         capacity: usize,
         wanted: usize,
+        what: &'static str,
     },
     /// The gateway is stopping and takes nothing more.
     #[error("the queue is closed")]
@@ -65,6 +66,8 @@ impl CommitWaiter {
 /// A request's updates on their way to a writer.
 pub struct Chunk<T> {
     pub updates: Vec<T>,
+    /// About how much memory the updates take, as reserved in the queue (set when pushed).
+    pub bytes: usize,
     /// The source's side of the updates; `None` for updates held in memory only.
     pub delivery: Option<Box<dyn Delivery>>,
     /// Set when the request waits for the commit: the batch is then written at once.
@@ -75,6 +78,7 @@ impl<T> Chunk<T> {
     pub fn in_memory(updates: Vec<T>) -> Self {
         Self {
             updates,
+            bytes: 0,
             delivery: None,
             commit: None,
         }
@@ -85,6 +89,10 @@ struct Shared {
     /// Updates accepted and not yet committed: the bound applies to this.
     pending: AtomicUsize,
     capacity: usize,
+    /// Approximate memory of those updates: the second bound, so that large updates cannot make a queue of
+    /// `capacity` updates take gigabytes.
+    pending_bytes: AtomicUsize,
+    max_bytes: usize,
     /// Set when the gateway stops taking updates; writers then flush what they hold and drain the rest.
     closed: AtomicBool,
     /// Set when a stop timed out: writers give up what they hold (the log, if any, keeps it for the next start).
@@ -98,6 +106,13 @@ struct Shared {
     commits: AtomicU64,
 }
 
+impl Shared {
+    fn give_back(&self, updates: usize, bytes: usize) {
+        self.pending.fetch_sub(updates, Ordering::AcqRel);
+        self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
 /// The queue of one stream: a shared bound and one channel per writer slot.
 pub struct StreamQueue<T> {
     shared: Arc<Shared>,
@@ -106,14 +121,16 @@ pub struct StreamQueue<T> {
     next_slot: AtomicUsize,
 }
 
-/// A queue holding at most `capacity` updates, spread over `slots` writers.
-pub fn bounded<T>(capacity: usize, slots: usize) -> Arc<StreamQueue<T>> {
+/// A queue holding at most `capacity` updates and about `max_bytes` of them, spread over `slots` writers.
+pub fn bounded<T>(capacity: usize, max_bytes: usize, slots: usize) -> Arc<StreamQueue<T>> {
     // Every chunk holds at least one update, so `capacity` chunks always fit in a slot's channel: once room is
     // reserved, a send can only fail for a disconnected channel, never for a full one.
     let (senders, receivers) = (0..slots.max(1)).map(|_| crossbeam_channel::bounded(capacity)).unzip();
     let shared = Arc::new(Shared {
         pending: AtomicUsize::new(0),
         capacity,
+        pending_bytes: AtomicUsize::new(0),
+        max_bytes,
         closed: AtomicBool::new(false),
         abandoned: AtomicBool::new(false),
         room: tokio::sync::Notify::new(),
@@ -132,6 +149,7 @@ pub fn bounded<T>(capacity: usize, slots: usize) -> Arc<StreamQueue<T>> {
 pub struct Reservation<T> {
     queue: Arc<StreamQueue<T>>,
     updates: usize,
+    bytes: usize,
     slot: usize,
     pushed: bool,
 }
@@ -143,13 +161,14 @@ impl<T> Reservation<T> {
     }
 
     /// Hands the chunk to its writer.
-    pub fn push(mut self, chunk: Chunk<T>) {
+    pub fn push(mut self, mut chunk: Chunk<T>) {
         debug_assert_eq!(chunk.updates.len(), self.updates);
+        chunk.bytes = self.bytes;
         self.pushed = true;
         if self.queue.slots[self.slot].send(chunk).is_err() {
             // Receivers live as long as the queue itself; a closed channel means the writers are gone and the
             // process is ending, where the log (when there is one) still holds the updates.
-            self.queue.shared.pending.fetch_sub(self.updates, Ordering::AcqRel);
+            self.queue.shared.give_back(self.updates, self.bytes);
         }
     }
 }
@@ -157,15 +176,15 @@ impl<T> Reservation<T> {
 impl<T> Drop for Reservation<T> {
     fn drop(&mut self) {
         if !self.pushed {
-            self.queue.shared.pending.fetch_sub(self.updates, Ordering::AcqRel);
+            self.queue.shared.give_back(self.updates, self.bytes);
         }
     }
 }
 
 impl<T> StreamQueue<T> {
-    /// Reserves room for `updates` updates on the next slot (round robin), or fails at once.
-    pub fn reserve(self: &Arc<Self>, updates: usize) -> Result<Reservation<T>, PushError> {
-        self.reserve_on(updates, self.next_slot())
+    /// Reserves room for `updates` updates of about `bytes` on the next slot (round robin), or fails at once.
+    pub fn reserve(self: &Arc<Self>, updates: usize, bytes: usize) -> Result<Reservation<T>, PushError> {
+        self.reserve_on(updates, bytes, self.next_slot())
     }
 
     /// [`reserve`](Self::reserve), but when the queue is full, waits up to `max_wait` for the writers to give
@@ -175,6 +194,7 @@ impl<T> StreamQueue<T> {
     pub async fn reserve_within(
         self: &Arc<Self>,
         updates: usize,
+        bytes: usize,
         max_wait: Duration,
     ) -> Result<Reservation<T>, PushError> {
         let may_wait = |r: &Result<Reservation<T>, PushError>| {
@@ -183,7 +203,7 @@ impl<T> StreamQueue<T> {
                 && !self.shared.stalled.load(Ordering::Acquire)
         };
         // The common case, room at once, registers no waiter.
-        let first = self.reserve(updates);
+        let first = self.reserve(updates, bytes);
         if !may_wait(&first) {
             return first;
         }
@@ -194,7 +214,7 @@ impl<T> StreamQueue<T> {
             let freed = self.shared.room.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let attempt = self.reserve(updates);
+            let attempt = self.reserve(updates, bytes);
             if !may_wait(&attempt) {
                 return attempt;
             }
@@ -202,7 +222,7 @@ impl<T> StreamQueue<T> {
                 if self.shared.commits.load(Ordering::Acquire) == commits_before {
                     self.shared.stalled.store(true, Ordering::Release);
                 }
-                return self.reserve(updates);
+                return self.reserve(updates, bytes);
             }
         }
     }
@@ -213,30 +233,52 @@ impl<T> StreamQueue<T> {
     }
 
     /// Reserves room on a given slot (a replayed record goes back to its own slot).
-    pub fn reserve_on(self: &Arc<Self>, updates: usize, slot: usize) -> Result<Reservation<T>, PushError> {
+    pub fn reserve_on(
+        self: &Arc<Self>,
+        updates: usize,
+        bytes: usize,
+        slot: usize,
+    ) -> Result<Reservation<T>, PushError> {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(PushError::Closed);
         }
-        let capacity = self.shared.capacity;
-        let reserved = self
-            .shared
+        let shared = &self.shared;
+        let capacity = shared.capacity;
+        shared
             .pending
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
                 (pending + updates <= capacity).then_some(pending + updates)
-            });
-        match reserved {
-            Ok(_) => Ok(Reservation {
-                queue: self.clone(),
-                updates,
-                slot: slot % self.slots.len(),
-                pushed: false,
-            }),
-            Err(pending) => Err(PushError::Full {
+            })
+            .map_err(|pending| PushError::Full {
                 pending,
                 capacity,
                 wanted: updates,
-            }),
+                what: "updates",
+            })?;
+        // An empty queue takes any one request, however large: otherwise a request over the byte bound could
+        // never be written.
+        let max_bytes = shared.max_bytes;
+        let by_bytes = shared
+            .pending_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
+                (pending == 0 || pending + bytes <= max_bytes).then_some(pending + bytes)
+            });
+        if let Err(pending) = by_bytes {
+            shared.pending.fetch_sub(updates, Ordering::AcqRel);
+            return Err(PushError::Full {
+                pending,
+                capacity: max_bytes,
+                wanted: bytes,
+                what: "bytes",
+            });
         }
+        Ok(Reservation {
+            queue: self.clone(),
+            updates,
+            bytes,
+            slot: slot % self.slots.len(),
+            pushed: false,
+        })
     }
 
     /// Queues a chunk at once, or fails without blocking.
@@ -244,7 +286,7 @@ impl<T> StreamQueue<T> {
         if chunk.updates.is_empty() {
             return Ok(());
         }
-        self.reserve(chunk.updates.len())?.push(chunk);
+        self.reserve(chunk.updates.len(), chunk.bytes)?.push(chunk);
         Ok(())
     }
 
@@ -303,9 +345,9 @@ impl<T> QueueReceiver<T> {
         self.rx.is_empty()
     }
 
-    /// Gives back the room of `n` committed updates.
-    pub fn committed(&self, n: usize) {
-        self.shared.pending.fetch_sub(n, Ordering::AcqRel);
+    /// Gives back the room of `n` committed updates of `bytes`.
+    pub fn committed(&self, n: usize, bytes: usize) {
+        self.shared.give_back(n, bytes);
         self.shared.commits.fetch_add(1, Ordering::AcqRel);
         self.shared.stalled.store(false, Ordering::Release);
         self.shared.room.notify_waiters();
@@ -334,7 +376,7 @@ mod tests {
 
     #[test]
     fn a_request_is_queued_whole_or_not_at_all() {
-        let queue = bounded::<u32>(5, 1);
+        let queue = bounded::<u32>(5, usize::MAX, 1);
         let rx = queue.receiver(0);
         queue.try_push(Chunk::in_memory(vec![1, 2, 3])).unwrap();
         let full = queue.try_push(Chunk::in_memory(vec![4, 5, 6])).unwrap_err();
@@ -343,7 +385,8 @@ mod tests {
             PushError::Full {
                 pending: 3,
                 capacity: 5,
-                wanted: 3
+                wanted: 3,
+                what: "updates"
             }
         );
         queue.try_push(Chunk::in_memory(vec![4, 5])).unwrap();
@@ -351,30 +394,30 @@ mod tests {
         assert_eq!(updates(rx.recv_until(Instant::now())), vec![1, 2, 3]);
         // Taking a chunk does not give its room back; committing it does.
         assert!(queue.try_push(Chunk::in_memory(vec![7])).is_err());
-        rx.committed(3);
+        rx.committed(3, 0);
         queue.try_push(Chunk::in_memory(vec![7, 8, 9])).unwrap();
     }
 
     #[test]
     fn a_dropped_reservation_gives_its_room_back() {
-        let queue = bounded::<u32>(5, 2);
-        let r = queue.reserve(4).unwrap();
-        assert!(queue.reserve(2).is_err());
+        let queue = bounded::<u32>(5, usize::MAX, 2);
+        let r = queue.reserve(4, 0).unwrap();
+        assert!(queue.reserve(2, 0).is_err());
         drop(r);
         assert_eq!(queue.pending(), 0);
-        assert!(queue.reserve(5).is_ok());
+        assert!(queue.reserve(5, 0).is_ok());
     }
 
     #[tokio::test]
     async fn a_request_finding_the_queue_full_gets_the_room_a_commit_gives_back() {
-        let queue = bounded::<u32>(5, 1);
+        let queue = bounded::<u32>(5, usize::MAX, 1);
         let rx = queue.receiver(0);
         queue.try_push(Chunk::in_memory(vec![1, 2, 3, 4])).unwrap();
         let waiting = tokio::spawn({
             let queue = queue.clone();
             async move {
                 queue
-                    .reserve_within(3, Duration::from_secs(60))
+                    .reserve_within(3, 0, Duration::from_secs(60))
                     .await
                     .map(|r| r.updates)
             }
@@ -382,54 +425,72 @@ mod tests {
         // Let the waiter find the queue full before the room comes back.
         tokio::task::yield_now().await;
         assert_eq!(updates(rx.recv_until(Instant::now())), vec![1, 2, 3, 4]);
-        rx.committed(4);
+        rx.committed(4, 0);
         assert_eq!(waiting.await.unwrap(), Ok(3));
     }
 
     #[tokio::test]
     async fn once_a_wait_for_room_runs_out_nobody_waits_until_the_next_commit() {
-        let queue = bounded::<u32>(2, 1);
+        let queue = bounded::<u32>(2, usize::MAX, 1);
         let rx = queue.receiver(0);
         queue.try_push(Chunk::in_memory(vec![1, 2])).unwrap();
         let full = |r: Result<Reservation<u32>, PushError>| matches!(r, Err(PushError::Full { .. }));
-        assert!(full(queue.reserve_within(1, Duration::from_millis(1)).await));
+        assert!(full(queue.reserve_within(1, 0, Duration::from_millis(1)).await));
         // Stalled: even a wait of an hour answers at once.
-        assert!(full(queue.reserve_within(1, Duration::from_secs(3600)).await));
+        assert!(full(queue.reserve_within(1, 0, Duration::from_secs(3600)).await));
         assert_eq!(updates(rx.recv_until(Instant::now())), vec![1, 2]);
-        rx.committed(2);
-        assert!(queue.reserve_within(2, Duration::from_secs(3600)).await.is_ok());
+        rx.committed(2, 0);
+        assert!(queue.reserve_within(2, 0, Duration::from_secs(3600)).await.is_ok());
     }
 
     #[tokio::test]
     async fn a_wait_that_runs_out_while_the_writers_commit_does_not_stall_the_queue() {
-        let queue = bounded::<u32>(2, 1);
+        let queue = bounded::<u32>(2, usize::MAX, 1);
         let rx = queue.receiver(0);
         queue.try_push(Chunk::in_memory(vec![1])).unwrap();
         queue.try_push(Chunk::in_memory(vec![2])).unwrap();
         let waiting = tokio::spawn({
             let queue = queue.clone();
-            async move { queue.reserve_within(2, Duration::from_millis(50)).await.is_ok() }
+            async move { queue.reserve_within(2, 0, Duration::from_millis(50)).await.is_ok() }
         });
         tokio::task::yield_now().await;
         // One commit: the writers move, but the room given back is too little for the waiter.
         assert_eq!(updates(rx.recv_until(Instant::now())), vec![1]);
-        rx.committed(1);
+        rx.committed(1, 0);
         assert!(!waiting.await.unwrap());
         assert!(!queue.shared.stalled.load(Ordering::Acquire));
     }
 
     #[tokio::test]
     async fn a_request_larger_than_the_queue_does_not_wait() {
-        let queue = bounded::<u32>(2, 1);
+        let queue = bounded::<u32>(2, usize::MAX, 1);
         assert!(matches!(
-            queue.reserve_within(3, Duration::from_secs(3600)).await,
+            queue.reserve_within(3, 0, Duration::from_secs(3600)).await,
             Err(PushError::Full { .. })
         ));
     }
 
     #[test]
+    fn the_byte_bound_holds_but_an_empty_queue_takes_any_one_request() {
+        let queue = bounded::<u32>(100, 1000, 1);
+        let rx = queue.receiver(0);
+        let big = queue.reserve(1, 5000).expect("an empty queue takes it");
+        assert!(matches!(
+            queue.reserve(1, 1),
+            Err(PushError::Full { what: "bytes", .. })
+        ));
+        assert_eq!(queue.pending(), 1, "the refused reservation took nothing");
+        big.push(Chunk::in_memory(vec![1]));
+        let Received::Chunk(chunk) = rx.recv_until(Instant::now()) else {
+            panic!("a chunk")
+        };
+        rx.committed(chunk.updates.len(), chunk.bytes);
+        assert!(queue.reserve(1, 600).is_ok());
+    }
+
+    #[test]
     fn requests_are_spread_over_the_slots_in_turn() {
-        let queue = bounded::<u32>(10, 2);
+        let queue = bounded::<u32>(10, usize::MAX, 2);
         for i in 0..4 {
             queue.try_push(Chunk::in_memory(vec![i])).unwrap();
         }
@@ -442,7 +503,7 @@ mod tests {
 
     #[test]
     fn a_closed_queue_refuses_pushes_and_reports_drained_once_empty() {
-        let queue = bounded::<u32>(5, 1);
+        let queue = bounded::<u32>(5, usize::MAX, 1);
         let rx = queue.receiver(0);
         queue.try_push(Chunk::in_memory(vec![1])).unwrap();
         queue.close();

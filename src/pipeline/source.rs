@@ -21,8 +21,8 @@ pub trait Source: Send + 'static {
     fn recv_until(&self, deadline: Instant) -> Received<Self::Update>;
     /// Whether nothing is waiting right now.
     fn is_empty(&self) -> bool;
-    /// `n` updates taken from this source are committed.
-    fn committed(&self, n: usize);
+    /// `n` updates taken from this source, holding `bytes` of its room, are committed.
+    fn committed(&self, n: usize, bytes: usize);
     /// The gateway is stopping: write what is held at once.
     fn is_closed(&self) -> bool;
     /// The stop timed out: give up what is held (its source keeps it for the next start, if it can).
@@ -38,8 +38,8 @@ impl<T: Send + 'static> Source for QueueReceiver<T> {
     fn is_empty(&self) -> bool {
         QueueReceiver::is_empty(self)
     }
-    fn committed(&self, n: usize) {
-        QueueReceiver::committed(self, n)
+    fn committed(&self, n: usize, bytes: usize) {
+        QueueReceiver::committed(self, n, bytes)
     }
     fn is_closed(&self) -> bool {
         QueueReceiver::is_closed(self)

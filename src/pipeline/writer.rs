@@ -259,6 +259,7 @@ where
             info!(writer = %self.name, attempts = attempt, "batch written after failures; the writer is back");
         }
         self.record_success(batch.rows.len(), &outcome);
+        let bytes = batch.parts.iter().map(|p| p.bytes).sum();
         for part in batch.parts {
             if let Some(delivery) = part.delivery {
                 delivery.committed();
@@ -267,7 +268,7 @@ where
                 waiter.committed(part.rows);
             }
         }
-        self.source.committed(batch.rows.len());
+        self.source.committed(batch.rows.len(), bytes);
     }
 
     fn record_success(&self, rows: usize, outcome: &WriteOutcome) {
@@ -333,7 +334,7 @@ mod tests {
         fn is_empty(&self) -> bool {
             true
         }
-        fn committed(&self, _n: usize) {}
+        fn committed(&self, _n: usize, _bytes: usize) {}
         fn is_closed(&self) -> bool {
             false
         }

@@ -175,6 +175,7 @@ impl Application {
             },
             writers: writers_per_stream,
             capacity: settings.queue_capacity as usize,
+            max_bytes: settings.queue_max_bytes,
             wal: wal.clone(),
             recovered,
             gate: gate.clone(),

@@ -32,6 +32,8 @@ pub struct StreamParts<'a> {
     pub policy: BatchPolicy,
     pub writers: usize,
     pub capacity: usize,
+    /// About how much memory a stream's queued updates may take.
+    pub max_bytes: usize,
     /// The log new submissions go to; `None` with `durability=memory`.
     pub wal: Option<Arc<Wal>>,
     /// The segments the previous run left, oldest first: every stream replays its own records from them.
@@ -58,7 +60,7 @@ impl StreamParts<'_> {
         metrics: &StreamMetrics,
         checkpoints: &mut Checkpoints,
     ) -> anyhow::Result<(Arc<Intake<T>>, StreamHandle)> {
-        let queue = pipeline::bounded::<T>(self.capacity, self.writers);
+        let queue = pipeline::bounded::<T>(self.capacity, self.max_bytes, self.writers);
         metrics.queue_capacity.set(self.capacity as i64);
         let mut writers = Vec::with_capacity(self.writers);
         for slot in 0..self.writers {

@@ -148,3 +148,36 @@ fn stopping_the_database_under_load_loses_no_acknowledged_update() {
         stored.iter().filter(|(_, n)| *n > 1).count()
     );
 }
+
+#[test]
+fn in_memory_mode_the_queue_is_bounded_by_bytes_too_so_large_updates_cannot_fill_memory() {
+    let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
+    let name = fresh_database(&cluster);
+    let app = spawn_app_on(cluster.config(&name), |s| {
+        s.queue_capacity = 100_000;
+        s.queue_max_bytes = 256 * 1024;
+        s.writers = 1;
+        s.durability = Durability::Memory;
+    });
+    cluster.stop();
+    // About 4 KiB of attributes each: far fewer than the capacity in updates fit in 256 KiB.
+    let padding = "x".repeat(4000);
+    let mut taken = 0;
+    for i in 0..200 {
+        let mut update = location_json(&format!("big-{i}"));
+        update.pop();
+        update.push_str(&format!(r#","note":"{padding}"}}"#));
+        match app.post_json(LOCATION, &update).status {
+            202 => taken += 1,
+            503 => break,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        (40..100).contains(&taken),
+        "about 256 KiB of updates are taken: {taken}"
+    );
+    let stats = app.get("/stats").json();
+    assert_eq!(stats["streams"]["location"]["queue_depth"], taken);
+    cluster.restart().unwrap();
+}
