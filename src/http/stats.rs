@@ -8,6 +8,7 @@ use time::OffsetDateTime;
 
 use super::AppState;
 use crate::config::Durability;
+use crate::intake::feed::ReplaySnapshot;
 use crate::metrics::{RejectReason, StreamMetrics};
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
@@ -26,8 +27,8 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
             Durability::Memory => "memory",
         },
         "streams": {
-            "location": stream_stats(state.location.metrics()),
-            "poll": stream_stats(state.poll.metrics()),
+            "location": stream_stats(state.location.metrics(), state.location.replay()),
+            "poll": stream_stats(state.poll.metrics(), state.poll.replay()),
         },
         "wal": {
             "bytes": wal.bytes.get(),
@@ -41,7 +42,7 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
     }))
 }
 
-fn stream_stats(m: &StreamMetrics) -> Value {
+fn stream_stats(m: &StreamMetrics, replay: ReplaySnapshot) -> Value {
     let rejected_by_reason: Map<String, Value> = RejectReason::ALL
         .iter()
         .map(|r| (r.as_str().to_owned(), m.rejected(*r).get().into()))
@@ -68,5 +69,8 @@ fn stream_stats(m: &StreamMetrics) -> Value {
         "last_batch_at": last_batch_at,
         "last_batch_duration_ms": m.last_batch_duration.get() * 1000.0,
         "oldest_pending_age_ms": (m.oldest_pending_age.get() * 1000.0).round(),
+        "replaying": !replay.finished,
+        "replay_done_bytes": replay.done_bytes,
+        "replay_total_bytes": replay.total_bytes,
     })
 }

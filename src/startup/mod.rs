@@ -5,9 +5,11 @@
 //! - [`listener`]: TCP and Unix-socket listeners.
 //! - [`streams`]: one generic per-stream builder.
 //! - [`shutdown`]: the stop sequence.
+//! - [`progress`]: the progress of long work (the start-up replay, the stop's drain) in the log.
 
 pub mod data_dir;
 pub mod listener;
+pub mod progress;
 pub mod shutdown;
 pub mod streams;
 
@@ -25,7 +27,7 @@ use crate::db::{self, EmbeddedPostgres, PostgresOptions};
 use crate::http::{self, AppState, DatabaseCheck, IngestLimits};
 use crate::intake::Gate;
 use crate::metrics::Metrics;
-use crate::model::{LocationUpdate, PollResult};
+use crate::model::{LocationUpdate, PollResult, Update};
 use crate::pipeline::BatchPolicy;
 use crate::wal::{Recovery, Wal, WalConfig};
 use data_dir::DataDir;
@@ -98,6 +100,8 @@ pub struct Application {
     wal: Option<Arc<Wal>>,
     streams: Vec<StreamHandle>,
     shutdown_timeout: Duration,
+    /// How often the stop logs its progress.
+    progress_interval: Duration,
     /// Dropped last: the runtime the pool lives on, then the database itself, then the data directory's lock.
     runtime: Runtime,
     database: Database,
@@ -174,6 +178,14 @@ impl Application {
         let (location, location_handle) = parts.build::<LocationUpdate>(&metrics.location, &mut checkpoints)?;
         let (poll, poll_handle) = parts.build::<PollResult>(&metrics.poll, &mut checkpoints)?;
         drop(parts);
+        // Until every stream has read back what the previous run left, the gateway is not ready; say how it goes.
+        runtime.spawn(progress::report_replay(
+            vec![
+                (LocationUpdate::STREAM, location.replay_progress().clone()),
+                (PollResult::STREAM, poll.replay_progress().clone()),
+            ],
+            settings.progress_interval,
+        ));
 
         let listeners = listener::open_all(&settings.listen, settings.socket_mode)?;
         let port = listeners
@@ -204,6 +216,7 @@ impl Application {
             wal,
             streams: vec![location_handle, poll_handle],
             shutdown_timeout: settings.shutdown_timeout,
+            progress_interval: settings.progress_interval,
             runtime,
             database,
             data_dir,
@@ -257,6 +270,7 @@ impl Application {
             self.wal.as_deref(),
             self.streams,
             self.shutdown_timeout,
+            self.progress_interval,
         )
         .await;
         drop(sockets);

@@ -13,6 +13,7 @@ mod hostile;
 mod ingest;
 mod migrations;
 mod observability;
+mod progress;
 mod replicas;
 mod signals;
 mod unix_socket;
