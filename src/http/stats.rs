@@ -1,6 +1,8 @@
 //! `GET /stats` (a JSON snapshot for humans and scripts) and `GET /metrics` (Prometheus text), both read from
 //! the same metric handles.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use actix_web::{web, HttpResponse};
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
@@ -21,7 +23,12 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
     state.refresh_gauges();
     let wal = &state.metrics.wal;
+    // The gateway's clock, so that a reader computes rates and ages without trusting its own clock or timers.
+    let now_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     HttpResponse::Ok().json(json!({
+        "now_unix_ms": now_unix_ms,
         "durability": match state.durability {
             Durability::Wal => "wal",
             Durability::Memory => "memory",

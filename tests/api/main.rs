@@ -16,5 +16,6 @@ mod observability;
 mod progress;
 mod replicas;
 mod signals;
+mod status_page;
 mod unix_socket;
 mod validation;
