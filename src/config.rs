@@ -122,6 +122,11 @@ pub struct Settings {
     #[arg(long, env = "INGEST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
     pub shutdown_timeout: Duration,
 
+    /// How often long work (the replay of the log at start-up, writing what was accepted at a stop) logs its
+    /// progress.
+    #[arg(long, env = "INGEST_PROGRESS_INTERVAL", default_value = "5s", value_parser = parse_interval, global = true)]
+    pub progress_interval: Duration,
+
     /// Log format.
     #[arg(long, env = "INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -162,6 +167,17 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (write durations like 250ms, 10s, 5m)"))
 }
 
+/// Parses a duration that must not be zero: something is done every time it passes.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    parse_duration(text).and_then(|d| {
+        if d.is_zero() {
+            Err("must be longer than zero".to_owned())
+        } else {
+            Ok(d)
+        }
+    })
+}
+
 /// Parses an octal file mode such as `660` or `0o660`.
 fn parse_octal_mode(text: &str) -> Result<u32, String> {
     let digits = text.trim().trim_start_matches("0o");
@@ -193,6 +209,7 @@ mod tests {
         assert_eq!(s.max_body_bytes, 8_388_608);
         assert_eq!(s.max_updates, 10_000);
         assert_eq!(s.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(s.progress_interval, Duration::from_secs(5));
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(s.durability, Durability::Wal);
         assert_eq!(s.wal_max_bytes, 1 << 30);
@@ -220,6 +237,11 @@ mod tests {
         assert_eq!(parse_octal_mode("0o600"), Ok(0o600));
         assert!(parse_octal_mode("999").is_err());
         assert!(parse_octal_mode("1777").is_err());
+    }
+
+    #[test]
+    fn a_progress_interval_of_zero_is_refused() {
+        assert!(Cli::try_parse_from(["ingest-gateway", "--progress-interval", "0s"]).is_err());
     }
 
     #[test]

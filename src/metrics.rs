@@ -30,6 +30,7 @@ pub const UPDATES_DUPLICATE: &str = "ingest_updates_duplicate_total";
 pub const UPDATES_DEAD_LETTERED: &str = "ingest_updates_dead_lettered_total";
 pub const WAL_REPLAYED: &str = "ingest_wal_replayed_updates_total";
 pub const WAL_BACKLOG_BYTES: &str = "ingest_wal_backlog_bytes";
+pub const WAL_REPLAY_REMAINING_BYTES: &str = "ingest_wal_replay_remaining_bytes";
 pub const WAL_BYTES: &str = "ingest_wal_bytes";
 pub const WAL_CAPACITY: &str = "ingest_wal_capacity_bytes";
 pub const WAL_SEGMENTS: &str = "ingest_wal_segments";
@@ -131,6 +132,8 @@ pub struct StreamMetrics {
     pub replayed: IntCounter,
     /// Bytes of write-ahead log waiting to be read back because the writers fell behind (0 when none).
     pub backlog_bytes: IntGauge,
+    /// Bytes of the previous run's log not yet read back at start-up (0 once replayed: the gateway can be ready).
+    pub replay_remaining_bytes: IntGauge,
     /// Updates accepted and not yet written (in the queue or in a batch being written).
     pub queue_depth: IntGauge,
     pub queue_capacity: IntGauge,
@@ -281,6 +284,13 @@ impl Metrics {
             ),
             stream,
         )?;
+        let replay_remaining = IntGaugeVec::new(
+            Opts::new(
+                WAL_REPLAY_REMAINING_BYTES,
+                "Bytes of the previous run's write-ahead log not yet read back at start-up",
+            ),
+            stream,
+        )?;
         let wal = WalMetrics {
             bytes: IntGauge::new(WAL_BYTES, "Bytes of write-ahead log on disk")?,
             capacity: IntGauge::new(WAL_CAPACITY, "Bound of the write-ahead log in bytes")?,
@@ -326,6 +336,7 @@ impl Metrics {
         reg(Box::new(dead.clone()))?;
         reg(Box::new(replayed.clone()))?;
         reg(Box::new(backlog.clone()))?;
+        reg(Box::new(replay_remaining.clone()))?;
         reg(Box::new(wal.bytes.clone()))?;
         reg(Box::new(wal.capacity.clone()))?;
         reg(Box::new(wal.segments.clone()))?;
@@ -349,6 +360,7 @@ impl Metrics {
             dead_lettered: dead.with_label_values(&[name]),
             replayed: replayed.with_label_values(&[name]),
             backlog_bytes: backlog.with_label_values(&[name]),
+            replay_remaining_bytes: replay_remaining.with_label_values(&[name]),
             queue_depth: depth.with_label_values(&[name]),
             queue_capacity: capacity.with_label_values(&[name]),
             batches_written: batches.with_label_values(&[name]),

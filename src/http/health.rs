@@ -1,5 +1,5 @@
-//! `GET /healthz` (the process serves HTTP) and `GET /readyz` (the database answers, the gateway takes updates
-//! and no queue is above its high-water mark).
+//! `GET /healthz` (the process serves HTTP) and `GET /readyz` (the database answers, the gateway takes updates,
+//! the log the previous run left is read back and no queue is above its high-water mark).
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -18,6 +18,10 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let mut reasons = Vec::new();
     if !state.is_accepting() {
         reasons.push("shutting down".to_owned());
+    }
+    // Updates sent now would wait behind the previous run's log: let a load balancer send them elsewhere.
+    if state.location.is_replaying() || state.poll.is_replaying() {
+        reasons.push("replaying".to_owned());
     }
     for (name, (pending, capacity)) in [
         ("location", state.location.queue_fill()),

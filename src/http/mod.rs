@@ -3,6 +3,7 @@
 //! - [`ingest`]: `POST /api/v1/{location,poll}/update`.
 //! - [`stats`]: `GET /stats` (JSON) and `GET /metrics` (Prometheus).
 //! - [`health`]: `GET /healthz`, `GET /readyz`.
+//! - [`status`]: `GET /`, the status page (HTML drawn from `/stats`).
 //! - [`errors`]: every refusal as one enum, mapped to a status and a JSON body.
 //! - [`request_id`]: `X-Request-Id`, kept or made, echoed, and named in the log.
 
@@ -12,6 +13,7 @@ pub mod ingest;
 pub mod limits;
 pub mod request_id;
 pub mod stats;
+pub mod status;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -83,6 +85,8 @@ fn named(path: &'static str) -> actix_web::Resource {
 
 /// Registers every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
+    // Exactly `/`: every other unknown path keeps the JSON 404 below.
+    cfg.service(named("/").route(web::get().to(status::page)));
     cfg.service(named("/api/v1/location/update").route(web::post().to(ingest::location)))
         .service(named("/api/v1/poll/update").route(web::post().to(ingest::poll)))
         .service(named("/stats").route(web::get().to(stats::stats)))

@@ -1,6 +1,8 @@
 //! `GET /stats` (a JSON snapshot for humans and scripts) and `GET /metrics` (Prometheus text), both read from
 //! the same metric handles.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use actix_web::{web, HttpResponse};
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
@@ -8,6 +10,7 @@ use time::OffsetDateTime;
 
 use super::AppState;
 use crate::config::Durability;
+use crate::intake::feed::ReplaySnapshot;
 use crate::metrics::{RejectReason, StreamMetrics};
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
@@ -20,14 +23,19 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
     state.refresh_gauges();
     let wal = &state.metrics.wal;
+    // The gateway's clock, so that a reader computes rates and ages without trusting its own clock or timers.
+    let now_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     HttpResponse::Ok().json(json!({
+        "now_unix_ms": now_unix_ms,
         "durability": match state.durability {
             Durability::Wal => "wal",
             Durability::Memory => "memory",
         },
         "streams": {
-            "location": stream_stats(state.location.metrics(), state.location.writer_stall()),
-            "poll": stream_stats(state.poll.metrics(), state.poll.writer_stall()),
+            "location": stream_stats(state.location.metrics(), state.location.writer_stall(), state.location.replay()),
+            "poll": stream_stats(state.poll.metrics(), state.poll.writer_stall(), state.poll.replay()),
         },
         "wal": {
             "bytes": wal.bytes.get(),
@@ -41,7 +49,7 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
     }))
 }
 
-fn stream_stats(m: &StreamMetrics, stall: Option<(std::time::Duration, String)>) -> Value {
+fn stream_stats(m: &StreamMetrics, stall: Option<(std::time::Duration, String)>, replay: ReplaySnapshot) -> Value {
     let rejected_by_reason: Map<String, Value> = RejectReason::ALL
         .iter()
         .map(|r| (r.as_str().to_owned(), m.rejected(*r).get().into()))
@@ -70,5 +78,8 @@ fn stream_stats(m: &StreamMetrics, stall: Option<(std::time::Duration, String)>)
         "last_batch_at": last_batch_at,
         "last_batch_duration_ms": m.last_batch_duration.get() * 1000.0,
         "oldest_pending_age_ms": (m.oldest_pending_age.get() * 1000.0).round(),
+        "replaying": !replay.finished,
+        "replay_done_bytes": replay.done_bytes,
+        "replay_total_bytes": replay.total_bytes,
     })
 }

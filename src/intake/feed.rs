@@ -5,14 +5,16 @@
 //! has a *backlog*: from then on every record of the stream waits its turn on disk, and a refill thread reads
 //! them back in log order as the queue makes room, so that a writer still commits each slot's records in order.
 //! A restart is the same thing: the previous run's segments are the backlog. So the gateway keeps taking updates
-//! for as long as the log has room, while memory stays bounded by the queue.
+//! for as long as the log has room, while memory stays bounded by the queue. How far the feed has read those
+//! segments is its [`ReplayProgress`]: the gateway is not ready until every stream has read them all.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -64,9 +66,64 @@ impl Delivery for LoggedDelivery {
     }
 }
 
+/// How far a stream's feed has read back the segments the previous run left (the start-up replay). Written by
+/// the refill thread only; read by the progress log, `/readyz` and `/stats`.
+#[derive(Debug)]
+pub struct ReplayProgress {
+    /// Bytes of the previous run's segments. Every stream reads all of them (and queues its own records), so
+    /// each stream's replay has the same total.
+    total_bytes: u64,
+    done_bytes: AtomicU64,
+    /// Updates of this stream the replay queued (those already committed before the crash are skipped).
+    updates: AtomicU64,
+    finished: AtomicBool,
+    started: Instant,
+}
+
+/// [`ReplayProgress`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplaySnapshot {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub updates: u64,
+    pub finished: bool,
+}
+
+impl ReplayProgress {
+    fn new(total_bytes: u64) -> Self {
+        Self {
+            total_bytes,
+            done_bytes: AtomicU64::new(0),
+            updates: AtomicU64::new(0),
+            finished: AtomicBool::new(total_bytes == 0),
+            started: Instant::now(),
+        }
+    }
+
+    /// Whether every segment of the previous run has been read back into the queue.
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    pub fn snapshot(&self) -> ReplaySnapshot {
+        // `finished` first: once it is seen set, the figures read after it are the final ones.
+        let finished = self.is_finished();
+        ReplaySnapshot {
+            done_bytes: self.done_bytes.load(Ordering::Relaxed),
+            total_bytes: self.total_bytes,
+            updates: self.updates.load(Ordering::Relaxed),
+            finished,
+        }
+    }
+}
+
 struct FeedState {
     /// Segments that hold backlog records, oldest first; empty when there is no backlog.
     holds: VecDeque<Arc<Segment>>,
+    /// How many of the first `holds` are the previous run's segments, not yet read back entirely.
+    recovered_left: usize,
+    /// Bytes of the previous run's segments already read back entirely.
+    recovered_read: u64,
     /// Where the backlog starts in the first held segment.
     offset: u64,
     /// Where the backlog ends in the last held segment (the end of its last record of this stream).
@@ -95,6 +152,7 @@ pub struct LogFeed<T> {
     /// This stream's committed position per slot: what a replay skips.
     progress: HashMap<u16, Checkpoint>,
     metrics: StreamMetrics,
+    replay: Arc<ReplayProgress>,
 }
 
 impl<T: Update + RecordCodec> LogFeed<T> {
@@ -106,7 +164,10 @@ impl<T: Update + RecordCodec> LogFeed<T> {
         metrics: StreamMetrics,
     ) -> Arc<Self> {
         let end = recovered.last().map_or(0, |s| s.durable_len());
+        let replay = Arc::new(ReplayProgress::new(recovered.iter().map(|s| s.durable_len()).sum()));
         let state = FeedState {
+            recovered_left: recovered.len(),
+            recovered_read: 0,
             holds: recovered.into(),
             offset: 0,
             end,
@@ -119,7 +180,13 @@ impl<T: Update + RecordCodec> LogFeed<T> {
             wake: Condvar::new(),
             progress,
             metrics,
+            replay,
         })
+    }
+
+    /// How far the start-up replay has come.
+    pub fn replay(&self) -> &Arc<ReplayProgress> {
+        &self.replay
     }
 
     /// Starts the refill thread.
@@ -230,6 +297,11 @@ impl<T: Update + RecordCodec> LogFeed<T> {
                     state.holds.pop_front();
                     state.offset = 0;
                     open = None;
+                    if state.recovered_left > 0 {
+                        state.recovered_left -= 1;
+                        state.recovered_read += until;
+                        self.replayed_up_to(state.recovered_read, state.recovered_left == 0);
+                    }
                     if state.holds.is_empty() {
                         state.end = 0;
                         info!(
@@ -309,7 +381,26 @@ impl<T: Update + RecordCodec> LogFeed<T> {
             let mut state = self.lock();
             if state.holds.front().is_some_and(|s| Arc::ptr_eq(s, &segment)) {
                 state.offset = advanced;
+                if state.recovered_left > 0 {
+                    self.replayed_up_to(state.recovered_read + advanced, false);
+                }
             }
+        }
+    }
+
+    /// Records how many bytes of the previous run's segments are read back, and whether that is all of them.
+    fn replayed_up_to(&self, done_bytes: u64, finished: bool) {
+        self.replay.done_bytes.store(done_bytes, Ordering::Relaxed);
+        if finished {
+            self.replay.finished.store(true, Ordering::Release);
+            let replay = self.replay.snapshot();
+            info!(
+                stream = T::STREAM,
+                updates = replay.updates,
+                bytes = replay.total_bytes,
+                elapsed_ms = self.replay.started.elapsed().as_millis() as u64,
+                "write-ahead log replayed"
+            );
         }
     }
 
@@ -383,6 +474,9 @@ impl<T: Update + RecordCodec> LogFeed<T> {
             start += len;
         }
         self.metrics.replayed.inc_by(n as u64);
+        if !self.replay.is_finished() {
+            self.replay.updates.fetch_add(n as u64, Ordering::Relaxed);
+        }
         true
     }
 }

@@ -19,7 +19,7 @@ use crate::metrics::StreamMetrics;
 use crate::model::Update;
 use crate::pipeline::{Chunk, CommitWaiter, PushError, StreamQueue, WriterState};
 use crate::wal::Wal;
-use feed::LogFeed;
+use feed::{LogFeed, ReplayProgress, ReplaySnapshot};
 use record::RecordCodec;
 
 /// How long a request waits for room in a full queue before its updates go to the write-ahead log's backlog
@@ -182,11 +182,29 @@ impl<T: Update + RecordCodec> Intake<T> {
         &self.metrics
     }
 
+    /// How far the replay of the log the previous run left has come.
+    pub fn replay_progress(&self) -> &Arc<ReplayProgress> {
+        self.feed.replay()
+    }
+
+    /// Whether the log the previous run left is still being read back.
+    pub fn is_replaying(&self) -> bool {
+        !self.feed.replay().is_finished()
+    }
+
+    pub fn replay(&self) -> ReplaySnapshot {
+        self.feed.replay().snapshot()
+    }
+
     /// Brings the gauges that are read, not counted, up to date; called before `/stats` and `/metrics` answer.
     pub fn refresh_gauges(&self) {
         self.metrics.queue_depth.set(self.queue.pending() as i64);
         self.metrics.queue_capacity.set(self.queue.capacity() as i64);
         self.metrics.backlog_bytes.set(self.feed.backlog_bytes() as i64);
+        let replay = self.replay();
+        self.metrics
+            .replay_remaining_bytes
+            .set(replay.total_bytes.saturating_sub(replay.done_bytes) as i64);
         let now = Instant::now();
         let oldest = self
             .writers
@@ -219,6 +237,12 @@ pub trait Drain: Send + Sync {
     fn abandon(&self);
     /// Accepted updates not yet committed (an unread backlog counts as one).
     fn unwritten(&self) -> usize;
+    /// Updates committed since the start, for the stop's progress.
+    fn written(&self) -> u64;
+    /// Updates in the queue, not yet committed.
+    fn queued(&self) -> usize;
+    /// Bytes of log not yet read back into the queue.
+    fn backlog_bytes(&self) -> u64;
 }
 
 impl<T: Update + RecordCodec> Drain for Intake<T> {
@@ -236,6 +260,18 @@ impl<T: Update + RecordCodec> Drain for Intake<T> {
 
     fn unwritten(&self) -> usize {
         self.queue.pending() + usize::from(!self.feed.is_caught_up())
+    }
+
+    fn written(&self) -> u64 {
+        self.metrics.written.get()
+    }
+
+    fn queued(&self) -> usize {
+        self.queue.pending()
+    }
+
+    fn backlog_bytes(&self) -> u64 {
+        self.feed.backlog_bytes()
     }
 }
 

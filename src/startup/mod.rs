@@ -6,9 +6,11 @@
 //! - [`reload`]: what SIGHUP re-reads.
 //! - [`streams`]: one generic per-stream builder.
 //! - [`shutdown`]: the stop sequence.
+//! - [`progress`]: the progress of long work (the start-up replay, the stop's drain) in the log.
 
 pub mod data_dir;
 pub mod listener;
+pub mod progress;
 pub mod reload;
 pub mod shutdown;
 pub mod streams;
@@ -28,7 +30,7 @@ use crate::http::limits::{BodyBudget, BodyDeadline};
 use crate::http::{self, AppState, DatabaseCheck, IngestLimits};
 use crate::intake::Gate;
 use crate::metrics::Metrics;
-use crate::model::{LocationUpdate, PollResult};
+use crate::model::{LocationUpdate, PollResult, Update};
 use crate::pipeline::BatchPolicy;
 use crate::wal::{Recovery, Wal, WalConfig};
 use data_dir::DataDir;
@@ -106,6 +108,8 @@ pub struct Application {
     max_connections: usize,
     /// What SIGHUP re-reads; parts register themselves while the gateway is built.
     reloads: Reloads,
+    /// How often the stop logs its progress.
+    progress_interval: Duration,
     /// Dropped last: the runtime the pool lives on, then the database itself, then the data directory's lock.
     runtime: Runtime,
     database: Database,
@@ -184,6 +188,14 @@ impl Application {
         let (location, location_handle) = parts.build::<LocationUpdate>(&metrics.location, &mut checkpoints)?;
         let (poll, poll_handle) = parts.build::<PollResult>(&metrics.poll, &mut checkpoints)?;
         drop(parts);
+        // Until every stream has read back what the previous run left, the gateway is not ready; say how it goes.
+        runtime.spawn(progress::report_replay(
+            vec![
+                (LocationUpdate::STREAM, location.replay_progress().clone()),
+                (PollResult::STREAM, poll.replay_progress().clone()),
+            ],
+            settings.progress_interval,
+        ));
 
         let listeners = listener::open_all(&settings.listen, settings.socket_mode)?;
         let port = listeners
@@ -223,6 +235,7 @@ impl Application {
             shutdown_timeout: settings.shutdown_timeout,
             max_connections: settings.max_connections as usize,
             reloads: Reloads::default(),
+            progress_interval: settings.progress_interval,
             runtime,
             database,
             data_dir,
@@ -281,6 +294,7 @@ impl Application {
             self.wal.as_deref(),
             self.streams,
             self.shutdown_timeout,
+            self.progress_interval,
         )
         .await;
         reloading.abort();

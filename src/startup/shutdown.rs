@@ -1,12 +1,15 @@
 //! The stop sequence: stop taking updates (503), let in-flight requests finish, close the queues, let the
-//! writers write everything they were given, and report what, if anything, could not be written in time.
+//! writers write everything they were given (logging their progress while that takes long), and report what, if
+//! anything, could not be written in time.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use super::progress::{seconds_left, Meter};
 use super::streams::StreamHandle;
 use crate::intake::Gate;
 use crate::wal::Wal;
@@ -57,15 +60,86 @@ async fn wait_for_threads(threads: &[&JoinHandle<()>], deadline: Instant) -> boo
     }
 }
 
+/// What is left to write, over every stream.
+#[derive(Debug, Clone, Copy)]
+struct DrainFigures {
+    /// Updates committed since the start of the process.
+    written: u64,
+    /// Updates in the queues, not yet committed.
+    queued: u64,
+    /// Bytes of log not yet read back into the queues.
+    backlog_bytes: u64,
+}
+
+fn drain_figures(streams: &[StreamHandle]) -> DrainFigures {
+    streams.iter().fold(
+        DrainFigures {
+            written: 0,
+            queued: 0,
+            backlog_bytes: 0,
+        },
+        |sum, s| DrainFigures {
+            written: sum.written + s.drain.written(),
+            queued: sum.queued + s.drain.queued() as u64,
+            backlog_bytes: sum.backlog_bytes + s.drain.backlog_bytes(),
+        },
+    )
+}
+
+/// Logs, every `interval`, how the writing of what was accepted goes; never returns (the stop drops it once the
+/// writers are done or the deadline passed).
+async fn report_drain(streams: &[StreamHandle], deadline: Instant, interval: Duration) -> Infallible {
+    let start = drain_figures(streams);
+    let now = Instant::now();
+    if start.queued > 0 || start.backlog_bytes > 0 {
+        info!(
+            updates_left = start.queued,
+            backlog_bytes = start.backlog_bytes,
+            timeout_left_s = deadline.saturating_duration_since(now).as_secs(),
+            "stopping: writing what was accepted"
+        );
+    }
+    let mut updates = Meter::new(start.written, now);
+    // The backlog only shrinks during a stop (nothing new is logged), so what it lost is what was read back.
+    let mut read_back = Meter::new(0, now);
+    loop {
+        tokio::time::sleep(interval).await;
+        let now = Instant::now();
+        let figures = drain_figures(streams);
+        let updates_per_s = updates.rate(figures.written, now);
+        let bytes_per_s = read_back.rate(start.backlog_bytes.saturating_sub(figures.backlog_bytes), now);
+        // The queued updates at the writers' pace, plus the backlog at the pace it is read back; unknown while
+        // either stands still.
+        let eta_s = match (
+            seconds_left(figures.queued, updates_per_s),
+            seconds_left(figures.backlog_bytes, bytes_per_s),
+        ) {
+            (Some(queue), Some(backlog)) => Some(queue + backlog),
+            _ => None,
+        };
+        info!(
+            updates_written = figures.written.saturating_sub(start.written),
+            updates_left = figures.queued,
+            backlog_bytes = figures.backlog_bytes,
+            updates_per_s = updates_per_s.round() as u64,
+            eta_s,
+            timeout_left_s = deadline.saturating_duration_since(now).as_secs(),
+            "stopping: writing accepted updates"
+        );
+    }
+}
+
 /// Runs the whole stop: the gate closes (new submissions get 503), `stop_transports` lets the requests in flight
 /// finish, the log writes its last group, each stream's feed queues its backlog, the queues close and the writers
-/// write what they hold. Past `timeout`, the writers give up and whatever is left stays in the log (if any).
+/// write what they hold, with their progress logged every `progress_interval`. Past `timeout`, the writers give
+/// up and whatever is left stays in the log (if any).
 pub async fn stop(
     gate: &Gate,
     stop_transports: impl Future<Output = ()>,
     wal: Option<&Wal>,
     streams: Vec<StreamHandle>,
     timeout: Duration,
+    progress_interval: Duration,
 ) -> ShutdownOutcome {
     let started = Instant::now();
     let deadline = started + timeout;
@@ -81,13 +155,19 @@ pub async fn stop(
     }
     let feeds: Vec<&JoinHandle<()>> = streams.iter().map(|s| &s.feed).collect();
     let writers: Vec<&JoinHandle<()>> = streams.iter().flat_map(|s| &s.writers).collect();
-    let fed = wait_for_threads(&feeds, deadline).await;
-    // 3. Closing the queues before the feeds are done would strand the backlog; a timed-out stop leaves it in the
-    //    log for the next start.
-    for stream in &streams {
-        stream.drain.close_queue();
-    }
-    let finished = fed && wait_for_threads(&writers, deadline).await;
+    let drained = async {
+        let fed = wait_for_threads(&feeds, deadline).await;
+        // 3. Closing the queues before the feeds are done would strand the backlog; a timed-out stop leaves it in
+        //    the log for the next start.
+        for stream in &streams {
+            stream.drain.close_queue();
+        }
+        fed && wait_for_threads(&writers, deadline).await
+    };
+    let finished = tokio::select! {
+        finished = drained => finished,
+        never = report_drain(&streams, deadline, progress_interval) => match never {},
+    };
     if !finished {
         for stream in &streams {
             stream.drain.abandon();

@@ -409,6 +409,24 @@ pub fn free_port() -> u16 {
 
 /// Starts the binary with `envs`; returns it and its HTTP address, read from its JSON log.
 pub fn start_gateway(envs: &[(&str, String)]) -> (Child, String) {
+    let (child, address, _) = start_gateway_logged(envs);
+    (child, address)
+}
+
+/// The JSON log lines a gateway binary has written so far.
+#[derive(Clone, Default)]
+pub struct LogLines(std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>);
+
+impl LogLines {
+    /// The lines whose message is `message`, in order.
+    pub fn with_message(&self, message: &str) -> Vec<serde_json::Value> {
+        let lines = self.0.lock().unwrap();
+        lines.iter().filter(|l| l["message"] == message).cloned().collect()
+    }
+}
+
+/// As [`start_gateway`], and keeps every JSON line the gateway logs.
+pub fn start_gateway_logged(envs: &[(&str, String)]) -> (Child, String, LogLines) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ingest-gateway"));
     command
         .arg("serve")
@@ -424,6 +442,8 @@ pub fn start_gateway(envs: &[(&str, String)]) -> (Child, String) {
     let mut child = command.spawn().expect("start the gateway binary");
     let stderr = child.stderr.take().unwrap();
     let (port_tx, port_rx) = mpsc::channel();
+    let log = LogLines::default();
+    let kept = log.clone();
     std::thread::spawn(move || {
         // Keeps reading to the end so that the gateway never blocks on a full pipe.
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -431,6 +451,7 @@ pub fn start_gateway(envs: &[(&str, String)]) -> (Child, String) {
                 if let Some(port) = event["port"].as_u64() {
                     let _ = port_tx.send(port);
                 }
+                kept.0.lock().unwrap().push(event);
             }
             if std::env::var_os("RUST_LOG").is_some() {
                 eprintln!("gateway: {line}");
@@ -440,7 +461,7 @@ pub fn start_gateway(envs: &[(&str, String)]) -> (Child, String) {
     let port = port_rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the gateway logs its port");
-    (child, format!("http://127.0.0.1:{port}"))
+    (child, format!("http://127.0.0.1:{port}"), log)
 }
 
 pub use ingest_gateway::db::embedded::send_signal as signal;
