@@ -52,6 +52,11 @@ pub struct Settings {
     #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:8080", global = true)]
     pub listen: String,
 
+    /// Where to serve `/metrics`, `/stats`, `/readyz` and the status page apart from the public listeners (same
+    /// forms as `--listen`); unset: everything is served on the public listeners.
+    #[arg(long, env = "INGEST_ADMIN_LISTEN", global = true)]
+    pub admin_listen: Option<String>,
+
     /// Permissions of a Unix socket listener's file, in octal: who on this host may send.
     #[arg(long, env = "INGEST_SOCKET_MODE", default_value = "660", value_parser = parse_octal_mode, global = true)]
     pub socket_mode: u32,

@@ -42,7 +42,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             ));
         }
     }
-    if !(state.database_check)().await {
+    if !state.database.is_up() {
         reasons.push("the database does not answer".to_owned());
     }
     if reasons.is_empty() {

@@ -15,8 +15,7 @@ pub mod request_id;
 pub mod stats;
 pub mod status;
 
-use std::future::Future;
-use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,8 +31,33 @@ use crate::model::{LocationUpdate, PollResult};
 use limits::{BodyBudget, BodyDeadline};
 use request_id::RequestId;
 
-/// Asks whether the database answers; provided by the start-up code, which owns the pool.
-pub type DatabaseCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool>>> + Send + Sync>;
+/// Whether the database answered its last check: kept fresh in the background by the start-up code, which owns
+/// the pool, so that `/readyz` costs no database round trip however often it is asked.
+#[derive(Debug, Default)]
+pub struct DatabaseHealth {
+    up: AtomicBool,
+}
+
+impl DatabaseHealth {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub fn set(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+    }
+}
+
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routes {
+    /// Everything: ingest and the operator's pages (no separate admin listener).
+    All,
+    /// What senders need: ingest, `/healthz`.
+    Public,
+    /// What operators need: `/metrics`, `/stats`, `/readyz`, `/healthz` and the status page.
+    Admin,
+}
 
 /// Limits and rules for request bodies.
 #[derive(Debug, Clone)]
@@ -58,8 +82,8 @@ pub struct AppState {
     pub durability: Durability,
     /// The registry behind `/metrics`, and the figures `/stats` reads.
     pub metrics: Arc<Metrics>,
-    /// Asked by `/readyz`.
-    pub database_check: DatabaseCheck,
+    /// Read by `/readyz`.
+    pub database: Arc<DatabaseHealth>,
     /// Request bodies in flight, for the whole process.
     pub body_budget: Arc<BodyBudget>,
     /// Writers failing for this long make the gateway not ready.
@@ -83,16 +107,20 @@ fn named(path: &'static str) -> actix_web::Resource {
     web::resource(path).name(path)
 }
 
-/// Registers every route.
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    // Exactly `/`: every other unknown path keeps the JSON 404 below.
-    cfg.service(named("/").route(web::get().to(status::page)));
-    cfg.service(named("/api/v1/location/update").route(web::post().to(ingest::location)))
-        .service(named("/api/v1/poll/update").route(web::post().to(ingest::poll)))
-        .service(named("/stats").route(web::get().to(stats::stats)))
-        .service(named("/metrics").route(web::get().to(stats::metrics)))
-        .service(named("/healthz").route(web::get().to(health::healthz)))
-        .service(named("/readyz").route(web::get().to(health::readyz)))
+/// Registers the routes of `which`.
+pub fn routes(cfg: &mut web::ServiceConfig, which: Routes) {
+    if which != Routes::Public {
+        // Exactly `/`: every other unknown path keeps the JSON 404 below.
+        cfg.service(named("/").route(web::get().to(status::page)));
+        cfg.service(named("/stats").route(web::get().to(stats::stats)))
+            .service(named("/metrics").route(web::get().to(stats::metrics)))
+            .service(named("/readyz").route(web::get().to(health::readyz)));
+    }
+    if which != Routes::Admin {
+        cfg.service(named("/api/v1/location/update").route(web::post().to(ingest::location)))
+            .service(named("/api/v1/poll/update").route(web::post().to(ingest::poll)));
+    }
+    cfg.service(named("/healthz").route(web::get().to(health::healthz)))
         .default_service(web::to(|| async {
             HttpResponse::NotFound().json(errors::ErrorBody::new("not_found", "no such route", vec![]))
         }));
@@ -101,6 +129,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// The whole application: routes, shared state, and request metrics around every route.
 pub fn app(
     state: web::Data<AppState>,
+    which: Routes,
 ) -> App<
     impl actix_web::dev::ServiceFactory<
         actix_web::dev::ServiceRequest,
@@ -111,34 +140,37 @@ pub fn app(
     >,
 > {
     let http_metrics = state.metrics.http.clone();
-    App::new().app_data(state).configure(routes).wrap_fn(move |req, srv| {
-        let started = Instant::now();
-        let request_id = RequestId::of(req.headers());
-        req.extensions_mut().insert(request_id.clone());
-        let response = srv.call(req);
-        let http_metrics = http_metrics.clone();
-        async move {
-            let mut response = response.await?;
-            // 503 is the gateway pacing its clients, said by its own metrics; anything else 5xx is a fault.
-            if response.status().is_server_error() && response.status() != StatusCode::SERVICE_UNAVAILABLE {
-                warn!(
-                    request_id = request_id.as_str(),
-                    route = response.request().match_name().unwrap_or("unmatched"),
-                    status = response.status().as_u16(),
-                    "request failed"
-                );
+    App::new()
+        .app_data(state)
+        .configure(|cfg| routes(cfg, which))
+        .wrap_fn(move |req, srv| {
+            let started = Instant::now();
+            let request_id = RequestId::of(req.headers());
+            req.extensions_mut().insert(request_id.clone());
+            let response = srv.call(req);
+            let http_metrics = http_metrics.clone();
+            async move {
+                let mut response = response.await?;
+                // 503 is the gateway pacing its clients, said by its own metrics; anything else 5xx is a fault.
+                if response.status().is_server_error() && response.status() != StatusCode::SERVICE_UNAVAILABLE {
+                    warn!(
+                        request_id = request_id.as_str(),
+                        route = response.request().match_name().unwrap_or("unmatched"),
+                        status = response.status().as_u16(),
+                        "request failed"
+                    );
+                }
+                response.headers_mut().insert(request_id::HEADER, request_id.0);
+                // The route's name (its pattern), never the raw path, so that the label set stays small.
+                let route = response.request().match_name().unwrap_or("unmatched");
+                let status = response.status();
+                let labels = [route, status.as_str()];
+                http_metrics.requests.with_label_values(&labels).inc();
+                http_metrics
+                    .duration
+                    .with_label_values(&labels)
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(response)
             }
-            response.headers_mut().insert(request_id::HEADER, request_id.0);
-            // The route's name (its pattern), never the raw path, so that the label set stays small.
-            let route = response.request().match_name().unwrap_or("unmatched");
-            let status = response.status();
-            let labels = [route, status.as_str()];
-            http_metrics.requests.with_label_values(&labels).inc();
-            http_metrics
-                .duration
-                .with_label_values(&labels)
-                .observe(started.elapsed().as_secs_f64());
-            Ok(response)
-        }
-    })
+        })
 }

@@ -27,7 +27,7 @@ use tracing::info;
 use crate::config::{Durability, Settings};
 use crate::db::{self, EmbeddedPostgres, PostgresOptions};
 use crate::http::limits::{BodyBudget, BodyDeadline};
-use crate::http::{self, AppState, DatabaseCheck, IngestLimits};
+use crate::http::{self, AppState, DatabaseHealth, IngestLimits, Routes};
 use crate::intake::Gate;
 use crate::metrics::Metrics;
 use crate::model::{LocationUpdate, PollResult, Update};
@@ -97,6 +97,8 @@ pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
 /// A gateway that is built and bound, ready to run.
 pub struct Application {
     listeners: Vec<Listener>,
+    /// The operator's listeners (`INGEST_ADMIN_LISTEN`); empty when everything is served on `listeners`.
+    admin_listeners: Vec<Listener>,
     /// The first TCP port bound (0 when there is none).
     port: u16,
     state: web::Data<AppState>,
@@ -198,6 +200,10 @@ impl Application {
         ));
 
         let listeners = listener::open_all(&settings.listen, settings.socket_mode)?;
+        let admin_listeners = match &settings.admin_listen {
+            Some(list) => listener::open_all(list, settings.socket_mode)?,
+            None => Vec::new(),
+        };
         let port = listeners
             .iter()
             .find_map(|l| match l {
@@ -222,11 +228,12 @@ impl Application {
             body_budget: BodyBudget::new(settings.max_inflight_body_bytes),
             durability: settings.durability,
             metrics,
-            database_check: database_check(&runtime, pool),
+            database: watch_database(&runtime, pool),
             stall_timeout: settings.stall_timeout,
         });
         Ok(Application {
             listeners,
+            admin_listeners,
             port,
             state,
             gate,
@@ -250,31 +257,37 @@ impl Application {
     /// Serves until `stop` resolves, then stops without losing what was accepted (within the shutdown timeout).
     /// Runs inside an actix system (`actix_web::rt::System`).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<ShutdownOutcome> {
-        let state = self.state.clone();
-        // actix counts connections per worker.
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut server = HttpServer::new(move || http::app(state.clone()))
-            .workers(workers)
-            .max_connections(self.max_connections.div_ceil(workers))
-            .disable_signals()
-            .shutdown_timeout(self.shutdown_timeout.as_secs().max(1));
-        // Kept until the server has stopped: a socket file is removed when its listener goes.
+        // Kept until the servers have stopped: a socket file is removed when its listener goes.
         let mut sockets = Vec::new();
-        for listener in self.listeners {
-            match listener {
-                Listener::Tcp(tcp) => {
-                    let address = tcp.local_addr()?;
-                    server = server.listen(tcp)?;
-                    info!(address = %address, port = address.port(), "ingest-gateway is listening");
-                }
-                Listener::Unix(socket) => {
-                    server = server.listen_uds(socket.listener.try_clone()?)?;
-                    info!(socket = %socket.path.display(), "ingest-gateway is listening");
-                    sockets.push(socket);
-                }
-            }
+        let public_routes = if self.admin_listeners.is_empty() {
+            Routes::All
+        } else {
+            Routes::Public
+        };
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let server = ServerPlan {
+            state: self.state.clone(),
+            routes: public_routes,
+            workers,
+            max_connections: self.max_connections,
+            shutdown_timeout: self.shutdown_timeout,
         }
-        let server = server.run();
+        .serve(self.listeners, &mut sockets)?;
+        let admin = if self.admin_listeners.is_empty() {
+            None
+        } else {
+            // Few requests, from operators and scrapers: one worker, and its own connection cap.
+            let admin = ServerPlan {
+                state: self.state.clone(),
+                routes: Routes::Admin,
+                workers: 1,
+                max_connections: ADMIN_MAX_CONNECTIONS,
+                shutdown_timeout: self.shutdown_timeout,
+            }
+            .serve(self.admin_listeners, &mut sockets)?;
+            let handle = admin.handle();
+            Some((handle, actix_web::rt::spawn(admin)))
+        };
         let server_handle = server.handle();
         let mut server_task = actix_web::rt::spawn(server);
         let reloading = actix_web::rt::spawn(reload::on_sighup(self.reloads.clone()));
@@ -286,6 +299,9 @@ impl Application {
         let stop_transports = async {
             if server_failed.is_none() {
                 server_handle.stop(true).await;
+            }
+            if let Some((admin, _)) = &admin {
+                admin.stop(true).await;
             }
         };
         let outcome = shutdown::stop(
@@ -312,6 +328,58 @@ impl Application {
     }
 }
 
+/// Connections the admin listener keeps open at most.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+
+/// One HTTP server to start: which routes, on how many workers.
+struct ServerPlan {
+    state: web::Data<AppState>,
+    routes: Routes,
+    workers: usize,
+    /// Over all its workers.
+    max_connections: usize,
+    shutdown_timeout: Duration,
+}
+
+impl ServerPlan {
+    /// Binds the server to `listeners` and starts it; Unix sockets are handed to `sockets` to be kept.
+    fn serve(
+        self,
+        listeners: Vec<Listener>,
+        sockets: &mut Vec<listener::UnixSocket>,
+    ) -> anyhow::Result<actix_web::dev::Server> {
+        let (state, routes) = (self.state, self.routes);
+        // actix counts connections per worker.
+        let mut server = HttpServer::new(move || http::app(state.clone(), routes))
+            .workers(self.workers)
+            .max_connections(self.max_connections.div_ceil(self.workers))
+            .disable_signals()
+            .shutdown_timeout(self.shutdown_timeout.as_secs().max(1));
+        for listener in listeners {
+            match listener {
+                Listener::Tcp(tcp) => {
+                    let address = tcp.local_addr()?;
+                    server = server.listen(tcp)?;
+                    match routes {
+                        Routes::Admin => {
+                            info!(address = %address, admin_port = address.port(), "admin listener is listening")
+                        }
+                        Routes::All | Routes::Public => {
+                            info!(address = %address, port = address.port(), "ingest-gateway is listening")
+                        }
+                    }
+                }
+                Listener::Unix(socket) => {
+                    server = server.listen_uds(socket.listener.try_clone()?)?;
+                    info!(socket = %socket.path.display(), admin = routes == Routes::Admin, "ingest-gateway is listening");
+                    sockets.push(socket);
+                }
+            }
+        }
+        Ok(server.run())
+    }
+}
+
 /// This gateway's committed log positions; first claims those a gateway kept before identities existed, when
 /// they are this data directory's.
 async fn load_checkpoints(pool: &Pool, data_dir: &mut DataDir) -> anyhow::Result<db::Checkpoints> {
@@ -328,12 +396,27 @@ async fn load_checkpoints(pool: &Pool, data_dir: &mut DataDir) -> anyhow::Result
     Ok(db::checkpoint::load(&**client, data_dir.instance()).await?)
 }
 
-/// The readiness check: a trivial query, run on the database runtime where the pool lives.
-fn database_check(runtime: &Runtime, pool: Pool) -> DatabaseCheck {
-    let handle = runtime.handle().clone();
-    Arc::new(move || {
-        let pool = pool.clone();
-        let task = handle.spawn(async move { db::pool::ping(&pool).await });
-        Box::pin(async move { task.await.unwrap_or(false) })
-    })
+/// How often the database is asked whether it answers, for `/readyz`.
+const DATABASE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps a [`DatabaseHealth`] fresh: a trivial query every second on the database runtime, where the pool lives.
+fn watch_database(runtime: &Runtime, pool: Pool) -> Arc<DatabaseHealth> {
+    let health = Arc::new(DatabaseHealth::default());
+    // The first answer before the gateway listens, so that `/readyz` is right from the start.
+    health.set(runtime.block_on(async {
+        tokio::time::timeout(DATABASE_CHECK_INTERVAL * 2, db::pool::ping(&pool))
+            .await
+            .unwrap_or(false)
+    }));
+    let watched = health.clone();
+    runtime.spawn(async move {
+        loop {
+            let up = tokio::time::timeout(DATABASE_CHECK_INTERVAL * 2, db::pool::ping(&pool))
+                .await
+                .unwrap_or(false);
+            watched.set(up);
+            tokio::time::sleep(DATABASE_CHECK_INTERVAL).await;
+        }
+    });
+    health
 }

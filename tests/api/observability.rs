@@ -82,3 +82,32 @@ fn a_request_id_is_echoed_when_given_and_made_when_not() {
     let made = [app.get("/healthz"), app.get("/healthz")].map(|a| a.request_id.expect("an id is made"));
     assert_ne!(made[0], made[1], "each request gets its own");
 }
+
+#[test]
+fn with_an_admin_listener_operators_pages_live_apart_from_the_public_port() {
+    let admin_port = crate::helpers::free_port();
+    let app = spawn_app(|s| s.admin_listen = Some(format!("127.0.0.1:{admin_port}")));
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let get = |url: String| match ureq::get(&url).call() {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(e) => panic!("{e}"),
+    };
+
+    assert_eq!(
+        app.post_json("/api/v1/location/update", &crate::helpers::location_json("public"))
+            .status,
+        202
+    );
+    for path in ["/metrics", "/stats", "/readyz", "/"] {
+        assert_eq!(app.get(path).status, 404, "{path} is not public");
+        assert_eq!(get(format!("{admin}{path}")), 200, "{path} is on the admin listener");
+    }
+    assert_eq!(app.get("/healthz").status, 200);
+    assert_eq!(get(format!("{admin}/healthz")), 200);
+    let ingest = ureq::post(&format!("{admin}/api/v1/location/update")).send_string("{}");
+    assert!(
+        matches!(ingest, Err(ureq::Error::Status(404, _))),
+        "no ingest on the admin listener"
+    );
+}
