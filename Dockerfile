@@ -3,6 +3,7 @@
 #   docker build -t ingest-gateway .
 #   docker run -p 8080:8080 -v ingest-data:/var/lib/ingest-gateway ingest-gateway          # embedded PostgreSQL
 #   docker run -p 8080:8080 -e DATABASE_URL=postgres://user:pass@db/ingest ingest-gateway   # external PostgreSQL
+#   docker compose up --build      # with PostgreSQL, Prometheus and Grafana (docker-compose.yml)
 #
 # A stop drains the queue for up to INGEST_SHUTDOWN_TIMEOUT (30 s): give it time, e.g. `docker stop -t 40`.
 
@@ -29,10 +30,11 @@ RUN cargo build --release --locked \
 FROM debian:bookworm-slim
 
 # PostgreSQL server binaries for the embedded mode (used when DATABASE_URL is unset). The packaging's default
-# cluster is not created: the gateway initialises its own under $INGEST_DATA_DIR/postgres.
+# cluster is not created: the gateway initialises its own under $INGEST_DATA_DIR/postgres. curl is for the
+# HEALTHCHECK.
 RUN set -eux; \
     apt-get update; \
-    apt-get install -y --no-install-recommends ca-certificates postgresql-common; \
+    apt-get install -y --no-install-recommends ca-certificates curl postgresql-common; \
     sed -ri 's/^#?\s*create_main_cluster\s*=.*/create_main_cluster = false/' /etc/postgresql-common/createcluster.conf; \
     apt-get install -y --no-install-recommends postgresql-15; \
     rm -rf /var/lib/apt/lists/*
@@ -55,6 +57,12 @@ USER 10001:10001
 WORKDIR /var/lib/ingest-gateway
 VOLUME ["/var/lib/ingest-gateway"]
 EXPOSE 8080
+
+# Healthy means ready: the database answers, the gateway takes updates and no queue is above 90 % of its capacity
+# (GET /readyz). The start period covers the embedded PostgreSQL's first initdb. With another INGEST_LISTEN port,
+# override the check too.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD curl -fsS -o /dev/null http://127.0.0.1:8080/readyz || exit 1
 
 ENTRYPOINT ["ingest-gateway"]
 CMD ["serve"]
