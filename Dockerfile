@@ -58,9 +58,9 @@ WORKDIR /var/lib/ingest-gateway
 VOLUME ["/var/lib/ingest-gateway"]
 EXPOSE 8080
 
-# Healthy means ready: the database answers, the gateway takes updates and no queue is above 90 % of its capacity
-# (GET /readyz). The start period covers the embedded PostgreSQL's first initdb. With another INGEST_LISTEN port,
-# override the check too.
+# Healthy means ready (GET /readyz): the database answers, the previous run's log is read back, no queue is above
+# 90 % of its capacity and the writers have not failed for longer than INGEST_STALL_TIMEOUT. The start period covers
+# the embedded PostgreSQL's first initdb. With another INGEST_LISTEN port, override the check too.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD curl -fsS -o /dev/null http://127.0.0.1:8080/readyz || exit 1
 
