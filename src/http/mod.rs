@@ -4,10 +4,12 @@
 //! - [`stats`]: `GET /stats` (JSON) and `GET /metrics` (Prometheus).
 //! - [`health`]: `GET /healthz`, `GET /readyz`.
 //! - [`errors`]: every refusal as one enum, mapped to a status and a JSON body.
+//! - [`openapi`]: `GET /api/v1/openapi.json`, the OpenAPI document generated from the handlers.
 
 pub mod errors;
 pub mod health;
 pub mod ingest;
+pub mod openapi;
 pub mod stats;
 
 use std::future::Future;
@@ -74,6 +76,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(named("/metrics").route(web::get().to(stats::metrics)))
         .service(named("/healthz").route(web::get().to(health::healthz)))
         .service(named("/readyz").route(web::get().to(health::readyz)))
+        .service(named(openapi::PATH).route(web::get().to(openapi::openapi_json)))
         .default_service(web::to(|| async {
             HttpResponse::NotFound().json(errors::ErrorBody::new("not_found", "no such route", vec![]))
         }));

@@ -13,6 +13,7 @@ mod hostile;
 mod ingest;
 mod migrations;
 mod observability;
+mod openapi;
 mod replicas;
 mod signals;
 mod unix_socket;
