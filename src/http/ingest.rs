@@ -256,11 +256,13 @@ fn is_gzip(req: &HttpRequest) -> Result<bool, IngestError> {
     let Some(value) = req.headers().get(header::CONTENT_ENCODING) else {
         return Ok(false);
     };
-    let text = value.to_str().unwrap_or_default();
     let unsupported = || IngestError::UnsupportedMediaType {
         what: "content encoding",
-        found: text.to_owned(),
+        found: String::from_utf8_lossy(value.as_bytes()).into_owned(),
     };
+    // A value that is not visible ASCII names no coding this gateway knows; reading it as empty would take it
+    // for `identity`.
+    let text = value.to_str().map_err(|_| unsupported())?;
     let encoding = text.trim().to_ascii_lowercase();
     if IDENTITY_ENCODINGS.contains(&encoding.as_str()) {
         Ok(false)

@@ -2,6 +2,8 @@
 //! route and every answer the README lists is in it, and every route in it is served.
 
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 
 use serde_json::Value;
 
@@ -73,6 +75,28 @@ fn document_routes(document: &Value) -> BTreeSet<(String, String)> {
             methods.keys().map(move |method| (method.clone(), path.clone()))
         })
         .collect()
+}
+
+/// Sends a request with a header value `ureq` would not send, and returns the status.
+fn raw_post(app: &TestApp, path: &str, header: &[u8], body: &[u8]) -> u16 {
+    let mut stream = TcpStream::connect(app.address.trim_start_matches("http://")).expect("connect");
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(header);
+    request.extend_from_slice(b"\r\n\r\n");
+    request.extend_from_slice(body);
+    stream.write_all(&request).expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer}"))
 }
 
 #[test]
@@ -151,4 +175,24 @@ fn unknown_paths_and_methods_answer_as_the_document_names_them() {
     };
     assert_eq!(answer.header("Allow"), Some("GET"));
     assert!(responses["MethodNotAllowed"]["headers"]["Allow"].is_object());
+}
+
+#[test]
+fn an_empty_content_encoding_means_none_and_one_that_is_not_text_is_refused() {
+    let app = spawn_app(|_| {});
+    let body = format!("[{}]", location_json("encoding-1"));
+
+    assert_eq!(
+        raw_post(&app, "/api/v1/location/update", b"Content-Encoding:", body.as_bytes()),
+        202
+    );
+    assert_eq!(
+        raw_post(
+            &app,
+            "/api/v1/location/update",
+            b"Content-Encoding: gz\xffip",
+            body.as_bytes()
+        ),
+        415
+    );
 }
