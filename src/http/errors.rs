@@ -1,10 +1,19 @@
 //! Every way a request can be refused, as one enum: the status code is a `match`, and every body is
-//! `{"error": "<code>", "message": "<sentence>", "details": [...]}`.
+//! `{"error": "<code>", "message": "<sentence>", "details": [...]}`. The OpenAPI document's error responses are
+//! built here too, from one refusal of each kind, so that they show what the `match`es answer.
+
+use std::collections::BTreeMap;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 use serde_json::{json, Value};
+use utoipa::openapi::example::ExampleBuilder;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::response::{Response, ResponseBuilder};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr};
+use utoipa::ToSchema;
 
 use crate::metrics::RejectReason;
 use crate::model::{UpdateError, ValidationFailure};
@@ -13,10 +22,15 @@ use crate::model::{UpdateError, ValidationFailure};
 pub const RETRY_AFTER_SECS: u32 = 1;
 
 /// The JSON body of every error answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
+    /// What went wrong, for programs: a short code such as `invalid_update`.
     pub error: &'static str,
+    /// What went wrong, for people: one sentence.
     pub message: String,
+    /// The particulars, as objects whose fields depend on `error` (e.g. `index`, `field` and `reason` for
+    /// `invalid_update`); empty when there are none.
+    #[schema(value_type = Vec<Object>)]
     pub details: Vec<Value>,
 }
 
@@ -148,6 +162,123 @@ impl IngestError {
             IngestError::GzipRatio { max_ratio } => vec![json!({"max_gzip_ratio": max_ratio})],
         }
     }
+
+    /// One refusal of each kind, with made-up figures: what the OpenAPI document shows.
+    fn samples() -> Vec<IngestError> {
+        vec![
+            IngestError::InvalidJson {
+                line: 1,
+                column: 12,
+                message: "expected `:` at line 1 column 12".to_owned(),
+            },
+            IngestError::InvalidEncoding {
+                message: "gzip: invalid gzip header".to_owned(),
+            },
+            IngestError::ReadBody {
+                message: "the connection was closed before the body was complete".to_owned(),
+            },
+            IngestError::InvalidParameter("ack=later".to_owned()),
+            IngestError::BodyTooLarge { limit_bytes: 8_388_608 },
+            IngestError::TooManyUpdates { limit: 10_000 },
+            IngestError::UnsupportedMediaType {
+                what: "content type",
+                found: "text/plain".to_owned(),
+            },
+            IngestError::InvalidUpdates(ValidationFailure {
+                invalid_updates: 1,
+                errors: vec![UpdateError {
+                    index: 0,
+                    field: Some("lat".to_owned()),
+                    reason: "must be a finite number from -90 and at most 90".to_owned(),
+                }],
+            }),
+            IngestError::Overloaded { updates: 1 },
+            IngestError::ShuttingDown { updates: 1 },
+            IngestError::LogFull { updates: 1 },
+            IngestError::Storage {
+                updates: 1,
+                message: "No space left on device (os error 28)".to_owned(),
+            },
+            IngestError::BodyTimeout { received_bytes: 65536 },
+            IngestError::BodyBudget,
+            IngestError::GzipRatio { max_ratio: 100 },
+        ]
+    }
+
+    /// A distinct name for each kind of refusal, naming its example in the OpenAPI document. The `match` has no
+    /// catch-all, so that a new kind cannot be added without a name; give it a sample in [`Self::samples`] too.
+    fn sample_name(&self) -> &'static str {
+        match self {
+            IngestError::InvalidJson { .. } => "invalid_json",
+            IngestError::InvalidEncoding { .. } => "invalid_encoding",
+            IngestError::ReadBody { .. } => "invalid_body",
+            IngestError::BodyTooLarge { .. } => "body_too_large",
+            IngestError::TooManyUpdates { .. } => "too_many_updates",
+            IngestError::UnsupportedMediaType { .. } => "unsupported_media_type",
+            IngestError::InvalidUpdates(_) => "invalid_update",
+            IngestError::Overloaded { .. } => "overloaded",
+            IngestError::ShuttingDown { .. } => "shutting_down",
+            IngestError::LogFull { .. } => "log_full",
+            IngestError::Storage { .. } => "storage_unavailable",
+            IngestError::InvalidParameter(_) => "invalid_parameter",
+            IngestError::BodyTimeout { .. } => "body_timeout",
+            IngestError::BodyBudget => "body_budget",
+            IngestError::GzipRatio { .. } => "gzip_ratio",
+        }
+    }
+
+    fn body(&self) -> ErrorBody {
+        ErrorBody::new(self.code(), sentence(self), self.details())
+    }
+}
+
+/// The error responses of the ingest routes in the OpenAPI document: one per status, each with an example of
+/// every refusal that answers it, as [`ResponseError`] renders it.
+impl utoipa::IntoResponses for IngestError {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let mut by_status: BTreeMap<StatusCode, Vec<IngestError>> = BTreeMap::new();
+        for sample in IngestError::samples() {
+            by_status.entry(sample.status_code()).or_default().push(sample);
+        }
+        by_status
+            .into_iter()
+            .map(|(status, samples)| (status.as_str().to_owned(), error_response(status, &samples).into()))
+            .collect()
+    }
+}
+
+/// One error response of the OpenAPI document: `samples` all answer `status`.
+fn error_response(status: StatusCode, samples: &[IngestError]) -> Response {
+    let mut codes: Vec<&str> = samples.iter().map(IngestError::code).collect();
+    codes.dedup();
+    let codes = codes.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ");
+    let examples = samples.iter().map(|sample| {
+        let example = ExampleBuilder::new()
+            .summary(sentence(sample))
+            .value(serde_json::to_value(sample.body()).ok())
+            .build();
+        (sample.sample_name(), example)
+    });
+    let content = ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name(ErrorBody::name())))
+        .examples_from_iter(examples)
+        .build();
+    let response = ResponseBuilder::new()
+        .description(format!(
+            "{}: {codes}; nothing of the request was accepted",
+            status.canonical_reason().unwrap_or_default()
+        ))
+        .content("application/json", content);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        let seconds = ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0));
+        let retry_after = HeaderBuilder::new()
+            .schema(seconds)
+            .description(Some("Seconds to wait before sending the request again"))
+            .build();
+        response.header("Retry-After", retry_after).build()
+    } else {
+        response.build()
+    }
 }
 
 fn update_error_json(e: &UpdateError) -> Value {
@@ -180,7 +311,7 @@ impl ResponseError for IngestError {
         if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
         }
-        response.json(ErrorBody::new(self.code(), sentence(self), self.details()))
+        response.json(self.body())
     }
 }
 

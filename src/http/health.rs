@@ -2,7 +2,8 @@
 //! the log the previous run left is read back and no queue is above its high-water mark).
 
 use actix_web::{web, HttpResponse};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::AppState;
 
@@ -10,10 +11,61 @@ use super::AppState;
 /// traffic elsewhere before clients start getting 503.
 const HIGH_WATER_MARK: f64 = 0.9;
 
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok"}))
+/// The body of `/healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Liveness {
+    /// Always `ok`: whoever can read it was answered by a live process.
+    pub status: LivenessStatus,
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LivenessStatus {
+    Ok,
+}
+
+/// The body of `/readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready`, or `not_ready` with the reasons.
+    pub status: ReadinessStatus,
+    /// Why the gateway is not ready, one sentence each; absent when it is.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadinessStatus {
+    Ready,
+    NotReady,
+}
+
+/// Liveness: the process serves HTTP.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "get_liveness",
+    tag = "operations",
+    responses((status = 200, description = "The process serves HTTP", body = Liveness)),
+)]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Liveness {
+        status: LivenessStatus::Ok,
+    })
+}
+
+/// Readiness: the database answers, the gateway takes updates and no queue is above 90 % of its capacity.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "get_readiness",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready to take updates", body = Readiness),
+        (status = 503, description = "Not ready: the reasons say why", body = Readiness),
+    ),
+)]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let mut reasons = Vec::new();
     if !state.is_accepting() {
@@ -46,8 +98,14 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         reasons.push("the database does not answer".to_owned());
     }
     if reasons.is_empty() {
-        HttpResponse::Ok().json(json!({"status": "ready"}))
+        HttpResponse::Ok().json(Readiness {
+            status: ReadinessStatus::Ready,
+            reasons,
+        })
     } else {
-        HttpResponse::ServiceUnavailable().json(json!({"status": "not_ready", "reasons": reasons}))
+        HttpResponse::ServiceUnavailable().json(Readiness {
+            status: ReadinessStatus::NotReady,
+            reasons,
+        })
     }
 }

@@ -7,14 +7,20 @@ use std::io::Read;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
+use serde::Serialize;
 use time::OffsetDateTime;
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::Required;
+use utoipa::ToSchema;
 
 use super::errors::IngestError;
 use super::limits::BudgetShare;
 use super::{AppState, IngestLimits};
 use crate::intake::record::RecordCodec;
 use crate::intake::{Ack, Intake, Receipt, SubmitError};
-use crate::model::{self, BodyError, BodyFormat, Update, ValidationRules};
+use crate::model::body::JsonBody;
+use crate::model::{self, BodyError, BodyFormat, LocationUpdate, PollResult, Update, ValidationRules};
 
 /// A 422 lists at most this many broken rules.
 const MAX_ERROR_DETAILS: usize = 100;
@@ -23,6 +29,89 @@ const OFF_LOOP_BYTES: usize = 64 * 1024;
 /// A gzip body may always expand to this much, whatever its ratio: tiny bodies compress well.
 const GZIP_FREE_BYTES: usize = 64 * 1024;
 
+// Named without generics: the path attributes below read a generic type as one they must compose.
+type LocationBody = JsonBody<LocationUpdate>;
+type PollBody = JsonBody<PollResult>;
+
+/// The one query parameter taken: `?ack=commit`.
+const ACK_COMMIT: (&str, &str) = ("ack", "commit");
+/// `Content-Encoding`s of a plain body, as the header reads once trimmed: an empty one lists no coding. A
+/// missing header is one too.
+const IDENTITY_ENCODINGS: [&str; 2] = ["identity", ""];
+/// `Content-Encoding`s of a gzip body.
+const GZIP_ENCODINGS: [&str; 2] = ["gzip", "x-gzip"];
+
+/// The query and header parameters of both ingest routes, for the OpenAPI document: written out here rather
+/// than in the path attributes so that they come from the values the handler matches, and so that an optional
+/// header is not described as one that may be `null`.
+struct IngestParameters;
+
+impl utoipa::IntoParams for IngestParameters {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let (ack, commit) = ACK_COMMIT;
+        let one_of = |values: Vec<&str>| ObjectBuilder::new().schema_type(Type::String).enum_values(Some(values));
+        let encodings = IDENTITY_ENCODINGS.iter().chain(&GZIP_ENCODINGS).copied().collect();
+        vec![
+            ParameterBuilder::new()
+                .name(ack)
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .description(Some(format!(
+                    "`{commit}`: answer only once the updates are committed in PostgreSQL (their batch is written \
+                     at once). No other query parameter is taken."
+                )))
+                .schema(Some(one_of(vec![commit])))
+                .build(),
+            ParameterBuilder::new()
+                .name("Content-Encoding")
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(
+                    "How the body is compressed, if it is; the body limit applies after decompression.",
+                ))
+                .schema(Some(one_of(encodings)))
+                .build(),
+        ]
+    }
+}
+
+/// The body of a `202`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    /// How many updates the request held: all of them were accepted.
+    pub accepted: usize,
+    /// Sent only with `?ack=commit`: `true` once the updates are committed in PostgreSQL; `false` when the commit
+    /// did not come within `INGEST_COMMIT_WAIT` (the updates are durable, and written later).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub committed: Option<bool>,
+}
+
+/// Takes location updates.
+///
+/// One JSON object, a JSON array of them, or NDJSON (one object per line). The request is all-or-nothing: every
+/// update is validated before any is accepted.
+#[utoipa::path(
+    post,
+    path = "/api/v1/location/update",
+    operation_id = "post_location_updates",
+    tag = "ingest",
+    params(IngestParameters),
+    request_body(
+        description = "One update (object), many (array), or NDJSON: one update per line, blank lines skipped \
+            (also as `application/ndjson` or `application/jsonl`). A request without `Content-Type` is read as \
+            JSON. At most 8 MiB after decompression and 10 000 updates by default (`INGEST_MAX_BODY_BYTES`, \
+            `INGEST_MAX_UPDATES`).",
+        content(
+            (inline(LocationBody) = "application/json"),
+            (String = "application/x-ndjson"),
+        ),
+    ),
+    responses(
+        (status = 202, description = "Every update was accepted: with `wal` durability (the default) it is on \
+            disk; with `?ack=commit`, committed in PostgreSQL.", body = Accepted),
+        IngestError,
+    ),
+)]
 pub async fn location(
     req: HttpRequest,
     body: web::Payload,
@@ -31,6 +120,32 @@ pub async fn location(
     ingest(&req, body, &state, &state.location).await
 }
 
+/// Takes poll results.
+///
+/// One JSON object, a JSON array of them, or NDJSON (one object per line). The request is all-or-nothing: every
+/// result is validated before any is accepted.
+#[utoipa::path(
+    post,
+    path = "/api/v1/poll/update",
+    operation_id = "post_poll_results",
+    tag = "ingest",
+    params(IngestParameters),
+    request_body(
+        description = "One result (object), many (array), or NDJSON: one result per line, blank lines skipped \
+            (also as `application/ndjson` or `application/jsonl`). A request without `Content-Type` is read as \
+            JSON. At most 8 MiB after decompression and 10 000 results by default (`INGEST_MAX_BODY_BYTES`, \
+            `INGEST_MAX_UPDATES`).",
+        content(
+            (inline(PollBody) = "application/json"),
+            (String = "application/x-ndjson"),
+        ),
+    ),
+    responses(
+        (status = 202, description = "Every result was accepted: with `wal` durability (the default) it is on \
+            disk; with `?ack=commit`, committed in PostgreSQL.", body = Accepted),
+        IngestError,
+    ),
+)]
 pub async fn poll(
     req: HttpRequest,
     body: web::Payload,
@@ -49,11 +164,10 @@ async fn ingest<T: Update + RecordCodec + Send + 'static>(
     match accept(req, body, state, stream).await {
         Ok(Receipt { updates, committed }) => {
             metrics.accepted.inc_by(updates as u64);
-            let body = match committed {
-                Some(committed) => format!("{{\"accepted\":{updates},\"committed\":{committed}}}"),
-                None => format!("{{\"accepted\":{updates}}}"),
-            };
-            Ok(HttpResponse::Accepted().content_type("application/json").body(body))
+            Ok(HttpResponse::Accepted().json(Accepted {
+                accepted: updates,
+                committed,
+            }))
         }
         Err(error) => {
             metrics.rejected(error.reason()).inc_by(error.updates());
@@ -146,9 +260,9 @@ fn submit_error(error: SubmitError, updates: usize) -> IngestError {
 fn wants_commit(req: &HttpRequest) -> Result<bool, IngestError> {
     let mut commit = false;
     for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
-        match pair {
-            "ack=commit" => commit = true,
-            other => return Err(IngestError::InvalidParameter(other.to_owned())),
+        match pair.split_once('=') {
+            Some(parameter) if parameter == ACK_COMMIT => commit = true,
+            _ => return Err(IngestError::InvalidParameter(pair.to_owned())),
         }
     }
     Ok(commit)
@@ -175,14 +289,20 @@ fn is_gzip(req: &HttpRequest) -> Result<bool, IngestError> {
     let Some(value) = req.headers().get(header::CONTENT_ENCODING) else {
         return Ok(false);
     };
-    let text = value.to_str().unwrap_or_default();
-    match text.trim().to_ascii_lowercase().as_str() {
-        "" | "identity" => Ok(false),
-        "gzip" | "x-gzip" => Ok(true),
-        _ => Err(IngestError::UnsupportedMediaType {
-            what: "content encoding",
-            found: text.to_owned(),
-        }),
+    let unsupported = || IngestError::UnsupportedMediaType {
+        what: "content encoding",
+        found: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+    };
+    // A value that is not visible ASCII names no coding this gateway knows; reading it as empty would take it
+    // for `identity`.
+    let text = value.to_str().map_err(|_| unsupported())?;
+    let encoding = text.trim().to_ascii_lowercase();
+    if IDENTITY_ENCODINGS.contains(&encoding.as_str()) {
+        Ok(false)
+    } else if GZIP_ENCODINGS.contains(&encoding.as_str()) {
+        Ok(true)
+    } else {
+        Err(unsupported())
     }
 }
 

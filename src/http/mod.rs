@@ -6,11 +6,13 @@
 //! - [`status`]: `GET /`, the status page (HTML drawn from `/stats`).
 //! - [`errors`]: every refusal as one enum, mapped to a status and a JSON body.
 //! - [`request_id`]: `X-Request-Id`, kept or made, echoed, and named in the log.
+//! - [`openapi`]: `GET /api/v1/openapi.json`, the OpenAPI document generated from the handlers.
 
 pub mod errors;
 pub mod health;
 pub mod ingest;
 pub mod limits;
+pub mod openapi;
 pub mod request_id;
 pub mod stats;
 pub mod status;
@@ -118,7 +120,8 @@ pub fn routes(cfg: &mut web::ServiceConfig, which: Routes) {
     }
     if which != Routes::Admin {
         cfg.service(named("/api/v1/location/update").route(web::post().to(ingest::location)))
-            .service(named("/api/v1/poll/update").route(web::post().to(ingest::poll)));
+            .service(named("/api/v1/poll/update").route(web::post().to(ingest::poll)))
+            .service(named(openapi::PATH).route(web::get().to(openapi::openapi_json)));
     }
     cfg.service(named("/healthz").route(web::get().to(health::healthz)))
         .default_service(web::to(|| async {

@@ -25,6 +25,15 @@ static POLICY: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// The status page: live figures for a person, drawn in the browser from `/stats`.
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "get_status_page",
+    tag = "operations",
+    responses((status = 200, description = "A self-contained HTML page (no external assets)", body = String,
+        content_type = "text/html")),
+)]
 pub async fn page() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")

@@ -5,9 +5,12 @@
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
+use utoipa::openapi::schema::{ArrayBuilder, OneOfBuilder, Schema};
+use utoipa::openapi::{Ref, RefOr};
 
 use super::fields::{FieldError, Scalar, MAX_ATTRIBUTES_BYTES};
 
@@ -18,6 +21,31 @@ pub enum BodyFormat {
     Json,
     /// `application/x-ndjson`: one object per line; blank lines are skipped.
     Ndjson,
+}
+
+/// The OpenAPI schema of a JSON body of updates `U`, as [`parse_body`] reads it: one update, or an array of them.
+pub struct JsonBody<U>(PhantomData<U>);
+
+impl<U: utoipa::ToSchema> utoipa::PartialSchema for JsonBody<U> {
+    fn schema() -> RefOr<Schema> {
+        let update = || Ref::from_schema_name(U::name());
+        let one_or_many = OneOfBuilder::new()
+            .item(update())
+            .item(ArrayBuilder::new().items(update()))
+            .build();
+        Schema::OneOf(one_or_many).into()
+    }
+}
+
+impl<U: utoipa::ToSchema> utoipa::ToSchema for JsonBody<U> {
+    fn name() -> Cow<'static, str> {
+        Cow::Owned(format!("{}Body", U::name()))
+    }
+
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((U::name().into_owned(), U::schema()));
+        U::schemas(schemas);
+    }
 }
 
 /// One update as read from the body, before its rules are checked.

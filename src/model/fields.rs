@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, SchemaType, Type};
 
 /// The rules that depend on settings and on the clock.
 #[derive(Debug, Clone)]
@@ -33,6 +34,95 @@ impl ValidationRules {
             max_attributes_bytes: MAX_ATTRIBUTES_BYTES,
         }
     }
+}
+
+/// The values a number field takes: finite, from `min`, up to `max` (or below it when `max_exclusive`). The
+/// validators check it and the OpenAPI document shows it, so the two cannot disagree.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NumberRange {
+    /// The smallest value taken.
+    pub min: f64,
+    /// The largest value taken, or, with `max_exclusive`, the first one refused.
+    pub max: f64,
+    pub max_exclusive: bool,
+}
+
+/// The values an integer field takes: `min` to `max`, both included.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IntegerRange {
+    /// The smallest value taken.
+    pub min: i64,
+    /// The largest value taken.
+    pub max: i64,
+}
+
+/// Whether an update must carry a field. An optional field may also be `null`, which means absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Presence {
+    Required,
+    Optional,
+}
+
+impl Presence {
+    /// The JSON type of a field of this presence: `null` is allowed where the field may be absent.
+    pub(crate) fn schema_type(self, of: Type) -> SchemaType {
+        match self {
+            Presence::Required => SchemaType::Type(of),
+            Presence::Optional => SchemaType::from_iter([of, Type::Null]),
+        }
+    }
+}
+
+impl NumberRange {
+    /// The JSON Schema of a field that [`Checker::number`] accepts with this range.
+    pub(crate) fn schema(self, presence: Presence, description: &str) -> Schema {
+        let builder = ObjectBuilder::new()
+            .schema_type(presence.schema_type(Type::Number))
+            .description(Some(description))
+            .minimum(Some(self.min));
+        let builder = if self.max_exclusive {
+            builder.exclusive_maximum(Some(self.max))
+        } else {
+            builder.maximum(Some(self.max))
+        };
+        builder.build().into()
+    }
+}
+
+impl IntegerRange {
+    /// The JSON Schema of a field that [`Checker::integer`] accepts with this range.
+    pub(crate) fn schema(self, presence: Presence, description: &str) -> Schema {
+        ObjectBuilder::new()
+            .schema_type(presence.schema_type(Type::Integer))
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .description(Some(description))
+            .minimum(Some(self.min))
+            .maximum(Some(self.max))
+            .build()
+            .into()
+    }
+}
+
+/// The JSON Schema of a field that [`Checker::timestamp`] reads. The window around the gateway's clock cannot be
+/// written in JSON Schema; the description says it.
+pub(crate) fn timestamp_schema(description: &str) -> Schema {
+    OneOfBuilder::new()
+        .description(Some(format!(
+            "{description}: an RFC 3339 timestamp with offset, or integer Unix milliseconds; not more than the \
+             allowed skew (5 min by default) in the future, not older than the allowed age (30 days by default)"
+        )))
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64))),
+        )
+        .build()
+        .into()
 }
 
 /// One broken rule of one field.
@@ -174,8 +264,13 @@ impl Checker {
         }
     }
 
-    /// A finite number within `[min, max]` (or `[min, max)` when `max_exclusive`).
-    pub fn number(&mut self, field: &str, value: Scalar, min: f64, max: f64, max_exclusive: bool) -> Option<f64> {
+    /// A finite number within `range`.
+    pub fn number(&mut self, field: &str, value: Scalar, range: NumberRange) -> Option<f64> {
+        let NumberRange {
+            min,
+            max,
+            max_exclusive,
+        } = range;
         let Some(n) = value.as_f64() else {
             self.fail(field, "must be a number");
             return None;
@@ -189,8 +284,9 @@ impl Checker {
         Some(n)
     }
 
-    /// An integer within `[min, max]`.
-    pub fn integer(&mut self, field: &str, value: Scalar, min: i64, max: i64) -> Option<i64> {
+    /// An integer within `range`.
+    pub fn integer(&mut self, field: &str, value: Scalar, range: IntegerRange) -> Option<i64> {
+        let IntegerRange { min, max } = range;
         match value {
             Scalar::Int(n) if (min..=max).contains(&n) => Some(n),
             Scalar::Int(_) | Scalar::BigInt(_) => {

@@ -1,8 +1,10 @@
 //! A location update (a GPS fix from a truck): its fields and rules.
 
 use time::OffsetDateTime;
+use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
 
-use super::fields::{Checker, FieldError, ValidationRules};
+use super::fields::{timestamp_schema, Checker, FieldError, NumberRange, Presence, ValidationRules};
 use super::{RawUpdate, Update};
 
 /// A location update that has passed every rule.
@@ -36,12 +38,49 @@ const SPEED_KMH: usize = 4;
 const HEADING_DEG: usize = 5;
 const ACCURACY_M: usize = 6;
 
+/// Longest `device_id`, in characters (all of them ASCII).
+pub const DEVICE_ID_MAX_CHARS: usize = 64;
+/// The characters a `device_id` may hold besides ASCII letters and digits; `-` last, so that the OpenAPI
+/// pattern's character class can list them as they are.
+const DEVICE_ID_PUNCTUATION: &str = "._:-";
+
+/// Latitude, degrees.
+pub const LAT_RANGE: NumberRange = NumberRange {
+    min: -90.0,
+    max: 90.0,
+    max_exclusive: false,
+};
+/// Longitude, degrees.
+pub const LON_RANGE: NumberRange = NumberRange {
+    min: -180.0,
+    max: 180.0,
+    max_exclusive: false,
+};
+/// Speed, km/h.
+pub const SPEED_KMH_RANGE: NumberRange = NumberRange {
+    min: 0.0,
+    max: 400.0,
+    max_exclusive: false,
+};
+/// Heading, degrees: 360 is written 0.
+pub const HEADING_DEG_RANGE: NumberRange = NumberRange {
+    min: 0.0,
+    max: 360.0,
+    max_exclusive: true,
+};
+/// Accuracy radius, metres.
+pub const ACCURACY_M_RANGE: NumberRange = NumberRange {
+    min: 0.0,
+    max: 100_000.0,
+    max_exclusive: false,
+};
+
 /// Whether `id` is a valid device id: 1–64 chars of `A-Z a-z 0-9 . _ : -`.
 pub fn is_valid_device_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
+    (1..=DEVICE_ID_MAX_CHARS).contains(&id.len())
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+            .all(|b| b.is_ascii_alphanumeric() || DEVICE_ID_PUNCTUATION.as_bytes().contains(&b))
 }
 
 impl Update for LocationUpdate {
@@ -88,15 +127,11 @@ impl Update for LocationUpdate {
         let recorded_at = c
             .required("recorded_at", take(RECORDED_AT))
             .and_then(|v| c.timestamp("recorded_at", v, rules));
-        let lat = c
-            .required("lat", take(LAT))
-            .and_then(|v| c.number("lat", v, -90.0, 90.0, false));
-        let lon = c
-            .required("lon", take(LON))
-            .and_then(|v| c.number("lon", v, -180.0, 180.0, false));
-        let speed_kmh = Checker::optional(take(SPEED_KMH)).map(|v| c.number("speed_kmh", v, 0.0, 400.0, false));
-        let heading_deg = Checker::optional(take(HEADING_DEG)).map(|v| c.number("heading_deg", v, 0.0, 360.0, true));
-        let accuracy_m = Checker::optional(take(ACCURACY_M)).map(|v| c.number("accuracy_m", v, 0.0, 100_000.0, false));
+        let lat = c.required("lat", take(LAT)).and_then(|v| c.number("lat", v, LAT_RANGE));
+        let lon = c.required("lon", take(LON)).and_then(|v| c.number("lon", v, LON_RANGE));
+        let speed_kmh = Checker::optional(take(SPEED_KMH)).map(|v| c.number("speed_kmh", v, SPEED_KMH_RANGE));
+        let heading_deg = Checker::optional(take(HEADING_DEG)).map(|v| c.number("heading_deg", v, HEADING_DEG_RANGE));
+        let accuracy_m = Checker::optional(take(ACCURACY_M)).map(|v| c.number("accuracy_m", v, ACCURACY_M_RANGE));
         let attributes = c.attributes(&raw.attributes, raw.attributes_bytes, rules);
 
         let update = (|| {
@@ -116,6 +151,45 @@ impl Update for LocationUpdate {
         c.finish(update)
     }
 }
+
+/// The OpenAPI schema of one location update as sent, built from the ranges [`LocationUpdate::validate`] checks.
+impl utoipa::PartialSchema for LocationUpdate {
+    fn schema() -> RefOr<Schema> {
+        let device_id = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some("The device that took the fix"))
+            .min_length(Some(1))
+            .max_length(Some(DEVICE_ID_MAX_CHARS))
+            .pattern(Some(format!("^[A-Za-z0-9{DEVICE_ID_PUNCTUATION}]+$")));
+        ObjectBuilder::new()
+            .description(Some(
+                "A GPS fix. Every other field is kept, as sent, in the `attributes` jsonb column (at most 4 KiB \
+                 of JSON per update); a key given twice is an error.",
+            ))
+            .property("device_id", device_id)
+            .required("device_id")
+            .property("recorded_at", timestamp_schema("When the device took the fix"))
+            .required("recorded_at")
+            .property("lat", LAT_RANGE.schema(Presence::Required, "Latitude, degrees"))
+            .required("lat")
+            .property("lon", LON_RANGE.schema(Presence::Required, "Longitude, degrees"))
+            .required("lon")
+            .property("speed_kmh", SPEED_KMH_RANGE.schema(Presence::Optional, "Speed, km/h"))
+            .property(
+                "heading_deg",
+                HEADING_DEG_RANGE.schema(Presence::Optional, "Heading, degrees clockwise from north"),
+            )
+            .property(
+                "accuracy_m",
+                ACCURACY_M_RANGE.schema(Presence::Optional, "Accuracy radius, metres"),
+            )
+            .additional_properties(Some(AdditionalProperties::FreeForm(true)))
+            .build()
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for LocationUpdate {}
 
 #[cfg(test)]
 mod tests {
@@ -247,5 +321,24 @@ mod tests {
             let expected = (-30 * 86_400_000..=5 * 60_000).contains(&offset_ms);
             prop_assert_eq!(validate(&json).is_ok(), expected);
         }
+    }
+
+    #[test]
+    fn the_openapi_schema_lists_every_known_field_and_requires_the_required_ones() {
+        let schema = serde_json::to_value(<LocationUpdate as utoipa::PartialSchema>::schema()).unwrap();
+        let properties: Vec<&str> = schema["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut fields = LocationUpdate::FIELDS.to_vec();
+        fields.sort_unstable();
+        assert_eq!(properties, fields);
+        assert_eq!(
+            schema["required"],
+            serde_json::json!(["device_id", "recorded_at", "lat", "lon"])
+        );
+        assert_eq!(schema["additionalProperties"], true);
     }
 }

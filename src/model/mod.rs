@@ -2,7 +2,8 @@
 //!
 //! A request body is read into [`RawUpdate`]s (known fields kept as JSON values, unknown ones gathered as
 //! attributes) by [`body::parse_body`], then each is turned into a domain type ([`LocationUpdate`],
-//! [`PollResult`]) by [`Update::validate`], which reports every broken rule rather than the first one.
+//! [`PollResult`]) by [`Update::validate`], which reports every broken rule rather than the first one. Each
+//! stream's OpenAPI schema (`utoipa::ToSchema`) is built from the same ranges its validator checks.
 
 pub mod body;
 mod fields;
@@ -10,7 +11,7 @@ pub mod location;
 pub mod poll;
 
 pub use body::{parse_body, BodyError, BodyFormat, RawUpdate};
-pub use fields::{FieldError, Scalar, ValidationRules, MAX_ATTRIBUTES_BYTES};
+pub use fields::{FieldError, IntegerRange, NumberRange, Scalar, ValidationRules, MAX_ATTRIBUTES_BYTES};
 pub use location::LocationUpdate;
 pub use poll::PollResult;
 

@@ -1,8 +1,10 @@
 //! A poll result (the outcome of one check by an uptime or API poller): its fields and rules.
 
 use time::OffsetDateTime;
+use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
 
-use super::fields::{Checker, FieldError, ValidationRules};
+use super::fields::{timestamp_schema, Checker, FieldError, IntegerRange, Presence, ValidationRules};
 use super::{RawUpdate, Update};
 
 /// A poll result that has passed every rule.
@@ -36,6 +38,13 @@ const ERROR_MESSAGE: usize = 5;
 /// Longest `error_message`, in characters.
 pub const MAX_ERROR_MESSAGE_CHARS: usize = 1024;
 
+/// Project ids are positive `bigint`s.
+pub const PROJECT_ID_RANGE: IntegerRange = IntegerRange { min: 1, max: i64::MAX };
+/// HTTP status codes.
+pub const STATUS_CODE_RANGE: IntegerRange = IntegerRange { min: 100, max: 599 };
+/// Up to an hour, in milliseconds.
+pub const RESPONSE_TIME_MS_RANGE: IntegerRange = IntegerRange { min: 0, max: 3_600_000 };
+
 impl Update for PollResult {
     const STREAM: &'static str = "poll";
     const FIELDS: &'static [&'static str] = &[
@@ -67,16 +76,16 @@ impl Update for PollResult {
 
         let project_id = c
             .required("project_id", take(PROJECT_ID))
-            .and_then(|v| c.integer("project_id", v, 1, i64::MAX));
+            .and_then(|v| c.integer("project_id", v, PROJECT_ID_RANGE));
         let polled_at = c
             .required("polled_at", take(POLLED_AT))
             .and_then(|v| c.timestamp("polled_at", v, rules));
         let success = c
             .required("success", take(SUCCESS))
             .and_then(|v| c.boolean("success", v));
-        let status_code = Checker::optional(take(STATUS_CODE)).map(|v| c.integer("status_code", v, 100, 599));
+        let status_code = Checker::optional(take(STATUS_CODE)).map(|v| c.integer("status_code", v, STATUS_CODE_RANGE));
         let response_time_ms =
-            Checker::optional(take(RESPONSE_TIME_MS)).map(|v| c.integer("response_time_ms", v, 0, 3_600_000));
+            Checker::optional(take(RESPONSE_TIME_MS)).map(|v| c.integer("response_time_ms", v, RESPONSE_TIME_MS_RANGE));
         let error_message = Checker::optional(take(ERROR_MESSAGE)).map(|v| {
             c.string("error_message", v)
                 .and_then(|m| c.storable("error_message", m))
@@ -107,6 +116,49 @@ impl Update for PollResult {
         c.finish(update)
     }
 }
+
+/// The OpenAPI schema of one poll result as sent, built from the ranges [`PollResult::validate`] checks.
+impl utoipa::PartialSchema for PollResult {
+    fn schema() -> RefOr<Schema> {
+        let success = ObjectBuilder::new()
+            .schema_type(Type::Boolean)
+            .description(Some("Whether the poll succeeded"));
+        let error_message = ObjectBuilder::new()
+            .schema_type(Presence::Optional.schema_type(Type::String))
+            .description(Some(
+                "What went wrong; without the NUL character, which PostgreSQL cannot store",
+            ))
+            .max_length(Some(MAX_ERROR_MESSAGE_CHARS));
+        ObjectBuilder::new()
+            .description(Some(
+                "The result of one poll. Every other field is kept, as sent, in the `attributes` jsonb column (at \
+                 most 4 KiB of JSON per update); a key given twice is an error.",
+            ))
+            .property(
+                "project_id",
+                PROJECT_ID_RANGE.schema(Presence::Required, "The polled project"),
+            )
+            .required("project_id")
+            .property("polled_at", timestamp_schema("When the poll ran"))
+            .required("polled_at")
+            .property("success", success)
+            .required("success")
+            .property(
+                "status_code",
+                STATUS_CODE_RANGE.schema(Presence::Optional, "HTTP status the poller saw"),
+            )
+            .property(
+                "response_time_ms",
+                RESPONSE_TIME_MS_RANGE.schema(Presence::Optional, "How long the polled service took to answer, ms"),
+            )
+            .property("error_message", error_message)
+            .additional_properties(Some(AdditionalProperties::FreeForm(true)))
+            .build()
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for PollResult {}
 
 #[cfg(test)]
 mod tests {
@@ -194,5 +246,24 @@ mod tests {
             let json = format!(r#"{{"project_id":1,"polled_at":"2026-11-22T12:00:00Z","success":true,"response_time_ms":{ms}}}"#);
             prop_assert_eq!(validate(&json).is_ok(), (0..=3_600_000).contains(&ms));
         }
+    }
+
+    #[test]
+    fn the_openapi_schema_lists_every_known_field_and_requires_the_required_ones() {
+        let schema = serde_json::to_value(<PollResult as utoipa::PartialSchema>::schema()).unwrap();
+        let properties: Vec<&str> = schema["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut fields = PollResult::FIELDS.to_vec();
+        fields.sort_unstable();
+        assert_eq!(properties, fields);
+        assert_eq!(
+            schema["required"],
+            serde_json::json!(["project_id", "polled_at", "success"])
+        );
+        assert_eq!(schema["additionalProperties"], true);
     }
 }

@@ -15,6 +15,7 @@ mod hostile;
 mod ingest;
 mod migrations;
 mod observability;
+mod openapi;
 mod progress;
 mod replicas;
 mod signals;
