@@ -4,11 +4,12 @@
 
 use std::io::Read;
 
-use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use time::OffsetDateTime;
 
+use super::auth::{KeyEntry, Scoped};
 use super::errors::IngestError;
 use super::AppState;
 use crate::intake::record::RecordCodec;
@@ -34,14 +35,28 @@ pub async fn poll(
     ingest(&req, body, &state, &state.poll).await
 }
 
-async fn ingest<T: Update + RecordCodec>(
+async fn ingest<T: Update + RecordCodec + Scoped>(
     req: &HttpRequest,
     body: web::Payload,
     state: &AppState,
     stream: &Intake<T>,
 ) -> Result<HttpResponse, IngestError> {
     let metrics = stream.metrics();
-    match accept(req, body, state, stream).await {
+    let result = match state.access.identify(req.headers()) {
+        Ok(caller) => {
+            let result = accept(req, body, state, stream, caller.as_deref()).await;
+            if let Some(caller) = caller {
+                caller.count(
+                    result
+                        .as_ref()
+                        .map_or_else(|e| e.status_code(), |_| StatusCode::ACCEPTED),
+                );
+            }
+            result
+        }
+        Err(error) => Err(error),
+    };
+    match result {
         Ok(Receipt { updates, committed }) => {
             metrics.accepted.inc_by(updates as u64);
             let body = if committed {
@@ -58,15 +73,21 @@ async fn ingest<T: Update + RecordCodec>(
     }
 }
 
-/// Reads and validates the request's updates, then submits them.
-async fn accept<T: Update + RecordCodec>(
+/// Reads and validates the request's updates, checks them against the caller's key (when keys are in force) and
+/// rate limits, then submits them.
+async fn accept<T: Update + RecordCodec + Scoped>(
     req: &HttpRequest,
     body: web::Payload,
     state: &AppState,
     stream: &Intake<T>,
+    caller: Option<&KeyEntry>,
 ) -> Result<Receipt, IngestError> {
     if !stream.is_accepting() {
         return Err(IngestError::ShuttingDown { updates: 0 });
+    }
+    // Before the body is read: a key that may not write here need not send it.
+    if let Some(caller) = caller {
+        caller.check_stream::<T>()?;
     }
     let ack = if wants_commit(req)? {
         Ack::Committed
@@ -95,8 +116,14 @@ async fn accept<T: Update + RecordCodec>(
         BodyError::InvalidJson { line, column, message } => IngestError::InvalidJson { line, column, message },
         BodyError::TooManyUpdates { limit } => IngestError::TooManyUpdates { limit },
     })?;
+    // Every update the client made the gateway parse counts, valid or not: the limit bounds the work done.
+    let peer = req.peer_addr().map(|a| a.ip());
+    state.access.admit(caller, peer, raw_updates.len())?;
     let updates = model::validate_all::<T>(raw_updates, &rules, received_at, MAX_ERROR_DETAILS)
         .map_err(IngestError::InvalidUpdates)?;
+    if let Some(caller) = caller {
+        caller.check_scope(&updates)?;
+    }
     let count = updates.len();
     stream.submit(updates, ack).await.map_err(|e| submit_error(e, count))
 }

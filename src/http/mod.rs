@@ -5,10 +5,13 @@
 //! - [`health`]: `GET /healthz`, `GET /readyz`.
 //! - [`errors`]: every refusal as one enum, mapped to a status and a JSON body.
 //! - [`request_id`]: `X-Request-Id`, kept or made, echoed, and named in the log.
+//! - [`auth`], [`rate_limit`]: API keys and their scopes; rate limits per key and per client address.
 
+pub mod auth;
 pub mod errors;
 pub mod health;
 pub mod ingest;
+pub mod rate_limit;
 pub mod request_id;
 pub mod stats;
 
@@ -54,6 +57,8 @@ pub struct AppState {
     pub database_check: DatabaseCheck,
     /// Writers failing for this long make the gateway not ready.
     pub stall_timeout: Duration,
+    /// Who may write what, and how fast (API keys, rate limits); checked by the ingest routes only.
+    pub access: auth::Access,
 }
 
 impl AppState {

@@ -24,6 +24,7 @@ use tracing::info;
 
 use crate::config::{Durability, Settings};
 use crate::db::{self, EmbeddedPostgres, PostgresOptions};
+use crate::http::auth::Access;
 use crate::http::{self, AppState, DatabaseCheck, IngestLimits};
 use crate::intake::Gate;
 use crate::metrics::Metrics;
@@ -113,6 +114,13 @@ impl Application {
     /// Opens the database, applies migrations, starts the writers, replays the write-ahead log left by the
     /// previous run and binds the HTTP port. Call it outside any async runtime (it blocks on start-up IO).
     pub fn build(settings: &Settings) -> anyhow::Result<Self> {
+        // A keys file that cannot be used refuses the start before anything is touched.
+        let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
+        let access = Access::new(settings, &metrics)?;
+        let reloads = Reloads::default();
+        if let Some(keys) = access.keys() {
+            reloads.register("api keys", move || keys.reload());
+        }
         // First of all: a second process on the same directory must not touch its database or its log.
         let mut data_dir = DataDir::open(&settings.data_dir)?;
         let database = Database::open(settings)?;
@@ -127,8 +135,6 @@ impl Application {
             let _inside = runtime.enter();
             db::pool::build(database.config.clone(), writers_per_stream * 2 + 2)?
         };
-        let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
-
         // Whatever the durability now, a log left by an earlier run holds acknowledged updates: replay it.
         let wal_config = WalConfig {
             dir: settings.data_dir.join("wal"),
@@ -201,6 +207,7 @@ impl Application {
             metrics,
             database_check: database_check(&runtime, pool),
             stall_timeout: settings.stall_timeout,
+            access,
         });
         Ok(Application {
             listeners,
@@ -210,7 +217,7 @@ impl Application {
             wal,
             streams: vec![location_handle, poll_handle],
             shutdown_timeout: settings.shutdown_timeout,
-            reloads: Reloads::default(),
+            reloads,
             runtime,
             database,
             data_dir,

@@ -1,6 +1,7 @@
 //! Integration tests: the gateway in-process (and, for signals, as a real process) against a real PostgreSQL
 //! that the harness starts itself.
 
+mod auth;
 mod backpressure;
 mod batching;
 // Shared with the model's property tests, which are a binary of their own.
