@@ -1,5 +1,6 @@
 //! Every setting of the gateway: its default (one that works on a laptop), its flag and its environment variable.
 
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,12 +19,66 @@ pub struct Cli {
 }
 
 /// The subcommands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Apply the migrations, then take updates over HTTP and write them to PostgreSQL (the default).
     Serve,
     /// Apply the pending migrations and exit.
     Migrate,
+    /// Make a new API key: print it (once) and the line to add to the API keys file.
+    NewKey(NewKeyArgs),
+}
+
+/// What a new API key may do; the printed line says the same in the keys file's format.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct NewKeyArgs {
+    /// The key's name, as metrics and logs show it: 1–64 of `A-Z a-z 0-9 . _ -`.
+    pub name: String,
+    /// The streams the key may write, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "location,poll")]
+    pub streams: Vec<String>,
+    /// A prefix the device ids of the key's location updates must start with (repeat for several).
+    #[arg(long = "device-prefix")]
+    pub device_prefixes: Vec<String>,
+    /// The project ids the key's poll results may carry: ranges and single ids, comma-separated (`1-100,250`).
+    #[arg(long)]
+    pub projects: Option<String>,
+    /// The key's own rate limit, instead of INGEST_RATE_LIMIT: updates per second, then optionally `:burst`.
+    #[arg(long)]
+    pub rate: Option<RateLimit>,
+}
+
+/// A rate limit: updates per second, and how many may come at once after a pause (the burst). Written `100`
+/// (burst: one second's worth) or `100:1000`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: NonZeroU32,
+    /// The most updates let through at once; a request with more is refused whatever the wait.
+    pub burst: NonZeroU32,
+}
+
+impl std::str::FromStr for RateLimit {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let number = |part: &str| part.trim().parse::<NonZeroU32>().ok();
+        let (rate, burst) = match text.split_once(':') {
+            Some((rate, burst)) => (number(rate), number(burst)),
+            None => (number(text), number(text)),
+        };
+        match (rate, burst) {
+            (Some(per_second), Some(burst)) => Ok(RateLimit { per_second, burst }),
+            _ => Err(format!(
+                "{text:?} is not a rate limit: write updates per second, optionally with a burst, such as 100 or 100:1000"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.per_second, self.burst)
+    }
 }
 
 /// How log lines are written.
@@ -156,6 +211,20 @@ pub struct Settings {
     /// How old a `recorded_at` / `polled_at` may be.
     #[arg(long, env = "INGEST_MAX_AGE", default_value = "30d", value_parser = parse_duration, global = true)]
     pub max_age: Duration,
+
+    /// The API keys, one per line (name, SHA-256 of the key, streams, scope; see the README); re-read on SIGHUP.
+    /// Unset: anyone who can reach the gateway may write.
+    #[arg(long, env = "INGEST_API_KEYS_FILE", global = true)]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Each API key's rate limit (a key's own `rate=` wins): updates per second, optionally `:burst` (`100:1000`).
+    /// Without API keys, each client address's. Unset: none.
+    #[arg(long, env = "INGEST_RATE_LIMIT", global = true)]
+    pub rate_limit: Option<RateLimit>,
+
+    /// Each client address's rate limit (an IPv6 client by its /64), with or without API keys; as INGEST_RATE_LIMIT.
+    #[arg(long, env = "INGEST_RATE_LIMIT_PER_ADDRESS", global = true)]
+    pub rate_limit_per_address: Option<RateLimit>,
 }
 
 impl Settings {
@@ -196,6 +265,7 @@ fn parse_octal_mode(text: &str) -> Result<u32, String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+    use std::str::FromStr;
 
     #[test]
     fn command_line_definition_is_consistent() {
@@ -247,6 +317,41 @@ mod tests {
     #[test]
     fn a_progress_interval_of_zero_is_refused() {
         assert!(Cli::try_parse_from(["ingest-gateway", "--progress-interval", "0s"]).is_err());
+    }
+
+    #[test]
+    fn a_rate_limit_is_per_second_with_an_optional_burst() {
+        let limit = |text: &str| text.parse::<RateLimit>().map(|r| (r.per_second.get(), r.burst.get()));
+        assert_eq!(limit("100"), Ok((100, 100)));
+        assert_eq!(limit("5:50"), Ok((5, 50)));
+        assert!(limit("0").is_err());
+        assert!(limit("10:0").is_err());
+        assert!(limit("10/s").is_err());
+        assert_eq!(
+            RateLimit::from_str("5:50").map(|r| r.to_string()),
+            Ok("5:50".to_owned())
+        );
+    }
+
+    #[test]
+    fn new_key_takes_streams_prefixes_and_projects() {
+        let cli = Cli::parse_from([
+            "ingest-gateway",
+            "new-key",
+            "fleet",
+            "--streams",
+            "location",
+            "--device-prefix",
+            "truck-",
+            "--device-prefix",
+            "van-",
+        ]);
+        let Some(Command::NewKey(args)) = cli.command else {
+            panic!("not new-key: {:?}", cli.command)
+        };
+        assert_eq!(args.name, "fleet");
+        assert_eq!(args.streams, ["location"]);
+        assert_eq!(args.device_prefixes, ["truck-", "van-"]);
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! - [`config`]: every setting, with its default, flag and `INGEST_*` environment variable.
 //! - [`telemetry`]: the `tracing` subscriber (text or JSON lines).
 //! - [`metrics`]: the one Prometheus registry and the per-stream metric handles.
-//! - [`http`]: the transport: routes, headers, body, gzip, parse and validate, then hand over to the intake and
-//!   map its answer to a status. Knows nothing of the log or the queue.
+//! - [`http`]: the transport: routes, headers, API keys and rate limits, body, gzip, parse and validate, then
+//!   hand over to the intake and map its answer to a status. Knows nothing of the log or the queue.
 //! - [`model`]: wire payloads → validated updates; pure, no IO.
 //! - [`intake`]: transport-agnostic `submit(updates, ack)`; the accepting gate and the durability backends
 //!   (memory, the write-ahead log) and the feed that replays the log into the queue.

@@ -1,4 +1,4 @@
-//! The `ingest-gateway` binary: parses the command line and runs `serve` (the default) or `migrate`.
+//! The `ingest-gateway` binary: parses the command line and runs `serve` (the default), `migrate` or `new-key`.
 
 use std::process::ExitCode;
 
@@ -14,11 +14,23 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.settings),
         Command::Migrate => startup::migrate(&cli.settings).map(|()| ExitCode::SUCCESS),
+        Command::NewKey(args) => new_key(&args),
     };
     result.unwrap_or_else(|error| {
         tracing::error!(error = format!("{error:#}"), "ingest-gateway failed");
         ExitCode::FAILURE
     })
+}
+
+/// Prints the new key (on stdout, once) and its keys-file line; the explanations go to stderr, so that
+/// `ingest-gateway new-key fleet | head -1` is the key alone.
+fn new_key(args: &ingest_gateway::config::NewKeyArgs) -> anyhow::Result<ExitCode> {
+    let made = ingest_gateway::http::auth::new_key(args)?;
+    eprintln!("the key, shown this once (give it to the client; the gateway keeps only its hash):");
+    println!("{}", made.key);
+    eprintln!("the line to add to the API keys file (then send the gateway SIGHUP):");
+    println!("{}", made.line);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn serve(settings: &ingest_gateway::config::Settings) -> anyhow::Result<ExitCode> {

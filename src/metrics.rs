@@ -41,6 +41,7 @@ pub const WAL_CORRUPT_RECORDS: &str = "ingest_wal_corrupt_records_total";
 pub const WAL_WRITE_ERRORS: &str = "ingest_wal_write_errors_total";
 pub const HTTP_REQUESTS: &str = "ingest_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "ingest_http_request_duration_seconds";
+pub const REQUESTS_BY_KEY: &str = "ingest_requests_by_key_total";
 
 /// Why updates were refused: a small fixed set, never an error message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,10 +58,16 @@ pub enum RejectReason {
     StorageError,
     /// The body arrived too slowly, or not whole in time.
     BodyTimeout,
+    /// No API key, or one the gateway does not know.
+    Unauthorized,
+    /// A stream or an update outside what the request's API key may write.
+    Forbidden,
+    /// Over the rate limit of the request's API key or client address.
+    RateLimited,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::InvalidJson,
         RejectReason::PayloadTooLarge,
         RejectReason::UnsupportedMediaType,
@@ -70,6 +77,9 @@ impl RejectReason {
         RejectReason::LogFull,
         RejectReason::StorageError,
         RejectReason::BodyTimeout,
+        RejectReason::Unauthorized,
+        RejectReason::Forbidden,
+        RejectReason::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +93,9 @@ impl RejectReason {
             RejectReason::LogFull => "log_full",
             RejectReason::StorageError => "storage_error",
             RejectReason::BodyTimeout => "body_timeout",
+            RejectReason::Unauthorized => "unauthorized",
+            RejectReason::Forbidden => "forbidden",
+            RejectReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -99,6 +112,9 @@ pub struct Metrics {
     pub poll: StreamMetrics,
     /// The write-ahead log.
     pub wal: WalMetrics,
+    /// Ingest requests by API key name and outcome; the names come from the operator's keys file, so the label
+    /// set stays as small as that file.
+    pub requests_by_key: IntCounterVec,
 }
 
 /// The write-ahead log's figures.
@@ -347,6 +363,14 @@ impl Metrics {
         reg(Box::new(wal.write_errors.clone()))?;
         reg(Box::new(requests.clone()))?;
         reg(Box::new(duration.clone()))?;
+        let requests_by_key = IntCounterVec::new(
+            Opts::new(
+                REQUESTS_BY_KEY,
+                "Ingest requests that presented a known API key, by key name and outcome",
+            ),
+            &["key", "outcome"],
+        )?;
+        reg(Box::new(requests_by_key.clone()))?;
         reg(Box::new(ProcessCollector::for_self()))?;
 
         let for_stream = |name: &str| StreamMetrics {
@@ -383,6 +407,7 @@ impl Metrics {
             poll: for_stream("poll"),
             http: HttpMetrics { requests, duration },
             wal,
+            requests_by_key,
             registry,
         })
     }

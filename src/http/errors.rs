@@ -81,6 +81,30 @@ pub enum IngestError {
     BodyBudget,
     #[error("the body expands more than {max_ratio} times when decompressed")]
     GzipRatio { max_ratio: usize },
+    #[error("an API key is required: send Authorization: Bearer <key> or X-API-Key: <key>")]
+    MissingKey,
+    #[error("the API key is not known")]
+    UnknownKey,
+    #[error("the key {key} may not write the {stream} stream")]
+    StreamNotAllowed {
+        key: String,
+        stream: &'static str,
+        allowed: Vec<&'static str>,
+    },
+    #[error("{updates} of the updates are outside what the key {key} may write; none was accepted")]
+    OutOfScope {
+        key: String,
+        updates: usize,
+        errors: Vec<UpdateError>,
+    },
+    #[error("over the rate limit of this {limit}; retry after {retry_after_secs} s")]
+    RateLimited {
+        limit: &'static str,
+        updates: usize,
+        retry_after_secs: u64,
+    },
+    #[error("the request holds more updates than this {limit} may send at once ({burst}); split it")]
+    LargerThanBurst { limit: &'static str, burst: u32 },
 }
 
 impl IngestError {
@@ -102,6 +126,10 @@ impl IngestError {
             IngestError::LogFull { .. } => RejectReason::LogFull,
             IngestError::Storage { .. } => RejectReason::StorageError,
             IngestError::InvalidParameter(_) => RejectReason::InvalidJson,
+            IngestError::MissingKey | IngestError::UnknownKey => RejectReason::Unauthorized,
+            IngestError::StreamNotAllowed { .. } | IngestError::OutOfScope { .. } => RejectReason::Forbidden,
+            IngestError::RateLimited { .. } => RejectReason::RateLimited,
+            IngestError::LargerThanBurst { .. } => RejectReason::PayloadTooLarge,
         }
     }
 
@@ -112,7 +140,9 @@ impl IngestError {
             IngestError::Overloaded { updates }
             | IngestError::ShuttingDown { updates }
             | IngestError::LogFull { updates }
-            | IngestError::Storage { updates, .. } => (*updates).max(1) as u64,
+            | IngestError::Storage { updates, .. }
+            | IngestError::OutOfScope { updates, .. }
+            | IngestError::RateLimited { updates, .. } => (*updates).max(1) as u64,
             _ => 1,
         }
     }
@@ -134,6 +164,10 @@ impl IngestError {
             }
             IngestError::Storage { .. } => "storage_unavailable",
             IngestError::InvalidParameter(_) => "invalid_parameter",
+            IngestError::MissingKey | IngestError::UnknownKey => "unauthorized",
+            IngestError::StreamNotAllowed { .. } | IngestError::OutOfScope { .. } => "forbidden",
+            IngestError::RateLimited { .. } => "rate_limited",
+            IngestError::LargerThanBurst { .. } => "payload_too_large",
         }
     }
 
@@ -160,6 +194,19 @@ impl IngestError {
             IngestError::BodyTimeout { received_bytes } => vec![json!({"received_bytes": received_bytes})],
             IngestError::BodyBudget => vec![json!({"retry_after_seconds": RETRY_AFTER_SECS})],
             IngestError::GzipRatio { max_ratio } => vec![json!({"max_gzip_ratio": max_ratio})],
+            IngestError::MissingKey | IngestError::UnknownKey => {
+                vec![json!({"headers": ["Authorization: Bearer <key>", "X-API-Key: <key>"]})]
+            }
+            IngestError::StreamNotAllowed { stream, allowed, .. } => {
+                vec![json!({"stream": stream, "allowed_streams": allowed})]
+            }
+            IngestError::OutOfScope { errors, .. } => errors.iter().map(update_error_json).collect(),
+            IngestError::RateLimited {
+                limit,
+                retry_after_secs,
+                ..
+            } => vec![json!({"limit": limit, "retry_after_seconds": retry_after_secs})],
+            IngestError::LargerThanBurst { limit, burst } => vec![json!({"limit": limit, "limit_updates": burst})],
         }
     }
 
@@ -202,6 +249,31 @@ impl IngestError {
             IngestError::BodyTimeout { received_bytes: 65536 },
             IngestError::BodyBudget,
             IngestError::GzipRatio { max_ratio: 100 },
+            IngestError::MissingKey,
+            IngestError::UnknownKey,
+            IngestError::StreamNotAllowed {
+                key: "pollers".to_owned(),
+                stream: "location",
+                allowed: vec!["poll"],
+            },
+            IngestError::OutOfScope {
+                key: "fleet-north".to_owned(),
+                updates: 1,
+                errors: vec![UpdateError {
+                    index: 0,
+                    field: Some("device_id".to_owned()),
+                    reason: "outside the device-id prefixes of the key".to_owned(),
+                }],
+            },
+            IngestError::RateLimited {
+                limit: "key",
+                updates: 1,
+                retry_after_secs: 1,
+            },
+            IngestError::LargerThanBurst {
+                limit: "key",
+                burst: 500,
+            },
         ]
     }
 
@@ -224,6 +296,12 @@ impl IngestError {
             IngestError::BodyTimeout { .. } => "body_timeout",
             IngestError::BodyBudget => "body_budget",
             IngestError::GzipRatio { .. } => "gzip_ratio",
+            IngestError::MissingKey => "missing_key",
+            IngestError::UnknownKey => "unknown_key",
+            IngestError::StreamNotAllowed { .. } => "stream_not_allowed",
+            IngestError::OutOfScope { .. } => "out_of_scope",
+            IngestError::RateLimited { .. } => "rate_limited",
+            IngestError::LargerThanBurst { .. } => "larger_than_burst",
         }
     }
 
@@ -303,6 +381,10 @@ impl ResponseError for IngestError {
             | IngestError::LogFull { .. }
             | IngestError::Storage { .. } => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
+            IngestError::MissingKey | IngestError::UnknownKey => StatusCode::UNAUTHORIZED,
+            IngestError::StreamNotAllowed { .. } | IngestError::OutOfScope { .. } => StatusCode::FORBIDDEN,
+            IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            IngestError::LargerThanBurst { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -310,6 +392,22 @@ impl ResponseError for IngestError {
         let mut response = HttpResponse::build(self.status_code());
         if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
+        }
+        match self {
+            IngestError::RateLimited { retry_after_secs, .. } => {
+                response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+            }
+            // RFC 6750: a missing key gets the scheme only; a wrong one is also told it is invalid.
+            IngestError::MissingKey => {
+                response.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"ingest-gateway\""));
+            }
+            IngestError::UnknownKey => {
+                response.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"ingest-gateway\", error=\"invalid_token\"",
+                ));
+            }
+            _ => {}
         }
         response.json(self.body())
     }

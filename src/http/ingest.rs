@@ -4,8 +4,8 @@
 
 use std::io::Read;
 
-use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -14,6 +14,7 @@ use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::Required;
 use utoipa::ToSchema;
 
+use super::auth::{KeyEntry, Scoped};
 use super::errors::IngestError;
 use super::limits::BudgetShare;
 use super::{AppState, IngestLimits};
@@ -154,14 +155,28 @@ pub async fn poll(
     ingest(&req, body, &state, &state.poll).await
 }
 
-async fn ingest<T: Update + RecordCodec + Send + 'static>(
+async fn ingest<T: Update + RecordCodec + Scoped + Send + 'static>(
     req: &HttpRequest,
     body: web::Payload,
     state: &AppState,
     stream: &Intake<T>,
 ) -> Result<HttpResponse, IngestError> {
     let metrics = stream.metrics();
-    match accept(req, body, state, stream).await {
+    let result = match state.access.identify(req.headers()) {
+        Ok(caller) => {
+            let result = accept(req, body, state, stream, caller.as_deref()).await;
+            if let Some(caller) = caller {
+                caller.count(
+                    result
+                        .as_ref()
+                        .map_or_else(|e| e.status_code(), |_| StatusCode::ACCEPTED),
+                );
+            }
+            result
+        }
+        Err(error) => Err(error),
+    };
+    match result {
         Ok(Receipt { updates, committed }) => {
             metrics.accepted.inc_by(updates as u64);
             Ok(HttpResponse::Accepted().json(Accepted {
@@ -176,15 +191,21 @@ async fn ingest<T: Update + RecordCodec + Send + 'static>(
     }
 }
 
-/// Reads and validates the request's updates, then submits them.
-async fn accept<T: Update + RecordCodec + Send + 'static>(
+/// Reads and validates the request's updates, checks them against the caller's key (when keys are in force) and
+/// rate limits, then submits them.
+async fn accept<T: Update + RecordCodec + Scoped + Send + 'static>(
     req: &HttpRequest,
     body: web::Payload,
     state: &AppState,
     stream: &Intake<T>,
+    caller: Option<&KeyEntry>,
 ) -> Result<Receipt, IngestError> {
     if !stream.is_accepting() {
         return Err(IngestError::ShuttingDown { updates: 0 });
+    }
+    // Before the body is read: a key that may not write here need not send it.
+    if let Some(caller) = caller {
+        caller.check_stream::<T>()?;
     }
     let ack = if wants_commit(req)? {
         Ack::Committed
@@ -196,7 +217,7 @@ async fn accept<T: Update + RecordCodec + Send + 'static>(
     let limits = &state.limits;
     // The request's bytes count against the process's budget until its updates are parsed; they are freed before
     // any wait for the log or for the commit.
-    let updates = {
+    let (parsed, validated) = {
         let mut share = state.body_budget.share();
         let raw = read_body(req, body, limits, &mut share).await?;
         let bytes = if gzip {
@@ -228,22 +249,32 @@ async fn accept<T: Update + RecordCodec + Send + 'static>(
             parse()?
         }
     };
+    // Every update the client made the gateway parse counts, valid or not: the limit bounds the work done.
+    let peer = req.peer_addr().map(|a| a.ip());
+    state.access.admit(caller, peer, parsed)?;
+    let updates = validated?;
+    if let Some(caller) = caller {
+        caller.check_scope(&updates)?;
+    }
     let count = updates.len();
     stream.submit(updates, ack).await.map_err(|e| submit_error(e, count))
 }
 
-/// Parses and validates a whole body: every update valid, or the request refused.
+/// Parses and validates a whole body: how many updates it held, and every update valid or the request refused.
 fn parse_and_validate<T: Update>(
     bytes: &[u8],
     format: BodyFormat,
     max_updates: usize,
     rules: &ValidationRules,
-) -> Result<Vec<T>, IngestError> {
+) -> Result<(usize, Result<Vec<T>, IngestError>), IngestError> {
     let raw_updates = model::parse_body(bytes, format, T::FIELDS, max_updates).map_err(|e| match e {
         BodyError::InvalidJson { line, column, message } => IngestError::InvalidJson { line, column, message },
         BodyError::TooManyUpdates { limit } => IngestError::TooManyUpdates { limit },
     })?;
-    model::validate_all::<T>(raw_updates, rules, rules.now, MAX_ERROR_DETAILS).map_err(IngestError::InvalidUpdates)
+    let parsed = raw_updates.len();
+    let validated =
+        model::validate_all::<T>(raw_updates, rules, rules.now, MAX_ERROR_DETAILS).map_err(IngestError::InvalidUpdates);
+    Ok((parsed, validated))
 }
 
 fn submit_error(error: SubmitError, updates: usize) -> IngestError {

@@ -7,12 +7,15 @@
 //! - [`errors`]: every refusal as one enum, mapped to a status and a JSON body.
 //! - [`request_id`]: `X-Request-Id`, kept or made, echoed, and named in the log.
 //! - [`openapi`]: `GET /api/v1/openapi.json`, the OpenAPI document generated from the handlers.
+//! - [`auth`], [`rate_limit`]: API keys and their scopes; rate limits per key and per client address.
 
+pub mod auth;
 pub mod errors;
 pub mod health;
 pub mod ingest;
 pub mod limits;
 pub mod openapi;
+pub mod rate_limit;
 pub mod request_id;
 pub mod stats;
 pub mod status;
@@ -90,6 +93,8 @@ pub struct AppState {
     pub body_budget: Arc<BodyBudget>,
     /// Writers failing for this long make the gateway not ready.
     pub stall_timeout: Duration,
+    /// Who may write what, and how fast (API keys, rate limits); checked by the ingest routes only.
+    pub access: auth::Access,
 }
 
 impl AppState {

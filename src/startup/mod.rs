@@ -26,6 +26,7 @@ use tracing::info;
 
 use crate::config::{Durability, Settings};
 use crate::db::{self, EmbeddedPostgres, PostgresOptions};
+use crate::http::auth::Access;
 use crate::http::limits::{BodyBudget, BodyDeadline};
 use crate::http::{self, AppState, DatabaseHealth, IngestLimits, Routes};
 use crate::intake::Gate;
@@ -122,6 +123,13 @@ impl Application {
     /// Opens the database, applies migrations, starts the writers, replays the write-ahead log left by the
     /// previous run and binds the HTTP port. Call it outside any async runtime (it blocks on start-up IO).
     pub fn build(settings: &Settings) -> anyhow::Result<Self> {
+        // A keys file that cannot be used refuses the start before anything is touched.
+        let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
+        let access = Access::new(settings, &metrics)?;
+        let reloads = Reloads::default();
+        if let Some(keys) = access.keys() {
+            reloads.register("api keys", move || keys.reload());
+        }
         // First of all: a second process on the same directory must not touch its database or its log.
         let mut data_dir = DataDir::open(&settings.data_dir)?;
         let database = Database::open(settings)?;
@@ -136,8 +144,6 @@ impl Application {
             let _inside = runtime.enter();
             db::pool::build(database.config.clone(), writers_per_stream * 2 + 2)?
         };
-        let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
-
         // Whatever the durability now, a log left by an earlier run holds acknowledged updates: replay it.
         let wal_config = WalConfig {
             dir: settings.data_dir.join("wal"),
@@ -230,6 +236,7 @@ impl Application {
             metrics,
             database: watch_database(&runtime, pool),
             stall_timeout: settings.stall_timeout,
+            access,
         });
         Ok(Application {
             listeners,
@@ -241,7 +248,7 @@ impl Application {
             streams: vec![location_handle, poll_handle],
             shutdown_timeout: settings.shutdown_timeout,
             max_connections: settings.max_connections as usize,
-            reloads: Reloads::default(),
+            reloads,
             progress_interval: settings.progress_interval,
             runtime,
             database,

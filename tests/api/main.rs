@@ -2,6 +2,7 @@
 //! that the harness starts itself.
 
 mod abuse;
+mod auth;
 mod backpressure;
 mod batching;
 // Shared with the model's property tests, which are a binary of their own.

@@ -1,0 +1,213 @@
+//! Rate limits in updates per second, per API key and per client address, with governor's GCRA: a request of
+//! N updates takes N cells at once, or none.
+//!
+//! A request holding more updates than the burst could never pass, however long it waited, so it is refused
+//! with `413` (split it) rather than `429` (which a client would retry for ever).
+//!
+//! Each API key gets a direct limiter of its own (one atomic, no lock), because keys may each have their own
+//! rate; client addresses, an open set under one rate, share one keyed limiter whose idle entries are swept
+//! as it is used, so that its memory stays bounded by the addresses recently seen.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+
+use crate::config::RateLimit;
+
+/// Address checks between two sweeps of the addresses whose allowance is full again.
+const SWEEP_EVERY_CHECKS: u64 = 1024;
+
+/// Why a request may not pass now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateRefusal {
+    /// Over the rate: enough allowance is back after this many seconds (rounded up, at least 1).
+    Wait { retry_after_secs: u64 },
+    /// More updates than the burst: it never passes; the client must split it.
+    LargerThanBurst { burst: u32 },
+}
+
+fn quota(rate: RateLimit) -> Quota {
+    Quota::per_second(rate.per_second).allow_burst(rate.burst)
+}
+
+/// Seconds for a `Retry-After` header: whole seconds, rounded up, never 0 (which would invite a busy loop).
+fn retry_after_secs(wait: Duration) -> u64 {
+    let whole = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    whole.max(1)
+}
+
+/// The outcome of governor's `check_n` / `check_key_n`, as a refusal or not.
+fn decide<P: governor::clock::Reference>(
+    outcome: Result<Result<(), governor::NotUntil<P>>, governor::InsufficientCapacity>,
+    now: P,
+    burst: NonZeroU32,
+) -> Result<(), RateRefusal> {
+    match outcome {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(not_until)) => Err(RateRefusal::Wait {
+            retry_after_secs: retry_after_secs(not_until.wait_time_from(now)),
+        }),
+        Err(governor::InsufficientCapacity(_)) => Err(RateRefusal::LargerThanBurst { burst: burst.get() }),
+    }
+}
+
+/// One API key's allowance.
+pub struct KeyLimiter {
+    rate: RateLimit,
+    limiter: DefaultDirectRateLimiter,
+}
+
+impl KeyLimiter {
+    pub fn new(rate: RateLimit) -> Self {
+        KeyLimiter {
+            rate,
+            limiter: DefaultDirectRateLimiter::direct(quota(rate)),
+        }
+    }
+
+    /// The rate this limiter keeps (a reload keeps a key's limiter, and so its state, while this is unchanged).
+    pub fn rate(&self) -> RateLimit {
+        self.rate
+    }
+
+    /// Takes `updates` cells, or none; an empty request passes.
+    pub fn admit(&self, updates: usize) -> Result<(), RateRefusal> {
+        let Some(n) = cells(updates) else { return Ok(()) };
+        let outcome = self.limiter.check_n(n);
+        decide(outcome, self.limiter.clock().now(), self.rate.burst)
+    }
+}
+
+/// Every client address's allowance under one rate.
+pub struct AddressLimiter {
+    rate: RateLimit,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    checks: AtomicU64,
+}
+
+impl AddressLimiter {
+    pub fn new(rate: RateLimit) -> Self {
+        AddressLimiter {
+            rate,
+            limiter: DefaultKeyedRateLimiter::keyed(quota(rate)),
+            checks: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes `updates` cells from `address`'s allowance, or none.
+    pub fn admit(&self, address: IpAddr, updates: usize) -> Result<(), RateRefusal> {
+        let Some(n) = cells(updates) else { return Ok(()) };
+        if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY_CHECKS == SWEEP_EVERY_CHECKS - 1 {
+            self.limiter.retain_recent();
+        }
+        let outcome = self.limiter.check_key_n(&client(address), n);
+        decide(outcome, self.limiter.clock().now(), self.rate.burst)
+    }
+
+    /// Addresses with allowance in use (for tests of the sweep).
+    pub fn tracked_addresses(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+/// The client an address stands for: an IPv4 address, or an IPv6 /64 — one host usually holds a whole /64, and
+/// counting each of its addresses apart would let it rotate past the limit.
+fn client(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
+/// `updates` as governor cells; `None` for an empty request, which costs nothing.
+fn cells(updates: usize) -> Option<NonZeroU32> {
+    // More than u32::MAX updates cannot pass any burst, and saturating keeps that true.
+    NonZeroU32::new(u32::try_from(updates).unwrap_or(u32::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(text: &str) -> RateLimit {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_request_takes_as_many_cells_as_it_has_updates() {
+        let limiter = KeyLimiter::new(rate("1:10"));
+        assert_eq!(limiter.admit(6), Ok(()));
+        assert_eq!(limiter.admit(4), Ok(()));
+        assert_eq!(limiter.admit(1), Err(RateRefusal::Wait { retry_after_secs: 1 }));
+    }
+
+    #[test]
+    fn retry_after_covers_the_whole_request_rounded_up() {
+        let limiter = KeyLimiter::new(rate("2:10"));
+        assert_eq!(limiter.admit(10), Ok(()));
+        // 5 updates at 2 per second: 2.5 s, said as 3.
+        assert_eq!(limiter.admit(5), Err(RateRefusal::Wait { retry_after_secs: 3 }));
+    }
+
+    #[test]
+    fn a_request_larger_than_the_burst_never_passes() {
+        let limiter = KeyLimiter::new(rate("100:50"));
+        assert_eq!(limiter.admit(51), Err(RateRefusal::LargerThanBurst { burst: 50 }));
+        // And it took nothing.
+        assert_eq!(limiter.admit(50), Ok(()));
+    }
+
+    #[test]
+    fn an_empty_request_costs_nothing() {
+        let limiter = KeyLimiter::new(rate("1:1"));
+        assert_eq!(limiter.admit(1), Ok(()));
+        assert_eq!(limiter.admit(0), Ok(()));
+    }
+
+    #[test]
+    fn addresses_have_separate_allowances_and_an_ipv6_client_is_its_64() {
+        let limiter = AddressLimiter::new(rate("1:2"));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert_eq!(limiter.admit(a, 2), Ok(()));
+        assert!(limiter.admit(a, 1).is_err());
+        assert_eq!(limiter.admit(b, 2), Ok(()));
+        let v6_one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let v6_other: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert_eq!(limiter.admit(v6_one, 2), Ok(()));
+        assert!(limiter.admit(v6_other, 1).is_err());
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert!(limiter.admit(mapped, 1).is_err());
+    }
+
+    #[test]
+    fn idle_addresses_are_swept() {
+        let limiter = AddressLimiter::new(rate("1000000:1"));
+        for i in 0..(SWEEP_EVERY_CHECKS * 2) {
+            let address = IpAddr::from(std::net::Ipv4Addr::from(i as u32));
+            let _ = limiter.admit(address, 1);
+        }
+        // At a million per second, every address is full again within microseconds: the sweeps dropped them.
+        std::thread::sleep(Duration::from_millis(5));
+        let _ = limiter.admit(IpAddr::from([10, 0, 0, 1]), 1);
+        assert!(
+            limiter.tracked_addresses() < SWEEP_EVERY_CHECKS as usize + 2,
+            "{}",
+            limiter.tracked_addresses()
+        );
+    }
+
+    #[test]
+    fn retry_after_is_never_zero() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+    }
+}
