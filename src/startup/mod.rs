@@ -5,6 +5,7 @@
 //! - [`listener`]: TCP and Unix-socket listeners.
 //! - [`reload`]: what SIGHUP re-reads.
 //! - [`streams`]: one generic per-stream builder.
+//! - [`tls`]: HTTPS for the TCP listeners, reloaded on SIGHUP.
 //! - [`shutdown`]: the stop sequence.
 
 pub mod data_dir;
@@ -12,6 +13,7 @@ pub mod listener;
 pub mod reload;
 pub mod shutdown;
 pub mod streams;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +37,7 @@ use listener::Listener;
 use reload::Reloads;
 use shutdown::ShutdownOutcome;
 use streams::{StreamHandle, StreamParts};
+use tls::ServerTls;
 
 /// Size at which a log segment is closed and a new one started.
 const WAL_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -42,6 +45,8 @@ const WAL_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// The database the gateway writes to: a server it was given, or one it runs itself.
 pub struct Database {
     pub config: tokio_postgres::Config,
+    /// TLS, when the connection string asks for it.
+    pub tls: db::DatabaseTls,
     /// Set when the gateway runs its own PostgreSQL; stopped when dropped, after the writers are done.
     pub embedded: Option<EmbeddedPostgres>,
 }
@@ -51,10 +56,13 @@ impl Database {
     pub fn open(settings: &Settings) -> anyhow::Result<Self> {
         match &settings.database_url {
             Some(url) => {
-                let config = url
-                    .parse()
-                    .context("DATABASE_URL is not a valid PostgreSQL connection string")?;
-                Ok(Database { config, embedded: None })
+                let db::DatabaseUrl { config, tls } = url.parse().context("DATABASE_URL cannot be used")?;
+                info!(tls = ?tls.mode(), "connecting to the PostgreSQL of DATABASE_URL");
+                Ok(Database {
+                    config,
+                    tls,
+                    embedded: None,
+                })
             }
             None => {
                 let options = PostgresOptions {
@@ -64,6 +72,7 @@ impl Database {
                 let server = EmbeddedPostgres::start(&options).context("could not start the embedded PostgreSQL")?;
                 Ok(Database {
                     config: server.config("postgres"),
+                    tls: db::DatabaseTls::off(),
                     embedded: Some(server),
                 })
             }
@@ -87,7 +96,7 @@ pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let _data_dir = DataDir::open(&settings.data_dir)?;
     let database = Database::open(settings)?;
     let runtime = database_runtime()?;
-    runtime.block_on(db::migrate::run(&database.config))?;
+    runtime.block_on(db::migrate::run(&database.config, &database.tls))?;
     Ok(())
 }
 
@@ -103,6 +112,8 @@ pub struct Application {
     shutdown_timeout: Duration,
     /// What SIGHUP re-reads; parts register themselves while the gateway is built.
     reloads: Reloads,
+    /// HTTPS for the TCP listeners, when configured.
+    tls: Option<ServerTls>,
     /// Dropped last: the runtime the pool lives on, then the database itself, then the data directory's lock.
     runtime: Runtime,
     database: Database,
@@ -113,19 +124,25 @@ impl Application {
     /// Opens the database, applies migrations, starts the writers, replays the write-ahead log left by the
     /// previous run and binds the HTTP port. Call it outside any async runtime (it blocks on start-up IO).
     pub fn build(settings: &Settings) -> anyhow::Result<Self> {
+        // Broken TLS files stop the gateway before it touches anything.
+        let tls = ServerTls::from_settings(settings).context("could not load the TLS files")?;
+        let reloads = Reloads::default();
+        if let Some(tls) = tls.clone() {
+            reloads.register("tls certificates", move || Ok(tls.reload()?));
+        }
         // First of all: a second process on the same directory must not touch its database or its log.
         let mut data_dir = DataDir::open(&settings.data_dir)?;
         let database = Database::open(settings)?;
         let runtime = database_runtime()?;
         runtime
-            .block_on(db::migrate::run(&database.config))
+            .block_on(db::migrate::run(&database.config, &database.tls))
             .context("could not apply the migrations")?;
 
         let writers_per_stream = usize::from(settings.writers);
         // One connection per writer, plus room for readiness checks.
         let pool = {
             let _inside = runtime.enter();
-            db::pool::build(database.config.clone(), writers_per_stream * 2 + 2)?
+            db::pool::build(database.config.clone(), &database.tls, writers_per_stream * 2 + 2)?
         };
         let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
 
@@ -210,7 +227,8 @@ impl Application {
             wal,
             streams: vec![location_handle, poll_handle],
             shutdown_timeout: settings.shutdown_timeout,
-            reloads: Reloads::default(),
+            reloads,
+            tls,
             runtime,
             database,
             data_dir,
@@ -235,8 +253,19 @@ impl Application {
             match listener {
                 Listener::Tcp(tcp) => {
                     let address = tcp.local_addr()?;
-                    server = server.listen(tcp)?;
-                    info!(address = %address, port = address.port(), "ingest-gateway is listening");
+                    server = match &self.tls {
+                        Some(tls) => server.listen_rustls_0_23(tcp, tls.server_config())?,
+                        None => server.listen(tcp)?,
+                    };
+                    let (https, client_certificates) =
+                        (self.tls.is_some(), self.tls.as_ref().is_some_and(ServerTls::mutual));
+                    info!(
+                        address = %address,
+                        port = address.port(),
+                        https,
+                        client_certificates,
+                        "ingest-gateway is listening"
+                    );
                 }
                 Listener::Unix(socket) => {
                     server = server.listen_uds(socket.listener.try_clone()?)?;

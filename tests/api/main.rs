@@ -17,5 +17,6 @@ mod observability;
 mod replicas;
 mod signals;
 mod stalls;
+mod tls;
 mod unix_socket;
 mod validation;
