@@ -160,8 +160,8 @@ impl DatabaseTls {
         self.connector.as_ref()
     }
 
-    /// Opens one connection and drives it on a task of the current runtime; the task ends once the client is
-    /// dropped, with the connection's error if it broke.
+    /// Opens one connection and drives it in the background on the current runtime until the client is dropped;
+    /// the handle yields the connection's error if it broke.
     pub async fn connect(
         &self,
         config: &tokio_postgres::Config,

@@ -43,7 +43,7 @@ impl Ca {
     }
 
     /// A certificate for `names` (a server's, or with `client` a client's) and its key, both PEM.
-    fn issue(&self, names: &[&str], client: bool) -> (String, String) {
+    fn certificate_for(&self, names: &[&str], client: bool) -> (String, String) {
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
         params.extended_key_usages = vec![if client {
@@ -58,7 +58,7 @@ impl Ca {
 
     /// Writes a server certificate for localhost into `dir` as `<stem>.pem` and `<stem>.key`.
     fn write_server(&self, dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
-        let (cert, key) = self.issue(&["localhost", "127.0.0.1"], false);
+        let (cert, key) = self.certificate_for(&["localhost", "127.0.0.1"], false);
         let (cert_path, key_path) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
         std::fs::write(&cert_path, cert).unwrap();
         std::fs::write(&key_path, key).unwrap();
@@ -221,8 +221,12 @@ fn with_a_client_ca_only_clients_with_a_certificate_it_signed_get_in() {
     let port = port_of(&app.address);
     let update = location_json("mtls-1");
 
-    let mut with_certificate =
-        Https::connect(port, &server_ca.pem(), Some(&client_ca.issue(&["truck-1"], true))).unwrap();
+    let mut with_certificate = Https::connect(
+        port,
+        &server_ca.pem(),
+        Some(&client_ca.certificate_for(&["truck-1"], true)),
+    )
+    .unwrap();
     assert_eq!(
         with_certificate
             .request("POST", "/api/v1/location/update", &update)
@@ -236,7 +240,7 @@ fn with_a_client_ca_only_clients_with_a_certificate_it_signed_get_in() {
         "no client certificate, no request: {without}"
     );
 
-    let other = Ca::new("a CA the gateway does not know").issue(&["truck-2"], true);
+    let other = Ca::new("a CA the gateway does not know").certificate_for(&["truck-2"], true);
     let stranger = Https::connect(port, &server_ca.pem(), Some(&other)).map_or_else(|e| e.to_string(), Https::refusal);
     assert!(
         stranger.contains("alert"),
@@ -352,7 +356,7 @@ fn session_is_encrypted(url: &str) -> Result<bool, String> {
 /// signed; returns the port.
 fn serve_tls_on_tcp(cluster: &mut EmbeddedPostgres, ca: &Ca) -> u16 {
     let data_dir = cluster.data_dir().to_owned();
-    let (cert, key) = ca.issue(&["localhost"], false);
+    let (cert, key) = ca.certificate_for(&["localhost"], false);
     let owner = ingest_gateway::db::embedded::server_user();
     for (name, contents) in [("server.crt", cert), ("server.key", key)] {
         let path = data_dir.join(name);
