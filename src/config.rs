@@ -116,6 +116,18 @@ pub struct Settings {
     #[arg(long, env = "INGEST_SOCKET_MODE", default_value = "660", value_parser = parse_octal_mode, global = true)]
     pub socket_mode: u32,
 
+    /// Certificate chain (PEM) for HTTPS on the TCP listeners, with --tls-key; re-read on SIGHUP.
+    #[arg(long, env = "INGEST_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert; re-read on SIGHUP.
+    #[arg(long, env = "INGEST_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM): HTTPS clients must present a certificate one of them signed; re-read on SIGHUP.
+    #[arg(long, env = "INGEST_TLS_CLIENT_CA", global = true)]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// PostgreSQL to write to; when unset, an embedded PostgreSQL is started under <data-dir>/postgres.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,

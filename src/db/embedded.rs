@@ -6,11 +6,22 @@
 //! logs to a file (an unread pipe would stall it once full), sits in its own process group (a Ctrl-C meant for
 //! the gateway must not stop the database under the writers that are draining into it), and is told to quit
 //! when the gateway's process dies, so a crash never leaves a server holding the data directory.
+//!
+//! Only the gateway's own user (and root) may reach the server: the socket sits in a directory of mode 0700 owned
+//! by the server's user, and even through it every role needs a password (scram-sha-256). The `postgres` role's
+//! password is made at random when the cluster is created and kept in the cluster directory, mode 0600, in
+//! libpq's password-file format (`PGPASSFILE`). Password rather than peer authentication, because it works the
+//! same whether the gateway runs as the server's user or as root (then the client is `root` and the server
+//! `postgres`, which peer would need a user-name map for), for every role a caller creates (a map names each one),
+//! and for users without a passwd entry. A cluster made by an earlier version (`trust` in `pg_hba.conf`, no
+//! password) gets a password and a new `pg_hba.conf` at its next start. As root, the set-up refuses symbolic
+//! links where it hands files to the server's user or writes them, so a link planted in the data directory
+//! cannot make root give away or overwrite another file.
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,6 +41,19 @@ const SOCKET_PORT: u16 = 5432;
 const MAX_SOCKET_PATH: usize = 100;
 /// Prefix of the temporary directories of throwaway clusters.
 const EPHEMERAL_PREFIX: &str = "ingest-gateway-pg-";
+/// The superuser role the gateway connects as.
+const SUPERUSER: &str = "postgres";
+/// The superuser's password, in the cluster directory, as a libpq password file (`PGPASSFILE`).
+pub const PASSWORD_FILE: &str = "ingest-gateway.pgpass";
+/// Random bytes in a password (written as hex).
+const PASSWORD_BYTES: usize = 24;
+/// The client authentication written into a cluster: the Unix socket only (nothing listens on TCP), and a password
+/// even there.
+const PG_HBA: &str = "\
+# Written by ingest-gateway at every start (edits are lost): the server listens on a Unix socket in a private
+# directory only, and even there every role needs its password.
+local   all   all   scram-sha-256
+";
 
 /// How to run the server.
 #[derive(Debug, Clone)]
@@ -75,6 +99,20 @@ pub enum EmbeddedPostgresError {
     },
     #[error("{0} is not empty and holds no PostgreSQL cluster; move it away or choose another --data-dir")]
     NotACluster(PathBuf),
+    #[error(
+        "{0} is a symbolic link; the embedded PostgreSQL's set-up does not follow links where it hands files to the \
+         server's user or writes them (a planted link would make it give away or overwrite another file): replace \
+         it with a real file or directory, or point --data-dir at the real location"
+    )]
+    SymbolicLink(PathBuf),
+    #[error("{path} holds no password for the postgres role; remove it and the gateway makes a new one")]
+    NoPassword { path: PathBuf },
+    #[error("could not set the postgres role's password ({status}); the end of the log {log_path}:\n{log}")]
+    SetPassword {
+        status: String,
+        log_path: PathBuf,
+        log: String,
+    },
     #[error("initdb failed ({status}); its output:\n{log}")]
     Initdb { status: String, log: String },
     #[error("postgres did not start ({reason}); the end of its log {log_path}:\n{log}")]
@@ -86,10 +124,16 @@ pub enum EmbeddedPostgresError {
 }
 
 fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> EmbeddedPostgresError + 'a {
-    move |source| EmbeddedPostgresError::Io {
-        what,
-        path: path.to_owned(),
-        source,
+    move |source| {
+        // ELOOP is what O_NOFOLLOW answers for a link: say so plainly.
+        if source.raw_os_error() == Some(libc::ELOOP) {
+            return EmbeddedPostgresError::SymbolicLink(path.to_owned());
+        }
+        EmbeddedPostgresError::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
@@ -99,6 +143,12 @@ pub struct EmbeddedPostgres {
     bin_dir: PathBuf,
     data_dir: PathBuf,
     socket_dir: PathBuf,
+    /// Names the socket file, and the TCP port when a test has the server listen on TCP too.
+    port: u16,
+    /// Settings (`-c name=value`) a caller added with [`Self::restart_with`].
+    extra_settings: Vec<String>,
+    /// The `postgres` role's password, from [`PASSWORD_FILE`].
+    password: String,
     log_path: PathBuf,
     ephemeral: bool,
     /// The user the server runs as when the gateway runs as root.
@@ -116,11 +166,16 @@ impl EmbeddedPostgres {
         let bin_dir = find_bin_dir().ok_or(EmbeddedPostgresError::NotInstalled)?;
         let run_as = server_user();
         let data_dir = &options.data_dir;
+        if run_as.is_some() {
+            // The directory is about to be given to the server's user: a link would give away its target.
+            refuse_symlink(data_dir)?;
+        }
         fs::create_dir_all(data_dir).map_err(io_error("could not create the database directory", data_dir))?;
         let data_dir = data_dir
             .canonicalize()
             .map_err(io_error("could not resolve", data_dir))?;
         check_reachable(&data_dir, run_as)?;
+        check_is_cluster_or_empty(&data_dir)?;
         hand_over(&data_dir, run_as, 0o700)?;
         let log_path = data_dir.with_extension("log");
 
@@ -132,7 +187,8 @@ impl EmbeddedPostgres {
                 .prefix("ingest-gateway-sock-")
                 .tempdir()
                 .map_err(io_error("could not create a socket directory", Path::new("/tmp")))?;
-            hand_over(dir.path(), run_as, 0o755)?;
+            // Private, as the cluster directory is: whoever can enter it can try the socket.
+            hand_over(dir.path(), run_as, 0o700)?;
             let path = dir.path().to_owned();
             temp_dirs.push(dir);
             path
@@ -142,6 +198,9 @@ impl EmbeddedPostgres {
             bin_dir,
             data_dir,
             socket_dir,
+            port: SOCKET_PORT,
+            extra_settings: Vec::new(),
+            password: String::new(),
             log_path,
             ephemeral: options.ephemeral,
             run_as,
@@ -150,6 +209,7 @@ impl EmbeddedPostgres {
             _temp_dirs: temp_dirs,
         };
         server.init_if_needed()?;
+        server.require_passwords()?;
         server.spawn()?;
         Ok(server)
     }
@@ -187,18 +247,32 @@ impl EmbeddedPostgres {
         let mut config = tokio_postgres::Config::new();
         config
             .host_path(&self.socket_dir)
-            .port(SOCKET_PORT)
-            .user("postgres")
+            .port(self.port)
+            .user(SUPERUSER)
+            .password(&self.password)
             .dbname(dbname);
         config
     }
 
-    /// The same as [`Self::config`], as a connection string for `DATABASE_URL` or `psql`.
+    /// The same as [`Self::config`], as a connection string for `DATABASE_URL` or `psql` (it holds the password).
     pub fn connection_string(&self, dbname: &str) -> String {
         format!(
-            "host={} port={SOCKET_PORT} user=postgres dbname={dbname}",
-            self.socket_dir.display()
+            "host={} port={} user={SUPERUSER} password={} dbname={dbname}",
+            self.socket_dir.display(),
+            self.port,
+            self.password
         )
+    }
+
+    /// The `postgres` role's password.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// The port: it names the socket file, and is the TCP port when [`Self::restart_with`] made the server listen
+    /// on TCP.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn socket_dir(&self) -> &Path {
@@ -272,6 +346,15 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
+    /// Stops the server and starts it again on `port` with `settings` (`name=value`, as `-c` takes them) on top
+    /// of its own: for tests that need, say, a server that also takes TLS connections on TCP.
+    pub fn restart_with(&mut self, port: u16, settings: &[&str]) -> Result<(), EmbeddedPostgresError> {
+        self.stop();
+        self.port = port;
+        self.extra_settings = settings.iter().map(|s| (*s).to_owned()).collect();
+        self.spawn()
+    }
+
     fn command(&self, program: &str) -> Command {
         let mut command = Command::new(self.bin_dir.join(program));
         if let Some((uid, gid)) = self.run_as {
@@ -283,9 +366,13 @@ impl EmbeddedPostgres {
     }
 
     fn log_file(&self) -> Result<File, EmbeddedPostgresError> {
+        // Opened by the gateway, possibly as root, and handed to the server: never through a link, and readable
+        // by its owner only (statements that failed are quoted in it).
         OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&self.log_path)
             .map_err(io_error("could not open", &self.log_path))
     }
@@ -294,20 +381,17 @@ impl EmbeddedPostgres {
         if self.data_dir.join("PG_VERSION").exists() {
             return Ok(());
         }
-        let not_empty = fs::read_dir(&self.data_dir)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(false);
-        if not_empty {
-            return Err(EmbeddedPostgresError::NotACluster(self.data_dir.clone()));
-        }
+        check_is_cluster_or_empty(&self.data_dir)?;
         info!(data_dir = %self.data_dir.display(), "creating the embedded PostgreSQL cluster");
         let log = self.log_file()?;
         let log_err = log.try_clone().map_err(io_error("could not open", &self.log_path))?;
         let mut command = self.command("initdb");
+        // `reject` until `require_passwords` has set the password and written the real pg_hba.conf: a crash in
+        // between leaves a cluster nobody can enter without one, never one anybody can.
         command
             .arg("-D")
             .arg(&self.data_dir)
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C"])
+            .args(["-U", SUPERUSER, "-A", "reject", "-E", "UTF8", "--locale=C"])
             .stdout(log)
             .stderr(log_err);
         if self.ephemeral {
@@ -325,6 +409,76 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
+    /// Makes sure the `postgres` role has the password of [`PASSWORD_FILE`] (making one when there is none), and
+    /// that `pg_hba.conf` lets nobody in without a password. Runs before the server starts.
+    fn require_passwords(&mut self) -> Result<(), EmbeddedPostgresError> {
+        let password_path = self.data_dir.join(PASSWORD_FILE);
+        self.password = match read_password_file(&password_path)? {
+            Some(password) => password,
+            None => {
+                let password = random_password().map_err(io_error("could not make a password", &password_path))?;
+                // The role first, the file after: a crash in between leaves no file, so the next start sets a
+                // new password again rather than trusting a file the role does not match.
+                self.set_superuser_password(&password)?;
+                let line =
+                    format!("# the password of the role {SUPERUSER}, for PGPASSFILE\n*:*:*:{SUPERUSER}:{password}\n");
+                replace_private_file(&self.data_dir, PASSWORD_FILE, line.as_bytes(), self.run_as)?;
+                password
+            }
+        };
+        let hba_path = self.data_dir.join("pg_hba.conf");
+        let hba = read_nofollow(&hba_path)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .map_err(io_error("could not read", &hba_path))?;
+        if hba != PG_HBA {
+            if lets_anyone_in(&hba) {
+                // A cluster made by an earlier version: upgraded in place.
+                info!(
+                    path = %hba_path.display(),
+                    "pg_hba.conf of the embedded PostgreSQL let clients in without a password; rewritten to require one"
+                );
+            }
+            replace_private_file(&self.data_dir, "pg_hba.conf", PG_HBA.as_bytes(), self.run_as)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the superuser's password with the server in single-user mode, which needs no connection and so no
+    /// authentication. Only the SCRAM verifier reaches the server (and its log, were the statement to fail).
+    fn set_superuser_password(&self, password: &str) -> Result<(), EmbeddedPostgresError> {
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        let log = self.log_file()?;
+        let log_err = log.try_clone().map_err(io_error("could not open", &self.log_path))?;
+        let mut command = self.command("postgres");
+        command
+            .arg("--single")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-c", "exit_on_error=on"]);
+        if self.ephemeral {
+            command.args(["-c", "fsync=off"]);
+        }
+        command.arg(SUPERUSER).stdin(Stdio::piped()).stdout(log).stderr(log_err);
+        let mut child = command
+            .spawn()
+            .map_err(io_error("could not run postgres", &self.bin_dir))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A server that exits before reading answers through its status below.
+            let _ = writeln!(stdin, "ALTER ROLE {SUPERUSER} PASSWORD '{verifier}'");
+        }
+        let status = child
+            .wait()
+            .map_err(io_error("could not run postgres", &self.bin_dir))?;
+        if !status.success() {
+            return Err(EmbeddedPostgresError::SetPassword {
+                status: status.to_string(),
+                log_path: self.log_path.clone(),
+                log: log_tail(&self.log_path),
+            });
+        }
+        Ok(())
+    }
+
     fn spawn(&mut self) -> Result<(), EmbeddedPostgresError> {
         let log = self.log_file()?;
         let log_err = log.try_clone().map_err(io_error("could not open", &self.log_path))?;
@@ -336,11 +490,13 @@ impl EmbeddedPostgres {
             .arg(&self.socket_dir)
             .args([
                 "-p",
-                &SOCKET_PORT.to_string(),
+                &self.port.to_string(),
                 "-c",
                 "listen_addresses=",
                 "-c",
                 "max_connections=200",
+                "-c",
+                "unix_socket_permissions=0700",
             ])
             .stdout(log)
             .stderr(log_err)
@@ -354,6 +510,9 @@ impl EmbeddedPostgres {
                 "-c",
                 "full_page_writes=off",
             ]);
+        }
+        for setting in &self.extra_settings {
+            command.arg("-c").arg(setting);
         }
         die_with_parent(&mut command, libc::SIGQUIT);
         let child = spawn_from_keeper_thread(command).map_err(io_error("could not run postgres", &self.bin_dir))?;
@@ -534,13 +693,128 @@ fn check_reachable(dir: &Path, run_as: Option<(u32, u32)>) -> Result<(), Embedde
     Ok(())
 }
 
-/// Gives `dir` to the server user (when running as root) with `mode`.
+/// Gives `dir` to the server user (when running as root) with `mode`. Through a handle opened without following
+/// a link, so that a link swapped in after any check is refused, not given away.
 fn hand_over(dir: &Path, run_as: Option<(u32, u32)>, mode: u32) -> Result<(), EmbeddedPostgresError> {
     if let Some((uid, gid)) = run_as {
-        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io_error("could not hand over", dir))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io_error("could not set mode", dir))?;
+        let handle = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+            .open(dir)
+            .map_err(io_error("could not open", dir))?;
+        std::os::unix::fs::fchown(&handle, Some(uid), Some(gid)).map_err(io_error("could not hand over", dir))?;
+        handle
+            .set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(io_error("could not set mode", dir))?;
     }
     Ok(())
+}
+
+/// Refuses `path` when it is a symbolic link (a missing path is fine: it is created after).
+fn refuse_symlink(path: &Path) -> Result<(), EmbeddedPostgresError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(EmbeddedPostgresError::SymbolicLink(path.to_owned())),
+        _ => Ok(()),
+    }
+}
+
+/// A directory that is neither empty nor a cluster is someone else's: left alone, and never handed over.
+fn check_is_cluster_or_empty(dir: &Path) -> Result<(), EmbeddedPostgresError> {
+    if dir.join("PG_VERSION").exists() {
+        return Ok(());
+    }
+    let not_empty = fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if not_empty {
+        return Err(EmbeddedPostgresError::NotACluster(dir.to_owned()));
+    }
+    Ok(())
+}
+
+/// Reads a file of the cluster without following a link in its last component.
+fn read_nofollow(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The password in a libpq password file (`host:port:database:user:password` lines), or `None` when there is no
+/// file yet.
+fn read_password_file(path: &Path) -> Result<Option<String>, EmbeddedPostgresError> {
+    let bytes = match read_nofollow(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("could not read", path)(e)),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    // The gateway writes hex passwords, so no field holds an escaped colon.
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .find_map(|l| l.rsplit_once(':').map(|(_, password)| password.to_owned()))
+        .filter(|p| !p.is_empty())
+        .map(Some)
+        .ok_or_else(|| EmbeddedPostgresError::NoPassword { path: path.to_owned() })
+}
+
+/// A new password: random bytes from the kernel, as hex.
+fn random_password() -> io::Result<String> {
+    let mut bytes = [0u8; PASSWORD_BYTES];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        let rest = &mut bytes[filled..];
+        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`, a live, writable buffer.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        filled += n as usize;
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Whether a `pg_hba.conf` lets a client in without a password: a line whose method is `trust`.
+fn lets_anyone_in(hba: &str) -> bool {
+    hba.lines()
+        .map(|line| line.split('#').next().unwrap_or(""))
+        // The method follows the type, database and user fields (and, for host lines, the address).
+        .any(|line| line.split_whitespace().skip(3).any(|field| field == "trust"))
+}
+
+/// Writes `contents` as `dir/name`, mode 0600, owned by `owner` when given: a new file renamed into place, so a
+/// link planted at the name is replaced rather than followed, and a crash leaves the old file or the new one.
+fn replace_private_file(
+    dir: &Path,
+    name: &str,
+    contents: &[u8],
+    owner: Option<(u32, u32)>,
+) -> Result<(), EmbeddedPostgresError> {
+    let path = dir.join(name);
+    let temp = dir.join(format!(".{name}.new"));
+    // Left by a crash; removing a link removes the link, not its target.
+    let _ = fs::remove_file(&temp);
+    let write = || -> io::Result<()> {
+        // `create_new` (O_EXCL) never follows a link.
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+        }
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&temp, &path)
+    };
+    write().map_err(io_error("could not write", &path))
 }
 
 /// The last lines of a log file, for an error message.
@@ -586,5 +860,59 @@ fn remove_stale_ephemeral_dirs() {
         if !alive && old {
             let _ = fs::remove_dir_all(entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trust_line_lets_anyone_in_but_a_comment_or_a_name_does_not() {
+        assert!(lets_anyone_in("local all all trust\n"));
+        assert!(lets_anyone_in("host all all 127.0.0.1/32 trust\n"));
+        assert!(!lets_anyone_in(PG_HBA));
+        assert!(!lets_anyone_in(
+            "# local all all trust\nlocal all all scram-sha-256 # not trust\n"
+        ));
+        assert!(!lets_anyone_in("local trust trust scram-sha-256\n"));
+    }
+
+    #[test]
+    fn a_password_file_yields_its_password_and_a_file_without_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PASSWORD_FILE);
+        assert!(read_password_file(&path).unwrap().is_none());
+        replace_private_file(dir.path(), PASSWORD_FILE, b"# comment\n*:*:*:postgres:abc123\n", None).unwrap();
+        assert_eq!(read_password_file(&path).unwrap().as_deref(), Some("abc123"));
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        fs::write(&path, "# nothing\n").unwrap();
+        assert!(matches!(
+            read_password_file(&path),
+            Err(EmbeddedPostgresError::NoPassword { .. })
+        ));
+    }
+
+    #[test]
+    fn a_link_planted_where_a_file_is_replaced_is_replaced_itself_and_its_target_is_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        fs::write(&target, "precious").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("pg_hba.conf")).unwrap();
+        assert!(matches!(
+            read_nofollow(&dir.path().join("pg_hba.conf")),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP)
+        ));
+        replace_private_file(dir.path(), "pg_hba.conf", PG_HBA.as_bytes(), None).unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "precious");
+        assert_eq!(fs::read_to_string(dir.path().join("pg_hba.conf")).unwrap(), PG_HBA);
+    }
+
+    #[test]
+    fn passwords_are_random_hex() {
+        let (a, b) = (random_password().unwrap(), random_password().unwrap());
+        assert_eq!(a.len(), PASSWORD_BYTES * 2);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
     }
 }

@@ -1,8 +1,9 @@
 //! Applies the SQL files of `migrations/` (embedded at build time), recorded in `refinery_schema_history` so
 //! that a second start applies nothing.
 
-use tokio_postgres::NoTls;
 use tracing::info;
+
+use super::DatabaseTls;
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -29,10 +30,9 @@ pub struct MigrateOutcome {
     pub applied: Vec<String>,
 }
 
-/// Applies every pending migration.
-pub async fn run(config: &tokio_postgres::Config) -> Result<MigrateOutcome, MigrateError> {
-    let (mut client, connection) = config.connect(NoTls).await.map_err(MigrateError::Connect)?;
-    let connection = tokio::spawn(connection);
+/// Applies every pending migration, over a connection secured by `tls`.
+pub async fn run(config: &tokio_postgres::Config, tls: &DatabaseTls) -> Result<MigrateOutcome, MigrateError> {
+    let (mut client, connection) = tls.connect(config).await.map_err(MigrateError::Connect)?;
     // Replicas that start together would otherwise apply the same migration twice; the lock is a session's,
     // so it goes with the connection even if this process dies.
     client

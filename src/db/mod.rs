@@ -1,9 +1,12 @@
-//! The database side: the connection pool, the migrations, the embedded PostgreSQL and the committed log positions.
+//! The database side: the connection pool, the migrations, the embedded PostgreSQL, the committed log positions
+//! and TLS to PostgreSQL.
 
 pub mod checkpoint;
 pub mod embedded;
 pub mod migrate;
 pub mod pool;
+pub mod tls;
 
 pub use checkpoint::{Checkpoint, Checkpoints};
 pub use embedded::{CommitSafety, EmbeddedPostgres, EmbeddedPostgresError, PostgresOptions};
+pub use tls::{DatabaseTls, DatabaseUrl};

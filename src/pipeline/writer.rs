@@ -351,7 +351,7 @@ mod tests {
             .unwrap();
         let pool = {
             let _inside = runtime.enter();
-            crate::db::pool::build(tokio_postgres::Config::new(), 1).unwrap()
+            crate::db::pool::build(tokio_postgres::Config::new(), &crate::db::DatabaseTls::off(), 1).unwrap()
         };
         let metrics = Metrics::new().unwrap().location;
         let writer = BatchWriter {

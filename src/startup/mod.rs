@@ -5,6 +5,7 @@
 //! - [`listener`]: TCP and Unix-socket listeners.
 //! - [`reload`]: what SIGHUP re-reads.
 //! - [`streams`]: one generic per-stream builder.
+//! - [`tls`]: HTTPS for the TCP listeners, reloaded on SIGHUP.
 //! - [`shutdown`]: the stop sequence.
 //! - [`progress`]: the progress of long work (the start-up replay, the stop's drain) in the log.
 
@@ -14,6 +15,7 @@ pub mod progress;
 pub mod reload;
 pub mod shutdown;
 pub mod streams;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +41,7 @@ use listener::Listener;
 use reload::Reloads;
 use shutdown::ShutdownOutcome;
 use streams::{StreamHandle, StreamParts};
+use tls::ServerTls;
 
 /// Size at which a log segment is closed and a new one started.
 const WAL_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -46,6 +49,8 @@ const WAL_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// The database the gateway writes to: a server it was given, or one it runs itself.
 pub struct Database {
     pub config: tokio_postgres::Config,
+    /// TLS, when the connection string asks for it.
+    pub tls: db::DatabaseTls,
     /// Set when the gateway runs its own PostgreSQL; stopped when dropped, after the writers are done.
     pub embedded: Option<EmbeddedPostgres>,
 }
@@ -55,10 +60,13 @@ impl Database {
     pub fn open(settings: &Settings) -> anyhow::Result<Self> {
         match &settings.database_url {
             Some(url) => {
-                let config = url
-                    .parse()
-                    .context("DATABASE_URL is not a valid PostgreSQL connection string")?;
-                Ok(Database { config, embedded: None })
+                let db::DatabaseUrl { config, tls } = url.parse().context("DATABASE_URL cannot be used")?;
+                info!(tls = ?tls.mode(), "connecting to the PostgreSQL of DATABASE_URL");
+                Ok(Database {
+                    config,
+                    tls,
+                    embedded: None,
+                })
             }
             None => {
                 let options = PostgresOptions {
@@ -68,6 +76,7 @@ impl Database {
                 let server = EmbeddedPostgres::start(&options).context("could not start the embedded PostgreSQL")?;
                 Ok(Database {
                     config: server.config("postgres"),
+                    tls: db::DatabaseTls::off(),
                     embedded: Some(server),
                 })
             }
@@ -91,7 +100,7 @@ pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let _data_dir = DataDir::open(&settings.data_dir)?;
     let database = Database::open(settings)?;
     let runtime = database_runtime()?;
-    runtime.block_on(db::migrate::run(&database.config))?;
+    runtime.block_on(db::migrate::run(&database.config, &database.tls))?;
     Ok(())
 }
 
@@ -113,6 +122,8 @@ pub struct Application {
     reloads: Reloads,
     /// How often the stop logs its progress.
     progress_interval: Duration,
+    /// HTTPS for the TCP listeners, when configured.
+    tls: Option<ServerTls>,
     /// Dropped last: the runtime the pool lives on, then the database itself, then the data directory's lock.
     runtime: Runtime,
     database: Database,
@@ -123,10 +134,14 @@ impl Application {
     /// Opens the database, applies migrations, starts the writers, replays the write-ahead log left by the
     /// previous run and binds the HTTP port. Call it outside any async runtime (it blocks on start-up IO).
     pub fn build(settings: &Settings) -> anyhow::Result<Self> {
-        // A keys file that cannot be used refuses the start before anything is touched.
+        // A keys file or TLS files that cannot be used refuse the start before anything is touched.
         let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
         let access = Access::new(settings, &metrics)?;
+        let tls = ServerTls::from_settings(settings).context("could not load the TLS files")?;
         let reloads = Reloads::default();
+        if let Some(tls) = tls.clone() {
+            reloads.register("tls certificates", move || Ok(tls.reload()?));
+        }
         if let Some(keys) = access.keys() {
             reloads.register("api keys", move || keys.reload());
         }
@@ -135,14 +150,14 @@ impl Application {
         let database = Database::open(settings)?;
         let runtime = database_runtime()?;
         runtime
-            .block_on(db::migrate::run(&database.config))
+            .block_on(db::migrate::run(&database.config, &database.tls))
             .context("could not apply the migrations")?;
 
         let writers_per_stream = usize::from(settings.writers);
         // One connection per writer, plus room for readiness checks.
         let pool = {
             let _inside = runtime.enter();
-            db::pool::build(database.config.clone(), writers_per_stream * 2 + 2)?
+            db::pool::build(database.config.clone(), &database.tls, writers_per_stream * 2 + 2)?
         };
         // Whatever the durability now, a log left by an earlier run holds acknowledged updates: replay it.
         let wal_config = WalConfig {
@@ -250,6 +265,7 @@ impl Application {
             max_connections: settings.max_connections as usize,
             reloads,
             progress_interval: settings.progress_interval,
+            tls,
             runtime,
             database,
             data_dir,
@@ -278,6 +294,7 @@ impl Application {
             workers,
             max_connections: self.max_connections,
             shutdown_timeout: self.shutdown_timeout,
+            tls: self.tls.clone(),
         }
         .serve(self.listeners, &mut sockets)?;
         let admin = if self.admin_listeners.is_empty() {
@@ -287,6 +304,8 @@ impl Application {
             let admin = ServerPlan {
                 state: self.state.clone(),
                 routes: Routes::Admin,
+                // The admin listener is meant for a private network: plain HTTP, for scrapers and probes.
+                tls: None,
                 workers: 1,
                 max_connections: ADMIN_MAX_CONNECTIONS,
                 shutdown_timeout: self.shutdown_timeout,
@@ -341,6 +360,8 @@ const ADMIN_MAX_CONNECTIONS: usize = 256;
 /// One HTTP server to start: which routes, on how many workers.
 struct ServerPlan {
     state: web::Data<AppState>,
+    /// HTTPS for its TCP listeners.
+    tls: Option<ServerTls>,
     routes: Routes,
     workers: usize,
     /// Over all its workers.
@@ -366,7 +387,10 @@ impl ServerPlan {
             match listener {
                 Listener::Tcp(tcp) => {
                     let address = tcp.local_addr()?;
-                    server = server.listen(tcp)?;
+                    server = match &self.tls {
+                        Some(tls) => server.listen_rustls_0_23(tcp, tls.server_config())?,
+                        None => server.listen(tcp)?,
+                    };
                     match routes {
                         Routes::Admin => {
                             info!(address = %address, admin_port = address.port(), "admin listener is listening")

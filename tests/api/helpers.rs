@@ -155,8 +155,12 @@ pub fn connection_string(config: &tokio_postgres::Config) -> String {
         tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
         tokio_postgres::config::Host::Tcp(host) => host.clone(),
     };
+    let password = config
+        .get_password()
+        .map(|p| format!(" password={}", String::from_utf8_lossy(p)))
+        .unwrap_or_default();
     format!(
-        "host={host} port={} user={} dbname={}",
+        "host={host} port={} user={} dbname={}{password}",
         config.get_ports()[0],
         config.get_user().unwrap_or("postgres"),
         config.get_dbname().unwrap_or("postgres")

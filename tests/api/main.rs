@@ -22,5 +22,6 @@ mod replicas;
 mod signals;
 mod stalls;
 mod status_page;
+mod tls;
 mod unix_socket;
 mod validation;

@@ -1,6 +1,6 @@
 //! Migrations apply once: a second run applies nothing and leaves the tables as they are.
 
-use ingest_gateway::db::migrate;
+use ingest_gateway::db::{migrate, DatabaseTls};
 
 use crate::helpers::{fresh_database, shared_cluster, Db};
 
@@ -14,8 +14,8 @@ fn a_second_migration_run_applies_nothing() {
         .build()
         .unwrap();
 
-    let first = runtime.block_on(migrate::run(&config)).unwrap();
-    let second = runtime.block_on(migrate::run(&config)).unwrap();
+    let first = runtime.block_on(migrate::run(&config, &DatabaseTls::off())).unwrap();
+    let second = runtime.block_on(migrate::run(&config, &DatabaseTls::off())).unwrap();
 
     assert_eq!(
         first.applied,

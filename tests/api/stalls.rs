@@ -13,10 +13,11 @@ fn a_writer_stalled_by_a_revoked_privilege_is_visible_and_recovers_when_it_is_gr
     let admin = Db::connect(cluster.config(&name));
     let role = format!("writer_{name}");
     admin.execute(&format!(
-        "CREATE ROLE {role} LOGIN; ALTER DATABASE {name} OWNER TO {role}; GRANT ALL ON SCHEMA public TO {role}"
+        "CREATE ROLE {role} LOGIN PASSWORD '{role}'; ALTER DATABASE {name} OWNER TO {role}; \
+         GRANT ALL ON SCHEMA public TO {role}"
     ));
     let mut config = cluster.config(&name);
-    config.user(&role);
+    config.user(&role).password(&role);
     let app = spawn_app_on(config, |s| s.stall_timeout = Duration::from_secs(1));
     let route = "/api/v1/location/update";
     assert_eq!(app.post_json(route, &location_json("before")).status, 202);
