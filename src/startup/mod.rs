@@ -280,6 +280,7 @@ impl Application {
     /// Serves until `stop` resolves, then stops without losing what was accepted (within the shutdown timeout).
     /// Runs inside an actix system (`actix_web::rt::System`).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<ShutdownOutcome> {
+        let reloading = actix_web::rt::spawn(reload::on_sighup(self.reloads.clone()));
         // Kept until the servers have stopped: a socket file is removed when its listener goes.
         let mut sockets = Vec::new();
         let public_routes = if self.admin_listeners.is_empty() {
@@ -316,7 +317,6 @@ impl Application {
         };
         let server_handle = server.handle();
         let mut server_task = actix_web::rt::spawn(server);
-        let reloading = actix_web::rt::spawn(reload::on_sighup(self.reloads.clone()));
 
         let server_failed = tokio::select! {
             () = stop => None,

@@ -39,16 +39,21 @@ impl Reloads {
     }
 }
 
-/// Reloads everything at each SIGHUP, until the process ends.
-pub async fn on_sighup(reloads: Reloads) {
+/// Takes SIGHUP over from its default (ending the process) at once, and returns the task that reloads everything
+/// at each one, until the process ends. Called before the gateway says it listens, so that a SIGHUP sent as soon
+/// as it does is a reload, never the end of the process.
+pub fn on_sighup(reloads: Reloads) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        warn!("could not install the SIGHUP handler; reloading needs a restart");
-        return;
-    };
-    while hangup.recv().await.is_some() {
-        info!(signal = "SIGHUP", "reloading");
-        reloads.reload_all();
+    let hangup = signal(SignalKind::hangup());
+    async move {
+        let Ok(mut hangup) = hangup else {
+            warn!("could not install the SIGHUP handler; reloading needs a restart");
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            info!(signal = "SIGHUP", "reloading");
+            reloads.reload_all();
+        }
     }
 }
 
