@@ -70,18 +70,21 @@ fn stalled_large_bodies_cannot_pin_memory_and_normal_requests_keep_their_202() {
 
     let attackers: Vec<_> = (0..150).map(|_| stalled_sender(&address)).collect();
     let mut peak = 0;
-    let mut slowest = Duration::ZERO;
+    let mut latencies = Vec::new();
     for i in 0..20 {
         std::thread::sleep(Duration::from_millis(250));
         peak = peak.max(rss_mib(gateway.id()));
         let started = Instant::now();
         let status = crate::helpers::post_location(&address, &location_json(&format!("normal-{i}")));
-        slowest = slowest.max(started.elapsed());
+        latencies.push(started.elapsed());
         assert_eq!(status, Some(202), "a normal request is still taken");
     }
+    latencies.sort();
+    let slowest = latencies[latencies.len() - 1];
     eprintln!(
         "150 stalled 7 MiB bodies: rss idle {idle_rss} MiB, peak {peak} MiB (budget {budget_mib} MiB); \
-         slowest normal request {slowest:?}"
+         normal requests meanwhile: median {:?}, slowest {slowest:?}",
+        latencies[latencies.len() / 2]
     );
     assert!(
         peak < idle_rss + budget_mib + 96,
@@ -103,14 +106,11 @@ fn a_gzip_bomb_is_refused_before_parsing_while_healthz_keeps_answering() {
     let cluster = shared_cluster();
     let name = fresh_database(cluster);
     let app = spawn_app_on(cluster.config(&name), |_| {});
-    // About 8 MiB of attribute pairs in one update, a few KiB once compressed.
+    // Almost 8 MiB of the same attribute pair in one update: a few KiB once compressed.
     let mut body = location_json("bomb");
     body.pop();
-    for i in 0..1_000_000 {
-        body.push_str(&format!(",\"a{}\":0", i % 10));
-        if body.len() > 8 * 1024 * 1024 - 64 {
-            break;
-        }
+    while body.len() < 8 * 1024 * 1024 - 64 {
+        body.push_str(",\"a\":0");
     }
     body.push('}');
     let compressed = gzip(body.as_bytes());
@@ -118,7 +118,8 @@ fn a_gzip_bomb_is_refused_before_parsing_while_healthz_keeps_answering() {
         .map(|_| {
             let (address, compressed) = (app.address.clone(), compressed.clone());
             std::thread::spawn(move || {
-                match ureq::post(&format!("{address}/api/v1/location/update"))
+                let started = Instant::now();
+                let status = match ureq::post(&format!("{address}/api/v1/location/update"))
                     .set("Content-Type", "application/json")
                     .set("Content-Encoding", "gzip")
                     .send_bytes(&compressed)
@@ -126,7 +127,8 @@ fn a_gzip_bomb_is_refused_before_parsing_while_healthz_keeps_answering() {
                     Ok(r) => r.status(),
                     Err(ureq::Error::Status(code, _)) => code,
                     Err(e) => panic!("{e}"),
-                }
+                };
+                (status, started.elapsed())
             })
         })
         .collect();
@@ -136,15 +138,17 @@ fn a_gzip_bomb_is_refused_before_parsing_while_healthz_keeps_answering() {
         assert_eq!(app.get("/healthz").status, 200);
         slowest = slowest.max(started.elapsed());
     }
-    let bombs_started = Instant::now();
+    let mut slowest_bomb = Duration::ZERO;
     for bomb in bombs {
-        assert_eq!(bomb.join().unwrap(), 413, "refused for its expansion");
+        let (status, took) = bomb.join().unwrap();
+        assert_eq!(status, 413, "refused for its expansion");
+        slowest_bomb = slowest_bomb.max(took);
     }
     eprintln!(
-        "8 gzip bombs of {} KiB ({} MiB inflated): all 413 within {:?}; slowest /healthz meanwhile {slowest:?}",
+        "8 gzip bombs of {} KiB ({} MiB inflated): each 413 within {slowest_bomb:?}; slowest /healthz meanwhile \
+         {slowest:?}",
         compressed.len() / 1024,
         body.len() / (1024 * 1024),
-        bombs_started.elapsed()
     );
     let answer = app.post(
         "/api/v1/location/update",
