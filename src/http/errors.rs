@@ -85,6 +85,8 @@ pub enum IngestError {
     MissingKey,
     #[error("the API key is not known")]
     UnknownKey,
+    #[error("requests from web pages of another origin ({origin}) are not taken")]
+    CrossOrigin { origin: String },
     #[error("the key {key} may not write the {stream} stream")]
     StreamNotAllowed {
         key: String,
@@ -127,7 +129,9 @@ impl IngestError {
             IngestError::Storage { .. } => RejectReason::StorageError,
             IngestError::InvalidParameter(_) => RejectReason::InvalidJson,
             IngestError::MissingKey | IngestError::UnknownKey => RejectReason::Unauthorized,
-            IngestError::StreamNotAllowed { .. } | IngestError::OutOfScope { .. } => RejectReason::Forbidden,
+            IngestError::StreamNotAllowed { .. } | IngestError::OutOfScope { .. } | IngestError::CrossOrigin { .. } => {
+                RejectReason::Forbidden
+            }
             IngestError::RateLimited { .. } => RejectReason::RateLimited,
             IngestError::LargerThanBurst { .. } => RejectReason::PayloadTooLarge,
         }
@@ -165,7 +169,9 @@ impl IngestError {
             IngestError::Storage { .. } => "storage_unavailable",
             IngestError::InvalidParameter(_) => "invalid_parameter",
             IngestError::MissingKey | IngestError::UnknownKey => "unauthorized",
-            IngestError::StreamNotAllowed { .. } | IngestError::OutOfScope { .. } => "forbidden",
+            IngestError::StreamNotAllowed { .. } | IngestError::OutOfScope { .. } | IngestError::CrossOrigin { .. } => {
+                "forbidden"
+            }
             IngestError::RateLimited { .. } => "rate_limited",
             IngestError::LargerThanBurst { .. } => "payload_too_large",
         }
@@ -197,6 +203,7 @@ impl IngestError {
             IngestError::MissingKey | IngestError::UnknownKey => {
                 vec![json!({"headers": ["Authorization: Bearer <key>", "X-API-Key: <key>"]})]
             }
+            IngestError::CrossOrigin { origin } => vec![json!({"origin": origin})],
             IngestError::StreamNotAllowed { stream, allowed, .. } => {
                 vec![json!({"stream": stream, "allowed_streams": allowed})]
             }
@@ -251,6 +258,9 @@ impl IngestError {
             IngestError::GzipRatio { max_ratio: 100 },
             IngestError::MissingKey,
             IngestError::UnknownKey,
+            IngestError::CrossOrigin {
+                origin: "https://example.com".to_owned(),
+            },
             IngestError::StreamNotAllowed {
                 key: "pollers".to_owned(),
                 stream: "location",
@@ -298,6 +308,7 @@ impl IngestError {
             IngestError::GzipRatio { .. } => "gzip_ratio",
             IngestError::MissingKey => "missing_key",
             IngestError::UnknownKey => "unknown_key",
+            IngestError::CrossOrigin { .. } => "cross_origin",
             IngestError::StreamNotAllowed { .. } => "stream_not_allowed",
             IngestError::OutOfScope { .. } => "out_of_scope",
             IngestError::RateLimited { .. } => "rate_limited",
@@ -382,7 +393,9 @@ impl ResponseError for IngestError {
             | IngestError::Storage { .. } => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             IngestError::MissingKey | IngestError::UnknownKey => StatusCode::UNAUTHORIZED,
-            IngestError::StreamNotAllowed { .. } | IngestError::OutOfScope { .. } => StatusCode::FORBIDDEN,
+            IngestError::StreamNotAllowed { .. } | IngestError::OutOfScope { .. } | IngestError::CrossOrigin { .. } => {
+                StatusCode::FORBIDDEN
+            }
             IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::LargerThanBurst { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         }
@@ -419,6 +432,10 @@ fn sentence(error: &IngestError) -> String {
         IngestError::Overloaded { .. } => "the queue is full; retry after the Retry-After delay".to_owned(),
         IngestError::ShuttingDown { .. } => {
             "the gateway is shutting down; retry on another instance or later".to_owned()
+        }
+        // The operating system's words (paths, device names) are for the operator's log, not for clients.
+        IngestError::Storage { .. } => {
+            "the updates could not be stored durably; retry after the Retry-After delay".to_owned()
         }
         other => other.to_string(),
     };

@@ -203,6 +203,7 @@ async fn accept<T: Update + RecordCodec + Scoped + Send + 'static>(
     if !stream.is_accepting() {
         return Err(IngestError::ShuttingDown { updates: 0 });
     }
+    refuse_other_origins(req)?;
     // Before the body is read: a key that may not write here need not send it.
     if let Some(caller) = caller {
         caller.check_stream::<T>()?;
@@ -285,6 +286,24 @@ fn submit_error(error: SubmitError, updates: usize) -> IngestError {
         SubmitError::LogFull => IngestError::LogFull { updates },
         SubmitError::LogWrite(message) => IngestError::Storage { updates, message },
     }
+}
+
+/// Refuses a request a browser sends on behalf of a page of another origin. Senders (trucks, pollers) send no
+/// `Origin`; a page that could reach a gateway on its visitor's network could otherwise make the browser post
+/// updates without a preflight (no `Content-Type`, or `text/plain`), since the gateway reads such a body as JSON.
+fn refuse_other_origins(req: &HttpRequest) -> Result<(), IngestError> {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin_text = origin.to_str().unwrap_or_default();
+    let origin_host = origin_text.split_once("://").map_or(origin_text, |(_, host)| host);
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+    if host.is_some_and(|host| host.eq_ignore_ascii_case(origin_host)) {
+        return Ok(());
+    }
+    Err(IngestError::CrossOrigin {
+        origin: origin_text.chars().take(200).collect(),
+    })
 }
 
 /// `?ack=commit` asks for the answer only once the updates are committed in PostgreSQL.

@@ -21,6 +21,7 @@ pub mod frame;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -409,9 +410,11 @@ fn create_segment(
     accounting: &Arc<Accounting>,
 ) -> Result<(File, Arc<Segment>), WalOpenError> {
     let path = config.dir.join(format!("{seq:020}.wal"));
+    // Acknowledged updates are nobody else's business: the segment is readable by the gateway's user only.
     let file = OpenOptions::new()
         .create_new(true)
         .append(true)
+        .mode(0o600)
         .open(&path)
         .map_err(open_error("could not create a log segment", &path))?;
     // The new name must survive a crash too, or its records would vanish with the directory entry.

@@ -162,3 +162,39 @@ fn a_request_without_content_type_is_read_as_json() {
     let answer = app.post(LOCATION, crate::helpers::location_json("no-type").as_bytes(), &[]);
     assert_eq!(answer.status, 202, "{}", answer.body);
 }
+
+#[test]
+fn a_web_page_of_another_origin_cannot_make_a_browser_post_updates() {
+    let app = spawn_app(|_| {});
+    let forged_body = crate::helpers::location_json("from-another-page");
+    let own_body = crate::helpers::location_json("from-its-own-page");
+
+    // What a page's `fetch(…, {mode: "no-cors", body: blob})` sends: an Origin and no Content-Type.
+    let forged = app.post(
+        "/api/v1/location/update",
+        forged_body.as_bytes(),
+        &[("Origin", "https://evil.example")],
+    );
+    let same_origin = app.post(
+        "/api/v1/location/update",
+        own_body.as_bytes(),
+        &[("Origin", &app.address), ("Content-Type", "application/json")],
+    );
+
+    assert_eq!(forged.status, 403, "{}", forged.body);
+    assert_eq!(forged.json()["error"], "forbidden");
+    assert_eq!(
+        same_origin.status, 202,
+        "a page served by the gateway itself may post: {}",
+        same_origin.body
+    );
+    eventually("the page's own update lands", Duration::from_secs(10), || {
+        app.db.count("location_updates") == 1
+    });
+    let stored = app.db.device_ids();
+    assert_eq!(
+        stored,
+        [("from-its-own-page".to_owned(), 1)],
+        "the forged update is not stored"
+    );
+}
