@@ -153,6 +153,10 @@ pub struct Settings {
     #[arg(long, env = "INGEST_QUEUE_MAX_BYTES", default_value_t = 64 * 1024 * 1024, global = true)]
     pub queue_max_bytes: usize,
 
+    /// Keep `device_positions`, each device's newest fix, up to date in every batch's transaction.
+    #[arg(long, env = "INGEST_LATEST_POSITIONS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub latest_positions: bool,
+
     /// Parallel batch writers per stream, each with its own connection.
     #[arg(long, env = "INGEST_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..), global = true)]
     pub writers: u16,

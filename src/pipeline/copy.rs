@@ -41,6 +41,23 @@ pub trait CopyRecord: Send + Sync + 'static {
     fn encode_copy(&self, out: &mut BytesMut);
     /// The row as JSON, for `dead_letters`.
     fn to_json(&self) -> String;
+    /// What a committed batch of these rows is said to be on the stream's `NOTIFY` channel.
+    fn batch_summary(rows: &[Self]) -> serde_json::Value
+    where
+        Self: Sized;
+    /// Keeps the stream's "latest per key" table up to date with `rows`, in the batch's transaction; nothing for a
+    /// stream without one.
+    fn keep_latest<'a>(_tx: &'a Transaction<'_>, _rows: &'a [Self]) -> BoxedWrite<'a>
+    where
+        Self: Sized,
+    {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The `NOTIFY` channel of a stream: `ingest_location`, `ingest_poll`.
+pub fn notify_channel(stream: &str) -> String {
+    format!("ingest_{stream}")
 }
 
 /// What a committed batch did.
@@ -135,12 +152,14 @@ pub struct LogPositions<'a> {
     pub checkpoints: &'a [Checkpoint],
 }
 
-/// Writes `rows` and the log positions they bring their slots to, in one transaction.
+/// Writes `rows` and the log positions they bring their slots to, in one transaction; with `keep_latest`, the
+/// stream's "latest per key" table too. Listeners of the stream's channel hear of the batch when it commits.
 pub async fn write_batch<T: CopyRecord>(
     pool: &Pool,
     stream: &str,
     rows: &[T],
     positions: LogPositions<'_>,
+    keep_latest: bool,
 ) -> Result<WriteOutcome, CopyError> {
     let started = Instant::now();
     let write = async {
@@ -151,6 +170,7 @@ pub async fn write_batch<T: CopyRecord>(
         let tx = client.transaction().await?;
         let refused = match copy_rows(&tx, rows, false).await {
             Ok(inserted) => {
+                after_rows(&tx, stream, rows, keep_latest).await?;
                 checkpoint::record(&tx, positions.instance, stream, positions.checkpoints).await?;
                 tx.commit().await?;
                 return Ok(WriteOutcome {
@@ -167,6 +187,7 @@ pub async fn write_batch<T: CopyRecord>(
         let mut tx = client.transaction().await?;
         let mut outcome = WriteOutcome::default();
         write_rows(&mut tx, stream, rows, refused == Failure::Duplicate, &mut outcome).await?;
+        after_rows(&tx, stream, rows, keep_latest).await?;
         checkpoint::record(&tx, positions.instance, stream, positions.checkpoints).await?;
         tx.commit().await?;
         Ok::<_, CopyError>(outcome)
@@ -178,7 +199,24 @@ pub async fn write_batch<T: CopyRecord>(
     Ok(outcome)
 }
 
-type BoxedWrite<'a> = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a>>;
+/// What follows the rows in a batch's transaction: the "latest" table, and the notice to the stream's listeners
+/// (delivered by PostgreSQL at commit, never for a batch rolled back).
+async fn after_rows<T: CopyRecord>(
+    tx: &Transaction<'_>,
+    stream: &str,
+    rows: &[T],
+    keep_latest: bool,
+) -> Result<(), tokio_postgres::Error> {
+    if keep_latest {
+        T::keep_latest(tx, rows).await?;
+    }
+    let summary = T::batch_summary(rows).to_string();
+    tx.execute("SELECT pg_notify($1, $2)", &[&notify_channel(stream), &summary])
+        .await
+        .map(|_| ())
+}
+
+pub type BoxedWrite<'a> = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a>>;
 
 /// Writes `rows` under a savepoint: straight `COPY`, or through staging when `dedup`; isolates refused rows.
 fn write_rows<'a, T: CopyRecord>(
@@ -358,6 +396,17 @@ fn raw_json(attributes: &Option<String>) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// The earliest and latest of some times, as RFC 3339.
+fn time_range(times: impl Iterator<Item = OffsetDateTime>) -> (Option<String>, Option<String>) {
+    let (min, max) = times.fold(
+        (None, None),
+        |(min, max): (Option<OffsetDateTime>, Option<OffsetDateTime>), t| {
+            (Some(min.map_or(t, |m| m.min(t))), Some(max.map_or(t, |m| m.max(t))))
+        },
+    );
+    (min.map(rfc3339), max.map(rfc3339))
+}
+
 impl CopyRecord for LocationUpdate {
     const TABLE: &'static str = "location_updates";
     const COLUMNS: &'static str =
@@ -390,6 +439,62 @@ impl CopyRecord for LocationUpdate {
             "received_at": rfc3339(self.received_at),
         })
         .to_string()
+    }
+
+    fn batch_summary(rows: &[Self]) -> serde_json::Value {
+        let (from, to) = time_range(rows.iter().map(|r| r.recorded_at));
+        let devices: std::collections::HashSet<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
+        serde_json::json!({"rows": rows.len(), "from": from, "to": to, "devices": devices.len()})
+    }
+
+    fn keep_latest<'a>(tx: &'a Transaction<'_>, rows: &'a [Self]) -> BoxedWrite<'a> {
+        Box::pin(async move {
+            // The newest fix of each device in the batch, in device order so that concurrent writers lock rows in
+            // one order and cannot deadlock.
+            let mut newest: std::collections::BTreeMap<&str, &LocationUpdate> = std::collections::BTreeMap::new();
+            for row in rows {
+                let entry = newest.entry(row.device_id.as_str()).or_insert(row);
+                if row.recorded_at > entry.recorded_at {
+                    *entry = row;
+                }
+            }
+            let rows: Vec<&LocationUpdate> = newest.into_values().collect();
+            let column = |f: fn(&LocationUpdate) -> Option<f64>| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
+            let device_ids: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
+            let recorded: Vec<OffsetDateTime> = rows.iter().map(|r| r.recorded_at).collect();
+            let lat: Vec<f64> = rows.iter().map(|r| r.lat).collect();
+            let lon: Vec<f64> = rows.iter().map(|r| r.lon).collect();
+            let attributes: Vec<Option<&str>> = rows.iter().map(|r| r.attributes.as_deref()).collect();
+            let received: Vec<OffsetDateTime> = rows.iter().map(|r| r.received_at).collect();
+            // Never moved back: a late or retried fix older than the stored one changes nothing.
+            tx.execute(
+                "INSERT INTO device_positions \
+                   (device_id, recorded_at, lat, lon, speed_kmh, heading_deg, accuracy_m, attributes, received_at) \
+                 SELECT d, r, la, lo, s, h, a, at::jsonb, rc \
+                   FROM unnest($1::text[], $2::timestamptz[], $3::float8[], $4::float8[], $5::float8[], \
+                               $6::float8[], $7::float8[], $8::text[], $9::timestamptz[]) \
+                        AS u(d, r, la, lo, s, h, a, at, rc) \
+                 ON CONFLICT (device_id) DO UPDATE SET \
+                   recorded_at = EXCLUDED.recorded_at, lat = EXCLUDED.lat, lon = EXCLUDED.lon, \
+                   speed_kmh = EXCLUDED.speed_kmh, heading_deg = EXCLUDED.heading_deg, \
+                   accuracy_m = EXCLUDED.accuracy_m, attributes = EXCLUDED.attributes, \
+                   received_at = EXCLUDED.received_at \
+                 WHERE device_positions.recorded_at < EXCLUDED.recorded_at",
+                &[
+                    &device_ids,
+                    &recorded,
+                    &lat,
+                    &lon,
+                    &column(|r| r.speed_kmh),
+                    &column(|r| r.heading_deg),
+                    &column(|r| r.accuracy_m),
+                    &attributes,
+                    &received,
+                ],
+            )
+            .await
+            .map(|_| ())
+        })
     }
 }
 
@@ -440,6 +545,12 @@ impl CopyRecord for PollResult {
             "received_at": rfc3339(self.received_at),
         })
         .to_string()
+    }
+
+    fn batch_summary(rows: &[Self]) -> serde_json::Value {
+        let (from, to) = time_range(rows.iter().map(|r| r.polled_at));
+        let projects: std::collections::HashSet<i64> = rows.iter().map(|r| r.project_id).collect();
+        serde_json::json!({"rows": rows.len(), "from": from, "to": to, "projects": projects.len()})
     }
 }
 

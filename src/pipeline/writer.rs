@@ -117,6 +117,8 @@ pub struct BatchWriter<S: Source> {
     pub stream: &'static str,
     /// The gateway's identity, under which its log positions are recorded.
     pub instance: Arc<str>,
+    /// Whether batches keep the stream's "latest per key" table (`device_positions`) up to date.
+    pub keep_latest: bool,
     pub source: S,
     pub policy: BatchPolicy,
     pub backoff: Backoff,
@@ -216,8 +218,13 @@ where
             };
             // A panic in an attempt (a bug, or a library's) is a failed attempt: the batch is kept and retried.
             let attempted = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                self.runtime
-                    .block_on(copy::write_batch(&self.pool, self.stream, &batch.rows, positions))
+                self.runtime.block_on(copy::write_batch(
+                    &self.pool,
+                    self.stream,
+                    &batch.rows,
+                    positions,
+                    self.keep_latest,
+                ))
             }));
             let (reason, message) = match attempted {
                 Ok(Ok(outcome)) => break outcome,
@@ -358,6 +365,7 @@ mod tests {
             name: "location-writer-0".into(),
             stream: "location",
             instance: "test".into(),
+            keep_latest: false,
             source: PanicsOnce {
                 reads: AtomicUsize::new(0),
             },

@@ -201,6 +201,7 @@ impl Application {
                 flush_interval: settings.flush_interval,
             },
             writers: writers_per_stream,
+            keep_latest: settings.latest_positions,
             capacity: settings.queue_capacity as usize,
             max_bytes: settings.queue_max_bytes,
             wal: wal.clone(),

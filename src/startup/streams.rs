@@ -30,6 +30,8 @@ pub struct StreamParts<'a> {
     /// The database runtime, which the writers enter to do IO.
     pub runtime: Handle,
     pub policy: BatchPolicy,
+    /// Whether writers keep the "latest per key" tables.
+    pub keep_latest: bool,
     pub writers: usize,
     pub capacity: usize,
     /// About how much memory a stream's queued updates may take.
@@ -68,6 +70,7 @@ impl StreamParts<'_> {
                 name: format!("{}-writer-{slot}", T::STREAM),
                 stream: T::STREAM,
                 instance: self.instance.clone(),
+                keep_latest: self.keep_latest,
                 source: queue.receiver(slot),
                 policy: self.policy,
                 backoff: Backoff::default(),
