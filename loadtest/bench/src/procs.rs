@@ -383,16 +383,25 @@ fn machine_busy_secs() -> Option<f64> {
 
 /// This process and its reaped children (wrk, the servers under test, psql, once they have exited).
 fn own_secs() -> f64 {
-    let mut total = 0.0;
-    for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
-        // SAFETY: an all-zero rusage is a valid value of this plain C struct, and getrusage writes only into it.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        if unsafe { libc::getrusage(who, &mut usage) } == 0 {
-            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-            total += secs(usage.ru_utime) + secs(usage.ru_stime);
-        }
+    rusage_secs(libc::RUSAGE_SELF) + rusage_secs(libc::RUSAGE_CHILDREN)
+}
+
+/// CPU seconds of every child this process has reaped so far. The difference over one blocking run of a child
+/// (wrk) is that child's CPU, as long as no other child is reaped meanwhile: the servers and psql are reaped by
+/// the same thread, before or after the load, never during it.
+pub fn reaped_children_secs() -> f64 {
+    rusage_secs(libc::RUSAGE_CHILDREN)
+}
+
+/// User plus system CPU seconds from getrusage; 0 if the call fails.
+fn rusage_secs(who: libc::c_int) -> f64 {
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct, and getrusage writes only into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut usage) } != 0 {
+        return 0.0;
     }
-    total
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// utime, stime, cutime, cstime and ppid of a process, from /proc/<pid>/stat.

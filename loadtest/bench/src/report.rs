@@ -79,6 +79,8 @@ pub fn summarize<'a>(variants: &'a [Variant], measurements: &'a [(usize, Measure
 pub enum Target {
     AtLeast(f64),
     AtMost(f64),
+    /// A figure that is shown, not judged: it never passes or misses.
+    Reported,
 }
 
 /// One figure checked against its target.
@@ -92,17 +94,19 @@ pub struct Check {
 impl Check {
     pub fn passed(&self) -> Option<bool> {
         let v = self.value?;
-        Some(match self.target {
-            Target::AtLeast(t) => v >= t,
-            Target::AtMost(t) => v <= t,
-        })
+        match self.target {
+            Target::AtLeast(t) => Some(v >= t),
+            Target::AtMost(t) => Some(v <= t),
+            Target::Reported => None,
+        }
     }
 
     fn verdict(&self) -> &'static str {
-        match self.passed() {
-            Some(true) => "PASS",
-            Some(false) => "MISS",
-            None => "—",
+        match (self.passed(), self.target) {
+            (Some(true), _) => "PASS",
+            (Some(false), _) => "MISS",
+            (None, Target::Reported) if self.value.is_some() => "reported",
+            (None, _) => "—",
         }
     }
 
@@ -110,6 +114,7 @@ impl Check {
         match self.target {
             Target::AtLeast(t) => format!("≥ {t}{}", self.unit),
             Target::AtMost(t) => format!("≤ {t}{}", self.unit),
+            Target::Reported => "—".to_owned(),
         }
     }
 
@@ -132,6 +137,19 @@ fn is_gateway(kind: &Kind, want_shape: Shape, want_mode: &Option<String>) -> boo
 
 fn p99(m: &Measurement) -> Option<f64> {
     m.wrk.as_ref().map(|w| w.p99_ms)
+}
+
+/// CPU microseconds of the server under test per row it landed (the HTTP ceiling: per update it parsed).
+fn server_micros_per_row(m: &Measurement) -> Option<f64> {
+    micros_per_row(m.cpu_secs, m.rows)
+}
+
+/// CPU seconds spread over rows, in microseconds per row; `None` without CPU figures or rows.
+fn micros_per_row(cpu_secs: Option<f64>, rows: u64) -> Option<f64> {
+    match cpu_secs {
+        Some(secs) if rows > 0 => Some(secs * 1e6 / rows as f64),
+        _ => None,
+    }
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -174,6 +192,23 @@ pub fn checks(summaries: &[Summary]) -> Vec<Check> {
                 what: format!("{} p99 ÷ HTTP ceiling p99", label("single")),
                 value: ratio(single.and_then(p99), ceiling.and_then(p99)),
                 target: Target::AtMost(2.0),
+                unit: "",
+            });
+            // What the gateway's work costs beyond answering the same request: the ceiling's CPU per request is
+            // the HTTP layer's share, the rest is the queue, the log and the COPY encoding.
+            let (gateway_us, ceiling_us) = (
+                single.and_then(server_micros_per_row),
+                ceiling.and_then(server_micros_per_row),
+            );
+            checks.push(Check {
+                what: format!(
+                    "{} CPU per landed row ÷ HTTP ceiling CPU per request ({} ÷ {} µs)",
+                    label("single"),
+                    opt(gateway_us, 1),
+                    opt(ceiling_us, 1)
+                ),
+                value: ratio(gateway_us, ceiling_us),
+                target: Target::Reported,
                 unit: "",
             });
         }
@@ -379,8 +414,14 @@ fn opt(v: Option<f64>, decimals: usize) -> String {
     v.map(|v| format!("{v:.decimals$}")).unwrap_or_else(|| "—".to_owned())
 }
 
-fn row(name: &str, m: &Measurement, with_round: bool, others: Option<(f64, f64)>) -> String {
+fn row(variant: &Variant, m: &Measurement, with_round: bool, others: Option<(f64, f64)>) -> String {
+    let name = &variant.name;
     let wrk = m.wrk.as_ref();
+    // The sink ceiling's CPU s is its psql processes', which are its load: counted there, not twice.
+    let server_us = match variant.kind {
+        Kind::SinkCeiling => None,
+        _ => server_micros_per_row(m),
+    };
     let errors = wrk
         .map(|w| {
             let mut text = format!("{} / {}", w.non_202, w.socket_errors);
@@ -397,7 +438,7 @@ fn row(name: &str, m: &Measurement, with_round: bool, others: Option<(f64, f64)>
         String::new()
     };
     format!(
-        "| {name} |{round} {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
+        "| {name} |{round} {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
         format_rate(m.rows_per_sec),
         m.accepted_rows_per_sec
             .map(format_rate)
@@ -412,6 +453,9 @@ fn row(name: &str, m: &Measurement, with_round: bool, others: Option<(f64, f64)>
         opt(m.cpu_secs, 1),
         m.pg_cpu_secs,
         m.rows,
+        opt(server_us, 1),
+        opt(micros_per_row(Some(m.pg_cpu_secs), m.rows), 1),
+        opt(micros_per_row(m.load_cpu_secs, m.rows), 1),
         match others {
             Some((low, high)) if (high - low) * 100.0 >= 0.5 => format!("{:.0}–{:.0}", low * 100.0, high * 100.0),
             _ => format!("{:.0}", m.others_cpu_share * 100.0),
@@ -420,15 +464,16 @@ fn row(name: &str, m: &Measurement, with_round: bool, others: Option<(f64, f64)>
 }
 
 const HEADER: &str = "rows landed/s | accepted/s | req/s | p50 ms | p99 ms | max ms | non-202 / socket errors | \
-                      peak RSS MB | CPU s | PostgreSQL CPU s | rows | others' CPU %";
+                      peak RSS MB | CPU s | PostgreSQL CPU s | rows | CPU µs/row | PostgreSQL µs/row | \
+                      load generator µs/row | others' CPU %";
 /// Columns of [`HEADER`].
-const COLUMNS: usize = 12;
+const COLUMNS: usize = 15;
 
 /// The table of each variant's best figures.
 pub fn results_table(summaries: &[Summary]) -> String {
     let mut out = format!("| variant | {HEADER} |\n|---|{}\n", "---:|".repeat(COLUMNS));
     for s in summaries {
-        let _ = writeln!(out, "{}", row(&s.variant.name, &s.best, false, Some(s.others_range)));
+        let _ = writeln!(out, "{}", row(s.variant, &s.best, false, Some(s.others_range)));
     }
     out
 }
@@ -509,8 +554,8 @@ pub fn markdown(ctx: &Context, summaries: &[Summary], checks: &[Check]) -> Strin
     }
     out.push_str(&results_table(summaries));
     out.push_str(
-        "\nHighest rates, lowest latencies, highest peak RSS and error counts over the rounds; CPU s and rows from \
-         the round with the most rows landed/s. Every round is listed below.\n",
+        "\nHighest rates, lowest latencies, highest peak RSS and error counts over the rounds; CPU s, rows and CPU \
+         per row from the round with the most rows landed/s. Every round is listed below.\n",
     );
     out.push_str("\n## Targets\n\n");
     out.push_str(&checks_table(checks));
@@ -526,7 +571,7 @@ pub fn markdown(ctx: &Context, summaries: &[Summary], checks: &[Check]) -> Strin
     );
     for s in summaries {
         for m in &s.runs {
-            let _ = writeln!(out, "{}", row(&s.variant.name, m, true, None));
+            let _ = writeln!(out, "{}", row(s.variant, m, true, None));
         }
     }
     let notes: Vec<String> = summaries
@@ -587,9 +632,67 @@ const HOW: &str = "
 - **peak RSS, CPU s**: the server process under test over its whole life (wait4 rusage, and `VmHWM` sampled
   every 100 ms); for the sink ceiling, the CPU of the psql processes.
 - **PostgreSQL CPU s**: CPU time of the PostgreSQL server and its backends over the variant, load and drain.
+- **CPU µs/row, PostgreSQL µs/row, load generator µs/row**: what each landed row cost — CPU s, PostgreSQL CPU s
+  and the load generator's CPU, each divided by rows (the HTTP ceiling: by updates parsed, so its CPU µs/row is
+  per request). The load generator is wrk (its CPU from getrusage of the reaped process); for the sink ceiling,
+  the psql processes, whose CPU is then left out of CPU µs/row.
 - **others' CPU %**: the share of the machine's CPU (all cores) taken during the variant by processes outside
   the benchmark (`/proc/stat` user, system and steal time minus the benchmark's own processes and its
   PostgreSQL; interrupt time, mostly the benchmark's own loopback traffic, is left out); above a few
   per cent, that variant competed with something else.
 - Every variant starts on emptied tables after a `CHECKPOINT`, against the same PostgreSQL.
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(cpu_secs: f64, rows: u64) -> Measurement {
+        Measurement {
+            cpu_secs: Some(cpu_secs),
+            load_cpu_secs: Some(cpu_secs / 2.0),
+            pg_cpu_secs: cpu_secs / 5.0,
+            rows,
+            ..Measurement::default()
+        }
+    }
+
+    #[test]
+    fn cpu_per_row_is_in_microseconds_and_absent_without_rows() {
+        assert_eq!(micros_per_row(Some(1.5), 100_000), Some(15.0));
+        assert_eq!(micros_per_row(Some(1.5), 0), None);
+        assert_eq!(micros_per_row(None, 10), None);
+    }
+
+    #[test]
+    fn the_cost_ratio_is_reported_for_each_mode_and_never_misses() {
+        let variants = [
+            Variant::new(Kind::HttpCeiling),
+            Variant::new(Kind::Gateway {
+                shape: Shape::Single,
+                durability: Some("wal".to_owned()),
+                default_mode: true,
+            }),
+            Variant::new(Kind::Gateway {
+                shape: Shape::Single,
+                durability: Some("memory".to_owned()),
+                default_mode: false,
+            }),
+        ];
+        let measurements = [
+            (0, measured(0.5, 100_000)),
+            (1, measured(1.5, 100_000)),
+            (2, measured(1.0, 100_000)),
+        ];
+        let summaries = summarize(&variants, &measurements);
+        let all = checks(&summaries);
+        let cost: Vec<&Check> = all.iter().filter(|c| c.what.contains("CPU per landed row")).collect();
+        assert_eq!(cost.len(), 2);
+        assert!((cost[0].value.unwrap_or(0.0) - 3.0).abs() < 1e-9);
+        assert!(cost[0].what.contains("wal") && cost[0].what.contains("(15.0 ÷ 5.0 µs)"));
+        assert!((cost[1].value.unwrap_or(0.0) - 2.0).abs() < 1e-9);
+        assert!(cost.iter().all(|c| c.passed().is_none() && c.verdict() == "reported"));
+        let table = results_table(&summaries);
+        assert!(table.contains("| 15.0 | 3.0 | 7.5 |"), "{table}");
+    }
+}

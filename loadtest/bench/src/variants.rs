@@ -127,6 +127,8 @@ pub struct Measurement {
     pub peak_rss_kib: Option<u64>,
     /// CPU seconds of the server under test over its whole life (the sink: of the psql processes).
     pub cpu_secs: Option<f64>,
+    /// CPU seconds of the load generator: wrk over its run; for the sink, the psql processes, which are both.
+    pub load_cpu_secs: Option<f64>,
     /// Seconds from the start of the load until the last counted row landed.
     pub landed_secs: f64,
     /// Rows per second over time since the start of the load, for the plot.
@@ -227,6 +229,7 @@ impl Bench {
             accepted_rows_per_sec: Some(rows as f64 / wrk.duration_secs),
             peak_rss_kib: Some(seen.peak_rss_kib.max(usage.max_rss_kib)),
             cpu_secs: Some(usage.cpu_secs),
+            load_cpu_secs: Some(wrk.cpu_secs),
             landed_secs: wrk.duration_secs,
             series: rates(&seen.samples),
             wrk: Some(wrk),
@@ -258,6 +261,7 @@ impl Bench {
             accepted_rows_per_sec: Some(wrk.accepted as f64 / wrk.duration_secs),
             peak_rss_kib: Some(seen.peak_rss_kib.max(usage.max_rss_kib)),
             cpu_secs: Some(usage.cpu_secs),
+            load_cpu_secs: Some(wrk.cpu_secs),
             landed_secs: wrk.duration_secs,
             series: rates(&seen.samples),
             wrk: Some(wrk),
@@ -290,6 +294,7 @@ impl Bench {
             rows_per_sec: rows as f64 / outcome.last_commit_secs.max(f64::MIN_POSITIVE),
             rows,
             cpu_secs: Some(outcome.psql_cpu_secs),
+            load_cpu_secs: Some(outcome.psql_cpu_secs),
             landed_secs: outcome.last_commit_secs,
             series: rates(&seen.samples),
             notes,
@@ -373,6 +378,7 @@ impl Bench {
             accepted_rows_per_sec: Some(accepted as f64 / wrk.duration_secs),
             peak_rss_kib: Some(seen.peak_rss_kib.max(usage.max_rss_kib)),
             cpu_secs: Some(usage.cpu_secs),
+            load_cpu_secs: Some(wrk.cpu_secs),
             landed_secs,
             series: rates(&seen.samples),
             wrk: Some(wrk),

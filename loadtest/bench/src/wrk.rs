@@ -25,6 +25,8 @@ pub struct WrkOutcome {
     pub non_202_detail: String,
     /// connect + read + write + timeout errors.
     pub socket_errors: u64,
+    /// CPU seconds (user + system) the wrk process used: what generating the load cost.
+    pub cpu_secs: f64,
 }
 
 /// Fails with a message that says how to install wrk when it is missing.
@@ -61,6 +63,7 @@ pub fn run_paced(
     if let Some(delay) = delay_ms {
         command.env("WRK_DELAY_MS", format!("{delay:.3}"));
     }
+    let children_before = crate::procs::reaped_children_secs();
     let output = command
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))
@@ -72,6 +75,8 @@ pub fn run_paced(
         .arg(url)
         .output()
         .context("could not run wrk")?;
+    // `output` has reaped wrk, which added its CPU to this process's children's.
+    let cpu_secs = (crate::procs::reaped_children_secs() - children_before).max(0.0);
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!(
@@ -80,7 +85,9 @@ pub fn run_paced(
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    parse(&stdout).with_context(|| format!("could not read wrk's output:\n{stdout}"))
+    let mut outcome = parse(&stdout).with_context(|| format!("could not read wrk's output:\n{stdout}"))?;
+    outcome.cpu_secs = cpu_secs;
+    Ok(outcome)
 }
 
 fn parse(text: &str) -> anyhow::Result<WrkOutcome> {
