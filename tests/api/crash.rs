@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use ingest_gateway::db::EmbeddedPostgres;
 
+use crate::helpers::gateway_envs;
 use crate::helpers::{
     connection_string, crash_seed, eventually, free_port, fresh_database, shared_cluster, signal, spawn_app_on,
-    start_gateway, Db, Lcg, Ledger, Load,
+    start_gateway, Db, Lcg, Ledger, Load, OwnDatabase,
 };
 
 #[test]
@@ -89,13 +90,12 @@ fn postgres_down_for_a_minute_under_load_loses_nothing_acknowledged() {
 #[test]
 fn a_restart_replays_the_log_and_resumes_exactly_after_what_was_committed() {
     // Kill the gateway while its database is away: everything acknowledged is only in the log.
-    let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
-    let name = fresh_database(&cluster);
-    let data_dir = tempfile::tempdir().unwrap();
-    let envs = [
-        ("DATABASE_URL", connection_string(&cluster.config(&name))),
-        ("INGEST_DATA_DIR", data_dir.path().display().to_string()),
-    ];
+    let OwnDatabase {
+        mut cluster,
+        name,
+        data_dir,
+    } = OwnDatabase::start();
+    let envs = gateway_envs(&cluster, &name, &data_dir);
     let (mut gateway, address) = start_gateway(&envs);
     let first = Load::start(&address, 2, "before");
     std::thread::sleep(Duration::from_millis(700));
@@ -136,13 +136,12 @@ fn a_restart_replays_the_log_and_resumes_exactly_after_what_was_committed() {
 #[test]
 fn a_record_whose_length_is_damaged_costs_only_itself_and_its_segment_is_kept_aside() {
     // Everything acknowledged stays in the log: the database is away until the gateway is killed.
-    let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
-    let name = fresh_database(&cluster);
-    let data_dir = tempfile::tempdir().unwrap();
-    let envs = [
-        ("DATABASE_URL", connection_string(&cluster.config(&name))),
-        ("INGEST_DATA_DIR", data_dir.path().display().to_string()),
-    ];
+    let OwnDatabase {
+        mut cluster,
+        name,
+        data_dir,
+    } = OwnDatabase::start();
+    let envs = gateway_envs(&cluster, &name, &data_dir);
     let (mut gateway, address) = start_gateway(&envs);
     cluster.stop();
     for i in 0..5 {

@@ -509,3 +509,35 @@ pub fn crash_seed() -> u64 {
                 .as_nanos() as u64
         })
 }
+
+/// What a test that stops or kills the database under a gateway process needs: a throwaway cluster of its own (so
+/// that stopping it disturbs no other test), a database on it, and a data directory that outlives the gateway's runs.
+pub struct OwnDatabase {
+    pub cluster: EmbeddedPostgres,
+    pub name: String,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl OwnDatabase {
+    pub fn start() -> Self {
+        let cluster = EmbeddedPostgres::start_ephemeral().expect("a throwaway cluster");
+        let name = fresh_database(&cluster);
+        OwnDatabase {
+            cluster,
+            name,
+            data_dir: tempfile::tempdir().expect("a data directory"),
+        }
+    }
+}
+
+/// The environment of a gateway process writing to `name` on `cluster`, with its log under `data_dir`.
+pub fn gateway_envs(
+    cluster: &EmbeddedPostgres,
+    name: &str,
+    data_dir: &tempfile::TempDir,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", connection_string(&cluster.config(name))),
+        ("INGEST_DATA_DIR", data_dir.path().display().to_string()),
+    ]
+}

@@ -4,12 +4,11 @@
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
-use ingest_gateway::db::EmbeddedPostgres;
 use serde_json::Value;
 
+use crate::helpers::gateway_envs;
 use crate::helpers::{
-    connection_string, eventually, fresh_database, location_array, post_location, signal, start_gateway,
-    start_gateway_logged, Db,
+    eventually, location_array, post_location, signal, start_gateway, start_gateway_logged, Db, OwnDatabase,
 };
 
 /// Updates per request, and requests, of the log left behind: enough that reading it back through a small
@@ -61,13 +60,12 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
 #[test]
 fn a_restart_with_a_large_log_is_not_ready_until_the_replay_is_done_and_logs_its_progress() {
     // Updates taken while the database is away are in the log only; the kill leaves all of them there.
-    let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
-    let name = fresh_database(&cluster);
-    let data_dir = tempfile::tempdir().unwrap();
-    let envs = [
-        ("DATABASE_URL", connection_string(&cluster.config(&name))),
-        ("INGEST_DATA_DIR", data_dir.path().display().to_string()),
-    ];
+    let OwnDatabase {
+        mut cluster,
+        name,
+        data_dir,
+    } = OwnDatabase::start();
+    let envs = gateway_envs(&cluster, &name, &data_dir);
     let (mut gateway, address) = start_gateway(&envs);
     cluster.stop();
     let sent = send_accepted(&address, "replay", REQUESTS, PER_REQUEST);
@@ -151,15 +149,16 @@ fn a_restart_with_a_large_log_is_not_ready_until_the_replay_is_done_and_logs_its
 
 #[test]
 fn a_stop_that_waits_for_the_database_logs_its_progress_then_writes_everything() {
-    let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
-    let name = fresh_database(&cluster);
-    let data_dir = tempfile::tempdir().unwrap();
-    let envs = [
-        ("DATABASE_URL", connection_string(&cluster.config(&name))),
-        ("INGEST_DATA_DIR", data_dir.path().display().to_string()),
+    let OwnDatabase {
+        mut cluster,
+        name,
+        data_dir,
+    } = OwnDatabase::start();
+    let mut envs = gateway_envs(&cluster, &name, &data_dir);
+    envs.extend([
         ("INGEST_PROGRESS_INTERVAL", "200ms".to_owned()),
         ("INGEST_SHUTDOWN_TIMEOUT", "5m".to_owned()),
-    ];
+    ]);
     let (mut gateway, address, log) = start_gateway_logged(&envs);
     cluster.stop();
     let sent = send_accepted(&address, "drain", 20, 1_000);
