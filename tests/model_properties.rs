@@ -131,9 +131,9 @@ impl ObeysRules for LocationUpdate {
         assert_in_window(self.recorded_at, rules);
         assert!((-90.0..=90.0).contains(&self.lat), "lat {}", self.lat);
         assert!((-180.0..=180.0).contains(&self.lon), "lon {}", self.lon);
-        assert!(self.speed_kmh.map_or(true, |v| (0.0..=400.0).contains(&v)));
-        assert!(self.heading_deg.map_or(true, |v| (0.0..360.0).contains(&v)));
-        assert!(self.accuracy_m.map_or(true, |v| (0.0..=100_000.0).contains(&v)));
+        assert!(self.speed_kmh.is_none_or(|v| (0.0..=400.0).contains(&v)));
+        assert!(self.heading_deg.is_none_or(|v| (0.0..360.0).contains(&v)));
+        assert!(self.accuracy_m.is_none_or(|v| (0.0..=100_000.0).contains(&v)));
         assert_well_formed_attributes(&self.attributes);
         assert_eq!(self.received_at, NOW);
     }
@@ -143,9 +143,9 @@ impl ObeysRules for PollResult {
     fn assert_obeys_rules(&self, rules: &ValidationRules) {
         assert!(self.project_id >= 1);
         assert_in_window(self.polled_at, rules);
-        assert!(self.status_code.map_or(true, |c| (100..=599).contains(&c)));
-        assert!(self.response_time_ms.map_or(true, |t| (0..=3_600_000).contains(&t)));
-        assert!(self.error_message.as_ref().map_or(true, |m| m.chars().count() <= 1024));
+        assert!(self.status_code.is_none_or(|c| (100..=599).contains(&c)));
+        assert!(self.response_time_ms.is_none_or(|t| (0..=3_600_000).contains(&t)));
+        assert!(self.error_message.as_ref().is_none_or(|m| m.chars().count() <= 1024));
         assert_well_formed_attributes(&self.attributes);
         assert_eq!(self.received_at, NOW);
     }

@@ -453,6 +453,16 @@ impl ApiKeys {
             })
             .collect();
         let count = entries.len();
+        // A removed key's series would otherwise be exported for ever, counting nothing, under a name that no
+        // longer means anything.
+        for gone in previous
+            .iter()
+            .filter(|old| !entries.iter().any(|e| e.key.name == old.key.name))
+        {
+            for outcome in OUTCOMES {
+                let _ = self.by_key.remove_label_values(&[gone.key.name.as_str(), outcome]);
+            }
+        }
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(entries);
         info!(keys = count, file = %self.path.display(), "api keys in force");
         if count == 0 {

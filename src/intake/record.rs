@@ -215,10 +215,10 @@ mod tests {
             recorded_at: datetime!(2026-11-22 10:00:00.123456789 UTC),
             lat: -12.5,
             lon: f64::from(i),
-            speed_kmh: (i % 2 == 0).then_some(3.25),
+            speed_kmh: i.is_multiple_of(2).then_some(3.25),
             heading_deg: None,
             accuracy_m: Some(0.0),
-            attributes: (i % 3 == 0).then(|| r#"{"a":"é"}"#.to_owned()),
+            attributes: i.is_multiple_of(3).then(|| r#"{"a":"é"}"#.to_owned()),
             received_at: datetime!(2026-11-22 10:00:01 UTC),
         }
     }

@@ -429,6 +429,16 @@ fn sighup_rereads_the_keys_file_without_dropping_connections() {
     // its body is never read, so it goes last.)
     assert_eq!(kept.post_location(&new, "after-1"), 202);
     assert_eq!(kept.post_location(&old, "after-2"), 401);
+    let metrics = ureq::get(&format!("{address}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(metrics.contains(r#"key="new""#), "the new key is counted");
+    assert!(
+        !metrics.contains(r#"key="old""#),
+        "a removed key's series is no longer exported"
+    );
 
     // A file that cannot be used keeps the keys in force.
     keys.write(&["this is not a key line".to_owned()]);
