@@ -241,6 +241,21 @@ pub struct Settings {
     /// Each client address's rate limit (an IPv6 client by its /64), with or without API keys; as INGEST_RATE_LIMIT.
     #[arg(long, env = "INGEST_RATE_LIMIT_PER_ADDRESS", global = true)]
     pub rate_limit_per_address: Option<RateLimit>,
+
+    /// Proxies and load balancers whose `X-Forwarded-For` is believed (addresses or ranges, comma-separated,
+    /// e.g. `10.0.0.0/8,::1`): a request from one of them counts as from the client it names. Empty: the TCP peer
+    /// is the client.
+    #[arg(long, env = "INGEST_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_address_range, global = true)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// An address range written as `10.0.0.0/8` or `2001:db8::/32`, or one address (`192.0.2.7`, `::1`).
+fn parse_address_range(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|net| net.trunc())
+        .map_err(|_| format!("{text:?} is neither an address nor an address range like 10.0.0.0/8"))
 }
 
 impl Settings {

@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::errors::IngestError;
-use super::rate_limit::{AddressLimiter, KeyLimiter, RateRefusal};
+use super::rate_limit::{client_address, AddressLimiter, KeyLimiter, RateRefusal};
 use crate::config::{NewKeyArgs, RateLimit, Settings};
 use crate::metrics::Metrics;
 use crate::model::location::is_valid_device_id;
@@ -495,6 +495,8 @@ impl ApiKeys {
 pub struct Access {
     keys: Option<Arc<ApiKeys>>,
     per_address: Option<AddressLimiter>,
+    /// `INGEST_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Access {
@@ -516,7 +518,11 @@ impl Access {
             .rate_limit_per_address
             .or(if keys.is_none() { settings.rate_limit } else { None })
             .map(AddressLimiter::new);
-        Ok(Access { keys, per_address })
+        Ok(Access {
+            keys,
+            per_address,
+            trusted_proxies: settings.trusted_proxies.clone(),
+        })
     }
 
     /// The keys, for whoever reloads them.
@@ -527,6 +533,20 @@ impl Access {
     /// The key the request presents: `None` when the gateway takes requests without keys.
     pub fn identify(&self, headers: &HeaderMap) -> Result<Option<Arc<KeyEntry>>, IngestError> {
         self.keys.as_ref().map(|keys| keys.identify(headers)).transpose()
+    }
+
+    /// The address a request's rate is counted under: the TCP peer's, or behind a trusted proxy the client's it
+    /// names. `None` for a Unix-socket client.
+    pub fn client_address(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<IpAddr> {
+        let peer = peer?;
+        if self.trusted_proxies.is_empty() {
+            return Some(peer);
+        }
+        let forwarded = headers
+            .get_all("x-forwarded-for")
+            .filter_map(|value| value.to_str().ok())
+            .collect::<Vec<_>>();
+        Some(client_address(peer, forwarded.into_iter(), &self.trusted_proxies))
     }
 
     /// Takes `updates` from the key's allowance, then from the client address's.

@@ -251,7 +251,9 @@ async fn accept<T: Update + RecordCodec + Scoped + Send + 'static>(
         }
     };
     // Every update the client made the gateway parse counts, valid or not: the limit bounds the work done.
-    let peer = req.peer_addr().map(|a| a.ip());
+    let peer = state
+        .access
+        .client_address(req.peer_addr().map(|a| a.ip()), req.headers());
     state.access.admit(caller, peer, parsed)?;
     let updates = validated?;
     if let Some(caller) = caller {

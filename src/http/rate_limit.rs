@@ -126,6 +126,49 @@ fn client(address: IpAddr) -> IpAddr {
     }
 }
 
+/// The client a request comes from. When the TCP peer is a trusted proxy, `X-Forwarded-For` (every value, in
+/// order; each proxy appends the address it got the request from) is read from the right: the first address that
+/// is not a trusted proxy is the client. Entries left of it were written by the client itself and are not
+/// believed, and an entry that is not an address ends the walk at the last proxy that could be trusted.
+pub fn client_address<'a>(
+    peer: IpAddr,
+    forwarded_for: impl DoubleEndedIterator<Item = &'a str>,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    let is_trusted = |address: &IpAddr| trusted.iter().any(|net| net.contains(&canonical(*address)));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for entry in forwarded_for.rev().flat_map(|value| value.rsplit(',')) {
+        let Some(address) = parse_forwarded(entry.trim()) else {
+            break;
+        };
+        client = address;
+        if !is_trusted(&address) {
+            break;
+        }
+    }
+    client
+}
+
+/// An address of `X-Forwarded-For`: bare, or as some proxies write it, with a port (`192.0.2.1:5000`,
+/// `[2001:db8::1]:5000`).
+fn parse_forwarded(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+}
+
+/// An IPv4 client reaching an IPv6 socket arrives as `::ffff:a.b.c.d`; ranges are written for the IPv4 form.
+fn canonical(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
+        IpAddr::V4(_) => address,
+    }
+}
+
 /// `updates` as governor cells; `None` for an empty request, which costs nothing.
 fn cells(updates: usize) -> Option<NonZeroU32> {
     // More than u32::MAX updates cannot pass any burst, and saturating keeps that true.
@@ -201,6 +244,48 @@ mod tests {
             limiter.tracked_addresses() < SWEEP_EVERY_CHECKS as usize + 2,
             "{}",
             limiter.tracked_addresses()
+        );
+    }
+
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_a_trusted_proxy() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let stranger: IpAddr = "192.0.2.9".parse().unwrap();
+        assert_eq!(
+            client_address(stranger, ["198.51.100.1"].into_iter(), &trusted),
+            stranger
+        );
+        let proxy: IpAddr = "10.1.2.3".parse().unwrap();
+        let client: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(client_address(proxy, ["198.51.100.1"].into_iter(), &trusted), client);
+        // A proxy that got the request over IPv6 from an IPv4 client.
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(client_address(mapped, ["198.51.100.1"].into_iter(), &trusted), client);
+        // No header: the proxy itself.
+        assert_eq!(client_address(proxy, std::iter::empty(), &trusted), proxy);
+    }
+
+    #[test]
+    fn the_rightmost_untrusted_address_is_the_client_and_what_the_client_wrote_is_ignored() {
+        let trusted = nets(&["10.0.0.0/8", "2001:db8::/32"]);
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let client: IpAddr = "198.51.100.7".parse().unwrap();
+        // The client forged "1.2.3.4"; two proxies of ours appended what they saw.
+        let headers = ["1.2.3.4, 198.51.100.7", "10.0.0.2"];
+        assert_eq!(client_address(proxy, headers.into_iter(), &trusted), client);
+        assert_eq!(
+            client_address(proxy, ["[2001:db8::5]:443, 198.51.100.7:5000"].into_iter(), &trusted),
+            client
+        );
+        // Garbage stops the walk at the last proxy that could be trusted.
+        let second: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            client_address(proxy, ["198.51.100.7, nonsense, 10.0.0.2"].into_iter(), &trusted),
+            second
         );
     }
 

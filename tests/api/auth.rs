@@ -333,6 +333,50 @@ fn without_keys_the_rate_limit_is_per_client_address() {
 }
 
 #[test]
+fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_allowance_and_a_stranger_cannot_forge_one() {
+    fn behind_proxy(forwarded: &str) -> [(&str, &str); 2] {
+        [("Content-Type", "application/json"), ("X-Forwarded-For", forwarded)]
+    }
+    let app = spawn_app(|s| {
+        s.rate_limit_per_address = Some("1:3".parse::<RateLimit>().unwrap());
+        s.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    });
+    let first = app.post(
+        LOCATION,
+        location_array("xff-a", 3).as_bytes(),
+        &behind_proxy("198.51.100.1"),
+    );
+    let same_client = app.post(
+        LOCATION,
+        location_json("xff-a-more").as_bytes(),
+        &behind_proxy("198.51.100.1"),
+    );
+    let other_client = app.post(
+        LOCATION,
+        location_array("xff-b", 3).as_bytes(),
+        &behind_proxy("198.51.100.2"),
+    );
+    assert_eq!(first.status, 202, "{}", first.body);
+    assert_eq!(same_client.status, 429, "{}", same_client.body);
+    assert_eq!(other_client.status, 202, "{}", other_client.body);
+
+    // Without a trusted proxy the header is the client's own word: every request counts against its address.
+    let app = spawn_app(|s| s.rate_limit_per_address = Some("1:3".parse::<RateLimit>().unwrap()));
+    let first = app.post(
+        LOCATION,
+        location_array("forged-a", 3).as_bytes(),
+        &behind_proxy("198.51.100.1"),
+    );
+    let forged = app.post(
+        LOCATION,
+        location_json("forged-b").as_bytes(),
+        &behind_proxy("198.51.100.2"),
+    );
+    assert_eq!(first.status, 202, "{}", first.body);
+    assert_eq!(forged.status, 429, "{}", forged.body);
+}
+
+#[test]
 fn a_keys_file_with_a_bad_line_refuses_the_start_and_names_the_line() {
     let keys = KeysFile::new(&[
         line("fleet", &key(1), "streams=location"),
