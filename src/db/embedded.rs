@@ -618,19 +618,24 @@ fn spawn_from_keeper_thread(command: Command) -> io::Result<Child> {
 }
 
 /// Where `initdb` and `postgres` are: `$PG_BIN`, `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`,
-/// then `PATH`.
+/// then `PATH`. As root, `PATH` is not searched (neither for `pg_config` nor for the server): a directory on it
+/// that someone else can write would otherwise choose what root runs.
 pub fn find_bin_dir() -> Option<PathBuf> {
     let has_server = |dir: &Path| dir.join("postgres").is_file() && dir.join("initdb").is_file();
     if let Some(dir) = std::env::var_os("PG_BIN").map(PathBuf::from) {
         return has_server(&dir).then_some(dir);
     }
-    let from_pg_config = Command::new("pg_config")
-        .arg("--bindir")
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let as_root = unsafe { libc::geteuid() } == 0;
+    let from_pg_config = (!as_root).then(|| Command::new("pg_config")).and_then(|mut command| {
+        command
+            .arg("--bindir")
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+    });
     if let Some(dir) = from_pg_config.filter(|d| has_server(d)) {
         return Some(dir);
     }
@@ -644,6 +649,9 @@ pub fn find_bin_dir() -> Option<PathBuf> {
     versions.sort();
     if let Some((_, dir)) = versions.pop() {
         return Some(dir);
+    }
+    if as_root {
+        return None;
     }
     std::env::split_paths(&std::env::var_os("PATH")?).find(|d| has_server(d))
 }
