@@ -162,7 +162,7 @@ pub struct Settings {
     pub writers: u16,
 
     /// Request body limit in bytes, after decompression.
-    #[arg(long, env = "INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024, global = true)]
+    #[arg(long, env = "INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024, value_parser = parse_body_limit, global = true)]
     pub max_body_bytes: usize,
 
     /// Total time a request body may take to arrive.
@@ -267,9 +267,33 @@ impl Settings {
     }
 }
 
-/// Parses `250ms`, `10s`, `5m`, `30d`.
+/// The longest duration a setting takes: far beyond any sensible value, and far enough from the limits of the
+/// clocks' arithmetic that adding it to now, or taking it from now, cannot overflow.
+const MAX_SETTING_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Parses `250ms`, `10s`, `5m`, `30d`, up to 100 years.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("{e} (write durations like 250ms, 10s, 5m)"))
+    let duration = humantime::parse_duration(text).map_err(|e| format!("{e} (write durations like 250ms, 10s, 5m)"))?;
+    if duration > MAX_SETTING_DURATION {
+        return Err("must be at most 100 years".to_owned());
+    }
+    Ok(duration)
+}
+
+/// The largest body limit: a request's updates go into one log record, which the log caps at 256 MiB; a body
+/// of a few MiB already holds ten thousand updates.
+const MAX_BODY_LIMIT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Parses a body limit in bytes, from 1 to 64 MiB.
+fn parse_body_limit(text: &str) -> Result<usize, String> {
+    let bytes: usize = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("{e} (write a number of bytes)"))?;
+    if !(1..=MAX_BODY_LIMIT_BYTES).contains(&bytes) {
+        return Err(format!("must be from 1 to {MAX_BODY_LIMIT_BYTES} bytes (64 MiB)"));
+    }
+    Ok(bytes)
 }
 
 /// Parses a duration that must not be zero: something is done every time it passes.
@@ -335,6 +359,15 @@ mod tests {
         assert_eq!(cli.command, Some(Command::Serve));
         assert_eq!(cli.settings.flush_interval, Duration::from_millis(250));
         assert_eq!(cli.settings.max_age, Duration::from_secs(2 * 86_400));
+    }
+
+    #[test]
+    fn a_duration_beyond_a_century_is_refused_rather_than_overflowing_the_clocks_later() {
+        let refused = Cli::try_parse_from(["ingest-gateway", "--max-age", "1000years"]).unwrap_err();
+        assert!(refused.to_string().contains("at most 100 years"), "{refused}");
+        assert!(Cli::try_parse_from(["ingest-gateway", "--flush-interval", "99years"]).is_ok());
+        let refused = Cli::try_parse_from(["ingest-gateway", "--max-body-bytes", "300000000"]).unwrap_err();
+        assert!(refused.to_string().contains("64 MiB"), "{refused}");
     }
 
     #[test]
