@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod embedded;
 pub mod migrate;
 pub mod pool;
+pub mod shard_lease;
 pub mod tls;
 
 pub use checkpoint::{Checkpoint, Checkpoints};
