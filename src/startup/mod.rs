@@ -104,6 +104,9 @@ pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a start waits for JetStream to answer (its cluster electing a leader) before it gives up.
+const JETSTREAM_STARTUP_WAIT: Duration = Duration::from_secs(60);
+
 /// What a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -247,8 +250,21 @@ impl Application {
             let client = nats_runtime.block_on(crate::intake::jetstream::connect(settings, name))?;
             nats_runtime.block_on(async {
                 let context = async_nats::jetstream::new(client.clone());
+                // A cluster that is electing leaders (a node just restarted) answers after a while: retried for
+                // a bounded time; a mismatch with the settings is not retried.
+                let deadline = tokio::time::Instant::now() + JETSTREAM_STARTUP_WAIT;
                 for stream in [LocationUpdate::STREAM, PollResult::STREAM] {
-                    crate::intake::jetstream::ensure_stream(&context, stream, &js).await?;
+                    loop {
+                        match crate::intake::jetstream::ensure_stream(&context, stream, &js).await {
+                            Ok(()) => break,
+                            Err(e) if e.is::<crate::intake::jetstream::SettingsMismatch>() => return Err(e),
+                            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                            Err(e) => {
+                                tracing::warn!(error = format!("{e:#}"), "JetStream not ready; retrying");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                    }
                 }
                 Ok::<_, anyhow::Error>(())
             })?;

@@ -50,7 +50,7 @@ impl Shape {
         }
     }
 
-    fn updates_per_request(self) -> u64 {
+    pub fn updates_per_request(self) -> u64 {
         match self {
             Shape::Single => 1,
             Shape::Batch1000 => 1000,
@@ -70,6 +70,10 @@ pub enum Kind {
         durability: Option<String>,
         /// Whether this is the gateway's default mode (what `--min-ceiling-ratio` checks).
         default_mode: bool,
+    },
+    /// A gateway publishing to a single-node JetStream, and a writer process consuming it.
+    JetStream {
+        shape: Shape,
     },
 }
 
@@ -95,12 +99,16 @@ impl Variant {
                     None => format!("gateway {shape}"),
                 }
             }
+            Kind::JetStream { shape } => match shape {
+                Shape::Single => "gateway single, jetstream + writer".to_owned(),
+                Shape::Batch1000 => "gateway 1000/request, jetstream + writer".to_owned(),
+            },
         };
         Variant { kind, name }
     }
 
     /// A short name for scratch files.
-    fn slug(&self) -> String {
+    pub fn slug(&self) -> String {
         self.name
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -169,6 +177,7 @@ impl Bench {
             Kind::SinkCeiling => self.sink_ceiling(variant, round),
             Kind::NaiveBaseline => self.naive_baseline(variant, round),
             Kind::Gateway { shape, durability, .. } => self.gateway(variant, round, *shape, durability.as_deref()),
+            Kind::JetStream { shape } => self.jetstream(variant, round, *shape),
         }
         .with_context(|| format!("{} (round {round}) failed", variant.name))?;
         m.round = round;
@@ -190,7 +199,7 @@ impl Bench {
         format!("http://127.0.0.1:{port}/api/v1/location/update")
     }
 
-    fn wrk(&self, shape: Shape, port: u16) -> anyhow::Result<WrkOutcome> {
+    pub fn wrk(&self, shape: Shape, port: u16) -> anyhow::Result<WrkOutcome> {
         wrk::run(
             &self.script(shape),
             &Self::url(port),
@@ -455,7 +464,7 @@ pub fn wait_until_written(port: u16, monitor: &Monitor) -> Result<(), String> {
 }
 
 /// The last sample at which the counter rose: when the flow of rows stopped, and how many had landed.
-fn flow_end(samples: &[Sample]) -> Option<(f64, u64)> {
+pub fn flow_end(samples: &[Sample]) -> Option<(f64, u64)> {
     let mut end = None;
     for pair in samples.windows(2) {
         if pair[1].1 > pair[0].1 {
@@ -466,7 +475,7 @@ fn flow_end(samples: &[Sample]) -> Option<(f64, u64)> {
 }
 
 /// Rows per second over windows of [`PLOT_WINDOW_SECS`], placed at each window's middle.
-fn rates(samples: &[Sample]) -> Vec<(f64, f64)> {
+pub fn rates(samples: &[Sample]) -> Vec<(f64, f64)> {
     let mut out = Vec::new();
     let mut start = 0;
     for (i, &(t, rows)) in samples.iter().enumerate() {

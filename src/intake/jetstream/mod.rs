@@ -161,6 +161,17 @@ pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<async_na
         .with_context(|| format!("could not connect to NATS at {}", settings.nats_url))
 }
 
+/// The JetStream stream exists with other settings than this process's.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "JetStream stream {stream} does not match the settings: {differences}; change the settings to match, or change \
+     the stream (a shard count can change only once the stream is empty and recreated)"
+)]
+pub struct SettingsMismatch {
+    pub stream: String,
+    pub differences: String,
+}
+
 /// The stream configuration the settings ask for.
 fn wanted_config(stream: &str, js: &JetStreamSettings) -> stream::Config {
     stream::Config {
@@ -248,11 +259,11 @@ pub async fn ensure_stream(context: &Context, stream: &str, js: &JetStreamSettin
         ));
     }
     if !differences.is_empty() {
-        bail!(
-            "JetStream stream {name} does not match the settings: {}; change the settings to match, or \
-             change the stream (a shard count can change only once the stream is empty and recreated)",
-            differences.join("; ")
-        );
+        return Err(SettingsMismatch {
+            stream: name,
+            differences: differences.join("; "),
+        }
+        .into());
     }
     Ok(())
 }
