@@ -128,6 +128,11 @@ impl<T: Update + RecordCodec> Intake<T> {
         self
     }
 
+    /// Whether the queue server (JetStream) is reachable; always with the local queue.
+    pub fn queue_reachable(&self) -> bool {
+        self.publisher.as_ref().map_or(true, |p| p.is_connected())
+    }
+
     /// The stream's queue, which the writers drain.
     pub fn queue(&self) -> &Arc<StreamQueue<T>> {
         &self.queue

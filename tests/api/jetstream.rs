@@ -193,6 +193,9 @@ fn on_jetstream_an_acknowledged_update_lands_once_a_retry_is_stored_once_and_nat
     let refused = app.post_json(LOCATION, &location_json("refused"));
     assert_eq!(refused.status, 503, "{}", refused.body);
     assert!(refused.retry_after.is_some(), "a 503 says when to retry");
+    let readiness = app.get("/readyz");
+    assert_eq!(readiness.status, 503);
+    assert!(readiness.body.contains("NATS"), "{}", readiness.body);
     nodes[0].start();
     eventually("the gateway takes updates again", Duration::from_secs(30), || {
         app.post_json(LOCATION, &location_json(&format!("after-{}", now_rfc3339())))

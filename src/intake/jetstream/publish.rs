@@ -133,11 +133,17 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
 /// A stream's publisher as the intake holds it, whatever its update type's bounds.
 pub trait Publish<T>: Send + Sync {
     fn publish(&self, updates: Vec<T>, want_commit: bool) -> BoxFuture<'_, Result<Published, SubmitError>>;
+    /// Whether the connection to NATS is up right now.
+    fn is_connected(&self) -> bool;
 }
 
 impl<T: Update + RecordCodec + ShardKey + Sync> Publish<T> for Publisher<T> {
     fn publish(&self, updates: Vec<T>, want_commit: bool) -> BoxFuture<'_, Result<Published, SubmitError>> {
         Box::pin(Publisher::publish(self, updates, want_commit))
+    }
+
+    fn is_connected(&self) -> bool {
+        Publisher::is_connected(self)
     }
 }
 
@@ -175,4 +181,56 @@ pub fn message_id(payload: &[u8]) -> String {
         id.push_str(&format!("{byte:02x}"));
     }
     id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LocationUpdate;
+
+    fn update(device: &str, second: i64) -> LocationUpdate {
+        LocationUpdate {
+            device_id: device.into(),
+            recorded_at: time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(second),
+            lat: 1.0,
+            lon: 2.0,
+            speed_kmh: None,
+            heading_deg: None,
+            accuracy_m: None,
+            attributes: None,
+            received_at: time::OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn the_same_request_makes_the_same_messages_and_ids() {
+        let request: Vec<_> = (0..50).map(|i| update(&format!("truck-{}", i % 7), i)).collect();
+        let ids = |updates: &[LocationUpdate]| -> Vec<(u16, String)> {
+            messages(updates, 4)
+                .into_iter()
+                .map(|(s, _, p)| (s, message_id(&p)))
+                .collect()
+        };
+        assert_eq!(ids(&request), ids(&request.clone()));
+        let mut other = request.clone();
+        other[3].lat = 1.5;
+        assert_ne!(ids(&request), ids(&other));
+    }
+
+    #[test]
+    fn each_shard_keeps_its_updates_in_request_order_and_a_large_group_is_split() {
+        let request: Vec<_> = (0..20_000).map(|i| update("one-device", i)).collect();
+        let made = messages(&request, 16);
+        assert!(made.len() > 1, "a group over the message size is split");
+        assert!(made.iter().all(|(_, _, p)| p.len() <= MAX_MESSAGE_BYTES));
+        let decoded: Vec<LocationUpdate> = made
+            .iter()
+            .flat_map(|(_, n, p)| {
+                let updates = record::decode_updates::<LocationUpdate>(p).unwrap();
+                assert_eq!(updates.len(), *n);
+                updates
+            })
+            .collect();
+        assert_eq!(decoded, request);
+    }
 }
