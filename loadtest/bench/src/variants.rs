@@ -507,10 +507,13 @@ fn parse_durability(help: &str) -> Option<Vec<String>> {
     let start = help.find("--durability")?;
     // The option's own text ends where the next option starts.
     let rest = &help[start + "--durability".len()..];
-    let own = &rest[..rest
-        .find("\n  -")
-        .or_else(|| rest.find("\n      --"))
-        .unwrap_or(rest.len())];
+    // Whichever comes first: a short option (`  -h, --help`) or a long one.
+    let end = [rest.find("\n  -"), rest.find("\n      --")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(rest.len());
+    let own = &rest[..end];
     let bracket = |label: &str| -> Option<String> {
         let at = own.find(label)? + label.len();
         let end = own[at..].find(']')? + at;
@@ -540,6 +543,17 @@ mod tests {
         let help = "Options:\n      --listen <LISTEN>  where [default: 127.0.0.1:8080]\n      \
                     --durability <DURABILITY>  what a 202 promises [env: INGEST_DURABILITY=] [default: wal] \
                     [possible values: memory, wal]\n      --writers <N>  [default: 2]\n";
+        assert_eq!(
+            parse_durability(help),
+            Some(vec!["wal".to_owned(), "memory".to_owned()])
+        );
+    }
+
+    #[test]
+    fn another_options_possible_values_further_down_are_not_the_durability_modes() {
+        let help = "Options:\n      --durability <DURABILITY>\n          what a 202 promises\n          \
+                    [default: wal]\n\n      --local-writers <BOOL>\n          [possible values: true, false]\n  \
+                    -h, --help\n";
         assert_eq!(
             parse_durability(help),
             Some(vec!["wal".to_owned(), "memory".to_owned()])
