@@ -427,3 +427,45 @@ fn a_jetstream_cluster_loses_nothing_acknowledged_when_a_node_a_gateway_and_a_wr
         before.acknowledged.len()
     );
 }
+
+#[test]
+fn a_process_whose_jetstream_settings_differ_from_the_stream_refuses_to_start_saying_which() {
+    if !nats_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nats_cluster(1, &dir);
+    let url = urls(&nodes);
+    let mut first = spawn_app(|s| {
+        s.queue = QueueKind::Jetstream;
+        s.nats_url = url.clone();
+        s.jetstream_shards = 4;
+    });
+
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut settings = ingest_gateway::config::Settings::defaults();
+    settings.data_dir = data_dir.path().to_owned();
+    settings.listen = "127.0.0.1:0".into();
+    let database = fresh_database(shared_cluster());
+    settings.database_url = Some(connection_string(&shared_cluster().config(&database)));
+    settings.queue = QueueKind::Jetstream;
+    settings.nats_url = url.clone();
+    settings.jetstream_shards = 8;
+    let refused = ingest_gateway::startup::Application::build(&settings)
+        .err()
+        .expect("a second process with another shard count does not start");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("INGEST_JETSTREAM_SHARDS") && message.contains("INGEST_LOCATION"),
+        "{message}"
+    );
+
+    settings.jetstream_shards = 4;
+    settings.queue = QueueKind::Local;
+    let write_without_jetstream =
+        ingest_gateway::startup::Application::build_as(&settings, ingest_gateway::startup::Role::Write)
+            .err()
+            .expect("`write` needs JetStream");
+    assert!(format!("{write_without_jetstream:#}").contains("INGEST_QUEUE=jetstream"));
+    assert!(first.stop().is_clean());
+}
