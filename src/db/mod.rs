@@ -1,5 +1,5 @@
-//! The database side: the connection pool, the migrations, the embedded PostgreSQL, the committed log positions
-//! and TLS to PostgreSQL.
+//! The database side: the connection pool, the migrations, the embedded PostgreSQL, the committed log positions,
+//! the JetStream shard leases and TLS to PostgreSQL.
 
 pub mod checkpoint;
 pub mod embedded;

@@ -6,6 +6,8 @@
 //! - [`feed`]: from the log to the queue, and the backlog read back when the writers fall behind or after a
 //!   restart.
 //! - [`record`]: the binary record a request becomes in the log.
+//! - [`jetstream`]: the NATS JetStream backend: publishing sharded messages (a `202` once JetStream acknowledged
+//!   them) and, for the writers, the shard consumers that feed the queue.
 
 pub mod feed;
 pub mod jetstream;
