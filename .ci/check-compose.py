@@ -3,6 +3,7 @@
 
 Usage:
     python3 .ci/check-compose.py [docker-compose.yml]        # needs PyYAML (pip install pyyaml)
+    python3 .ci/check-compose.py docker-compose.cluster.yml  # the JetStream topology: its own checks (check_cluster)
 
 Checks, each printed with its outcome:
   - every INGEST_* / DATABASE_URL variable set in the compose file or the Dockerfile is a setting of
@@ -161,6 +162,66 @@ def listen_ports(listen):
     return found
 
 
+def check_cluster(services, compose_dir, settings, c):
+    """The JetStream topology (docker-compose.cluster.yml): NATS servers routed to each other, gateways and writers
+    that agree on the JetStream settings and reach every NATS server and PostgreSQL, and Prometheus scraping them."""
+    nats = sorted(n for n in services if n.startswith("nats-"))
+    ingest = sorted(n for n in services if n.startswith(("gateway-", "writer-")))
+    c.check(len(nats) >= 3, f"{len(nats)} NATS servers (3 for a replicated stream)")
+    for name in nats:
+        flags = [str(a) for a in services[name].get("command") or []]
+        c.check("-js" in flags, f"{name}: JetStream is enabled (-js)")
+        routes = flags[flags.index("--routes") + 1] if "--routes" in flags else ""
+        routed = {urllib.parse.urlparse(r).hostname for r in routes.split(",") if r}
+        c.check(routed == set(nats) - {name}, f"{name}: routes to every other NATS server", f"routes {routes}")
+        store = flags[flags.index("-sd") + 1] if "-sd" in flags else None
+        c.check(store is not None and store in [t for _, _, t in mounts(services[name])],
+                f"{name}: its store directory is a volume")
+    agreed = ("INGEST_QUEUE", "INGEST_NATS_URL", "INGEST_JETSTREAM_REPLICAS", "INGEST_JETSTREAM_SHARDS",
+              "INGEST_JETSTREAM_DUPLICATE_WINDOW", "INGEST_JETSTREAM_MAX_BYTES", "DATABASE_URL")
+    first = None
+    for name in ingest:
+        service = services[name]
+        env = environment(service)
+        for key in env:
+            if key.startswith("INGEST_") or key == "DATABASE_URL":
+                c.check(key in settings, f"{name}: {key} is a setting of src/config.rs")
+        c.check(env.get("INGEST_QUEUE") == "jetstream", f"{name}: INGEST_QUEUE is jetstream")
+        hosts = {urllib.parse.urlparse(u).hostname for u in str(env.get("INGEST_NATS_URL", "")).split(",") if u}
+        c.check(hosts == set(nats), f"{name}: INGEST_NATS_URL names every NATS server", f"{sorted(hosts)}")
+        c.check(str(env.get("INGEST_JETSTREAM_REPLICAS")) == str(len(nats)),
+                f"{name}: INGEST_JETSTREAM_REPLICAS is the number of NATS servers")
+        c.check(urllib.parse.urlparse(str(env.get("DATABASE_URL", ""))).hostname == POSTGRES,
+                f"{name}: DATABASE_URL names the {POSTGRES} service")
+        picked = {k: str(env.get(k)) for k in agreed}
+        first = first or picked
+        c.check(picked == first, f"{name}: the JetStream settings match the other processes'", f"{picked}")
+        role = [str(a) for a in service.get("command") or []]
+        if name.startswith("writer-"):
+            c.check(role[:1] == ["write"], f"{name}: runs `write`")
+        else:
+            c.check(role[:1] in (["serve"], []), f"{name}: runs `serve`")
+            c.check(str(env.get("INGEST_JETSTREAM_LOCAL_WRITERS")) == "false",
+                    f"{name}: leaves writing to the writers (INGEST_JETSTREAM_LOCAL_WRITERS=false)")
+        data_dir = env.get("INGEST_DATA_DIR")
+        c.check(data_dir in [t for _, _, t in mounts(service)], f"{name}: INGEST_DATA_DIR is a mounted volume")
+    prom = services.get(PROMETHEUS, {})
+    config = mounted_source(compose_dir, prom, PROMETHEUS_CONFIG_DEFAULT)
+    if c.check(config is not None and config.is_file(), f"{PROMETHEUS}: its configuration file is mounted"):
+        scraped = set()
+        for job in (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("scrape_configs") or []:
+            for static in job.get("static_configs") or []:
+                scraped.update(static.get("targets") or [])
+        for name in ingest:
+            port = listen_ports(str(environment(services[name]).get("INGEST_LISTEN", "")))
+            wanted = {f"{name}:{p}" for p, _ in port}
+            c.check(bool(wanted & scraped), f"{PROMETHEUS}: scrapes {name} on its listen port", f"{sorted(scraped)}")
+    for name, service in services.items():
+        for kind, source, _ in mounts(service):
+            if kind == "bind":
+                c.check(host_path(compose_dir, source).exists(), f"{name}: the mounted {source} exists")
+
+
 def main(argv):
     compose_path = Path(argv[1]).resolve() if len(argv) > 1 else ROOT / "docker-compose.yml"
     compose_dir = compose_path.parent
@@ -176,6 +237,10 @@ def main(argv):
         return 2
     c = Checks()
     services = compose.get("services") or {}
+    if any(name.startswith("nats-") for name in services):
+        check_cluster(services, compose_dir, settings, c)
+        print(f"\n{c.passed} checks passed, {len(c.failed)} failed")
+        return 1 if c.failed else 0
     for name in (POSTGRES, GATEWAY, PROMETHEUS, GRAFANA):
         c.check(name in services, f"service {name} is defined")
     if c.failed:

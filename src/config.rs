@@ -27,6 +27,9 @@ pub enum Command {
     Migrate,
     /// Make a new API key: print it (once) and the line to add to the API keys file.
     NewKey(NewKeyArgs),
+    /// Run only the batch writers, reading from JetStream (`INGEST_QUEUE=jetstream`); no ingest endpoints, only
+    /// `/metrics`, `/stats`, `/readyz` and `/healthz` on the listeners.
+    Write,
 }
 
 /// What a new API key may do; the printed line says the same in the keys file's format.
@@ -97,6 +100,15 @@ pub enum Durability {
     Wal,
     /// The updates are in memory only: fastest, and lost if the process dies before they are written.
     Memory,
+}
+
+/// Where accepted updates wait for the writers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueueKind {
+    /// In this gateway: its write-ahead log or memory (`INGEST_DURABILITY`), written by its own writers.
+    Local,
+    /// A NATS JetStream stream shared by many gateways and writers: a `202` means JetStream stored the updates.
+    Jetstream,
 }
 
 /// Every setting. Durations are written like `250ms`, `10s`, `5m`, `30d`.
@@ -247,6 +259,78 @@ pub struct Settings {
     /// is the client.
     #[arg(long, env = "INGEST_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_address_range, global = true)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Where accepted updates wait for the writers: `local` (this gateway's log or memory) or `jetstream` (a NATS
+    /// JetStream stream shared by many gateways and writers).
+    #[arg(long, env = "INGEST_QUEUE", value_enum, default_value_t = QueueKind::Local, global = true)]
+    pub queue: QueueKind,
+
+    /// NATS servers, comma-separated (`nats://host:4222,tls://other:4222`); the client fails over between them.
+    #[arg(
+        long,
+        env = "INGEST_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    pub nats_url: String,
+
+    /// NATS credentials file (`.creds`: a user JWT and its NKey seed).
+    #[arg(long, env = "INGEST_NATS_CREDS", global = true)]
+    pub nats_creds: Option<PathBuf>,
+
+    /// NATS user name, with --nats-password.
+    #[arg(long, env = "INGEST_NATS_USER", global = true)]
+    pub nats_user: Option<String>,
+
+    /// NATS password of --nats-user.
+    #[arg(long, env = "INGEST_NATS_PASSWORD", global = true, hide_env_values = true)]
+    pub nats_password: Option<String>,
+
+    /// NATS authentication token.
+    #[arg(long, env = "INGEST_NATS_TOKEN", global = true, hide_env_values = true)]
+    pub nats_token: Option<String>,
+
+    /// CA certificates (PEM) that sign the NATS servers' certificates; set, TLS is required.
+    #[arg(long, env = "INGEST_NATS_TLS_CA", global = true)]
+    pub nats_tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for NATS servers that verify clients, with --nats-tls-key.
+    #[arg(long, env = "INGEST_NATS_TLS_CERT", global = true)]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --nats-tls-cert.
+    #[arg(long, env = "INGEST_NATS_TLS_KEY", global = true)]
+    pub nats_tls_key: Option<PathBuf>,
+
+    /// Subjects per stream that updates are sharded over by their natural key (device, project); each shard is
+    /// written by one writer at a time, in order. Fixed once the JetStream stream exists.
+    #[arg(long, env = "INGEST_JETSTREAM_SHARDS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024), global = true)]
+    pub jetstream_shards: u16,
+
+    /// Copies JetStream keeps of each message (1, 3 or 5; 3 in a cluster).
+    #[arg(long, env = "INGEST_JETSTREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), global = true)]
+    pub jetstream_replicas: u8,
+
+    /// How long JetStream remembers a message id: a retried request within it is stored once.
+    #[arg(long, env = "INGEST_JETSTREAM_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_interval, global = true)]
+    pub jetstream_duplicate_window: Duration,
+
+    /// Bound on each JetStream stream's unwritten messages in bytes; when full, requests get 503.
+    #[arg(long, env = "INGEST_JETSTREAM_MAX_BYTES", default_value_t = 1 << 30, global = true)]
+    pub jetstream_max_bytes: u64,
+
+    /// Longest a request waits for JetStream to acknowledge its updates before it gets 503.
+    #[arg(long, env = "INGEST_JETSTREAM_PUBLISH_TIMEOUT", default_value = "5s", value_parser = parse_interval, global = true)]
+    pub jetstream_publish_timeout: Duration,
+
+    /// How long a message handed to a writer may stay unacknowledged before JetStream hands it out again.
+    #[arg(long, env = "INGEST_JETSTREAM_ACK_WAIT", default_value = "60s", value_parser = parse_interval, global = true)]
+    pub jetstream_ack_wait: Duration,
+
+    /// With `INGEST_QUEUE=jetstream`, whether `serve` also runs batch writers (`false`: a gateway only; run
+    /// `ingest-gateway write` processes).
+    #[arg(long, env = "INGEST_JETSTREAM_LOCAL_WRITERS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub jetstream_local_writers: bool,
 }
 
 /// An address range written as `10.0.0.0/8` or `2001:db8::/32`, or one address (`192.0.2.7`, `::1`).

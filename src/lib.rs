@@ -10,11 +10,13 @@
 //!   hand over to the intake and map its answer to a status. Knows nothing of the log or the queue.
 //! - [`model`]: wire payloads → validated updates; pure, no IO.
 //! - [`intake`]: transport-agnostic `submit(updates, ack)`; the accepting gate and the durability backends
-//!   (memory, the write-ahead log) and the feed that replays the log into the queue.
+//!   (memory, the write-ahead log, NATS JetStream with its shard consumers) and the feed that replays the log into
+//!   the queue.
 //! - [`wal`]: the write-ahead log itself: segments, frames, group commit, recovery. Imports nothing of the crate.
 //! - [`pipeline`]: the bounded queue, the batching rule, the batch writers (reading from a `Source`) and the
 //!   binary `COPY` encoder; one opaque `Delivery` carries a batch's checkpoints and commits.
-//! - [`db`]: the connection pool, migrations, the embedded PostgreSQL, the checkpoint SQL and TLS to PostgreSQL.
+//! - [`db`]: the connection pool, migrations, the embedded PostgreSQL, the checkpoint SQL, the JetStream shard
+//!   leases (advisory locks) and TLS to PostgreSQL.
 //! - [`startup`]: builds everything above and runs it: the data directory and its lock, HTTPS for the listeners,
 //!   one generic per-stream builder, the stop sequence.
 

@@ -1,18 +1,20 @@
-//! The `ingest-gateway` binary: parses the command line and runs `serve` (the default), `migrate` or `new-key`.
+//! The `ingest-gateway` binary: parses the command line and runs `serve` (the default), `write`, `migrate` or
+//! `new-key`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use ingest_gateway::config::{Cli, Command};
 use ingest_gateway::startup::shutdown;
-use ingest_gateway::startup::{self, Application};
+use ingest_gateway::startup::{self, Application, Role};
 use ingest_gateway::telemetry;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.settings.log_format);
     let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(&cli.settings),
+        Command::Serve => serve(&cli.settings, Role::Serve),
+        Command::Write => serve(&cli.settings, Role::Write),
         Command::Migrate => startup::migrate(&cli.settings).map(|()| ExitCode::SUCCESS),
         Command::NewKey(args) => new_key(&args),
     };
@@ -33,8 +35,8 @@ fn new_key(args: &ingest_gateway::config::NewKeyArgs) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(settings: &ingest_gateway::config::Settings) -> anyhow::Result<ExitCode> {
-    let app = Application::build(settings)?;
+fn serve(settings: &ingest_gateway::config::Settings, role: Role) -> anyhow::Result<ExitCode> {
+    let app = Application::build_as(settings, role)?;
     let outcome = actix_web::rt::System::new().block_on(app.run(shutdown::termination_signal()))?;
     Ok(if outcome.is_clean() {
         ExitCode::SUCCESS

@@ -1,10 +1,11 @@
-//! The database side: the connection pool, the migrations, the embedded PostgreSQL, the committed log positions
-//! and TLS to PostgreSQL.
+//! The database side: the connection pool, the migrations, the embedded PostgreSQL, the committed log positions,
+//! the JetStream shard leases and TLS to PostgreSQL.
 
 pub mod checkpoint;
 pub mod embedded;
 pub mod migrate;
 pub mod pool;
+pub mod shard_lease;
 pub mod tls;
 
 pub use checkpoint::{Checkpoint, Checkpoints};

@@ -94,6 +94,9 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             ));
         }
     }
+    if !state.location.queue_reachable() {
+        reasons.push("not connected to NATS".to_owned());
+    }
     if !state.database.is_up() {
         reasons.push("the database does not answer".to_owned());
     }

@@ -286,7 +286,7 @@ fn submit_error(error: SubmitError, updates: usize) -> IngestError {
         SubmitError::Overloaded => IngestError::Overloaded { updates },
         SubmitError::LargerThanQueue { limit } => IngestError::TooManyUpdates { limit },
         SubmitError::LogFull => IngestError::LogFull { updates },
-        SubmitError::LogWrite(message) => IngestError::Storage { updates, message },
+        SubmitError::LogWrite(message) | SubmitError::Unavailable(message) => IngestError::Storage { updates, message },
     }
 }
 

@@ -6,8 +6,11 @@
 //! - [`feed`]: from the log to the queue, and the backlog read back when the writers fall behind or after a
 //!   restart.
 //! - [`record`]: the binary record a request becomes in the log.
+//! - [`jetstream`]: the NATS JetStream backend: publishing sharded messages (a `202` once JetStream acknowledged
+//!   them) and, for the writers, the shard consumers that feed the queue.
 
 pub mod feed;
+pub mod jetstream;
 pub mod log;
 pub mod record;
 
@@ -59,6 +62,9 @@ pub enum SubmitError {
     LogFull,
     #[error("the write-ahead log could not be written: {0}")]
     LogWrite(String),
+    /// The shared queue (JetStream) did not store the updates: unreachable, no quorum, full or too slow.
+    #[error("the queue server did not store the updates: {0}")]
+    Unavailable(String),
 }
 
 /// Open while the gateway takes updates; closed once, when it starts to stop. Shared by every stream.
@@ -92,6 +98,8 @@ pub struct Intake<T> {
     writers: Vec<Arc<WriterState>>,
     /// Longest a submission waits for its commit ([`Ack::Committed`]).
     commit_wait: Duration,
+    /// Set with `INGEST_QUEUE=jetstream`: submissions are published there instead of queued here.
+    publisher: Option<Box<dyn jetstream::publish::Publish<T>>>,
 }
 
 impl<T: Update + RecordCodec> Intake<T> {
@@ -112,7 +120,24 @@ impl<T: Update + RecordCodec> Intake<T> {
             metrics,
             writers,
             commit_wait,
+            publisher: None,
         }
+    }
+
+    /// Submissions go to JetStream from now on (the queue is then fed by the shard consumers, if any).
+    pub fn with_publisher(mut self, publisher: Box<dyn jetstream::publish::Publish<T>>) -> Self {
+        self.publisher = Some(publisher);
+        self
+    }
+
+    /// Whether the queue server (JetStream) is reachable; always with the local queue.
+    pub fn queue_reachable(&self) -> bool {
+        self.publisher.as_ref().is_none_or(|p| p.is_connected())
+    }
+
+    /// The stream's queue, which the writers drain.
+    pub fn queue(&self) -> &Arc<StreamQueue<T>> {
+        &self.queue
     }
 
     /// Whether submissions are taken; lets a transport refuse before it reads a body.
@@ -129,6 +154,9 @@ impl<T: Update + RecordCodec> Intake<T> {
         if count == 0 {
             let committed = (ack == Ack::Committed).then_some(true);
             return Ok(Receipt { updates: 0, committed });
+        }
+        if let Some(publisher) = &self.publisher {
+            return self.publish(publisher.as_ref(), updates, ack).await;
         }
         let (waiter, commit) = match ack {
             Ack::Committed => {
@@ -165,6 +193,47 @@ impl<T: Update + RecordCodec> Intake<T> {
                 Ok(Err(_)) => return Err(SubmitError::ShuttingDown),
                 Err(_) => Some(false),
             },
+            None => None,
+        };
+        Ok(Receipt {
+            updates: count,
+            committed,
+        })
+    }
+
+    /// The JetStream path: answered once JetStream stored every update; with [`Ack::Committed`], then waits for
+    /// the writers' commit notices (see [`jetstream::consume`]) up to the commit wait.
+    async fn publish(
+        &self,
+        publisher: &dyn jetstream::publish::Publish<T>,
+        updates: Vec<T>,
+        ack: Ack,
+    ) -> Result<Receipt, SubmitError> {
+        use futures_util::StreamExt;
+        let count = updates.len();
+        let published = publisher.publish(updates, ack == Ack::Committed).await?;
+        let committed = match published.commits {
+            Some(mut notices) => {
+                // Messages JetStream already held came from an earlier request: whether they are committed is not
+                // known here, so the answer cannot say they are.
+                let expected = published.stored;
+                let wait = async {
+                    let mut seen = 0usize;
+                    while seen < expected {
+                        let Some(notice) = notices.next().await else {
+                            return false;
+                        };
+                        seen += std::str::from_utf8(&notice.payload)
+                            .ok()
+                            .and_then(|t| t.parse::<usize>().ok())
+                            .unwrap_or(0);
+                    }
+                    true
+                };
+                let done = expected > 0 && tokio::time::timeout(self.commit_wait, wait).await.unwrap_or(false);
+                let _ = notices.unsubscribe().await;
+                Some(done && published.duplicates == 0)
+            }
             None => None,
         };
         Ok(Receipt {

@@ -45,6 +45,19 @@ pub fn encode_record<T: RecordCodec>(slot: u16, updates: &[T]) -> Vec<u8> {
     out
 }
 
+/// Encodes a record for `updates` (borrowed), as [`encode_record`] does.
+pub fn encode_record_refs<T: RecordCodec>(slot: u16, updates: &[&T]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + updates.len() * 96);
+    out.resize(crate::wal::LSN_BYTES, 0);
+    out.push(T::STREAM_ID);
+    out.extend_from_slice(&slot.to_le_bytes());
+    out.extend_from_slice(&(updates.len() as u32).to_le_bytes());
+    for u in updates {
+        u.encode(&mut out);
+    }
+    out
+}
+
 /// Reads a record's header; `None` for a payload too short to hold one.
 pub fn decode_header(payload: &[u8]) -> Option<RecordHeader> {
     let mut r = Reader(payload);

@@ -26,7 +26,7 @@ use deadpool_postgres::Pool;
 use tokio::runtime::Runtime;
 use tracing::info;
 
-use crate::config::{Durability, Settings};
+use crate::config::{Durability, QueueKind, Settings};
 use crate::db::{self, EmbeddedPostgres, PostgresOptions};
 use crate::http::auth::Access;
 use crate::http::limits::{BodyBudget, BodyDeadline};
@@ -40,7 +40,7 @@ use data_dir::DataDir;
 use listener::Listener;
 use reload::Reloads;
 use shutdown::ShutdownOutcome;
-use streams::{StreamHandle, StreamParts};
+use streams::{JetStreamParts, StreamHandle, StreamParts};
 use tls::ServerTls;
 
 /// Size at which a log segment is closed and a new one started.
@@ -104,6 +104,28 @@ pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a start waits for JetStream to answer (its cluster electing a leader) before it gives up.
+const JETSTREAM_STARTUP_WAIT: Duration = Duration::from_secs(60);
+
+/// What a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Takes updates over HTTP (and writes them, unless JetStream's local writers are off).
+    Serve,
+    /// Only writes, from JetStream; its listeners serve the operator's routes only.
+    Write,
+}
+
+/// A runtime for the NATS client, its shard consumers and their acks.
+fn nats_runtime() -> anyhow::Result<Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("nats")
+        .enable_all()
+        .build()
+        .context("could not start the NATS runtime")
+}
+
 /// A gateway that is built and bound, ready to run.
 pub struct Application {
     listeners: Vec<Listener>,
@@ -124,6 +146,10 @@ pub struct Application {
     progress_interval: Duration,
     /// HTTPS for the TCP listeners, when configured.
     tls: Option<ServerTls>,
+    role: Role,
+    /// With JetStream: the client (flushed at the stop, so that the last acks go out), the lease loop's stop
+    /// signal and the runtime they run on.
+    nats: Option<(async_nats::Client, Option<tokio::sync::watch::Sender<bool>>, Runtime)>,
     /// Dropped last: the runtime the pool lives on, then the database itself, then the data directory's lock.
     runtime: Runtime,
     database: Database,
@@ -134,6 +160,15 @@ impl Application {
     /// Opens the database, applies migrations, starts the writers, replays the write-ahead log left by the
     /// previous run and binds the HTTP port. Call it outside any async runtime (it blocks on start-up IO).
     pub fn build(settings: &Settings) -> anyhow::Result<Self> {
+        Self::build_as(settings, Role::Serve)
+    }
+
+    /// As [`Application::build`], for `role`.
+    pub fn build_as(settings: &Settings, role: Role) -> anyhow::Result<Self> {
+        let on_jetstream = settings.queue == QueueKind::Jetstream;
+        if role == Role::Write && !on_jetstream {
+            anyhow::bail!("`write` runs writers that read from JetStream: set INGEST_QUEUE=jetstream");
+        }
         // A keys file or TLS files that cannot be used refuse the start before anything is touched.
         let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
         let access = Access::new(settings, &metrics)?;
@@ -178,7 +213,15 @@ impl Application {
             .max()
             .unwrap_or(0);
         let recovered = std::mem::take(&mut recovery.segments);
+        if on_jetstream && recovered.iter().any(|s| s.durable_len() > 0) {
+            anyhow::bail!(
+                "the write-ahead log under {} holds updates a local-queue run accepted: start once with \
+                 INGEST_QUEUE=local so that they are written, then switch to jetstream",
+                settings.data_dir.join("wal").display()
+            );
+        }
         let wal = match settings.durability {
+            _ if on_jetstream => None,
             Durability::Wal => {
                 // Past every number used before, even by records whose segments are gone.
                 let next_lsn = last_lsn.max(committed_lsn) + 1;
@@ -189,6 +232,52 @@ impl Application {
                 ))
             }
             Durability::Memory => None,
+        };
+
+        let nats = if on_jetstream {
+            let consume = role == Role::Write || settings.jetstream_local_writers;
+            if consume && settings.queue_capacity < settings.max_updates {
+                anyhow::bail!(
+                    "INGEST_QUEUE_CAPACITY must hold at least INGEST_MAX_UPDATES updates with JetStream writers"
+                );
+            }
+            let nats_runtime = nats_runtime()?;
+            let js = crate::intake::jetstream::JetStreamSettings::from_settings(settings);
+            let name = match role {
+                Role::Serve => "ingest-gateway",
+                Role::Write => "ingest-gateway-writer",
+            };
+            let client = nats_runtime.block_on(crate::intake::jetstream::connect(settings, name))?;
+            nats_runtime.block_on(async {
+                let context = async_nats::jetstream::new(client.clone());
+                // A cluster that is electing leaders (a node just restarted) answers after a while: retried for
+                // a bounded time; a mismatch with the settings is not retried.
+                let deadline = tokio::time::Instant::now() + JETSTREAM_STARTUP_WAIT;
+                for stream in [LocationUpdate::STREAM, PollResult::STREAM] {
+                    loop {
+                        match crate::intake::jetstream::ensure_stream(&context, stream, &js).await {
+                            Ok(()) => break,
+                            Err(e) if e.is::<crate::intake::jetstream::SettingsMismatch>() => return Err(e),
+                            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                            Err(e) => {
+                                tracing::warn!(error = format!("{e:#}"), "JetStream not ready; retrying");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            })?;
+            let parts = JetStreamParts {
+                client,
+                settings: js,
+                publish: role == Role::Serve,
+                consume,
+                runtime: nats_runtime.handle().clone(),
+            };
+            Some((parts, nats_runtime))
+        } else {
+            None
         };
 
         let gate = Gate::default();
@@ -208,10 +297,36 @@ impl Application {
             recovered,
             gate: gate.clone(),
             commit_wait: settings.commit_wait,
+            jetstream: nats.as_ref().map(|(parts, _)| parts.clone()),
         };
         let (location, location_handle) = parts.build::<LocationUpdate>(&metrics.location, &mut checkpoints)?;
         let (poll, poll_handle) = parts.build::<PollResult>(&metrics.poll, &mut checkpoints)?;
         drop(parts);
+        let nats = match nats {
+            Some((parts, nats_runtime)) => {
+                let sets: Vec<_> = [&location_handle.shards, &poll_handle.shards]
+                    .into_iter()
+                    .flatten()
+                    .cloned()
+                    .collect();
+                let lease_stop = if sets.is_empty() {
+                    None
+                } else {
+                    // The leases' own session: its locks live exactly as long as it does.
+                    let lease_pool = {
+                        let _inside = runtime.enter();
+                        db::pool::build(database.config.clone(), &database.tls, 1)?
+                    };
+                    let (stop, stopped) = tokio::sync::watch::channel(false);
+                    runtime.spawn(crate::intake::jetstream::consume::hold_leases(
+                        lease_pool, sets, stopped,
+                    ));
+                    Some(stop)
+                };
+                Some((parts.client, lease_stop, nats_runtime))
+            }
+            None => None,
+        };
         // Until every stream has read back what the previous run left, the gateway is not ready; say how it goes.
         runtime.spawn(progress::report_replay(
             vec![
@@ -267,6 +382,8 @@ impl Application {
             reloads,
             progress_interval: settings.progress_interval,
             tls,
+            role,
+            nats,
             runtime,
             database,
             data_dir,
@@ -284,7 +401,9 @@ impl Application {
         let reloading = actix_web::rt::spawn(reload::on_sighup(self.reloads.clone()));
         // Kept until the servers have stopped: a socket file is removed when its listener goes.
         let mut sockets = Vec::new();
-        let public_routes = if self.admin_listeners.is_empty() {
+        let public_routes = if self.role == Role::Write {
+            Routes::Admin
+        } else if self.admin_listeners.is_empty() {
             Routes::All
         } else {
             Routes::Public
@@ -331,6 +450,10 @@ impl Application {
                 admin.stop(true).await;
             }
         };
+        // The shard consumers stop first, so that the drain below ends: what they queued is still written.
+        if let Some((_, Some(lease_stop), _)) = &self.nats {
+            lease_stop.send_replace(true);
+        }
         let outcome = shutdown::stop(
             &self.gate,
             stop_transports,
@@ -341,6 +464,12 @@ impl Application {
         )
         .await;
         reloading.abort();
+        if let Some((client, _, nats_runtime)) = self.nats {
+            // The acks of the last commits are sent from the NATS runtime: give them a moment, then flush.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+            nats_runtime.shutdown_background();
+        }
         drop(sockets);
         // The pool's connections live on the runtime; dropping it here would block, so let it wind down alone.
         self.runtime.shutdown_background();

@@ -11,6 +11,9 @@ use tokio::runtime::Handle;
 
 use crate::db::Checkpoints;
 use crate::intake::feed::LogFeed;
+use crate::intake::jetstream::consume::{ShardConsumers, ShardSet};
+use crate::intake::jetstream::publish::Publisher;
+use crate::intake::jetstream::{checkpoint_instance, JetStreamSettings, ShardKey};
 use crate::intake::record::RecordCodec;
 use crate::intake::{Drain, Gate, Intake};
 use crate::metrics::StreamMetrics;
@@ -18,9 +21,22 @@ use crate::model::Update;
 use crate::pipeline::{self, Backoff, BatchPolicy, BatchWriter, CopyRecord};
 use crate::wal::{Segment, Wal};
 
-/// An update type the gateway takes: validated from JSON, logged, written by `COPY`.
-pub trait Stream: Update + RecordCodec + CopyRecord {}
-impl<T: Update + RecordCodec + CopyRecord> Stream for T {}
+/// An update type the gateway takes: validated from JSON, logged (or published), written by `COPY`.
+pub trait Stream: Update + RecordCodec + CopyRecord + ShardKey + Sync {}
+impl<T: Update + RecordCodec + CopyRecord + ShardKey + Sync> Stream for T {}
+
+/// What a stream needs with `INGEST_QUEUE=jetstream`.
+#[derive(Clone)]
+pub struct JetStreamParts {
+    pub client: async_nats::Client,
+    pub settings: JetStreamSettings,
+    /// Whether this process takes updates (publishes them); `false` for `ingest-gateway write`.
+    pub publish: bool,
+    /// Whether this process runs writers fed from JetStream.
+    pub consume: bool,
+    /// The runtime the shard consumers and acks run on.
+    pub runtime: Handle,
+}
 
 /// What every stream is built from.
 pub struct StreamParts<'a> {
@@ -43,6 +59,8 @@ pub struct StreamParts<'a> {
     pub gate: Gate,
     /// Longest a `?ack=commit` submission waits for its commit.
     pub commit_wait: Duration,
+    /// Set with `INGEST_QUEUE=jetstream`.
+    pub jetstream: Option<JetStreamParts>,
 }
 
 /// A running stream, as the stop sequence sees it.
@@ -53,6 +71,8 @@ pub struct StreamHandle {
     pub feed: JoinHandle<()>,
     /// The writers: finish once the queue is closed and drained.
     pub writers: Vec<JoinHandle<()>>,
+    /// With JetStream writers: the stream's shards, for the lease loop.
+    pub shards: Option<Arc<dyn ShardSet>>,
 }
 
 impl StreamParts<'_> {
@@ -64,12 +84,22 @@ impl StreamParts<'_> {
     ) -> anyhow::Result<(Arc<Intake<T>>, StreamHandle)> {
         let queue = pipeline::bounded::<T>(self.capacity, self.max_bytes, self.writers);
         metrics.queue_capacity.set(self.capacity as i64);
-        let mut writers = Vec::with_capacity(self.writers);
-        for slot in 0..self.writers {
+        // JetStream writers record each shard's stream sequence under the stream's shared identity, whichever
+        // process writes the shard.
+        let instance: Arc<str> = match &self.jetstream {
+            Some(_) => checkpoint_instance(T::STREAM).into(),
+            None => self.instance.clone(),
+        };
+        let writer_count = match &self.jetstream {
+            Some(js) if !js.consume => 0,
+            _ => self.writers,
+        };
+        let mut writers = Vec::with_capacity(writer_count);
+        for slot in 0..writer_count {
             let writer = BatchWriter {
                 name: format!("{}-writer-{slot}", T::STREAM),
                 stream: T::STREAM,
-                instance: self.instance.clone(),
+                instance: instance.clone(),
                 keep_latest: self.keep_latest,
                 source: queue.receiver(slot),
                 policy: self.policy,
@@ -87,20 +117,40 @@ impl StreamParts<'_> {
             metrics.clone(),
         );
         let feed_thread = feed.spawn().context("could not start a log feed thread")?;
-        let intake = Arc::new(Intake::new(
-            queue,
+        let mut intake = Intake::new(
+            queue.clone(),
             self.wal.clone(),
             feed,
             self.gate.clone(),
             metrics.clone(),
             writers.iter().map(|w| w.state.clone()).collect(),
             self.commit_wait,
-        ));
+        );
+        let mut shards: Option<Arc<dyn ShardSet>> = None;
+        if let Some(js) = &self.jetstream {
+            // A JetStream context starts its ack task on the runtime it is made in.
+            let _inside = js.runtime.enter();
+            if js.publish {
+                let publisher = Publisher::<T>::new(js.client.clone(), js.settings.shards, js.settings.publish_timeout);
+                intake = intake.with_publisher(Box::new(publisher));
+            }
+            if js.consume {
+                shards = Some(Arc::new(ShardConsumers {
+                    context: async_nats::jetstream::new(js.client.clone()),
+                    queue,
+                    shards: js.settings.shards,
+                    ack_wait: js.settings.ack_wait,
+                    runtime: js.runtime.clone(),
+                }));
+            }
+        }
+        let intake = Arc::new(intake);
         let handle = StreamHandle {
             name: T::STREAM,
             drain: intake.clone(),
             feed: feed_thread,
             writers: writers.into_iter().map(|w| w.thread).collect(),
+            shards,
         };
         Ok((intake, handle))
     }

@@ -14,6 +14,7 @@ mod embedded;
 mod helpers;
 mod hostile;
 mod ingest;
+mod jetstream;
 mod migrations;
 mod observability;
 mod openapi;

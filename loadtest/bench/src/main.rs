@@ -12,12 +12,14 @@
 //! - `servers`: the HTTP ceiling and naive baseline servers (hidden subcommands of this binary)
 //! - `sink`: the sink ceiling (binary COPY files fed to psql)
 //! - `variants`: what each variant runs and how its figures are taken
+//! - `jetstream`: the JetStream variant (nats-server, a publishing gateway, a writer process)
 //! - `report`, `plot`: the Markdown report and the PNG chart
 //!
 //! It measures the gateway's binary, run as a process as users run it. From the gateway's library it takes only
 //! the PostgreSQL launcher (`db::EmbeddedPostgres`, the same one the gateway embeds) and its process helpers.
 
 mod endurance;
+mod jetstream;
 mod pg;
 mod plot;
 mod procs;
@@ -410,6 +412,14 @@ fn plan(quick: bool, modes: Option<&[String]>, gated: &[MinRatio]) -> Vec<Varian
         plan.push(Variant::new(Kind::NaiveBaseline));
         plan.push(Variant::new(Kind::SinkCeiling));
         plan.extend(gateway(Shape::Batch1000));
+        if jetstream::nats_server_available() {
+            plan.push(Variant::new(Kind::JetStream { shape: Shape::Single }));
+            plan.push(Variant::new(Kind::JetStream {
+                shape: Shape::Batch1000,
+            }));
+        } else {
+            eprintln!("ingest-bench: nats-server is not installed; the JetStream variants are skipped");
+        }
     }
     plan
 }

