@@ -175,6 +175,7 @@ where
         loop {
             let now = Instant::now();
             if batcher.is_due(now) {
+                self.take_waiting(batcher, state);
                 return false;
             }
             // The wait is capped so that a writer notices the queue closing even while its batch is young.
@@ -196,6 +197,22 @@ where
                 Received::Timeout if batcher.has_rows() && self.source.is_closed() => return false,
                 Received::Timeout => {}
                 Received::Drained => return true,
+            }
+        }
+    }
+
+    /// Adds to a due batch every chunk already waiting in the slot, up to a full batch, without waiting for more.
+    /// A batch made due by a request that waits for its commit then carries every request that queued while the
+    /// previous batch was being written: they share one transaction instead of each waiting for its own, so
+    /// answer-after-commit scales with the batch, not with PostgreSQL's commits per second.
+    fn take_waiting(&self, batcher: &mut Batcher<S::Update>, state: &WriterState) {
+        while !batcher.is_full() && !self.source.is_empty() {
+            match self.source.recv_until(Instant::now()) {
+                Received::Chunk(chunk) => {
+                    batcher.push(chunk, Instant::now());
+                    state.set_oldest(batcher.oldest());
+                }
+                Received::Timeout | Received::Drained => return,
             }
         }
     }
