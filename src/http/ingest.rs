@@ -326,14 +326,18 @@ fn body_format(req: &HttpRequest) -> Result<BodyFormat, IngestError> {
         return Ok(BodyFormat::Json);
     };
     let text = value.to_str().unwrap_or_default();
-    let essence = text.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    match essence.as_str() {
-        "application/json" => Ok(BodyFormat::Json),
-        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(BodyFormat::Ndjson),
-        _ => Err(IngestError::UnsupportedMediaType {
+    // Compared without a lower-cased copy: this runs for every request.
+    let essence = text.split(';').next().unwrap_or_default().trim();
+    let is = |name: &str| essence.eq_ignore_ascii_case(name);
+    if is("application/json") {
+        Ok(BodyFormat::Json)
+    } else if is("application/x-ndjson") || is("application/ndjson") || is("application/jsonl") {
+        Ok(BodyFormat::Ndjson)
+    } else {
+        Err(IngestError::UnsupportedMediaType {
             what: "content type",
             found: text.to_owned(),
-        }),
+        })
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Read, Seek, SeekFrom, Take};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -136,6 +136,9 @@ struct FeedState {
 
 /// Where the next whole record after a damaged one at `from` starts, reading the segment up to `until`; `None`
 /// when none follows. Damage is rare, so the rest of the segment is simply read into memory to search it.
+/// A segment being read back: its reader, where the reader is, and the end it may read to.
+type OpenSegment = (Arc<Segment>, BufReader<Take<File>>, u64, u64);
+
 fn resync_in(segment: &Segment, from: u64, until: u64) -> std::io::Result<Option<u64>> {
     let mut file = File::open(segment.path())?;
     file.seek(SeekFrom::Start(from))?;
@@ -275,7 +278,10 @@ impl<T: Update + RecordCodec> LogFeed<T> {
 
     /// The refill thread: reads the backlog back, in order, into the queue.
     fn refill(self: Arc<Self>) {
-        let mut open: Option<(Arc<Segment>, BufReader<File>, u64)> = None;
+        // The segment being read, where its reader is, and how far it may read: the durable end when it was opened.
+        // A segment is zero-filled ahead of its records, so a reader allowed past that end would buffer zeros
+        // where records are written later; it is opened again once the records reach further.
+        let mut open: Option<OpenSegment> = None;
         loop {
             let (segment, from, until) = {
                 let mut state = self.lock();
@@ -312,9 +318,12 @@ impl<T: Update + RecordCodec> LogFeed<T> {
                 }
             };
             let reader = match &mut open {
-                Some((s, reader, pos)) if Arc::ptr_eq(s, &segment) && *pos == from => reader,
+                Some((s, reader, pos, limit)) if Arc::ptr_eq(s, &segment) && *pos == from && until <= *limit => reader,
                 _ => match File::open(segment.path()).and_then(|mut f| f.seek(SeekFrom::Start(from)).map(|_| f)) {
-                    Ok(file) => &mut open.insert((segment.clone(), BufReader::new(file), from)).1,
+                    Ok(file) => {
+                        let reader = BufReader::new(file.take(until - from));
+                        &mut open.insert((segment.clone(), reader, from, until)).1
+                    }
                     Err(e) => {
                         warn!(path = %segment.path().display(), error = %e, "could not read a log segment; retrying");
                         std::thread::sleep(Duration::from_secs(1));
@@ -375,7 +384,7 @@ impl<T: Update + RecordCodec> LogFeed<T> {
                 }
                 Next::End => until,
             };
-            if let Some((_, _, pos)) = &mut open {
+            if let Some((_, _, pos, _)) = &mut open {
                 *pos = advanced;
             }
             let mut state = self.lock();

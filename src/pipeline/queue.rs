@@ -123,9 +123,11 @@ pub struct StreamQueue<T> {
 
 /// A queue holding at most `capacity` updates and about `max_bytes` of them, spread over `slots` writers.
 pub fn bounded<T>(capacity: usize, max_bytes: usize, slots: usize) -> Arc<StreamQueue<T>> {
-    // Every chunk holds at least one update, so `capacity` chunks always fit in a slot's channel: once room is
-    // reserved, a send can only fail for a disconnected channel, never for a full one.
-    let (senders, receivers) = (0..slots.max(1)).map(|_| crossbeam_channel::bounded(capacity)).unzip();
+    // The reservation is the bound, so the channels need none of their own: a send can only fail for a
+    // disconnected channel. Unbounded channels grow in small blocks as chunks arrive, where a bounded one would
+    // allocate and touch a slot for every update the queue may hold (100 000 × 64 bytes per slot and stream)
+    // at start, resident for the process's life.
+    let (senders, receivers) = (0..slots.max(1)).map(|_| crossbeam_channel::unbounded()).unzip();
     let shared = Arc::new(Shared {
         pending: AtomicUsize::new(0),
         capacity,

@@ -175,6 +175,7 @@ where
         loop {
             let now = Instant::now();
             if batcher.is_due(now) {
+                self.take_waiting(batcher, state);
                 return false;
             }
             // The wait is capped so that a writer notices the queue closing even while its batch is young.
@@ -196,6 +197,22 @@ where
                 Received::Timeout if batcher.has_rows() && self.source.is_closed() => return false,
                 Received::Timeout => {}
                 Received::Drained => return true,
+            }
+        }
+    }
+
+    /// Adds to a due batch every chunk already waiting in the slot, up to a full batch, without waiting for more.
+    /// A batch made due by a request that waits for its commit then carries every request that queued while the
+    /// previous batch was being written: they share one transaction instead of each waiting for its own, so
+    /// answer-after-commit scales with the batch, not with PostgreSQL's commits per second.
+    fn take_waiting(&self, batcher: &mut Batcher<S::Update>, state: &WriterState) {
+        while !batcher.is_full() && !self.source.is_empty() {
+            match self.source.recv_until(Instant::now()) {
+                Received::Chunk(chunk) => {
+                    batcher.push(chunk, Instant::now());
+                    state.set_oldest(batcher.oldest());
+                }
+                Received::Timeout | Received::Drained => return,
             }
         }
     }
@@ -323,6 +340,7 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
+    use crate::pipeline::queue::{Chunk, CommitWaiter};
     use std::sync::atomic::AtomicUsize;
 
     /// A source that panics on its first read, then reports itself drained.
@@ -381,6 +399,68 @@ mod tests {
         let handle = writer.spawn().unwrap();
         handle.thread.join().expect("the panic stays inside the writer");
         assert_eq!(metrics.writer_restarts.get(), 1);
+    }
+
+    #[test]
+    fn a_batch_due_for_a_waiting_request_takes_every_request_already_queued() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let pool = {
+            let _inside = runtime.enter();
+            crate::db::pool::build(tokio_postgres::Config::new(), &crate::db::DatabaseTls::off(), 1).unwrap()
+        };
+        let update = |device: &str| crate::model::LocationUpdate {
+            device_id: device.into(),
+            recorded_at: time::OffsetDateTime::UNIX_EPOCH,
+            lat: 0.0,
+            lon: 0.0,
+            speed_kmh: None,
+            heading_deg: None,
+            accuracy_m: None,
+            attributes: None,
+            received_at: time::OffsetDateTime::UNIX_EPOCH,
+        };
+        let queue = crate::pipeline::queue::bounded(100, usize::MAX, 1);
+        let (waiter, _committed) = CommitWaiter::new(1);
+        queue
+            .try_push(Chunk {
+                commit: Some(waiter),
+                ..Chunk::in_memory(vec![update("1")])
+            })
+            .unwrap();
+        // Queued while the previous batch was being written: they go in the same transaction.
+        queue
+            .try_push(Chunk::in_memory(vec![update("2"), update("3")]))
+            .unwrap();
+        queue.try_push(Chunk::in_memory(vec![update("4")])).unwrap();
+        let writer = BatchWriter {
+            name: "location-writer-0".into(),
+            stream: "location",
+            instance: "test".into(),
+            keep_latest: false,
+            source: queue.receiver(0),
+            policy: BatchPolicy {
+                max_rows: 3,
+                flush_interval: Duration::from_secs(3600),
+            },
+            backoff: Backoff::default(),
+            pool,
+            runtime: runtime.handle().clone(),
+            metrics: Metrics::new().unwrap().location,
+        };
+        let mut batcher = Batcher::new(writer.policy);
+        let state = WriterState::default();
+        assert!(!writer.fill(&mut batcher, &state));
+        let devices =
+            |rows: Vec<crate::model::LocationUpdate>| rows.into_iter().map(|u| u.device_id).collect::<Vec<_>>();
+        assert_eq!(
+            devices(batcher.take().rows),
+            ["1", "2", "3"],
+            "up to a full batch, at once"
+        );
+        assert!(batcher.is_empty(), "the fourth waits for the next batch");
     }
 
     #[test]

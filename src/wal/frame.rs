@@ -3,6 +3,10 @@
 //!
 //! After a damaged frame — whether its payload or its length was hit — reading resumes at the next offset where a
 //! whole frame with a matching checksum starts ([`resync`]), so one damaged record costs only itself.
+//!
+//! A segment's file is zero-filled ahead of its records (so that an fsync writes their data, not the file's size),
+//! and a zero tail is the end of the records, not damage: eight zero bytes are never a frame, since the checksum
+//! of a zero length is not zero.
 
 /// Bytes before each payload.
 pub const HEADER_BYTES: usize = 8;
@@ -68,6 +72,11 @@ impl<'a> Iterator for FrameReader<'a> {
             self.offset += HEADER_BYTES + payload.len();
             return Some(payload);
         }
+        if rest.iter().all(|&b| b == 0) {
+            // The zero-filled part of the file that no record reached yet.
+            self.offset = self.bytes.len();
+            return None;
+        }
         let complete = declared_len(rest).is_some_and(|len| HEADER_BYTES + len <= rest.len());
         match resync(rest) {
             Some(skip) => {
@@ -110,7 +119,31 @@ pub fn frame_at(bytes: &[u8]) -> Option<&[u8]> {
 /// Every later offset is tried, not the damaged frame's own length: the length may be what was hit, and a wrong
 /// one can point past good records. A false match needs a 32-bit checksum to agree by chance.
 pub fn resync(bytes: &[u8]) -> Option<usize> {
-    (1..bytes.len()).find(|&at| frame_at(&bytes[at..]).is_some())
+    // A zero header is never a frame: skipping those first keeps a scan through a zero-filled tail cheap.
+    (1..bytes.len()).find(|&at| {
+        let rest = &bytes[at..];
+        rest.get(..HEADER_BYTES).is_some_and(|h| h != [0u8; HEADER_BYTES]) && frame_at(rest).is_some()
+    })
+}
+
+/// How many of a segment's bytes were written: the file without the zero-filled tail no record reached. When the
+/// records end cleanly, that is where the zeros start; after a torn or damaged last record, it is the file without
+/// its trailing zero bytes, so that the reader finds the damage and reports it.
+pub fn written_len(bytes: &[u8]) -> usize {
+    let trimmed = bytes.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1);
+    let mut reader = FrameReader::new(bytes);
+    let mut end = 0;
+    while reader.next().is_some() {
+        end = reader.offset();
+        if end >= trimmed {
+            return end;
+        }
+    }
+    if reader.faults == ReadFaults::default() {
+        end
+    } else {
+        trimmed
+    }
 }
 
 /// What the next frame of a stream of records is.
@@ -170,6 +203,38 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_filled_tail_ends_the_records_and_is_no_damage() {
+        // The last record's payload ends in zeros: the tail must not cut it.
+        let payloads = vec![b"one".to_vec(), vec![9, 0, 0, 0, 0, 0, 0, 0, 0]];
+        let (mut bytes, ends) = log_of(&payloads);
+        bytes.resize(bytes.len() + 4096, 0);
+        let mut reader = FrameReader::new(&bytes);
+        let read: Vec<Vec<u8>> = reader.by_ref().map(<[u8]>::to_vec).collect();
+        assert_eq!(read, payloads);
+        assert_eq!(reader.faults, ReadFaults::default());
+        assert_eq!(written_len(&bytes), ends[1]);
+        assert_eq!(written_len(&[0; 100]), 0, "a segment no record reached");
+    }
+
+    #[test]
+    fn a_torn_record_before_a_zero_tail_is_still_torn() {
+        let payloads = vec![b"one".to_vec(), vec![7; 100]];
+        let (bytes, ends) = log_of(&payloads);
+        // The crash wrote the second record's first 50 bytes; the rest of the file is the zero fill.
+        let mut file = bytes[..ends[0] + 50].to_vec();
+        file.resize(file.len() + 4096, 0);
+        let cut = written_len(&file);
+        assert_eq!(cut, ends[0] + 50);
+        let mut reader = FrameReader::new(&file[..cut]);
+        assert_eq!(reader.by_ref().count(), 1);
+        assert!(reader.faults.torn_tail);
+        // Read with its zero tail, the torn record is found as well.
+        let mut whole = FrameReader::new(&file);
+        assert_eq!(whole.by_ref().count(), 1);
+        assert_ne!(whole.faults, ReadFaults::default());
+    }
+
+    #[test]
     fn a_clean_log_reads_back_every_record() {
         let payloads = vec![b"one".to_vec(), Vec::new(), vec![7; 1000]];
         let (bytes, _) = log_of(&payloads);
@@ -191,7 +256,11 @@ mod tests {
             let read: Vec<Vec<u8>> = reader.by_ref().map(<[u8]>::to_vec).collect();
             let whole = ends.iter().filter(|&&end| end <= cut).count();
             prop_assert_eq!(&read[..], &payloads[..whole]);
-            prop_assert_eq!(reader.faults.torn_tail, !ends.contains(&cut) && cut != 0);
+            // A piece of a header that happens to be all zeros cannot be told from the zero fill that follows
+            // the records: it is the end, as it holds nothing whole.
+            let last_end = if whole == 0 { 0 } else { ends[whole - 1] };
+            let torn_piece = bytes[last_end..cut].iter().any(|&b| b != 0);
+            prop_assert_eq!(reader.faults.torn_tail, torn_piece);
             prop_assert_eq!(reader.faults.corrupt_records, 0);
         }
 

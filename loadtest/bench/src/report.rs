@@ -9,8 +9,20 @@ use crate::endurance::{RampOutcome, SoakOutcome};
 use crate::plot::format_rate;
 use crate::variants::{Kind, Measurement, Shape, Variant};
 
-/// Peak resident memory the gateway should stay under.
-pub const MAX_GATEWAY_RSS_MB: f64 = 150.0;
+/// Peak resident memory the gateway should stay under, at saturation, in every mode and request size.
+pub const MAX_GATEWAY_RSS_MB: f64 = 64.0;
+/// Gateway CPU per landed row (single updates) ÷ the HTTP ceiling's CPU per request, at most, per durability mode:
+/// what the gateway's work costs beyond answering the same request.
+const MAX_COST_RATIO: [(&str, f64); 2] = [("wal", 1.3), ("memory", 1.1)];
+/// Gateway CPU per landed row with 1000-update requests, at most (µs).
+const MAX_BATCH_MICROS_PER_ROW: f64 = 1.5;
+/// `?ack=commit` with single updates: updates committed per second, at least, and p99, at most (ms).
+const MIN_COMMIT_ACK_RATE: f64 = 10_000.0;
+const MAX_COMMIT_ACK_P99_MS: f64 = 20.0;
+/// `wal` single updates: p50 at most (ms): a request waits about one fsync.
+const MAX_WAL_P50_MS: f64 = 0.5;
+/// `wal` rows landed/s ÷ `memory` rows landed/s in the same run, at least: what the log's durability costs.
+const MIN_WAL_OVER_MEMORY: f64 = 0.85;
 
 /// A variant and its runs, with the figures that are reported.
 pub struct Summary<'a> {
@@ -112,6 +124,7 @@ impl Check {
 
     fn target_text(&self) -> String {
         match self.target {
+            Target::AtLeast(t) if self.unit == "/s" => format!("≥ {}/s", format_rate(t)),
             Target::AtLeast(t) => format!("≥ {t}{}", self.unit),
             Target::AtMost(t) => format!("≤ {t}{}", self.unit),
             Target::Reported => "—".to_owned(),
@@ -121,6 +134,7 @@ impl Check {
     fn value_text(&self) -> String {
         match self.value {
             Some(v) if self.unit.is_empty() => format!("{v:.2}"),
+            Some(v) if self.unit == "/s" => format!("{}/s", format_rate(v)),
             Some(v) => format!("{v:.1}{}", self.unit),
             None => "not measured".to_owned(),
         }
@@ -137,6 +151,29 @@ fn is_gateway(kind: &Kind, want_shape: Shape, want_mode: &Option<String>) -> boo
 
 fn p99(m: &Measurement) -> Option<f64> {
     m.wrk.as_ref().map(|w| w.p99_ms)
+}
+
+fn p50(m: &Measurement) -> Option<f64> {
+    m.wrk.as_ref().map(|w| w.p50_ms)
+}
+
+/// Gateway CPU per landed row (single updates) ÷ HTTP ceiling CPU per request in a durability mode (`None`: the
+/// default one), and the two figures: what `--max-cost-ratio` checks.
+pub fn cost_ratio(summaries: &[Summary], mode: Option<&str>) -> Option<(f64, f64, f64)> {
+    let ceiling = find(summaries, |k| *k == Kind::HttpCeiling).and_then(server_micros_per_row)?;
+    let gateway = find(summaries, |k| match k {
+        Kind::Gateway {
+            shape: Shape::Single,
+            durability,
+            default_mode,
+        } => match mode {
+            Some(mode) => durability.as_deref() == Some(mode),
+            None => *default_mode,
+        },
+        _ => false,
+    })
+    .and_then(server_micros_per_row)?;
+    Some((ratio(Some(gateway), Some(ceiling))?, gateway, ceiling))
 }
 
 /// CPU microseconds of the server under test per row it landed (the HTTP ceiling: per update it parsed).
@@ -173,6 +210,16 @@ pub fn checks(summaries: &[Summary]) -> Vec<Check> {
         }
     }
     let mut checks = Vec::new();
+    let single_in =
+        |mode: &str| find(summaries, |k| is_gateway(k, Shape::Single, &Some(mode.to_owned()))).map(|m| m.rows_per_sec);
+    if let (Some(wal), Some(memory)) = (single_in("wal"), single_in("memory")) {
+        checks.push(Check {
+            what: "gateway single: wal rows landed/s ÷ memory rows landed/s".to_owned(),
+            value: ratio(Some(wal), Some(memory)),
+            target: Target::AtLeast(MIN_WAL_OVER_MEMORY),
+            unit: "",
+        });
+    }
     for mode in &modes {
         let label = |shape: &str| match mode {
             Some(m) => format!("gateway {shape}, {m}"),
@@ -200,6 +247,10 @@ pub fn checks(summaries: &[Summary]) -> Vec<Check> {
                 single.and_then(server_micros_per_row),
                 ceiling.and_then(server_micros_per_row),
             );
+            let cost_target = MAX_COST_RATIO
+                .iter()
+                .find(|(m, _)| mode.as_deref() == Some(*m))
+                .map_or(Target::Reported, |(_, t)| Target::AtMost(*t));
             checks.push(Check {
                 what: format!(
                     "{} CPU per landed row ÷ HTTP ceiling CPU per request ({} ÷ {} µs)",
@@ -208,11 +259,25 @@ pub fn checks(summaries: &[Summary]) -> Vec<Check> {
                     opt(ceiling_us, 1)
                 ),
                 value: ratio(gateway_us, ceiling_us),
-                target: Target::Reported,
+                target: cost_target,
                 unit: "",
             });
+            if mode.as_deref() == Some("wal") {
+                checks.push(Check {
+                    what: format!("{} p50", label("single")),
+                    value: single.and_then(p50),
+                    target: Target::AtMost(MAX_WAL_P50_MS),
+                    unit: " ms",
+                });
+            }
         }
         if batch.is_some() {
+            checks.push(Check {
+                what: format!("{} CPU per landed row", label("1000/request")),
+                value: batch.and_then(server_micros_per_row),
+                target: Target::AtMost(MAX_BATCH_MICROS_PER_ROW),
+                unit: " µs",
+            });
             checks.push(Check {
                 what: format!("{} rows/s ÷ sink ceiling rows/s", label("1000/request")),
                 value: ratio(rows(batch), rows(sink)),
@@ -228,7 +293,33 @@ pub fn checks(summaries: &[Summary]) -> Vec<Check> {
                 unit: "",
             });
         }
-        for (shape, m) in [("single", single), ("1000/request", batch)] {
+        let commit = find(summaries, |k| is_gateway(k, Shape::SingleCommit, mode));
+        if let Some(c) = commit {
+            let name = label("single ?ack=commit");
+            checks.push(Check {
+                what: format!("{name}: updates committed/s"),
+                value: Some(c.rows_per_sec),
+                target: Target::AtLeast(MIN_COMMIT_ACK_RATE),
+                unit: "/s",
+            });
+            checks.push(Check {
+                what: format!("{name}: p50"),
+                value: p50(c),
+                target: Target::Reported,
+                unit: " ms",
+            });
+            checks.push(Check {
+                what: format!("{name}: p99"),
+                value: p99(c),
+                target: Target::AtMost(MAX_COMMIT_ACK_P99_MS),
+                unit: " ms",
+            });
+        }
+        for (shape, m) in [
+            ("single", single),
+            ("1000/request", batch),
+            ("single ?ack=commit", commit),
+        ] {
             if let Some(m) = m {
                 checks.push(Check {
                     what: format!("{} peak RSS", label(shape)),
@@ -653,6 +744,7 @@ mod tests {
             load_cpu_secs: Some(cpu_secs / 2.0),
             pg_cpu_secs: cpu_secs / 5.0,
             rows,
+            rows_per_sec: rows as f64 / 10.0,
             ..Measurement::default()
         }
     }
@@ -665,7 +757,7 @@ mod tests {
     }
 
     #[test]
-    fn the_cost_ratio_is_reported_for_each_mode_and_never_misses() {
+    fn the_cost_ratio_is_checked_for_each_mode_against_its_target() {
         let variants = [
             Variant::new(Kind::HttpCeiling),
             Variant::new(Kind::Gateway {
@@ -691,7 +783,11 @@ mod tests {
         assert!((cost[0].value.unwrap_or(0.0) - 3.0).abs() < 1e-9);
         assert!(cost[0].what.contains("wal") && cost[0].what.contains("(15.0 ÷ 5.0 µs)"));
         assert!((cost[1].value.unwrap_or(0.0) - 2.0).abs() < 1e-9);
-        assert!(cost.iter().all(|c| c.passed().is_none() && c.verdict() == "reported"));
+        assert!(cost.iter().all(|c| c.passed() == Some(false)));
+        let (r, gateway, ceiling) = cost_ratio(&summaries, Some("memory")).unwrap_or_default();
+        assert!((r - 2.0).abs() < 1e-9 && (gateway - 10.0).abs() < 1e-9 && (ceiling - 5.0).abs() < 1e-9);
+        let over = all.iter().find(|c| c.what.contains("wal rows landed/s ÷ memory"));
+        assert!(over.is_some_and(|c| c.passed() == Some(true)));
         let table = results_table(&summaries);
         assert!(table.contains("| 15.0 | 3.0 | 7.5 |"), "{table}");
     }

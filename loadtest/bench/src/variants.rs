@@ -40,19 +40,21 @@ pub enum Shape {
     Single,
     /// A JSON array of 1000 updates per request (`batch1000.lua`).
     Batch1000,
+    /// One update per request, answered once committed in PostgreSQL (`single.lua` on `?ack=commit`).
+    SingleCommit,
 }
 
 impl Shape {
     fn script(self) -> &'static str {
         match self {
-            Shape::Single => "single.lua",
+            Shape::Single | Shape::SingleCommit => "single.lua",
             Shape::Batch1000 => "batch1000.lua",
         }
     }
 
     pub fn updates_per_request(self) -> u64 {
         match self {
-            Shape::Single => 1,
+            Shape::Single | Shape::SingleCommit => 1,
             Shape::Batch1000 => 1000,
         }
     }
@@ -93,6 +95,7 @@ impl Variant {
                 let shape = match shape {
                     Shape::Single => "single",
                     Shape::Batch1000 => "1000/request",
+                    Shape::SingleCommit => "single ?ack=commit",
                 };
                 match durability {
                     Some(mode) => format!("gateway {shape}, {mode}"),
@@ -102,6 +105,7 @@ impl Variant {
             Kind::JetStream { shape } => match shape {
                 Shape::Single => "gateway single, jetstream + writer".to_owned(),
                 Shape::Batch1000 => "gateway 1000/request, jetstream + writer".to_owned(),
+                Shape::SingleCommit => "gateway single ?ack=commit, jetstream + writer".to_owned(),
             },
         };
         Variant { kind, name }
@@ -200,9 +204,13 @@ impl Bench {
     }
 
     pub fn wrk(&self, shape: Shape, port: u16) -> anyhow::Result<WrkOutcome> {
+        let mut url = Self::url(port);
+        if shape == Shape::SingleCommit {
+            url.push_str("?ack=commit");
+        }
         wrk::run(
             &self.script(shape),
-            &Self::url(port),
+            &url,
             self.wrk_threads,
             self.connections,
             self.duration_secs,
