@@ -228,6 +228,14 @@ pub struct Settings {
     #[arg(long, env = "INGEST_MAX_AGE", default_value = "30d", value_parser = parse_duration, global = true)]
     pub max_age: Duration,
 
+    /// The span of one time partition of the stream tables: a whole number of hours that divides a day.
+    #[arg(long, env = "INGEST_PARTITION_INTERVAL", default_value = "1d", value_parser = parse_interval, global = true)]
+    pub partition_interval: Duration,
+
+    /// Drop time partitions wholly older than this (at least INGEST_MAX_AGE); unset: keep everything.
+    #[arg(long, env = "INGEST_RETENTION", value_parser = parse_interval, global = true)]
+    pub retention: Option<Duration>,
+
     /// The API keys, one per line (name, SHA-256 of the key, streams, scope; see the README); re-read on SIGHUP.
     /// Unset: anyone who can reach the gateway may write.
     #[arg(long, env = "INGEST_API_KEYS_FILE", global = true)]
@@ -305,6 +313,8 @@ mod tests {
         assert_eq!(s.durability, Durability::Wal);
         assert_eq!(s.wal_max_bytes, 1 << 30);
         assert_eq!(s.stall_timeout, Duration::from_secs(60));
+        assert_eq!(s.partition_interval, Duration::from_secs(86_400));
+        assert_eq!(s.retention, None);
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! - [`tls`]: HTTPS for the TCP listeners, reloaded on SIGHUP.
 //! - [`shutdown`]: the stop sequence.
 //! - [`progress`]: the progress of long work (the start-up replay, the stop's drain) in the log.
+//! - [`partitions`]: the stream tables' time partitions, made at start-up and on a schedule.
 
 pub mod data_dir;
 pub mod listener;
+pub mod partitions;
 pub mod progress;
 pub mod reload;
 pub mod shutdown;
@@ -138,6 +140,7 @@ impl Application {
         let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
         let access = Access::new(settings, &metrics)?;
         let tls = ServerTls::from_settings(settings).context("could not load the TLS files")?;
+        let partition_policy = partitions::policy(settings)?;
         let reloads = Reloads::default();
         if let Some(tls) = tls.clone() {
             reloads.register("tls certificates", move || Ok(tls.reload()?));
@@ -152,6 +155,13 @@ impl Application {
         runtime
             .block_on(db::migrate::run(&database.config, &database.tls))
             .context("could not apply the migrations")?;
+        partitions::start(
+            &runtime,
+            &database.config,
+            &database.tls,
+            partition_policy,
+            metrics.clone(),
+        )?;
 
         let writers_per_stream = usize::from(settings.writers);
         // One connection per writer, plus room for readiness checks.

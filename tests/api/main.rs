@@ -17,6 +17,7 @@ mod ingest;
 mod migrations;
 mod observability;
 mod openapi;
+mod partitions;
 mod positions;
 mod progress;
 mod replicas;
