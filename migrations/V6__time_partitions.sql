@@ -39,3 +39,16 @@ BEGIN
     END IF;
 END
 $$;
+
+-- The newest result of every project, kept by the writers in each batch's transaction and never moved back by a
+-- late result (INGEST_LATEST_POLL_RESULTS): "is every project up now" without scanning the history.
+CREATE TABLE project_latest_results (
+    project_id       bigint      PRIMARY KEY,
+    polled_at        timestamptz NOT NULL,
+    success          boolean     NOT NULL,
+    status_code      smallint,
+    response_time_ms integer,
+    error_message    text,
+    attributes       jsonb,
+    received_at      timestamptz NOT NULL
+);

@@ -23,7 +23,7 @@ pub struct Cli {
 pub enum Command {
     /// Apply the migrations, then take updates over HTTP and write them to PostgreSQL (the default).
     Serve,
-    /// Apply the pending migrations and exit.
+    /// Apply the pending migrations, make the time partitions and exit.
     Migrate,
     /// Make a new API key: print it (once) and the line to add to the API keys file.
     NewKey(NewKeyArgs),
@@ -156,6 +156,10 @@ pub struct Settings {
     /// Keep `device_positions`, each device's newest fix, up to date in every batch's transaction.
     #[arg(long, env = "INGEST_LATEST_POSITIONS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub latest_positions: bool,
+
+    /// Keep `project_latest_results`, each project's newest poll result, up to date in every batch's transaction.
+    #[arg(long, env = "INGEST_LATEST_POLL_RESULTS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub latest_poll_results: bool,
 
     /// Parallel batch writers per stream, each with its own connection.
     #[arg(long, env = "INGEST_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..), global = true)]

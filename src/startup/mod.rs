@@ -97,12 +97,15 @@ pub fn database_runtime() -> anyhow::Result<Runtime> {
         .context("could not start the database runtime")
 }
 
-/// `ingest-gateway migrate`: applies the pending migrations and returns.
+/// `ingest-gateway migrate`: applies the pending migrations, makes the time partitions and returns.
 pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let policy = partitions::policy(settings)?;
     let _data_dir = DataDir::open(&settings.data_dir)?;
     let database = Database::open(settings)?;
     let runtime = database_runtime()?;
     runtime.block_on(db::migrate::run(&database.config, &database.tls))?;
+    let metrics = Metrics::new().context("could not register the metrics")?;
+    partitions::make_now(&runtime, &database.config, &database.tls, &policy, &metrics)?;
     Ok(())
 }
 
@@ -202,7 +205,7 @@ impl Application {
         };
 
         let gate = Gate::default();
-        let parts = StreamParts {
+        let mut parts = StreamParts {
             instance: data_dir.instance().into(),
             pool: &pool,
             runtime: runtime.handle().clone(),
@@ -220,6 +223,7 @@ impl Application {
             commit_wait: settings.commit_wait,
         };
         let (location, location_handle) = parts.build::<LocationUpdate>(&metrics.location, &mut checkpoints)?;
+        parts.keep_latest = settings.latest_poll_results;
         let (poll, poll_handle) = parts.build::<PollResult>(&metrics.poll, &mut checkpoints)?;
         drop(parts);
         // Until every stream has read back what the previous run left, the gateway is not ready; say how it goes.

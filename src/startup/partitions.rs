@@ -78,9 +78,7 @@ pub fn start(
     policy: PartitionPolicy,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
-    runtime
-        .block_on(round(config, tls, &policy, &metrics))
-        .context("could not make the time partitions")?;
+    make_now(runtime, config, tls, &policy, &metrics)?;
     let (config, tls) = (config.clone(), tls.clone());
     runtime.spawn(async move {
         loop {
@@ -94,4 +92,17 @@ pub fn start(
         }
     });
     Ok(())
+}
+
+/// One round, now: the partitions every accepted update needs, and drops past the retention.
+pub fn make_now(
+    runtime: &Runtime,
+    config: &tokio_postgres::Config,
+    tls: &DatabaseTls,
+    policy: &PartitionPolicy,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    runtime
+        .block_on(round(config, tls, policy, metrics))
+        .context("could not make the time partitions")
 }
