@@ -160,7 +160,7 @@ pub fn run(rows: u64, results_dir: &Path, stamp: &str) -> anyhow::Result<()> {
     let admin_v6 = Admin::connect(&pg.connection_string("grow_v6"))?;
 
     // Before and after, on empty tables, in turns.
-    let variants: [(&str, &Pool, &Admin, bool); 3] = [
+    let variants: [(&str, &Pool, &Admin, bool); 4] = [
         (
             "single table, UNIQUE (device_id, recorded_at) — before (V5)",
             &pool_v5,
@@ -174,6 +174,7 @@ pub fn run(rows: u64, results_dir: &Path, stamp: &str) -> anyhow::Result<()> {
             true,
         ),
         ("after (V6), without device_positions", &pool_v6, &admin_v6, false),
+        ("before (V5), without device_positions", &pool_v5, &admin_v5, false),
     ];
     let mut best: Vec<Option<Stretch>> = vec![None; variants.len()];
     for round in 1..=ROUNDS {
@@ -256,6 +257,12 @@ fn markdown(
              without: {:.2}\n",
             after.pg_us_per_row() / before.pg_us_per_row(),
             after.own_us_per_row() / bare.own_us_per_row()
+        ));
+    }
+    if let (Some(after), Some(before)) = (best[2], best[3]) {
+        out.push_str(&format!(
+            "PostgreSQL CPU per row without device_positions, after ÷ before: **{:.2}**\n",
+            after.pg_us_per_row() / before.pg_us_per_row()
         ));
     }
     out.push_str(&format!(
