@@ -23,7 +23,7 @@ pub struct Cli {
 pub enum Command {
     /// Apply the migrations, then take updates over HTTP and write them to PostgreSQL (the default).
     Serve,
-    /// Apply the pending migrations and exit.
+    /// Apply the pending migrations, make the time partitions and exit.
     Migrate,
     /// Make a new API key: print it (once) and the line to add to the API keys file.
     NewKey(NewKeyArgs),
@@ -169,6 +169,10 @@ pub struct Settings {
     #[arg(long, env = "INGEST_LATEST_POSITIONS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub latest_positions: bool,
 
+    /// Keep `project_latest_results`, each project's newest poll result, up to date in every batch's transaction.
+    #[arg(long, env = "INGEST_LATEST_POLL_RESULTS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub latest_poll_results: bool,
+
     /// Parallel batch writers per stream, each with its own connection.
     #[arg(long, env = "INGEST_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..), global = true)]
     pub writers: u16,
@@ -239,6 +243,14 @@ pub struct Settings {
     /// How old a `recorded_at` / `polled_at` may be.
     #[arg(long, env = "INGEST_MAX_AGE", default_value = "30d", value_parser = parse_duration, global = true)]
     pub max_age: Duration,
+
+    /// The span of one time partition of the stream tables: a whole number of hours that divides a day.
+    #[arg(long, env = "INGEST_PARTITION_INTERVAL", default_value = "1d", value_parser = parse_interval, global = true)]
+    pub partition_interval: Duration,
+
+    /// Drop time partitions wholly older than this (at least INGEST_MAX_AGE); unset: keep everything.
+    #[arg(long, env = "INGEST_RETENTION", value_parser = parse_interval, global = true)]
+    pub retention: Option<Duration>,
 
     /// The API keys, one per line (name, SHA-256 of the key, streams, scope; see the README); re-read on SIGHUP.
     /// Unset: anyone who can reach the gateway may write.
@@ -428,6 +440,8 @@ mod tests {
         assert_eq!(s.durability, Durability::Wal);
         assert_eq!(s.wal_max_bytes, 1 << 30);
         assert_eq!(s.stall_timeout, Duration::from_secs(60));
+        assert_eq!(s.partition_interval, Duration::from_secs(86_400));
+        assert_eq!(s.retention, None);
     }
 
     #[test]

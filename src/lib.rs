@@ -15,8 +15,8 @@
 //! - [`wal`]: the write-ahead log itself: segments, frames, group commit, recovery. Imports nothing of the crate.
 //! - [`pipeline`]: the bounded queue, the batching rule, the batch writers (reading from a `Source`) and the
 //!   binary `COPY` encoder; one opaque `Delivery` carries a batch's checkpoints and commits.
-//! - [`db`]: the connection pool, migrations, the embedded PostgreSQL, the checkpoint SQL, the JetStream shard
-//!   leases (advisory locks) and TLS to PostgreSQL.
+//! - [`db`]: the connection pool, migrations, the time partitions, the embedded PostgreSQL, the checkpoint SQL,
+//!   the JetStream shard leases (advisory locks) and TLS to PostgreSQL.
 //! - [`startup`]: builds everything above and runs it: the data directory and its lock, HTTPS for the listeners,
 //!   one generic per-stream builder, the stop sequence.
 

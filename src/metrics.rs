@@ -42,6 +42,8 @@ pub const WAL_WRITE_ERRORS: &str = "ingest_wal_write_errors_total";
 pub const HTTP_REQUESTS: &str = "ingest_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "ingest_http_request_duration_seconds";
 pub const REQUESTS_BY_KEY: &str = "ingest_requests_by_key_total";
+pub const PARTITIONS_CREATED: &str = "ingest_partitions_created_total";
+pub const PARTITIONS_DROPPED: &str = "ingest_partitions_dropped_total";
 
 /// Why updates were refused: a small fixed set, never an error message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +117,16 @@ pub struct Metrics {
     /// Ingest requests by API key name and outcome; the names come from the operator's keys file, so the label
     /// set stays as small as that file.
     pub requests_by_key: IntCounterVec,
+    /// Time partitions made and dropped, by `stream`.
+    pub partitions: PartitionMetrics,
+}
+
+/// The time partitions' figures, labelled by `stream`.
+#[derive(Clone)]
+pub struct PartitionMetrics {
+    pub created: IntCounterVec,
+    /// Dropped past the retention.
+    pub dropped: IntCounterVec,
 }
 
 /// The write-ahead log's figures.
@@ -371,6 +383,15 @@ impl Metrics {
             &["key", "outcome"],
         )?;
         reg(Box::new(requests_by_key.clone()))?;
+        let partitions = PartitionMetrics {
+            created: IntCounterVec::new(Opts::new(PARTITIONS_CREATED, "Time partitions made"), stream)?,
+            dropped: IntCounterVec::new(
+                Opts::new(PARTITIONS_DROPPED, "Time partitions dropped past the retention"),
+                stream,
+            )?,
+        };
+        reg(Box::new(partitions.created.clone()))?;
+        reg(Box::new(partitions.dropped.clone()))?;
         reg(Box::new(ProcessCollector::for_self()))?;
 
         let for_stream = |name: &str| StreamMetrics {
@@ -408,6 +429,7 @@ impl Metrics {
             http: HttpMetrics { requests, duration },
             wal,
             requests_by_key,
+            partitions,
             registry,
         })
     }

@@ -32,6 +32,16 @@ pub struct MigrateOutcome {
 
 /// Applies every pending migration, over a connection secured by `tls`.
 pub async fn run(config: &tokio_postgres::Config, tls: &DatabaseTls) -> Result<MigrateOutcome, MigrateError> {
+    run_to(config, tls, None).await
+}
+
+/// Applies the pending migrations up to version `last` (every one when `None`): a schema as an older release
+/// left it, to test an upgrade from it.
+pub async fn run_to(
+    config: &tokio_postgres::Config,
+    tls: &DatabaseTls,
+    last: Option<i32>,
+) -> Result<MigrateOutcome, MigrateError> {
     let (mut client, connection) = tls.connect(config).await.map_err(MigrateError::Connect)?;
     // Replicas that start together would otherwise apply the same migration twice; the lock is a session's,
     // so it goes with the connection even if this process dies.
@@ -39,7 +49,11 @@ pub async fn run(config: &tokio_postgres::Config, tls: &DatabaseTls) -> Result<M
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(MigrateError::Lock)?;
-    let report = embedded::migrations::runner().run_async(&mut client).await;
+    let target = last.map_or(refinery::Target::Latest, refinery::Target::Version);
+    let report = embedded::migrations::runner()
+        .set_target(target)
+        .run_async(&mut client)
+        .await;
     drop(client);
     // The connection task ends once the client is gone; its own error, if any, already failed the run.
     let _ = connection.await;

@@ -1,9 +1,10 @@
-//! The database side: the connection pool, the migrations, the embedded PostgreSQL, the committed log positions,
-//! the JetStream shard leases and TLS to PostgreSQL.
+//! The database side: the connection pool, the migrations, the time partitions, the embedded PostgreSQL, the
+//! committed log positions, the JetStream shard leases and TLS to PostgreSQL.
 
 pub mod checkpoint;
 pub mod embedded;
 pub mod migrate;
+pub mod partitions;
 pub mod pool;
 pub mod shard_lease;
 pub mod tls;

@@ -552,6 +552,54 @@ impl CopyRecord for PollResult {
         let projects: std::collections::HashSet<i64> = rows.iter().map(|r| r.project_id).collect();
         serde_json::json!({"rows": rows.len(), "from": from, "to": to, "projects": projects.len()})
     }
+
+    fn keep_latest<'a>(tx: &'a Transaction<'_>, rows: &'a [Self]) -> BoxedWrite<'a> {
+        Box::pin(async move {
+            // The newest result of each project in the batch, in project order (one lock order for all writers).
+            let mut newest: std::collections::BTreeMap<i64, &PollResult> = std::collections::BTreeMap::new();
+            for row in rows {
+                let entry = newest.entry(row.project_id).or_insert(row);
+                if row.polled_at > entry.polled_at {
+                    *entry = row;
+                }
+            }
+            let rows: Vec<&PollResult> = newest.into_values().collect();
+            let projects: Vec<i64> = rows.iter().map(|r| r.project_id).collect();
+            let polled: Vec<OffsetDateTime> = rows.iter().map(|r| r.polled_at).collect();
+            let success: Vec<bool> = rows.iter().map(|r| r.success).collect();
+            let status: Vec<Option<i16>> = rows.iter().map(|r| r.status_code).collect();
+            let response: Vec<Option<i32>> = rows.iter().map(|r| r.response_time_ms).collect();
+            let error: Vec<Option<&str>> = rows.iter().map(|r| r.error_message.as_deref()).collect();
+            let attributes: Vec<Option<&str>> = rows.iter().map(|r| r.attributes.as_deref()).collect();
+            let received: Vec<OffsetDateTime> = rows.iter().map(|r| r.received_at).collect();
+            // Never moved back: a late or retried result older than the stored one changes nothing.
+            tx.execute(
+                "INSERT INTO project_latest_results \
+                   (project_id, polled_at, success, status_code, response_time_ms, error_message, attributes, \
+                    received_at) \
+                 SELECT p, t, s, c, r, e, at::jsonb, rc \
+                   FROM unnest($1::int8[], $2::timestamptz[], $3::bool[], $4::int2[], $5::int4[], $6::text[], \
+                               $7::text[], $8::timestamptz[]) AS u(p, t, s, c, r, e, at, rc) \
+                 ON CONFLICT (project_id) DO UPDATE SET \
+                   polled_at = EXCLUDED.polled_at, success = EXCLUDED.success, status_code = EXCLUDED.status_code, \
+                   response_time_ms = EXCLUDED.response_time_ms, error_message = EXCLUDED.error_message, \
+                   attributes = EXCLUDED.attributes, received_at = EXCLUDED.received_at \
+                 WHERE project_latest_results.polled_at < EXCLUDED.polled_at",
+                &[
+                    &projects,
+                    &polled,
+                    &success,
+                    &status,
+                    &response,
+                    &error,
+                    &attributes,
+                    &received,
+                ],
+            )
+            .await
+            .map(|_| ())
+        })
+    }
 }
 
 #[cfg(test)]

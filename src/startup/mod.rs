@@ -8,9 +8,11 @@
 //! - [`tls`]: HTTPS for the TCP listeners, reloaded on SIGHUP.
 //! - [`shutdown`]: the stop sequence.
 //! - [`progress`]: the progress of long work (the start-up replay, the stop's drain) in the log.
+//! - [`partitions`]: the stream tables' time partitions, made at start-up and on a schedule.
 
 pub mod data_dir;
 pub mod listener;
+pub mod partitions;
 pub mod progress;
 pub mod reload;
 pub mod shutdown;
@@ -95,12 +97,15 @@ pub fn database_runtime() -> anyhow::Result<Runtime> {
         .context("could not start the database runtime")
 }
 
-/// `ingest-gateway migrate`: applies the pending migrations and returns.
+/// `ingest-gateway migrate`: applies the pending migrations, makes the time partitions and returns.
 pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let policy = partitions::policy(settings)?;
     let _data_dir = DataDir::open(&settings.data_dir)?;
     let database = Database::open(settings)?;
     let runtime = database_runtime()?;
     runtime.block_on(db::migrate::run(&database.config, &database.tls))?;
+    let metrics = Metrics::new().context("could not register the metrics")?;
+    partitions::make_now(&runtime, &database.config, &database.tls, &policy, &metrics)?;
     Ok(())
 }
 
@@ -173,6 +178,7 @@ impl Application {
         let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
         let access = Access::new(settings, &metrics)?;
         let tls = ServerTls::from_settings(settings).context("could not load the TLS files")?;
+        let partition_policy = partitions::policy(settings)?;
         let reloads = Reloads::default();
         if let Some(tls) = tls.clone() {
             reloads.register("tls certificates", move || Ok(tls.reload()?));
@@ -187,6 +193,13 @@ impl Application {
         runtime
             .block_on(db::migrate::run(&database.config, &database.tls))
             .context("could not apply the migrations")?;
+        partitions::start(
+            &runtime,
+            &database.config,
+            &database.tls,
+            partition_policy,
+            metrics.clone(),
+        )?;
 
         let writers_per_stream = usize::from(settings.writers);
         // One connection per writer, plus room for readiness checks.
@@ -281,7 +294,7 @@ impl Application {
         };
 
         let gate = Gate::default();
-        let parts = StreamParts {
+        let mut parts = StreamParts {
             instance: data_dir.instance().into(),
             pool: &pool,
             runtime: runtime.handle().clone(),
@@ -300,6 +313,7 @@ impl Application {
             jetstream: nats.as_ref().map(|(parts, _)| parts.clone()),
         };
         let (location, location_handle) = parts.build::<LocationUpdate>(&metrics.location, &mut checkpoints)?;
+        parts.keep_latest = settings.latest_poll_results;
         let (poll, poll_handle) = parts.build::<PollResult>(&metrics.poll, &mut checkpoints)?;
         drop(parts);
         let nats = match nats {

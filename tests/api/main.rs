@@ -18,6 +18,7 @@ mod jetstream;
 mod migrations;
 mod observability;
 mod openapi;
+mod partitions;
 mod positions;
 mod progress;
 mod replicas;

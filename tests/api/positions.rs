@@ -1,5 +1,6 @@
 //! Each device's newest fix in `device_positions`, kept in the batch's transaction and never moved back by a late
-//! update; and the notice on `ingest_<stream>` that a batch committed, for a downstream listener.
+//! update; each project's newest poll result likewise; and the notice on `ingest_<stream>` that a batch committed,
+//! for a downstream listener.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -99,4 +100,40 @@ fn without_latest_positions_the_table_is_left_alone() {
         app.db.count("location_updates") == 1
     });
     assert_eq!(app.db.count("device_positions"), 0);
+}
+
+/// A poll result of `project` taken `minutes_ago`.
+fn poll(project: i64, minutes_ago: i64, success: bool) -> String {
+    let at = time::OffsetDateTime::now_utc() - time::Duration::minutes(minutes_ago);
+    let at = at.format(&time::format_description::well_known::Rfc3339).unwrap();
+    format!(r#"{{"project_id":{project},"polled_at":"{at}","success":{success}}}"#)
+}
+
+#[test]
+fn the_newest_result_of_each_project_is_kept_and_a_late_one_does_not_move_it_back() {
+    let route = "/api/v1/poll/update";
+    let app = crate::helpers::spawn_app(|_| {});
+    let batch = format!("[{},{},{}]", poll(1, 10, true), poll(1, 5, false), poll(2, 7, true));
+    assert_eq!(app.post_json(route, &batch).status, 202);
+    eventually("the batch lands", Duration::from_secs(10), || {
+        app.db.count("poll_results") == 3
+    });
+    assert_eq!(app.post_json(route, &poll(1, 8, true)).status, 202);
+    eventually("the late result lands", Duration::from_secs(10), || {
+        app.db.count("poll_results") == 4
+    });
+    let latest: Vec<(i64, bool)> = app
+        .db
+        .query("SELECT project_id, success FROM project_latest_results ORDER BY project_id")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(latest, [(1, false), (2, true)]);
+
+    let off = crate::helpers::spawn_app(|s| s.latest_poll_results = false);
+    assert_eq!(off.post_json(route, &poll(3, 1, true)).status, 202);
+    eventually("the result lands", Duration::from_secs(10), || {
+        off.db.count("poll_results") == 1
+    });
+    assert_eq!(off.db.count("project_latest_results"), 0);
 }

@@ -14,11 +14,13 @@
 //! - `variants`: what each variant runs and how its figures are taken
 //! - `jetstream`: the JetStream variant (nats-server, a publishing gateway, a writer process)
 //! - `report`, `plot`: the Markdown report and the PNG chart
+//! - `grow`: `--grow N`, PostgreSQL's cost per row before and after time partitions, and as the table grows
 //!
 //! It measures the gateway's binary, run as a process as users run it. From the gateway's library it takes only
 //! the PostgreSQL launcher (`db::EmbeddedPostgres`, the same one the gateway embeds) and its process helpers.
 
 mod endurance;
+mod grow;
 mod jetstream;
 mod pg;
 mod plot;
@@ -95,6 +97,10 @@ struct Cli {
     /// Multiplies the ramp's stage durations (0.05 makes it 30 s)
     #[arg(long, default_value_t = 1.0)]
     ramp_scale: f64,
+    /// Instead of the variants: PostgreSQL's CPU per row with the schema before time partitions and the current
+    /// one, then the location table grown to ROWS realistic fixes, its rate and cost at the start and the end
+    #[arg(long, value_name = "ROWS")]
+    grow: Option<u64>,
     /// Do not draw the PNG chart
     #[arg(long)]
     no_plot: bool,
@@ -150,6 +156,19 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    if let Some(rows) = cli.grow {
+        let results_dir = match &cli.results_dir {
+            Some(dir) => dir.clone(),
+            None => find_repo()?.join("loadtest").join("results"),
+        };
+        let stamp = time::OffsetDateTime::now_utc()
+            .format(time::macros::format_description!(
+                "[year][month][day]T[hour][minute][second]Z"
+            ))
+            .context("could not format the time")?;
+        grow::run(rows, &results_dir, &stamp)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let duration_secs = cli.duration.unwrap_or(if cli.quick { 5 } else { 20 }).max(1);
     let rounds = cli.rounds.unwrap_or(if cli.quick { 1 } else { 2 }).max(1);
     if cli.connections < WRK_THREADS {
