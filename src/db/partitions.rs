@@ -86,7 +86,7 @@ impl PartitionPolicy {
     /// shorter one would drop partitions that still receive accepted updates, so it is refused, not clamped).
     pub fn validate(&self) -> Result<(), PolicyError> {
         let secs = self.interval.as_secs();
-        if self.interval.subsec_nanos() != 0 || secs == 0 || secs % 3600 != 0 || 86_400 % secs != 0 {
+        if self.interval.subsec_nanos() != 0 || secs == 0 || !secs.is_multiple_of(3600) || 86_400 % secs != 0 {
             return Err(PolicyError::Interval(
                 humantime::format_duration(self.interval).to_string(),
             ));

@@ -187,7 +187,7 @@ pub fn run(rows: u64, results_dir: &Path, stamp: &str) -> anyhow::Result<()> {
                 m.pg_us_per_row(),
                 m.own_us_per_row()
             );
-            if best[i].map_or(true, |b| m.pg_cpu_secs < b.pg_cpu_secs) {
+            if best[i].is_none_or(|b| m.pg_cpu_secs < b.pg_cpu_secs) {
                 best[i] = Some(m);
             }
         }
