@@ -272,15 +272,26 @@ impl Drop for Process {
     }
 }
 
-/// Waits (up to 90 s) until every id of `acknowledged` is in `location_updates`.
+/// Waits until every id of `acknowledged` is in `location_updates`, for as long as the writers make progress:
+/// on a busy machine the backlog left by the load takes a while, but a minute without a single new row means
+/// what is still missing will not come.
 fn wait_until_stored(db: &Db, acknowledged: &std::collections::BTreeSet<String>, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut last_missing = usize::MAX;
+    let mut progress_at = Instant::now();
     loop {
         let stored: std::collections::HashSet<String> = db.device_ids().into_iter().map(|(id, _)| id).collect();
-        if acknowledged.iter().all(|id| stored.contains(id)) {
+        let missing = acknowledged.iter().filter(|id| !stored.contains(*id)).count();
+        if missing == 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        if missing < last_missing {
+            last_missing = missing;
+            progress_at = Instant::now();
+        } else if progress_at.elapsed() > Duration::from_secs(60) {
+            // The comparison that follows names what is missing.
+            eprintln!("gave up waiting until {what}: {missing} acknowledged updates not stored, none for a minute");
+            return;
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -420,15 +431,15 @@ fn a_jetstream_cluster_loses_nothing_acknowledged_when_a_node_a_gateway_and_a_wr
     }
     processes[2].start();
     processes[3].start();
-    eventually(
+    wait_until_stored(
+        &db,
+        &before.acknowledged,
         "what was acknowledged before the outage is written",
-        Duration::from_secs(90),
-        || {
-            let stored = db.device_ids();
-            before.acknowledged.iter().all(|id| stored.iter().any(|(s, _)| s == id))
-        },
     );
     let stored = db.device_ids();
+    let ids: std::collections::HashSet<&String> = stored.iter().map(|(id, _)| id).collect();
+    let lost = before.acknowledged.iter().filter(|id| !ids.contains(id)).count();
+    assert_eq!(lost, 0, "acknowledged before the outage but not stored");
     assert!(stored.iter().all(|(id, n)| *n == 1 && !id.starts_with("outage-")));
     eprintln!(
         "jetstream outage: {} acknowledged before it, all stored once; {refused} requests refused with 503 during it",
