@@ -698,17 +698,7 @@ mod tests {
     }
 
     fn location(device_id: &str) -> LocationUpdate {
-        LocationUpdate {
-            device_id: device_id.to_owned(),
-            recorded_at: time::OffsetDateTime::UNIX_EPOCH,
-            lat: 0.0,
-            lon: 0.0,
-            speed_kmh: None,
-            heading_deg: None,
-            accuracy_m: None,
-            attributes: None,
-            received_at: time::OffsetDateTime::UNIX_EPOCH,
-        }
+        LocationUpdate::at_epoch(device_id)
     }
 
     fn poll(project_id: i64) -> PollResult {

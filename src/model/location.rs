@@ -30,6 +30,25 @@ pub struct LocationUpdate {
     pub received_at: OffsetDateTime,
 }
 
+#[cfg(test)]
+impl LocationUpdate {
+    /// A fix of `device_id` at 0°, 0° at the Unix epoch, with nothing optional: for tests of what carries updates,
+    /// which care about the device, not the fix.
+    pub fn at_epoch(device_id: &str) -> Self {
+        LocationUpdate {
+            device_id: device_id.to_owned(),
+            recorded_at: OffsetDateTime::UNIX_EPOCH,
+            lat: 0.0,
+            lon: 0.0,
+            speed_kmh: None,
+            heading_deg: None,
+            accuracy_m: None,
+            attributes: None,
+            received_at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+}
+
 const DEVICE_ID: usize = 0;
 const RECORDED_AT: usize = 1;
 const LAT: usize = 2;

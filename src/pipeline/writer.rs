@@ -411,17 +411,7 @@ mod tests {
             let _inside = runtime.enter();
             crate::db::pool::build(tokio_postgres::Config::new(), &crate::db::DatabaseTls::off(), 1).unwrap()
         };
-        let update = |device: &str| crate::model::LocationUpdate {
-            device_id: device.into(),
-            recorded_at: time::OffsetDateTime::UNIX_EPOCH,
-            lat: 0.0,
-            lon: 0.0,
-            speed_kmh: None,
-            heading_deg: None,
-            accuracy_m: None,
-            attributes: None,
-            received_at: time::OffsetDateTime::UNIX_EPOCH,
-        };
+        let update = crate::model::LocationUpdate::at_epoch;
         let queue = crate::pipeline::queue::bounded(100, usize::MAX, 1);
         let (waiter, _committed) = CommitWaiter::new(1);
         queue

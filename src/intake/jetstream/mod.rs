@@ -273,17 +273,7 @@ mod tests {
     use super::*;
 
     fn location(device: &str) -> LocationUpdate {
-        LocationUpdate {
-            device_id: device.into(),
-            recorded_at: time::OffsetDateTime::UNIX_EPOCH,
-            lat: 0.0,
-            lon: 0.0,
-            speed_kmh: None,
-            heading_deg: None,
-            accuracy_m: None,
-            attributes: None,
-            received_at: time::OffsetDateTime::UNIX_EPOCH,
-        }
+        LocationUpdate::at_epoch(device)
     }
 
     #[test]
