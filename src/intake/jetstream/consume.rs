@@ -211,6 +211,12 @@ impl<T: Update + RecordCodec> ShardTaskRun<T> {
         let name = format!("{}-{}", T::STREAM, self.shard);
         let mut highest_queued = 0u64;
         let mut fresh = true;
+        // The consumer sequence of the last delivery taken: JetStream numbers every delivery of a consumer, first
+        // ones and redeliveries alike, so a number skipped is a delivery that never arrived (a NATS node died
+        // with it in flight). Its message would come again later, after messages behind it — out of order, where
+        // the committed sequence would skip it. So a gap stops the consumer, which is made afresh and hands out
+        // again, in stream order, everything not yet acknowledged.
+        let mut last_delivery = 0u64;
         while !*stopped.borrow() {
             let consumer = match self.consumer(&name, fresh).await {
                 Ok(consumer) => consumer,
@@ -223,6 +229,9 @@ impl<T: Update + RecordCodec> ShardTaskRun<T> {
                     continue;
                 }
             };
+            if fresh {
+                last_delivery = 0;
+            }
             fresh = false;
             let mut messages = match consumer
                 .stream()
@@ -245,11 +254,22 @@ impl<T: Update + RecordCodec> ShardTaskRun<T> {
                     next = messages.next() => next,
                 };
                 match next {
-                    Some(Ok(message)) => {
-                        if !self.take(message, &mut highest_queued, &stopped).await {
-                            return;
+                    Some(Ok(message)) => match self
+                        .take(message, &mut highest_queued, &mut last_delivery, &stopped)
+                        .await
+                    {
+                        Taken::Yes => {}
+                        Taken::Closed => return,
+                        Taken::Gap => {
+                            info!(
+                                stream = T::STREAM,
+                                shard = self.shard,
+                                "a JetStream delivery went missing; the shard's consumer is made afresh"
+                            );
+                            fresh = true;
+                            break;
                         }
-                    }
+                    },
                     Some(Err(e)) => {
                         debug!(consumer = %name, error = %e, "pull from JetStream interrupted; pulling again");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -287,20 +307,26 @@ impl<T: Update + RecordCodec> ShardTaskRun<T> {
         Ok(stream.get_or_create_consumer(name, config).await?)
     }
 
-    /// Queues one message (or skips it); `false` once the queue is closed.
+    /// Queues one message (or skips it).
     async fn take(
         &self,
         message: async_nats::jetstream::Message,
         highest_queued: &mut u64,
+        last_delivery: &mut u64,
         stopped: &watch::Receiver<bool>,
-    ) -> bool {
-        let seq = match message.info() {
-            Ok(info) => info.stream_sequence,
+    ) -> Taken {
+        let (seq, delivery) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.consumer_sequence),
             Err(e) => {
                 warn!(stream = T::STREAM, shard = self.shard, error = %e, "a JetStream message without metadata; ignored");
-                return true;
+                return Taken::Yes;
             }
         };
+        if delivery != *last_delivery + 1 {
+            // Neither taken nor acknowledged: the fresh consumer hands it out again, in order.
+            return Taken::Gap;
+        }
+        *last_delivery = delivery;
         let commit_reply = message
             .headers
             .as_ref()
@@ -313,11 +339,11 @@ impl<T: Update + RecordCodec> ShardTaskRun<T> {
                 let count = record::decode_header(&message.payload).map_or(0, |h| h.count);
                 let _ = self.context.client().publish(reply, count.to_string().into()).await;
             }
-            return true;
+            return Taken::Yes;
         }
         if seq <= *highest_queued {
             // Handed out again while still in the queue: the first delivery's commit acknowledges it.
-            return true;
+            return Taken::Yes;
         }
         let Some(mut updates) = record::decode_updates::<T>(&message.payload) else {
             warn!(
@@ -327,7 +353,7 @@ impl<T: Update + RecordCodec> ShardTaskRun<T> {
                 "a JetStream message that is not a record of this stream; terminated"
             );
             let _ = message.ack_with(AckKind::Term).await;
-            return true;
+            return Taken::Yes;
         };
         let total = updates.len() as u32;
         let start = match self.checkpoint {
@@ -342,10 +368,10 @@ impl<T: Update + RecordCodec> ShardTaskRun<T> {
         let reservation = loop {
             match self.queue.reserve_on(updates.len(), bytes, slot) {
                 Ok(reservation) => break reservation,
-                Err(PushError::Closed) => return false,
+                Err(PushError::Closed) => return Taken::Closed,
                 Err(PushError::Full { .. }) => {
                     if *stopped.borrow() {
-                        return true;
+                        return Taken::Yes;
                     }
                     tokio::time::sleep(QUEUE_FULL_WAIT).await;
                 }
@@ -377,8 +403,18 @@ impl<T: Update + RecordCodec> ShardTaskRun<T> {
             })),
             commit,
         });
-        true
+        Taken::Yes
     }
+}
+
+/// What became of a delivery.
+enum Taken {
+    /// Queued, or skipped as already queued or committed, or left for the next holder.
+    Yes,
+    /// The queue is closed: the process is stopping.
+    Closed,
+    /// A delivery before it never arrived.
+    Gap,
 }
 
 /// The lease loop of one writer process: holds a fair share of every stream's shards and runs their consumers,
