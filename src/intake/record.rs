@@ -33,27 +33,39 @@ pub trait RecordCodec: Sized {
 
 /// Encodes a record for `updates` queued on `slot`; the lsn is filled in by the log when it is appended.
 pub fn encode_record<T: RecordCodec>(slot: u16, updates: &[T]) -> Vec<u8> {
+    encode_record_with(slot, updates.iter(), |_| {})
+}
+
+/// Encodes a record for `updates` (borrowed), as [`encode_record`] does, and hashes what they say: every byte of
+/// each update but its `received_at`, which the codecs write last. A client's retry of a request is the same
+/// updates received later, so it gets the same digest while its record differs.
+pub fn encode_record_refs_with_digest<T: RecordCodec>(slot: u16, updates: &[&T]) -> (Vec<u8>, [u8; 32]) {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update([T::STREAM_ID]);
+    hasher.update(slot.to_le_bytes());
+    let payload = encode_record_with(slot, updates.iter().copied(), |encoded| {
+        hasher.update(&encoded[..encoded.len() - TIMESTAMP_BYTES]);
+    });
+    (payload, hasher.finalize().into())
+}
+
+/// The one record encoder; `each` sees every update's encoding as it is written.
+fn encode_record_with<'a, T: RecordCodec + 'a>(
+    slot: u16,
+    updates: impl ExactSizeIterator<Item = &'a T>,
+    mut each: impl FnMut(&[u8]),
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + updates.len() * 96);
     // The lsn's place, filled in by the log when the record is appended.
     out.resize(crate::wal::LSN_BYTES, 0);
     out.push(T::STREAM_ID);
     out.extend_from_slice(&slot.to_le_bytes());
     out.extend_from_slice(&(updates.len() as u32).to_le_bytes());
-    for u in updates {
-        u.encode(&mut out);
-    }
-    out
-}
-
-/// Encodes a record for `updates` (borrowed), as [`encode_record`] does.
-pub fn encode_record_refs<T: RecordCodec>(slot: u16, updates: &[&T]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_BYTES + updates.len() * 96);
-    out.resize(crate::wal::LSN_BYTES, 0);
-    out.push(T::STREAM_ID);
-    out.extend_from_slice(&slot.to_le_bytes());
-    out.extend_from_slice(&(updates.len() as u32).to_le_bytes());
-    for u in updates {
-        u.encode(&mut out);
+    for update in updates {
+        let start = out.len();
+        update.encode(&mut out);
+        each(&out[start..]);
     }
     out
 }
@@ -134,6 +146,9 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A timestamp's width in a record.
+const TIMESTAMP_BYTES: usize = 8;
+
 fn put_timestamp(out: &mut Vec<u8>, at: OffsetDateTime) {
     // Timestamps are validated to lie within weeks of now, far inside the ±292 years an i64 of nanoseconds holds.
     out.extend_from_slice(&(at.unix_timestamp_nanos() as i64).to_le_bytes());
@@ -170,6 +185,7 @@ impl RecordCodec for LocationUpdate {
         put_opt(out, self.heading_deg, put_f64);
         put_opt(out, self.accuracy_m, put_f64);
         put_opt(out, self.attributes.as_deref(), put_string);
+        // Last, so that a content digest can leave it out (see `encode_record_refs_with_digest`).
         put_timestamp(out, self.received_at);
     }
 
@@ -199,6 +215,7 @@ impl RecordCodec for PollResult {
         put_opt(out, self.response_time_ms, |o, v| o.extend_from_slice(&v.to_le_bytes()));
         put_opt(out, self.error_message.as_deref(), put_string);
         put_opt(out, self.attributes.as_deref(), put_string);
+        // Last, as for locations.
         put_timestamp(out, self.received_at);
     }
 

@@ -176,6 +176,12 @@ fn on_jetstream_an_acknowledged_update_lands_once_a_retry_is_stored_once_and_nat
     let stored = app.db.device_ids();
     assert!(stored.iter().all(|(_, n)| *n == 1), "stored twice: {stored:?}");
     assert_eq!(app.db.count("dead_letters"), 1);
+    // The retry was absorbed by JetStream's message id, not left for the natural key to absorb in PostgreSQL.
+    let metrics = app.get("/metrics").body;
+    assert!(
+        metrics.contains(r#"ingest_updates_duplicate_total{stream="location"} 0"#),
+        "the retry reached PostgreSQL as a duplicate"
+    );
 
     // ?ack=commit: answered once a writer has committed the updates.
     let committed = app.post_json(&format!("{LOCATION}?ack=commit"), &location_json("committed"));

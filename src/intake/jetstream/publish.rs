@@ -2,7 +2,8 @@
 //! record, as in the write-ahead log), and all of them are published at once; the request is answered once
 //! JetStream has acknowledged every one.
 //!
-//! Each message's `Nats-Msg-Id` is a hash of its content (stream, shard and the encoded updates). A client that
+//! Each message's `Nats-Msg-Id` is a hash of its content (stream, shard and the encoded updates, less the time
+//! each update was received, which is all a retry changes). A client that
 //! retries a request (because its answer was lost, or because it got a 503 after part of the request was
 //! stored) sends the same updates, which become the same messages with the same ids: within the duplicate window
 //! JetStream stores each only once. Two different requests with identical updates are also stored once — which
@@ -16,7 +17,6 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
 use async_nats::Subscriber;
 use futures_util::future::BoxFuture;
-use sha2::{Digest, Sha256};
 
 use super::{shard_of, subject, ShardKey};
 use crate::intake::record::{self, RecordCodec};
@@ -93,8 +93,13 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
         let mut acks = Vec::with_capacity(messages.len());
         let mut sizes = Vec::with_capacity(messages.len());
         let publish_all = async {
-            for (shard, count, payload) in messages {
-                let id = message_id(&payload);
+            for ShardMessage {
+                shard,
+                updates: count,
+                payload,
+                id,
+            } in messages
+            {
                 let mut message = PublishMessage::build().payload(payload.into()).message_id(id);
                 if let Some((inbox, _)) = &commits {
                     message = message.header(COMMIT_REPLY_HEADER, inbox.as_str());
@@ -147,9 +152,17 @@ impl<T: Update + RecordCodec + ShardKey + Sync> Publish<T> for Publisher<T> {
     }
 }
 
-/// `updates` as messages: `(shard, updates, payload)`, one per shard (split when large), each shard's updates in
-/// request order.
-pub fn messages<T: RecordCodec + ShardKey>(updates: &[T], shards: u16) -> Vec<(u16, usize, Vec<u8>)> {
+/// One message of a request: its shard, how many updates it carries, its payload (a record) and its
+/// `Nats-Msg-Id`.
+pub struct ShardMessage {
+    pub shard: u16,
+    pub updates: usize,
+    pub payload: Vec<u8>,
+    pub id: String,
+}
+
+/// `updates` as messages, one per shard (split when large), each shard's updates in request order.
+pub fn messages<T: RecordCodec + ShardKey>(updates: &[T], shards: u16) -> Vec<ShardMessage> {
     let mut by_shard: std::collections::BTreeMap<u16, Vec<&T>> = std::collections::BTreeMap::new();
     for update in updates {
         by_shard.entry(shard_of(update, shards)).or_default().push(update);
@@ -162,10 +175,15 @@ pub fn messages<T: RecordCodec + ShardKey>(updates: &[T], shards: u16) -> Vec<(u
 }
 
 /// Encodes `group` as one record, or as several when it would be larger than a message may be.
-fn encode_split<T: RecordCodec>(shard: u16, group: &[&T], out: &mut Vec<(u16, usize, Vec<u8>)>) {
-    let payload = record::encode_record_refs(shard, group);
+fn encode_split<T: RecordCodec>(shard: u16, group: &[&T], out: &mut Vec<ShardMessage>) {
+    let (payload, digest) = record::encode_record_refs_with_digest(shard, group);
     if payload.len() <= MAX_MESSAGE_BYTES || group.len() == 1 {
-        out.push((shard, group.len(), payload));
+        out.push(ShardMessage {
+            shard,
+            updates: group.len(),
+            payload,
+            id: message_id(&digest),
+        });
         return;
     }
     let (first, second) = group.split_at(group.len() / 2);
@@ -173,14 +191,14 @@ fn encode_split<T: RecordCodec>(shard: u16, group: &[&T], out: &mut Vec<(u16, us
     encode_split(shard, second, out);
 }
 
-/// The message id of a payload: its SHA-256, as 32 hex digits (128 bits).
-pub fn message_id(payload: &[u8]) -> String {
-    let digest = Sha256::digest(payload);
-    let mut id = String::with_capacity(32);
-    for byte in &digest[..16] {
-        id.push_str(&format!("{byte:02x}"));
-    }
-    id
+/// The message id of a content digest: its first 128 bits, as 32 hex digits.
+fn message_id(digest: &[u8; 32]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    digest[..16]
+        .iter()
+        .flat_map(|byte| [HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 0xf)]])
+        .map(char::from)
+        .collect()
 }
 
 #[cfg(test)]
@@ -206,12 +224,16 @@ mod tests {
     fn the_same_request_makes_the_same_messages_and_ids() {
         let request: Vec<_> = (0..50).map(|i| update(&format!("truck-{}", i % 7), i)).collect();
         let ids = |updates: &[LocationUpdate]| -> Vec<(u16, String)> {
-            messages(updates, 4)
-                .into_iter()
-                .map(|(s, _, p)| (s, message_id(&p)))
-                .collect()
+            messages(updates, 4).into_iter().map(|m| (m.shard, m.id)).collect()
         };
         assert_eq!(ids(&request), ids(&request.clone()));
+        // A retry is the same updates received later: the same ids, though the records differ.
+        let mut retry = request.clone();
+        for update in &mut retry {
+            update.received_at += time::Duration::seconds(3);
+        }
+        assert_eq!(ids(&request), ids(&retry));
+        assert_ne!(messages(&request, 4)[0].payload, messages(&retry, 4)[0].payload);
         let mut other = request.clone();
         other[3].lat = 1.5;
         assert_ne!(ids(&request), ids(&other));
@@ -222,12 +244,12 @@ mod tests {
         let request: Vec<_> = (0..20_000).map(|i| update("one-device", i)).collect();
         let made = messages(&request, 16);
         assert!(made.len() > 1, "a group over the message size is split");
-        assert!(made.iter().all(|(_, _, p)| p.len() <= MAX_MESSAGE_BYTES));
+        assert!(made.iter().all(|m| m.payload.len() <= MAX_MESSAGE_BYTES));
         let decoded: Vec<LocationUpdate> = made
             .iter()
-            .flat_map(|(_, n, p)| {
-                let updates = record::decode_updates::<LocationUpdate>(p).unwrap();
-                assert_eq!(updates.len(), *n);
+            .flat_map(|m| {
+                let updates = record::decode_updates::<LocationUpdate>(&m.payload).unwrap();
+                assert_eq!(updates.len(), m.updates);
                 updates
             })
             .collect();
