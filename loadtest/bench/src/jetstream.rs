@@ -22,26 +22,13 @@ pub fn nats_server_available() -> bool {
 
 impl Bench {
     fn ingest_process(&self, role: &str, slug: &str, nats_port: u16) -> anyhow::Result<(Service, PathBuf)> {
-        let port = procs::free_port()?;
-        let data_dir = self.scratch(slug);
-        std::fs::create_dir_all(&data_dir)?;
-        let mut command = Command::new(&self.gateway_bin);
-        command.arg(role);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("INGEST_") {
-                command.env_remove(&key);
-            }
-        }
-        command
-            .env("DATABASE_URL", &self.database_url)
-            .env("INGEST_LISTEN", format!("127.0.0.1:{port}"))
-            .env("INGEST_DATA_DIR", &data_dir)
-            .env("INGEST_QUEUE", "jetstream")
-            .env("INGEST_NATS_URL", format!("nats://127.0.0.1:{nats_port}"))
-            .env("INGEST_JETSTREAM_LOCAL_WRITERS", "false");
-        let log = self.scratch(&format!("{slug}.log"));
-        let service = Service::start(role, command, port, &log, "/healthz", Duration::from_secs(120))?;
-        Ok((service, data_dir))
+        let nats_url = format!("nats://127.0.0.1:{nats_port}");
+        let envs = [
+            ("INGEST_QUEUE", "jetstream"),
+            ("INGEST_NATS_URL", nats_url.as_str()),
+            ("INGEST_JETSTREAM_LOCAL_WRITERS", "false"),
+        ];
+        self.start_ingest_process(role, slug, &envs, "/healthz")
     }
 
     /// Measures gateway → JetStream → writer → PostgreSQL once.

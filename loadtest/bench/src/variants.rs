@@ -322,13 +322,26 @@ impl Bench {
     /// Starts the gateway with its default settings on a free port and a fresh data directory under the scratch
     /// directory (where a write-ahead log goes); returns it and that directory.
     pub fn start_gateway(&self, slug: &str, durability: Option<&str>) -> anyhow::Result<(Service, PathBuf)> {
+        let envs: Vec<(&str, &str)> = durability.map(|mode| ("INGEST_DURABILITY", mode)).into_iter().collect();
+        self.start_ingest_process("serve", slug, &envs, "/readyz")
+    }
+
+    /// Starts `ingest-gateway <role>` with its default settings but `envs`, on a free port and a fresh data
+    /// directory under the scratch directory; returns it once `ready_path` answers, and that directory.
+    pub fn start_ingest_process(
+        &self,
+        role: &str,
+        slug: &str,
+        envs: &[(&str, &str)],
+        ready_path: &str,
+    ) -> anyhow::Result<(Service, PathBuf)> {
         let port = procs::free_port()?;
         let data_dir = self.scratch(slug);
         std::fs::create_dir_all(&data_dir)?;
         let mut command = Command::new(&self.gateway_bin);
-        command.arg("serve");
-        // Defaults, whatever this shell has set: only the database, the address and a fresh data directory
-        // are given.
+        command.arg(role);
+        // Defaults, whatever this shell has set: only the database, the address, a fresh data directory and
+        // `envs` are given.
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("INGEST_") {
                 command.env_remove(&key);
@@ -337,12 +350,10 @@ impl Bench {
         command
             .env("DATABASE_URL", &self.database_url)
             .env("INGEST_LISTEN", format!("127.0.0.1:{port}"))
-            .env("INGEST_DATA_DIR", &data_dir);
-        if let Some(mode) = durability {
-            command.env("INGEST_DURABILITY", mode);
-        }
+            .env("INGEST_DATA_DIR", &data_dir)
+            .envs(envs.iter().copied());
         let log = self.scratch(&format!("{slug}.log"));
-        let service = Service::start("the gateway", command, port, &log, "/readyz", Duration::from_secs(120))?;
+        let service = Service::start(role, command, port, &log, ready_path, Duration::from_secs(120))?;
         Ok((service, data_dir))
     }
 
