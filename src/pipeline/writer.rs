@@ -368,8 +368,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_writer_that_panics_is_restarted_and_counted() {
+    /// A runtime for a writer, and a pool that is never asked for a connection in these tests.
+    fn runtime_and_unconnected_pool() -> (tokio::runtime::Runtime, Pool) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -378,6 +378,12 @@ mod tests {
             let _inside = runtime.enter();
             crate::db::pool::build(tokio_postgres::Config::new(), &crate::db::DatabaseTls::off(), 1).unwrap()
         };
+        (runtime, pool)
+    }
+
+    #[test]
+    fn a_writer_that_panics_is_restarted_and_counted() {
+        let (runtime, pool) = runtime_and_unconnected_pool();
         let metrics = Metrics::new().unwrap().location;
         let writer = BatchWriter {
             name: "location-writer-0".into(),
@@ -403,14 +409,7 @@ mod tests {
 
     #[test]
     fn a_batch_due_for_a_waiting_request_takes_every_request_already_queued() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let pool = {
-            let _inside = runtime.enter();
-            crate::db::pool::build(tokio_postgres::Config::new(), &crate::db::DatabaseTls::off(), 1).unwrap()
-        };
+        let (runtime, pool) = runtime_and_unconnected_pool();
         let update = crate::model::LocationUpdate::at_epoch;
         let queue = crate::pipeline::queue::bounded(100, usize::MAX, 1);
         let (waiter, _committed) = CommitWaiter::new(1);
