@@ -541,3 +541,39 @@ pub fn gateway_envs(
         ("INGEST_DATA_DIR", data_dir.path().display().to_string()),
     ]
 }
+
+/// A gateway binary that is killed when dropped, so that a test failing half-way leaves no process behind.
+pub struct GatewayProcess {
+    child: Child,
+    /// Its HTTP address, as it logged it.
+    pub address: String,
+}
+
+impl GatewayProcess {
+    /// Starts the binary with `envs`, as [`start_gateway`] does.
+    pub fn start(envs: &[(&str, String)]) -> Self {
+        let (child, address) = start_gateway(envs);
+        GatewayProcess { child, address }
+    }
+
+    /// Kills it with SIGKILL, as a crash or the OOM killer would, and reaps it.
+    pub fn kill(&mut self) {
+        signal(&self.child, libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Stops it with SIGTERM and returns how it exited.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        signal(&self.child, libc::SIGTERM);
+        self.child.wait().expect("wait for the gateway to exit")
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        // A reaped child's pid may already name another process: signal only one still running.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}

@@ -26,5 +26,6 @@ mod signals;
 mod stalls;
 mod status_page;
 mod tls;
+mod tracker_crash;
 mod unix_socket;
 mod validation;
