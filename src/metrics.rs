@@ -112,6 +112,8 @@ pub struct Metrics {
     pub location: StreamMetrics,
     /// The `poll` stream.
     pub poll: StreamMetrics,
+    /// The `dead_letter` stream: tracker fixes that can never be stored, on their way to `dead_letters`.
+    pub dead_letter: StreamMetrics,
     /// The write-ahead log.
     pub wal: WalMetrics,
     /// Ingest requests by API key name and outcome; the names come from the operator's keys file, so the label
@@ -426,6 +428,7 @@ impl Metrics {
         Ok(Metrics {
             location: for_stream("location"),
             poll: for_stream("poll"),
+            dead_letter: for_stream("dead_letter"),
             http: HttpMetrics { requests, duration },
             wal,
             requests_by_key,

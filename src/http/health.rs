@@ -72,12 +72,13 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         reasons.push("shutting down".to_owned());
     }
     // Updates sent now would wait behind the previous run's log: let a load balancer send them elsewhere.
-    if state.location.is_replaying() || state.poll.is_replaying() {
+    if state.location.is_replaying() || state.poll.is_replaying() || state.dead_letters.is_replaying() {
         reasons.push("replaying".to_owned());
     }
     for (name, (pending, capacity)) in [
         ("location", state.location.queue_fill()),
         ("poll", state.poll.queue_fill()),
+        ("dead_letter", state.dead_letters.queue_fill()),
     ] {
         if pending as f64 > capacity as f64 * HIGH_WATER_MARK {
             reasons.push(format!("the {name} queue holds {pending} of {capacity} updates"));
@@ -86,6 +87,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     for (name, stall) in [
         ("location", state.location.writer_stall()),
         ("poll", state.poll.writer_stall()),
+        ("dead_letter", state.dead_letters.writer_stall()),
     ] {
         if let Some((failing, reason)) = stall.filter(|(d, _)| *d >= state.stall_timeout) {
             reasons.push(format!(

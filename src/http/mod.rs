@@ -32,7 +32,7 @@ use tracing::warn;
 use crate::config::Durability;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
-use crate::model::{LocationUpdate, PollResult};
+use crate::model::{DeadLetter, LocationUpdate, PollResult};
 use limits::{BodyBudget, BodyDeadline};
 use request_id::RequestId;
 
@@ -82,6 +82,9 @@ pub struct AppState {
     /// Where each stream's validated updates are handed over.
     pub location: Arc<Intake<LocationUpdate>>,
     pub poll: Arc<Intake<PollResult>>,
+    /// Where the tracker routes hand over the fixes they answer as success but can never store, so that those
+    /// reach `dead_letters` as durably as updates reach their tables.
+    pub dead_letters: Arc<Intake<DeadLetter>>,
     pub limits: IngestLimits,
     /// What a `202` promises, as `/stats` reports it.
     pub durability: Durability,
@@ -106,6 +109,7 @@ impl AppState {
     pub fn refresh_gauges(&self) {
         self.location.refresh_gauges();
         self.poll.refresh_gauges();
+        self.dead_letters.refresh_gauges();
     }
 }
 

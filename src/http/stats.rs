@@ -36,6 +36,9 @@ pub struct Streams {
     pub location: StreamStats,
     /// `POST /api/v1/poll/update`.
     pub poll: StreamStats,
+    /// The fixes the tracker routes answered as success but can never store, on their way to `dead_letters`
+    /// (`accepted`: handed over, `written`: stored there).
+    pub dead_letter: StreamStats,
 }
 
 /// One stream's figures since the gateway started, as `/metrics` exports them.
@@ -151,6 +154,11 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
                 state.location.replay(),
             ),
             poll: stream_stats(state.poll.metrics(), state.poll.writer_stall(), state.poll.replay()),
+            dead_letter: stream_stats(
+                state.dead_letters.metrics(),
+                state.dead_letters.writer_stall(),
+                state.dead_letters.replay(),
+            ),
         },
         wal: wal_stats(&state.metrics.wal),
     })

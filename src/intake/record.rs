@@ -4,7 +4,7 @@
 
 use time::OffsetDateTime;
 
-use crate::model::{LocationUpdate, PollResult};
+use crate::model::{DeadLetter, LocationUpdate, PollResult};
 
 /// Bytes of the header: lsn u64, stream u8, slot u16, count u32.
 pub const HEADER_BYTES: usize = 8 + 1 + 2 + 4;
@@ -12,6 +12,7 @@ pub const HEADER_BYTES: usize = 8 + 1 + 2 + 4;
 /// Identifies a record's stream.
 pub const LOCATION_STREAM: u8 = 1;
 pub const POLL_STREAM: u8 = 2;
+pub const DEAD_LETTER_STREAM: u8 = 3;
 
 /// The header of a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,6 +234,33 @@ impl RecordCodec for PollResult {
     }
 }
 
+impl RecordCodec for DeadLetter {
+    const STREAM_ID: u8 = DEAD_LETTER_STREAM;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_string(out, &self.stream);
+        put_string(out, &self.protocol);
+        put_string(out, &self.reason);
+        put_string(out, &self.message);
+        put_opt(out, self.device_id.as_deref(), put_string);
+        put_string(out, &self.payload);
+        // Last, as for locations: a tracker's retry of the same refused fix is the same letter received later.
+        put_timestamp(out, self.received_at);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Option<Self> {
+        Some(DeadLetter {
+            stream: r.string()?,
+            protocol: r.string()?,
+            reason: r.string()?,
+            message: r.string()?,
+            device_id: r.opt(Reader::string)?,
+            payload: r.string()?,
+            received_at: r.timestamp()?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +319,41 @@ mod tests {
         assert_eq!(decode_updates::<PollResult>(&payload), Some(vec![p]));
     }
 
+    fn dead_letter(device_id: Option<&str>) -> DeadLetter {
+        DeadLetter {
+            stream: "location".into(),
+            protocol: "osmand".into(),
+            reason: "null_island".into(),
+            message: "lat and lon are both 0".into(),
+            device_id: device_id.map(str::to_owned),
+            payload: r#"{"id":"é-1","lat":"0","lon":"0"}"#.into(),
+            received_at: datetime!(2026-11-22 10:00:03.5 UTC),
+        }
+    }
+
+    #[test]
+    fn dead_letters_round_trip_and_are_not_read_as_another_stream() {
+        let letters = vec![dead_letter(Some("truck-1")), dead_letter(None)];
+        let payload = encode_record(0, &letters);
+        assert_eq!(decode_header(&payload).map(|h| h.stream), Some(DEAD_LETTER_STREAM));
+        assert_eq!(decode_updates::<DeadLetter>(&payload), Some(letters));
+        assert_eq!(decode_updates::<LocationUpdate>(&payload), None);
+    }
+
+    #[test]
+    fn a_dead_letter_received_later_has_the_same_content_digest() {
+        let first = dead_letter(Some("truck-1"));
+        let mut again = first.clone();
+        again.received_at += time::Duration::seconds(30);
+        let (record_a, digest_a) = encode_record_refs_with_digest(0, &[&first]);
+        let (record_b, digest_b) = encode_record_refs_with_digest(0, &[&again]);
+        assert_ne!(record_a, record_b);
+        assert_eq!(digest_a, digest_b);
+        let mut other = first.clone();
+        other.reason = "invalid".into();
+        assert_ne!(encode_record_refs_with_digest(0, &[&other]).1, digest_a);
+    }
+
     proptest! {
         #[test]
         fn truncated_or_garbage_payloads_decode_to_none_without_panic(cut in 0usize..400, junk in prop::collection::vec(any::<u8>(), 0..64)) {
@@ -299,6 +362,7 @@ mod tests {
             prop_assert_eq!(decode_updates::<LocationUpdate>(&payload[..cut]), None);
             let _ = decode_updates::<LocationUpdate>(&junk);
             let _ = decode_updates::<PollResult>(&junk);
+            let _ = decode_updates::<DeadLetter>(&junk);
         }
     }
 }

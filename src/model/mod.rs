@@ -4,13 +4,18 @@
 //! attributes) by [`body::parse_body`], then each is turned into a domain type ([`LocationUpdate`],
 //! [`PollResult`]) by [`Update::validate`], which reports every broken rule rather than the first one. Each
 //! stream's OpenAPI schema (`utoipa::ToSchema`) is built from the same ranges its validator checks.
+//!
+//! A [`DeadLetter`] (a tracker's fix that can never be stored) is not read from a body: the tracker routes make
+//! it, and it travels through the same intake as the updates so that it is as durable as they are.
 
 pub mod body;
+pub mod dead_letter;
 mod fields;
 pub mod location;
 pub mod poll;
 
 pub use body::{parse_body, BodyError, BodyFormat, RawUpdate};
+pub use dead_letter::DeadLetter;
 pub use fields::{FieldError, IntegerRange, NumberRange, Scalar, ValidationRules, MAX_ATTRIBUTES_BYTES};
 pub use location::LocationUpdate;
 pub use poll::PollResult;

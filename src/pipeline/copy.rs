@@ -7,7 +7,12 @@
 //! database's error in `dead_letters`; every other row of the batch is written. Errors that retrying can fix
 //! (connection lost, database restarting, timeout) abort the whole transaction and are retried by the writer.
 //! The log position is recorded in the same transaction, so a replay never writes a batch twice.
+//!
+//! The `dead_letter` stream (tracker fixes that can never be stored) writes into `dead_letters` itself. Its rows
+//! are made storable as they are encoded (`storable_json`); one PostgreSQL refuses all the same (a trigger,
+//! say) is kept like any other row, as one plain `INSERT` of its JSON, never sent through a batch again.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -19,7 +24,7 @@ use time::OffsetDateTime;
 use tokio_postgres::Transaction;
 
 use crate::db::checkpoint::{self, Checkpoint};
-use crate::model::{LocationUpdate, PollResult};
+use crate::model::{DeadLetter, LocationUpdate, PollResult};
 
 /// A batch that does not finish in this time is abandoned (and retried): a hung connection must not stall a
 /// writer forever.
@@ -33,7 +38,8 @@ pub trait CopyRecord: Send + Sync + 'static {
     const TABLE: &'static str;
     /// The column list, in the order [`CopyRecord::encode_copy`] writes them.
     const COLUMNS: &'static str;
-    /// The natural key: a second row with the same key is a duplicate.
+    /// The natural key: a second row with the same key is a duplicate. Rows go from staging to the table in its
+    /// order; a table without a natural key names the columns to order them by.
     const KEY: &'static str;
     const COLUMN_COUNT: i16;
 
@@ -55,7 +61,7 @@ pub trait CopyRecord: Send + Sync + 'static {
     }
 }
 
-/// The `NOTIFY` channel of a stream: `ingest_location`, `ingest_poll`.
+/// The `NOTIFY` channel of a stream: `ingest_location`, `ingest_poll`, `ingest_dead_letter`.
 pub fn notify_channel(stream: &str) -> String {
     format!("ingest_{stream}")
 }
@@ -263,9 +269,12 @@ fn write_rows<'a, T: CopyRecord>(
 async fn copy_rows<T: CopyRecord>(tx: &Transaction<'_>, rows: &[T], dedup: bool) -> Result<u64, tokio_postgres::Error> {
     let staging = format!("{}_staging", T::TABLE);
     let target = if dedup {
-        // Temporary, per connection; emptied at commit and before each use within a transaction.
+        // Temporary, per connection; emptied at commit and before each use within a transaction. With its own
+        // identity sequence, if the table has one (`dead_letters.id`): `LIKE` copies the column's NOT NULL
+        // always, and the COPY, which leaves the column out, would be refused without it.
         tx.batch_execute(&format!(
-            "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS; \
+            "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {} INCLUDING DEFAULTS INCLUDING IDENTITY) \
+             ON COMMIT DELETE ROWS; \
              TRUNCATE {staging}",
             T::TABLE
         ))
@@ -602,6 +611,91 @@ impl CopyRecord for PollResult {
     }
 }
 
+/// `text` as PostgreSQL can store it: it refuses the NUL character in `text` (and `jsonb`).
+fn storable_text(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
+/// `value` with every NUL character in its strings and keys replaced, so that `jsonb` takes it.
+fn without_nul(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Value::String(storable_text(&s).into_owned()),
+        Value::Array(items) => Value::Array(items.into_iter().map(without_nul).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (storable_text(&k).into_owned(), without_nul(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// A dead letter's payload as `jsonb` can store it. Nothing validates a letter's payload (the routes make it from
+/// whatever a tracker sent), and a refused letter would cost a bisection to isolate: so JSON that serde_json reads
+/// (no lone surrogate, no number beyond `f64`) is kept as it is unless it escapes a NUL, which is replaced; text
+/// that is not such JSON is kept whole as a string, under `unparsed`.
+fn storable_json(payload: &str) -> Cow<'_, str> {
+    match serde_json::from_str::<serde_json::Value>(payload) {
+        Ok(_) if !payload.contains("\\u0000") => Cow::Borrowed(payload),
+        Ok(value) => Cow::Owned(without_nul(value).to_string()),
+        Err(_) => Cow::Owned(serde_json::json!({ "unparsed": storable_text(payload) }).to_string()),
+    }
+}
+
+/// The refused tracker fixes of the `dead_letter` stream, in `dead_letters` next to the rows PostgreSQL refused:
+/// `reason` and `protocol` set (NULL for those), `error` the letter's sentence, `sqlstate` NULL.
+impl CopyRecord for DeadLetter {
+    const TABLE: &'static str = "dead_letters";
+    const COLUMNS: &'static str = "stream, payload, error, reason, protocol, device_id, received_at";
+    /// No natural key: `id` is an identity, so a COPY never conflicts unless an operator adds a unique index, and
+    /// then staging is gone through in the order the letters came.
+    const KEY: &'static str = "received_at";
+    const COLUMN_COUNT: i16 = 7;
+
+    fn encode_copy(&self, out: &mut BytesMut) {
+        put_text(out, &storable_text(&self.stream));
+        put_jsonb(out, Some(&storable_json(&self.payload)));
+        put_text(out, &storable_text(&self.message));
+        put_text(out, &storable_text(&self.reason));
+        put_text(out, &storable_text(&self.protocol));
+        match &self.device_id {
+            Some(device_id) => put_text(out, &storable_text(device_id)),
+            None => put_null(out),
+        }
+        put_timestamptz(out, self.received_at);
+    }
+
+    fn to_json(&self) -> String {
+        let payload = serde_json::from_str(&storable_json(&self.payload)).unwrap_or(serde_json::Value::Null);
+        // Storable as `jsonb` whatever the letter holds: the last resort of a letter PostgreSQL refused must not be
+        // refused too.
+        without_nul(serde_json::json!({
+            "stream": self.stream,
+            "protocol": self.protocol,
+            "reason": self.reason,
+            "message": self.message,
+            "device_id": self.device_id,
+            "payload": payload,
+            "received_at": rfc3339(self.received_at),
+        }))
+        .to_string()
+    }
+
+    fn batch_summary(rows: &[Self]) -> serde_json::Value {
+        let (from, to) = time_range(rows.iter().map(|r| r.received_at));
+        let mut reasons: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+        for row in rows {
+            *reasons.entry(row.reason.as_str()).or_default() += 1;
+        }
+        serde_json::json!({"rows": rows.len(), "from": from, "to": to, "reasons": reasons})
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -640,5 +734,64 @@ mod tests {
         expected.extend_from_slice(&(-1_000_000i64).to_be_bytes());
         expected.extend_from_slice(&(-1i16).to_be_bytes());
         assert_eq!(&out[..], &expected[..]);
+    }
+
+    fn letter(device_id: Option<&str>, payload: &str) -> DeadLetter {
+        DeadLetter {
+            stream: "location".into(),
+            protocol: "osmand".into(),
+            reason: "null_island".into(),
+            message: "lat and lon are both 0".into(),
+            device_id: device_id.map(str::to_owned),
+            payload: payload.into(),
+            received_at: datetime!(2000-01-01 00:00:02 UTC),
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_encodes_to_the_binary_copy_layout() {
+        let mut out = BytesMut::new();
+        encode_batch(&[letter(Some("t1"), "{}"), letter(None, "{}")], &mut out);
+        let text = |expected: &mut Vec<u8>, s: &str| {
+            expected.extend_from_slice(&(s.len() as i32).to_be_bytes());
+            expected.extend_from_slice(s.as_bytes());
+        };
+        let mut expected = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0".to_vec();
+        for device_id in [Some("t1"), None] {
+            expected.extend_from_slice(&7i16.to_be_bytes());
+            text(&mut expected, "location");
+            expected.extend_from_slice(&[0, 0, 0, 3, 1, b'{', b'}']);
+            text(&mut expected, "lat and lon are both 0");
+            text(&mut expected, "null_island");
+            text(&mut expected, "osmand");
+            match device_id {
+                Some(id) => text(&mut expected, id),
+                None => expected.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+            expected.extend_from_slice(&[0, 0, 0, 8]);
+            expected.extend_from_slice(&2_000_000i64.to_be_bytes());
+        }
+        expected.extend_from_slice(&(-1i16).to_be_bytes());
+        assert_eq!(&out[..], &expected[..]);
+    }
+
+    #[test]
+    fn a_dead_letter_payload_is_made_storable_and_its_json_always_is() {
+        assert!(matches!(storable_json(r#"{"lat":"0"}"#), Cow::Borrowed(_)));
+        assert_eq!(
+            storable_json(r#"{"a\u0000":"b\u0000"}"#),
+            "{\"a\u{FFFD}\":\"b\u{FFFD}\"}"
+        );
+        assert_eq!(storable_json("id=1&lat=x\0"), "{\"unparsed\":\"id=1&lat=x\u{FFFD}\"}");
+        assert_eq!(storable_json(r#"{"n":1e999999}"#), r#"{"unparsed":"{\"n\":1e999999}"}"#);
+
+        let mut odd = letter(Some("t\0"), r#"{"s":"\u0000"}"#);
+        odd.message.push('\0');
+        let json = odd.to_json();
+        assert!(!json.contains('\0') && !json.contains("\\u0000"), "{json}");
+        let mut out = BytesMut::new();
+        odd.encode_copy(&mut out);
+        let holds = |needle: &str| out.windows(needle.len()).any(|w| w == needle.as_bytes());
+        assert!(holds("t\u{FFFD}") && holds("both 0\u{FFFD}") && holds("{\"s\":\"\u{FFFD}\"}"));
     }
 }

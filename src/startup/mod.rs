@@ -35,7 +35,7 @@ use crate::http::limits::{BodyBudget, BodyDeadline};
 use crate::http::{self, AppState, DatabaseHealth, IngestLimits, Routes};
 use crate::intake::Gate;
 use crate::metrics::Metrics;
-use crate::model::{LocationUpdate, PollResult, Update};
+use crate::model::{DeadLetter, LocationUpdate, PollResult, Update};
 use crate::pipeline::BatchPolicy;
 use crate::wal::{Recovery, Wal, WalConfig};
 use data_dir::DataDir;
@@ -47,6 +47,10 @@ use tls::ServerTls;
 
 /// Size at which a log segment is closed and a new one started.
 const WAL_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Batch writers of the `dead_letter` stream, whatever `INGEST_WRITERS` says: refused tracker fixes are few, and
+/// each writer holds a database connection.
+const DEAD_LETTER_WRITERS: usize = 1;
 
 /// The database the gateway writes to: a server it was given, or one it runs itself.
 pub struct Database {
@@ -205,7 +209,11 @@ impl Application {
         // One connection per writer, plus room for readiness checks.
         let pool = {
             let _inside = runtime.enter();
-            db::pool::build(database.config.clone(), &database.tls, writers_per_stream * 2 + 2)?
+            db::pool::build(
+                database.config.clone(),
+                &database.tls,
+                writers_per_stream * 2 + DEAD_LETTER_WRITERS + 2,
+            )?
         };
         // Whatever the durability now, a log left by an earlier run holds acknowledged updates: replay it.
         let wal_config = WalConfig {
@@ -266,7 +274,7 @@ impl Application {
                 // A cluster that is electing leaders (a node just restarted) answers after a while: retried for
                 // a bounded time; a mismatch with the settings is not retried.
                 let deadline = tokio::time::Instant::now() + JETSTREAM_STARTUP_WAIT;
-                for stream in [LocationUpdate::STREAM, PollResult::STREAM] {
+                for stream in [LocationUpdate::STREAM, PollResult::STREAM, DeadLetter::STREAM] {
                     loop {
                         match crate::intake::jetstream::ensure_stream(&context, stream, &js).await {
                             Ok(()) => break,
@@ -315,10 +323,13 @@ impl Application {
         let (location, location_handle) = parts.build::<LocationUpdate>(&metrics.location, &mut checkpoints)?;
         parts.keep_latest = settings.latest_poll_results;
         let (poll, poll_handle) = parts.build::<PollResult>(&metrics.poll, &mut checkpoints)?;
+        parts.keep_latest = false;
+        parts.writers = DEAD_LETTER_WRITERS;
+        let (dead_letters, dead_letter_handle) = parts.build::<DeadLetter>(&metrics.dead_letter, &mut checkpoints)?;
         drop(parts);
         let nats = match nats {
             Some((parts, nats_runtime)) => {
-                let sets: Vec<_> = [&location_handle.shards, &poll_handle.shards]
+                let sets: Vec<_> = [&location_handle.shards, &poll_handle.shards, &dead_letter_handle.shards]
                     .into_iter()
                     .flatten()
                     .cloned()
@@ -346,6 +357,7 @@ impl Application {
             vec![
                 (LocationUpdate::STREAM, location.replay_progress().clone()),
                 (PollResult::STREAM, poll.replay_progress().clone()),
+                (DeadLetter::STREAM, dead_letters.replay_progress().clone()),
             ],
             settings.progress_interval,
         ));
@@ -365,6 +377,7 @@ impl Application {
         let state = web::Data::new(AppState {
             location,
             poll,
+            dead_letters,
             limits: IngestLimits {
                 max_body_bytes: settings.max_body_bytes,
                 max_updates: settings.max_updates as usize,
@@ -390,7 +403,7 @@ impl Application {
             state,
             gate,
             wal,
-            streams: vec![location_handle, poll_handle],
+            streams: vec![location_handle, poll_handle, dead_letter_handle],
             shutdown_timeout: settings.shutdown_timeout,
             max_connections: settings.max_connections as usize,
             reloads,
@@ -407,6 +420,12 @@ impl Application {
     /// The first TCP port actually bound (useful with port 0); 0 when listening on Unix sockets only.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The state the handlers share, for code in the same process that hands updates to an intake without HTTP
+    /// (the tests do). Whoever holds it should let go of it once [`Application::run`] returns.
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
     }
 
     /// Serves until `stop` resolves, then stops without losing what was accepted (within the shutdown timeout).

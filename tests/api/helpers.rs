@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use ingest_gateway::config::Settings;
 use ingest_gateway::db::EmbeddedPostgres;
+use ingest_gateway::http::AppState;
 use ingest_gateway::startup::shutdown::ShutdownOutcome;
 use ingest_gateway::startup::Application;
 use time::format_description::well_known::Rfc3339;
@@ -107,6 +108,8 @@ pub struct TestApp {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<anyhow::Result<ShutdownOutcome>>>,
     agent: ureq::Agent,
+    /// The handlers' shared state, for tests that hand updates to an intake directly; let go of at the stop.
+    state: Option<actix_web::web::Data<AppState>>,
     /// The gateway's data directory (its write-ahead log), removed with the app.
     pub data_dir: std::path::PathBuf,
     _data_dir: tempfile::TempDir,
@@ -131,6 +134,7 @@ pub fn spawn_app_on(config: tokio_postgres::Config, tune: impl FnOnce(&mut Setti
     tune(&mut settings);
     let app = Application::build(&settings).expect("build the gateway");
     let address = format!("http://127.0.0.1:{}", app.port());
+    let state = app.state();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(app.run(async {
@@ -144,6 +148,7 @@ pub fn spawn_app_on(config: tokio_postgres::Config, tune: impl FnOnce(&mut Setti
         stop: Some(stop_tx),
         thread: Some(thread),
         agent,
+        state: Some(state),
         data_dir: data_dir.path().to_owned(),
         _data_dir: data_dir,
     }
@@ -185,9 +190,15 @@ impl TestApp {
         into_answer(self.agent.get(&format!("{}{path}", self.address)).call())
     }
 
+    /// The running gateway's shared state: its intakes, as the HTTP handlers see them.
+    pub fn state(&self) -> &AppState {
+        self.state.as_deref().expect("the gateway runs")
+    }
+
     /// Stops the gateway as SIGTERM would, and returns what the stop achieved.
     /// Its database stays reachable through `db` afterwards.
     pub fn stop(&mut self) -> ShutdownOutcome {
+        self.state = None;
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -232,6 +243,15 @@ pub fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Runs `future` to its end on a runtime of its own, as an HTTP handler would run it on its worker.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(future)
 }
 
 /// Now, as RFC 3339.

@@ -1,6 +1,7 @@
 //! JetStream as the shared queue, against real `nats-server` processes the harness starts: a single node (a 202
-//! lands once, a retry is stored once, 503 while NATS is down, dead letters, `?ack=commit`), then a 3-node cluster
-//! with two gateways and two writer processes, where a NATS node, a gateway and a writer are killed under load.
+//! lands once, a retry is stored once, 503 while NATS is down, dead letters, `?ack=commit`, the tracker letters'
+//! own stream), then a 3-node cluster with two gateways and two writer processes, where a NATS node, a gateway and
+//! a writer are killed under load.
 //! Skipped, loudly, when `nats-server` is not installed (`.ci/run` installs it).
 
 use std::io::{BufRead, BufReader};
@@ -11,6 +12,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ingest_gateway::config::QueueKind;
+use ingest_gateway::intake::Ack;
+use ingest_gateway::model::DeadLetter;
 
 use crate::helpers::*;
 
@@ -216,6 +219,52 @@ fn on_jetstream_an_acknowledged_update_lands_once_a_retry_is_stored_once_and_nat
     assert!(!app.db.device_ids().iter().any(|(id, _)| id == "refused"));
     let stats = app.get("/stats").json();
     assert_eq!(stats["streams"]["location"]["dead_lettered"], 1, "{stats}");
+    assert!(app.stop().is_clean());
+}
+
+#[test]
+fn on_jetstream_dead_letters_have_a_stream_of_their_own_and_a_tracker_retry_is_stored_once() {
+    if !nats_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nats_cluster(1, &dir);
+    let url = urls(&nodes);
+    let mut app = spawn_app(|s| {
+        s.queue = QueueKind::Jetstream;
+        s.nats_url = url.clone();
+        s.jetstream_shards = 4;
+    });
+    let letter = |device: &str, second: i64| DeadLetter {
+        stream: "location".into(),
+        protocol: "owntracks".into(),
+        reason: "invalid".into(),
+        message: "the fix is flagged invalid".into(),
+        device_id: Some(device.to_owned()),
+        payload: format!(r#"{{"tid":"{device}"}}"#),
+        received_at: time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(second),
+    };
+    let submit = |letters, ack| block_on(app.state().dead_letters.submit(letters, ack)).unwrap();
+
+    let first = submit(vec![letter("phone-1", 1), letter("phone-2", 1)], Ack::Committed);
+    // The same refused fixes sent again a second later: the same content, so the same JetStream message ids.
+    submit(vec![letter("phone-1", 2), letter("phone-2", 2)], Ack::Durable);
+    submit(vec![letter("phone-3", 3)], Ack::Committed);
+
+    assert_eq!(first.committed, Some(true));
+    let rows = app
+        .db
+        .query("SELECT device_id, received_at FROM dead_letters ORDER BY device_id");
+    let stored: Vec<(String, time::OffsetDateTime)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let at = |second| time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(second);
+    assert_eq!(
+        stored,
+        [
+            ("phone-1".into(), at(1)),
+            ("phone-2".into(), at(1)),
+            ("phone-3".into(), at(3))
+        ]
+    );
     assert!(app.stop().is_clean());
 }
 

@@ -9,6 +9,7 @@ mod batching;
 #[path = "../cases/mod.rs"]
 mod cases;
 mod crash;
+mod dead_letters;
 mod durability;
 mod embedded;
 mod helpers;

@@ -25,7 +25,8 @@ fn a_second_migration_run_applies_nothing() {
             "V3__natural_keys_dead_letters_wal_progress",
             "V4__progress_per_instance",
             "V5__device_positions",
-            "V6__time_partitions"
+            "V6__time_partitions",
+            "V7__tracker_dead_letters"
         ]
     );
     assert!(second.applied.is_empty());
@@ -33,5 +34,5 @@ fn a_second_migration_run_applies_nothing() {
     assert_eq!(db.count("location_updates"), 0);
     assert_eq!(db.count("poll_results"), 0);
     assert_eq!(db.count("dead_letters"), 0);
-    assert_eq!(db.count("refinery_schema_history"), 6);
+    assert_eq!(db.count("refinery_schema_history"), 7);
 }

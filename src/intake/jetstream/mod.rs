@@ -8,10 +8,11 @@
 //!   shard, and the delivery that acks a message only after its batch is committed.
 //!
 //! # Layout in JetStream
-//! Stream `INGEST_LOCATION` holds subjects `ingest.location.<shard>` (likewise `INGEST_POLL`, `ingest.poll.*`),
-//! with work-queue retention: a message leaves the stream once a writer acks it, so the stream holds exactly the
-//! backlog. An update's shard is a hash of its natural key (device, project) modulo the shard count, so that one
-//! device's updates stay in one subject, in order. Each shard has one durable pull consumer, `<stream>-<shard>`.
+//! Stream `INGEST_LOCATION` holds subjects `ingest.location.<shard>` (likewise `INGEST_POLL`, `ingest.poll.*`, and
+//! `INGEST_DEAD_LETTER`, `ingest.dead_letter.*`, for the tracker fixes kept in `dead_letters`), with work-queue
+//! retention: a message leaves the stream once a writer acks it, so the stream holds exactly the backlog. An
+//! update's shard is a hash of its natural key (device, project) modulo the shard count, so that one device's
+//! updates stay in one subject, in order. Each shard has one durable pull consumer, `<stream>-<shard>`.
 
 pub mod consume;
 pub mod publish;
@@ -25,7 +26,7 @@ use async_nats::jetstream::Context;
 use tracing::info;
 
 use crate::config::Settings;
-use crate::model::{LocationUpdate, PollResult};
+use crate::model::{DeadLetter, LocationUpdate, PollResult};
 
 /// The stream metadata key that records the shard count the stream was made for.
 const SHARDS_METADATA: &str = "ingest_shards";
@@ -74,6 +75,14 @@ impl ShardKey for LocationUpdate {
 impl ShardKey for PollResult {
     fn shard_key(&self) -> ShardKeyBytes<'_> {
         ShardKeyBytes::Number(self.project_id)
+    }
+}
+
+impl ShardKey for DeadLetter {
+    /// The device the letter names, so that one device's letters are written in order; the protocol for a letter
+    /// that names none.
+    fn shard_key(&self) -> ShardKeyBytes<'_> {
+        ShardKeyBytes::Text(self.device_id.as_deref().unwrap_or(&self.protocol))
     }
 }
 
