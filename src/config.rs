@@ -124,6 +124,12 @@ pub struct Settings {
     #[arg(long, env = "INGEST_ADMIN_LISTEN", global = true)]
     pub admin_listen: Option<String>,
 
+    /// Where to take the OsmAnd protocol on every path, as a Traccar server's port 5055 does (e.g. `0.0.0.0:5055`;
+    /// same forms as `--listen`), so that Traccar Clients change only the host and port; unset: only
+    /// `/api/v1/osmand` on the public listeners.
+    #[arg(long, env = "INGEST_OSMAND_LISTEN", global = true)]
+    pub osmand_listen: Option<String>,
+
     /// Permissions of a Unix socket listener's file, in octal: who on this host may send.
     #[arg(long, env = "INGEST_SOCKET_MODE", default_value = "660", value_parser = parse_octal_mode, global = true)]
     pub socket_mode: u32,

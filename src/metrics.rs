@@ -44,6 +44,9 @@ pub const HTTP_REQUEST_DURATION: &str = "ingest_http_request_duration_seconds";
 pub const REQUESTS_BY_KEY: &str = "ingest_requests_by_key_total";
 pub const PARTITIONS_CREATED: &str = "ingest_partitions_created_total";
 pub const PARTITIONS_DROPPED: &str = "ingest_partitions_dropped_total";
+pub const TRACKER_FIXES: &str = "ingest_tracker_fixes_total";
+pub const TRACKER_DEAD_LETTERED: &str = "ingest_tracker_dead_lettered_total";
+pub const TRACKER_TIME_REPAIRS: &str = "ingest_tracker_time_repairs_total";
 
 /// Why updates were refused: a small fixed set, never an error message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +124,21 @@ pub struct Metrics {
     pub requests_by_key: IntCounterVec,
     /// Time partitions made and dropped, by `stream`.
     pub partitions: PartitionMetrics,
+    /// What the trackers' own protocols brought, by `protocol`.
+    pub trackers: TrackerMetrics,
+}
+
+/// The tracker routes' figures. The label values come from small fixed sets (the protocols, the outcomes, the
+/// reasons a fix can never be stored), named by the model.
+#[derive(Clone)]
+pub struct TrackerMetrics {
+    /// Fixes and messages by `protocol` and `outcome`: `stored`, `dead_lettered`, `ignored` (a message that is
+    /// no fix, answered and not stored).
+    pub fixes: IntCounterVec,
+    /// Fixes that can never be stored, kept in `dead_letters`, by `protocol` and `reason`.
+    pub dead_lettered: IntCounterVec,
+    /// Fix times moved forward by 1024 GPS weeks (a receiver with the week-rollover bug), by `protocol`.
+    pub time_repairs: IntCounterVec,
 }
 
 /// The time partitions' figures, labelled by `stream`.
@@ -394,6 +412,32 @@ impl Metrics {
         };
         reg(Box::new(partitions.created.clone()))?;
         reg(Box::new(partitions.dropped.clone()))?;
+        let trackers = TrackerMetrics {
+            fixes: IntCounterVec::new(
+                Opts::new(
+                    TRACKER_FIXES,
+                    "Fixes and messages of the trackers' own protocols, by outcome (stored, dead_lettered, ignored)",
+                ),
+                &["protocol", "outcome"],
+            )?,
+            dead_lettered: IntCounterVec::new(
+                Opts::new(
+                    TRACKER_DEAD_LETTERED,
+                    "Tracker fixes that can never be stored, answered as success and kept in dead_letters",
+                ),
+                &["protocol", "reason"],
+            )?,
+            time_repairs: IntCounterVec::new(
+                Opts::new(
+                    TRACKER_TIME_REPAIRS,
+                    "Tracker fix times moved forward by 1024 GPS weeks (the week-rollover bug)",
+                ),
+                &["protocol"],
+            )?,
+        };
+        reg(Box::new(trackers.fixes.clone()))?;
+        reg(Box::new(trackers.dead_lettered.clone()))?;
+        reg(Box::new(trackers.time_repairs.clone()))?;
         reg(Box::new(ProcessCollector::for_self()))?;
 
         let for_stream = |name: &str| StreamMetrics {
@@ -433,6 +477,7 @@ impl Metrics {
             wal,
             requests_by_key,
             partitions,
+            trackers,
             registry,
         })
     }

@@ -31,7 +31,7 @@ use super::rate_limit::{client_address, AddressLimiter, KeyLimiter, RateRefusal}
 use crate::config::{NewKeyArgs, RateLimit, Settings};
 use crate::metrics::Metrics;
 use crate::model::location::is_valid_device_id;
-use crate::model::{LocationUpdate, PollResult, Update, UpdateError};
+use crate::model::{DeadLetter, LocationUpdate, PollResult, Update, UpdateError};
 
 /// What every key the gateway makes starts with, so that a leaked one is recognisable (secret scanners, logs).
 pub const KEY_PREFIX: &str = "igk_";
@@ -383,6 +383,24 @@ impl Scoped for LocationUpdate {
     }
 }
 
+/// A tracker's fix that can never be stored still names a device: a key may not write dead letters of devices
+/// outside its scope either.
+impl Scoped for DeadLetter {
+    fn outside(&self, key: &ApiKey) -> Option<(&'static str, String)> {
+        let device_id = self.device_id.as_deref()?;
+        if key.device_prefixes.is_empty() || key.device_prefixes.iter().any(|p| device_id.starts_with(p)) {
+            return None;
+        }
+        Some((
+            "device_id",
+            format!(
+                "the key may write devices starting with {}",
+                key.device_prefixes.join(", ")
+            ),
+        ))
+    }
+}
+
 impl Scoped for PollResult {
     fn outside(&self, key: &ApiKey) -> Option<(&'static str, String)> {
         if key.projects.is_empty() || key.projects.iter().any(|r| r.contains(&self.project_id)) {
@@ -478,7 +496,12 @@ impl ApiKeys {
 
     /// The entry of the key the request presents.
     pub fn identify(&self, headers: &HeaderMap) -> Result<Arc<KeyEntry>, IngestError> {
-        let hash = hash_key(presented_key(headers)?);
+        self.identify_key(presented_key(headers)?)
+    }
+
+    /// The entry of `key`, wherever the request carried it.
+    pub fn identify_key(&self, key: &[u8]) -> Result<Arc<KeyEntry>, IngestError> {
+        let hash = hash_key(key);
         let entries = self.snapshot();
         // Every entry is compared, so that the time taken does not say which one (if any) matched.
         let mut found = None;
@@ -533,6 +556,23 @@ impl Access {
     /// The key the request presents: `None` when the gateway takes requests without keys.
     pub fn identify(&self, headers: &HeaderMap) -> Result<Option<Arc<KeyEntry>>, IngestError> {
         self.keys.as_ref().map(|keys| keys.identify(headers)).transpose()
+    }
+
+    /// The key of a tracker request, found where its client can put it (the path, a `key` query parameter, HTTP
+    /// Basic's password), else in the headers as on every route; `None` when the gateway takes requests without
+    /// keys.
+    pub fn identify_tracker(
+        &self,
+        carried: Option<&[u8]>,
+        headers: &HeaderMap,
+    ) -> Result<Option<Arc<KeyEntry>>, IngestError> {
+        let Some(keys) = &self.keys else {
+            return Ok(None);
+        };
+        match carried.filter(|k| !k.is_empty()) {
+            Some(key) => keys.identify_key(key).map(Some),
+            None => keys.identify(headers).map(Some),
+        }
     }
 
     /// The address a request's rate is counted under: the TCP peer's, or behind a trusted proxy the client's it

@@ -107,6 +107,9 @@ pub enum IngestError {
     },
     #[error("the request holds more updates than this {limit} may send at once ({burst}); split it")]
     LargerThanBurst { limit: &'static str, burst: u32 },
+    /// A tracker's request its client or operator must fix: no device id, or a body not of its protocol.
+    #[error("{message}")]
+    InvalidTrackerRequest { message: String },
 }
 
 impl IngestError {
@@ -134,6 +137,7 @@ impl IngestError {
             }
             IngestError::RateLimited { .. } => RejectReason::RateLimited,
             IngestError::LargerThanBurst { .. } => RejectReason::PayloadTooLarge,
+            IngestError::InvalidTrackerRequest { .. } => RejectReason::InvalidUpdate,
         }
     }
 
@@ -174,6 +178,7 @@ impl IngestError {
             }
             IngestError::RateLimited { .. } => "rate_limited",
             IngestError::LargerThanBurst { .. } => "payload_too_large",
+            IngestError::InvalidTrackerRequest { .. } => "invalid_request",
         }
     }
 
@@ -214,6 +219,7 @@ impl IngestError {
                 ..
             } => vec![json!({"limit": limit, "retry_after_seconds": retry_after_secs})],
             IngestError::LargerThanBurst { limit, burst } => vec![json!({"limit": limit, "limit_updates": burst})],
+            IngestError::InvalidTrackerRequest { .. } => vec![],
         }
     }
 
@@ -284,6 +290,9 @@ impl IngestError {
                 limit: "key",
                 burst: 500,
             },
+            IngestError::InvalidTrackerRequest {
+                message: "no device id: add id=<device> to the URL or the form (or deviceid, ser, aid)".to_owned(),
+            },
         ]
     }
 
@@ -313,6 +322,7 @@ impl IngestError {
             IngestError::OutOfScope { .. } => "out_of_scope",
             IngestError::RateLimited { .. } => "rate_limited",
             IngestError::LargerThanBurst { .. } => "larger_than_burst",
+            IngestError::InvalidTrackerRequest { .. } => "invalid_tracker_request",
         }
     }
 
@@ -398,6 +408,7 @@ impl ResponseError for IngestError {
             }
             IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::LargerThanBurst { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::InvalidTrackerRequest { .. } => StatusCode::BAD_REQUEST,
         }
     }
 

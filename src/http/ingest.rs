@@ -26,7 +26,7 @@ use crate::model::{self, BodyError, BodyFormat, LocationUpdate, PollResult, Upda
 /// A 422 lists at most this many broken rules.
 const MAX_ERROR_DETAILS: usize = 100;
 /// Bodies larger than this are parsed on the blocking pool rather than on the event loop.
-const OFF_LOOP_BYTES: usize = 64 * 1024;
+pub(super) const OFF_LOOP_BYTES: usize = 64 * 1024;
 /// A gzip body may always expand to this much, whatever its ratio: tiny bodies compress well.
 const GZIP_FREE_BYTES: usize = 64 * 1024;
 
@@ -220,17 +220,7 @@ async fn accept<T: Update + RecordCodec + Scoped + Send + 'static>(
     // any wait for the log or for the commit.
     let (parsed, validated) = {
         let mut share = state.body_budget.share();
-        let raw = read_body(req, body, limits, &mut share).await?;
-        let bytes = if gzip {
-            let plain = gunzip(&raw, limits)?;
-            if !share.cover(raw.len() + plain.len()) {
-                return Err(IngestError::BodyBudget);
-            }
-            drop(raw);
-            web::Bytes::from(plain)
-        } else {
-            raw.freeze()
-        };
+        let bytes = read_plain_body(req, body, limits, gzip, &mut share).await?;
         let max_updates = limits.max_updates;
         let rules = ValidationRules {
             now: OffsetDateTime::now_utc(),
@@ -280,7 +270,7 @@ fn parse_and_validate<T: Update>(
     Ok((parsed, validated))
 }
 
-fn submit_error(error: SubmitError, updates: usize) -> IngestError {
+pub(super) fn submit_error(error: SubmitError, updates: usize) -> IngestError {
     match error {
         SubmitError::ShuttingDown => IngestError::ShuttingDown { updates },
         SubmitError::Overloaded => IngestError::Overloaded { updates },
@@ -293,7 +283,7 @@ fn submit_error(error: SubmitError, updates: usize) -> IngestError {
 /// Refuses a request a browser sends on behalf of a page of another origin. Senders (trucks, pollers) send no
 /// `Origin`; a page that could reach a gateway on its visitor's network could otherwise make the browser post
 /// updates without a preflight (no `Content-Type`, or `text/plain`), since the gateway reads such a body as JSON.
-fn refuse_other_origins(req: &HttpRequest) -> Result<(), IngestError> {
+pub(super) fn refuse_other_origins(req: &HttpRequest) -> Result<(), IngestError> {
     let Some(origin) = req.headers().get(header::ORIGIN) else {
         return Ok(());
     };
@@ -341,7 +331,7 @@ fn body_format(req: &HttpRequest) -> Result<BodyFormat, IngestError> {
     }
 }
 
-fn is_gzip(req: &HttpRequest) -> Result<bool, IngestError> {
+pub(super) fn is_gzip(req: &HttpRequest) -> Result<bool, IngestError> {
     let Some(value) = req.headers().get(header::CONTENT_ENCODING) else {
         return Ok(false);
     };
@@ -360,6 +350,25 @@ fn is_gzip(req: &HttpRequest) -> Result<bool, IngestError> {
     } else {
         Err(unsupported())
     }
+}
+
+/// Reads the body and decompresses it when `gzip`, each step within the limits and charged to `share`.
+pub(super) async fn read_plain_body(
+    req: &HttpRequest,
+    body: web::Payload,
+    limits: &IngestLimits,
+    gzip: bool,
+    share: &mut BudgetShare,
+) -> Result<web::Bytes, IngestError> {
+    let raw = read_body(req, body, limits, share).await?;
+    if !gzip {
+        return Ok(raw.freeze());
+    }
+    let plain = gunzip(&raw, limits)?;
+    if !share.cover(raw.len() + plain.len()) {
+        return Err(IngestError::BodyBudget);
+    }
+    Ok(web::Bytes::from(plain))
 }
 
 /// Reads the body as sent, refusing it as soon as it passes the size limit or the process's body budget, or when

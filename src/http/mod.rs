@@ -8,6 +8,7 @@
 //! - [`request_id`]: `X-Request-Id`, kept or made, echoed, and named in the log.
 //! - [`openapi`]: `GET /api/v1/openapi.json`, the OpenAPI document generated from the handlers.
 //! - [`auth`], [`rate_limit`]: API keys and their scopes; rate limits per key and per client address.
+//! - [`trackers`]: the trackers' own protocols (OsmAnd, OwnTracks, Overland, Traccar forwarding).
 
 pub mod auth;
 pub mod errors;
@@ -19,6 +20,7 @@ pub mod rate_limit;
 pub mod request_id;
 pub mod stats;
 pub mod status;
+pub mod trackers;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -62,6 +64,9 @@ pub enum Routes {
     Public,
     /// What operators need: `/metrics`, `/stats`, `/readyz`, `/healthz` and the status page.
     Admin,
+    /// Every path is the OsmAnd protocol (`INGEST_OSMAND_LISTEN`), as on a Traccar server's port 5055, so that a
+    /// fleet of Traccar Clients changes only the host and port.
+    Osmand,
 }
 
 /// Limits and rules for request bodies.
@@ -120,6 +125,10 @@ fn named(path: &'static str) -> actix_web::Resource {
 
 /// Registers the routes of `which`.
 pub fn routes(cfg: &mut web::ServiceConfig, which: Routes) {
+    if which == Routes::Osmand {
+        cfg.default_service(web::to(trackers::osmand));
+        return;
+    }
     if which != Routes::Public {
         // Exactly `/`: every other unknown path keeps the JSON 404 below.
         cfg.service(named("/").route(web::get().to(status::page)));
@@ -130,6 +139,24 @@ pub fn routes(cfg: &mut web::ServiceConfig, which: Routes) {
     if which != Routes::Admin {
         cfg.service(named("/api/v1/location/update").route(web::post().to(ingest::location)))
             .service(named("/api/v1/poll/update").route(web::post().to(ingest::poll)))
+            // OsmAnd clients GET (the OsmAnd app, GPSLogger) or POST (Traccar Client); the others POST. Every
+            // method is taken on INGEST_OSMAND_LISTEN, as on a Traccar server.
+            .service(
+                named("/api/v1/osmand")
+                    .route(web::get().to(trackers::osmand))
+                    .route(web::post().to(trackers::osmand)),
+            )
+            .service(
+                named("/api/v1/osmand/k/{key}")
+                    .route(web::get().to(trackers::osmand))
+                    .route(web::post().to(trackers::osmand)),
+            )
+            .service(named("/api/v1/owntracks").route(web::post().to(trackers::owntracks)))
+            .service(named("/api/v1/owntracks/k/{key}").route(web::post().to(trackers::owntracks)))
+            .service(named("/api/v1/overland").route(web::post().to(trackers::overland)))
+            .service(named("/api/v1/overland/k/{key}").route(web::post().to(trackers::overland)))
+            .service(named("/api/v1/traccar").route(web::post().to(trackers::traccar)))
+            .service(named("/api/v1/traccar/k/{key}").route(web::post().to(trackers::traccar)))
             .service(named(openapi::PATH).route(web::get().to(openapi::openapi_json)));
     }
     cfg.service(named("/healthz").route(web::get().to(health::healthz)))

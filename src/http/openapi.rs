@@ -13,7 +13,7 @@ use utoipa::openapi::{ContentBuilder, Ref};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::errors::ErrorBody;
-use super::{health, ingest, stats, status};
+use super::{health, ingest, stats, status, trackers};
 
 /// Where the document is served.
 pub const PATH: &str = "/api/v1/openapi.json";
@@ -28,6 +28,10 @@ pub const PATH: &str = "/api/v1/openapi.json";
     paths(
         ingest::location,
         ingest::poll,
+        trackers::osmand,
+        trackers::owntracks,
+        trackers::overland,
+        trackers::traccar,
         stats::stats,
         stats::metrics,
         health::healthz,
@@ -36,13 +40,32 @@ pub const PATH: &str = "/api/v1/openapi.json";
         openapi_json,
     ),
     components(schemas(ErrorBody)),
-    modifiers(&UnknownRoutes),
+    modifiers(&UnknownRoutes, &EmptyOwntracksBody),
     tags(
         (name = "ingest", description = "Updates in"),
+        (name = "trackers", description = "GPS trackers' own protocols, answered as each client expects"),
         (name = "operations", description = "What operators and load balancers read"),
     ),
 )]
 pub struct ApiDoc;
+
+/// OwnTracks posts zero-length bodies too (its booklet says to ignore them), and they are answered as any other
+/// message: its body is optional, which the path attribute cannot say of a body with a schema.
+struct EmptyOwntracksBody;
+
+impl Modify for EmptyOwntracksBody {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let body = openapi
+            .paths
+            .paths
+            .get_mut("/api/v1/owntracks")
+            .and_then(|item| item.post.as_mut())
+            .and_then(|operation| operation.request_body.as_mut());
+        if let Some(body) = body {
+            body.required = Some(utoipa::openapi::Required::False);
+        }
+    }
+}
 
 /// Adds what the gateway answers outside the listed operations, as reusable responses: OpenAPI has no place
 /// for an unknown path or method, so they are named here for clients to read.

@@ -13,7 +13,8 @@ use utoipa::ToSchema;
 use super::AppState;
 use crate::config::Durability;
 use crate::intake::feed::ReplaySnapshot;
-use crate::metrics::{RejectReason, StreamMetrics, WalMetrics};
+use crate::metrics::{RejectReason, StreamMetrics, TrackerMetrics, WalMetrics};
+use crate::model::tracker::{Protocol, Rejection};
 
 /// The body of `/stats`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -27,6 +28,21 @@ pub struct Stats {
     pub streams: Streams,
     /// The write-ahead log's figures.
     pub wal: WalStats,
+    /// What each tracker protocol brought (`osmand`, `owntracks`, `overland`, `traccar`).
+    pub trackers: BTreeMap<&'static str, TrackerStats>,
+}
+
+/// One tracker protocol's figures since the gateway started.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TrackerStats {
+    /// Fixes handed to the location stream.
+    pub stored: u64,
+    /// Fixes that can never be stored, answered as success and kept in `dead_letters`, by reason.
+    pub dead_lettered: BTreeMap<&'static str, u64>,
+    /// Messages that are no fix (an OwnTracks `lwt`, an Overland visit): answered, not stored.
+    pub ignored: u64,
+    /// Fix times moved forward by 1024 GPS weeks.
+    pub time_repairs: u64,
 }
 
 /// Each stream's figures.
@@ -161,7 +177,28 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
             ),
         },
         wal: wal_stats(&state.metrics.wal),
+        trackers: tracker_stats(&state.metrics.trackers),
     })
+}
+
+fn tracker_stats(m: &TrackerMetrics) -> BTreeMap<&'static str, TrackerStats> {
+    Protocol::ALL
+        .iter()
+        .map(|p| {
+            let name = p.name();
+            let dead_lettered = Rejection::ALL
+                .iter()
+                .map(|r| (r.code(), m.dead_lettered.with_label_values(&[name, r.code()]).get()))
+                .collect();
+            let stats = TrackerStats {
+                stored: m.fixes.with_label_values(&[name, "stored"]).get(),
+                dead_lettered,
+                ignored: m.fixes.with_label_values(&[name, "ignored"]).get(),
+                time_repairs: m.time_repairs.with_label_values(&[name]).get(),
+            };
+            (name, stats)
+        })
+        .collect()
 }
 
 fn stream_stats(m: &StreamMetrics, stall: Option<(Duration, String)>, replay: ReplaySnapshot) -> StreamStats {

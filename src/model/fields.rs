@@ -74,6 +74,16 @@ impl Presence {
 }
 
 impl NumberRange {
+    /// Whether `n` is a value of this range (finite, within it).
+    pub fn contains(self, n: f64) -> bool {
+        let above = if self.max_exclusive {
+            n >= self.max
+        } else {
+            n > self.max
+        };
+        n.is_finite() && n >= self.min && !above
+    }
+
     /// The JSON Schema of a field that [`Checker::number`] accepts with this range.
     pub(crate) fn schema(self, presence: Presence, description: &str) -> Schema {
         let builder = ObjectBuilder::new()
@@ -393,7 +403,7 @@ impl Checker {
 }
 
 /// Why PostgreSQL could not store `text`, if it could not: it refuses the NUL character in `text` and `jsonb`.
-fn unstorable(text: &str) -> Option<&'static str> {
+pub(crate) fn unstorable(text: &str) -> Option<&'static str> {
     text.contains('\0')
         .then_some("must not contain the NUL character (\\u0000), which PostgreSQL cannot store")
 }

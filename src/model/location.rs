@@ -102,6 +102,16 @@ pub fn is_valid_device_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || DEVICE_ID_PUNCTUATION.as_bytes().contains(&b))
 }
 
+/// The JSON Schema of a device id, as [`is_valid_device_id`] checks it.
+pub(crate) fn device_id_schema(description: &str) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(description))
+        .min_length(Some(1))
+        .max_length(Some(DEVICE_ID_MAX_CHARS))
+        .pattern(Some(format!("^[A-Za-z0-9{DEVICE_ID_PUNCTUATION}]+$")))
+}
+
 impl Update for LocationUpdate {
     const STREAM: &'static str = "location";
     const FIELDS: &'static [&'static str] = &[
@@ -174,12 +184,7 @@ impl Update for LocationUpdate {
 /// The OpenAPI schema of one location update as sent, built from the ranges [`LocationUpdate::validate`] checks.
 impl utoipa::PartialSchema for LocationUpdate {
     fn schema() -> RefOr<Schema> {
-        let device_id = ObjectBuilder::new()
-            .schema_type(Type::String)
-            .description(Some("The device that took the fix"))
-            .min_length(Some(1))
-            .max_length(Some(DEVICE_ID_MAX_CHARS))
-            .pattern(Some(format!("^[A-Za-z0-9{DEVICE_ID_PUNCTUATION}]+$")));
+        let device_id = device_id_schema("The device that took the fix");
         ObjectBuilder::new()
             .description(Some(
                 "A GPS fix. Every other field is kept, as sent, in the `attributes` jsonb column (at most 4 KiB \

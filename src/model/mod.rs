@@ -13,6 +13,7 @@ pub mod dead_letter;
 mod fields;
 pub mod location;
 pub mod poll;
+pub mod tracker;
 
 pub use body::{parse_body, BodyError, BodyFormat, RawUpdate};
 pub use dead_letter::DeadLetter;

@@ -140,6 +140,8 @@ pub struct Application {
     listeners: Vec<Listener>,
     /// The operator's listeners (`INGEST_ADMIN_LISTEN`); empty when everything is served on `listeners`.
     admin_listeners: Vec<Listener>,
+    /// `INGEST_OSMAND_LISTEN`: every path is the OsmAnd protocol.
+    osmand_listeners: Vec<Listener>,
     /// The first TCP port bound (0 when there is none).
     port: u16,
     state: web::Data<AppState>,
@@ -367,6 +369,10 @@ impl Application {
             Some(list) => listener::open_all(list, settings.socket_mode)?,
             None => Vec::new(),
         };
+        let osmand_listeners = match (&settings.osmand_listen, role) {
+            (Some(list), Role::Serve) => listener::open_all(list, settings.socket_mode)?,
+            _ => Vec::new(),
+        };
         let port = listeners
             .iter()
             .find_map(|l| match l {
@@ -374,6 +380,7 @@ impl Application {
                 Listener::Unix(_) => None,
             })
             .unwrap_or(0);
+        http::trackers::init_metrics(&metrics.trackers);
         let state = web::Data::new(AppState {
             location,
             poll,
@@ -399,6 +406,7 @@ impl Application {
         Ok(Application {
             listeners,
             admin_listeners,
+            osmand_listeners,
             port,
             state,
             gate,
@@ -468,6 +476,22 @@ impl Application {
             let handle = admin.handle();
             Some((handle, actix_web::rt::spawn(admin)))
         };
+        let osmand = if self.osmand_listeners.is_empty() {
+            None
+        } else {
+            // Trackers on the internet: the public listener's TLS and limits.
+            let osmand = ServerPlan {
+                state: self.state.clone(),
+                routes: Routes::Osmand,
+                tls: self.tls.clone(),
+                workers,
+                max_connections: self.max_connections,
+                shutdown_timeout: self.shutdown_timeout,
+            }
+            .serve(self.osmand_listeners, &mut sockets)?;
+            let handle = osmand.handle();
+            Some((handle, actix_web::rt::spawn(osmand)))
+        };
         let server_handle = server.handle();
         let mut server_task = actix_web::rt::spawn(server);
 
@@ -481,6 +505,9 @@ impl Application {
             }
             if let Some((admin, _)) = &admin {
                 admin.stop(true).await;
+            }
+            if let Some((osmand, _)) = &osmand {
+                osmand.stop(true).await;
             }
         };
         // The shard consumers stop first, so that the drain below ends: what they queued is still written.
@@ -560,6 +587,9 @@ impl ServerPlan {
                         }
                         Routes::All | Routes::Public => {
                             info!(address = %address, port = address.port(), "ingest-gateway is listening")
+                        }
+                        Routes::Osmand => {
+                            info!(address = %address, osmand_port = address.port(), "OsmAnd listener is listening")
                         }
                     }
                 }
