@@ -126,7 +126,12 @@ fn named(path: &'static str) -> actix_web::Resource {
 /// Registers the routes of `which`.
 pub fn routes(cfg: &mut web::ServiceConfig, which: Routes) {
     if which == Routes::Osmand {
-        cfg.default_service(web::to(trackers::osmand));
+        // One resource for every path, so that the request metrics name the route rather than `unmatched`.
+        cfg.service(
+            web::resource("/{path:.*}")
+                .name("osmand_listener")
+                .route(web::route().to(trackers::osmand)),
+        );
         return;
     }
     if which != Routes::Public {
