@@ -28,5 +28,9 @@ mod stalls;
 mod status_page;
 mod tls;
 mod tracker_crash;
+// The trackers' own requests, kept apart from the cases the model's property tests share.
+#[path = "../cases/trackers.rs"]
+mod tracker_cases;
+mod trackers;
 mod unix_socket;
 mod validation;
