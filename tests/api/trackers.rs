@@ -564,7 +564,6 @@ fn send_alone(app: &TestApp, case: &'static TrackerCase, index: usize) -> Sent {
 }
 
 #[test]
-#[ignore = "the gateway keeps only the last value of a repeated OsmAnd field"]
 fn a_dead_letter_keeps_every_value_of_a_repeated_osmand_field() {
     let app = spawn_app(|s| s.writers = 1);
     let sent = send_alone(&app, case("osmand_query_with_cells_and_wifi_but_no_position"), 0);
@@ -588,7 +587,6 @@ fn a_dead_letter_keeps_every_value_of_a_repeated_osmand_field() {
 }
 
 #[test]
-#[ignore = "the gateway stores an OsmAnd accuracy of 0.0 as 0 m"]
 fn an_accuracy_of_zero_which_traccar_client_sends_for_every_gps_fix_is_stored_as_no_accuracy() {
     let app = spawn_app(|s| s.writers = 1);
     let case = case("traccar_client_legacy_android_post_with_every_field_in_the_query");
@@ -600,7 +598,6 @@ fn an_accuracy_of_zero_which_traccar_client_sends_for_every_gps_fix_is_stored_as
 }
 
 #[test]
-#[ignore = "the gateway stores Overland's trip summary Feature as a fix"]
 fn an_overland_trip_summary_in_a_batch_is_answered_and_not_stored_as_a_fix() {
     let app = spawn_app(|s| s.writers = 1);
     let sent = send_alone(&app, &OVERLAND_TRIP_SUMMARY, 0);

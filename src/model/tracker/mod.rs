@@ -421,7 +421,9 @@ pub fn check(fix: TrackerFix, protocol: Protocol, rules: &ValidationRules) -> Ch
     if heading_deg.is_some_and(|h| h >= 360.0) {
         return reject(fix, Rejection::BadField, "the heading is 360 degrees or more".into());
     }
-    let accuracy_m = fix.accuracy_m.filter(|a| *a >= 0.0);
+    // Trackers send 0 (and negative values) for "no accuracy": Traccar Client's legacy app does for every GPS fix
+    // (traccar/traccar-client-android `Position.kt`).
+    let accuracy_m = fix.accuracy_m.filter(|a| *a > 0.0);
     if accuracy_m.is_some_and(|a| !ACCURACY_M_RANGE.contains(a)) {
         return reject(fix, Rejection::BadField, "the accuracy is over 100 km".into());
     }

@@ -120,7 +120,10 @@ fn flat_fix(pairs: Vec<(String, Value)>, request: &TrackerRequest<'_>) -> Result
     let named = text(&["id", "deviceid"]);
     let gpslogger = text(&["ser", "aid"]);
     let device = device_id(&[named.as_deref(), gpslogger.as_deref(), request.basic_user], NO_DEVICE)?;
-    let raw: Map<String, Value> = pairs.iter().cloned().collect();
+    let mut raw = Map::new();
+    for (name, value) in &pairs {
+        keep_every_value(&mut raw, name, value.clone());
+    }
     let mut fix = TrackerFix::new(device, Value::Object(raw));
     for (name, value) in pairs {
         match name.as_str() {
@@ -164,16 +167,23 @@ fn flat_fix(pairs: Vec<(String, Value)>, request: &TrackerRequest<'_>) -> Result
                     Value::String(s) => typed(&s),
                     other => other,
                 };
-                // `cell` and `wifi` may repeat: every value is kept.
-                match fix.attributes.get_mut(&name) {
-                    Some(Value::Array(list)) => list.push(value),
-                    Some(first) => *first = Value::Array(vec![first.take(), value]),
-                    None => fix.attribute(&name, value),
-                }
+                keep_every_value(&mut fix.attributes, &name, value);
             }
         }
     }
     Ok(fix)
+}
+
+/// Adds `value` under `name`; a name sent again (`cell` and `wifi` may repeat, as Traccar reads them) makes a list
+/// of every value, in the order sent.
+fn keep_every_value(map: &mut Map<String, Value>, name: &str, value: Value) {
+    match map.get_mut(name) {
+        Some(Value::Array(list)) => list.push(value),
+        Some(first) => *first = Value::Array(vec![first.take(), value]),
+        None => {
+            map.insert(name.to_owned(), value);
+        }
+    }
 }
 
 /// One location of the Traccar Client 9.x body (transistorsoft's `location` object): speed in m/s, battery level

@@ -51,7 +51,7 @@ pub fn parse(request: &TrackerRequest<'_>) -> Result<TrackerRequestOutcome, Trac
 }
 
 /// The coordinates and properties of a Feature that is a location fix: a Point without an `action` (a visit or
-/// another event is not a fix).
+/// another event) or a `type` (the trip summary `GLManager.m`'s `writeTripToDB` queues at a trip's end).
 fn as_fix(feature: &Value) -> Option<(&Vec<Value>, &Map<String, Value>)> {
     let geometry = feature.get("geometry")?;
     if geometry.get("type").and_then(Value::as_str) != Some("Point") {
@@ -59,7 +59,7 @@ fn as_fix(feature: &Value) -> Option<(&Vec<Value>, &Map<String, Value>)> {
     }
     let coordinates = geometry.get("coordinates")?.as_array()?;
     let properties = feature.get("properties")?.as_object()?;
-    if properties.contains_key("action") {
+    if properties.contains_key("action") || properties.contains_key("type") {
         return None;
     }
     Some((coordinates, properties))
