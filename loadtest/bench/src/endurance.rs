@@ -124,7 +124,7 @@ impl Bench {
         let port = service.port;
         let pid = service.pid().context("the gateway is not running")?;
         let script = self.script(Shape::Single);
-        let url = Self::url(port);
+        let url = Self::url(Shape::Single, port);
         let run = |secs: u64, delay: Option<f64>| {
             wrk::run_paced(&script, &url, self.wrk_threads, self.connections, secs, delay)
         };
@@ -154,7 +154,7 @@ impl Bench {
                 started.elapsed().as_secs_f64(),
                 outcome.requests_per_sec,
                 outcome.p99_ms,
-                outcome.non_202,
+                outcome.failed,
                 rss as f64 / 1024.0
             );
             let next = next_delay_ms(self.connections, target, outcome.requests_per_sec, delay);

@@ -1,7 +1,7 @@
 //! `ingest-bench`: the one-command benchmark of ingest-gateway against its ceilings and a naive baseline.
 //!
-//! It starts its own PostgreSQL, then measures, in alternating rounds, the gateway and what it should be compared
-//! with — the HTTP ceiling (parse and discard), the sink ceiling (binary COPY straight into the table) and a naive
+//! It starts its own PostgreSQL, then measures, in alternating rounds, the gateway (its native route, and the
+//! trackers' OsmAnd and Overland routes against it) and what it should be compared with — the HTTP ceiling (parse and discard), the sink ceiling (binary COPY straight into the table) and a naive
 //! baseline (one INSERT per request) — with `wrk` as the load, and writes a Markdown report and a chart to
 //! `loadtest/results/`.
 //!
@@ -37,7 +37,7 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use ingest_gateway::db::EmbeddedPostgres;
 
 use crate::variants::{Bench, Kind, Shape, Variant};
@@ -66,10 +66,14 @@ struct Cli {
     /// Open connections of wrk (wrk -c)
     #[arg(long, default_value_t = 64)]
     connections: u32,
-    /// 5 s, one round, only the HTTP ceiling and the gateway with single updates, in its default durability mode
-    /// and any mode a --min-ceiling-ratio names (for CI)
+    /// 5 s, one round, only the HTTP ceiling and the gateway with single updates (unless --variants names
+    /// others), in its default durability mode and any mode a --min-ceiling-ratio names (for CI)
     #[arg(long)]
     quick: bool,
+    /// Only these variants, comma-separated (they run in the usual order whatever the order given)
+    /// [default: all; with --quick: ceiling,single]
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "VARIANT,…")]
+    variants: Vec<Pick>,
     /// Exit 1 when gateway single rows/s ÷ HTTP ceiling rows/s is below RATIO: `0.3` for the default durability
     /// mode, `memory=0.5` for a named one; may be given once per mode
     #[arg(long, value_name = "[MODE=]RATIO", value_parser = parse_min_ratio)]
@@ -110,6 +114,29 @@ struct Cli {
     /// Where the report and chart go [default: loadtest/results in the repository]
     #[arg(long)]
     results_dir: Option<PathBuf>,
+}
+
+/// The variants `--variants` can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Pick {
+    /// The HTTP ceiling: the same single-update request, parsed and answered 202
+    Ceiling,
+    /// The gateway, single updates, in each durability mode
+    Single,
+    /// The gateway, single updates answered once committed (`?ack=commit`), in the default mode
+    Commit,
+    /// The naive baseline: one INSERT per request
+    Naive,
+    /// The sink ceiling: `psql \copy` of binary batches
+    Sink,
+    /// The gateway, 1000 updates per request, in each durability mode
+    Batch1000,
+    /// The gateway's OsmAnd route, one fix per GET in the query form, in the default mode
+    Osmand,
+    /// The gateway's Overland route, 200 fixes per request, in the default mode
+    Overland,
+    /// The gateway publishing to JetStream and a writer process, single and 1000-update requests
+    Jetstream,
 }
 
 /// The reference servers, run by the benchmark as child processes of this same binary.
@@ -222,7 +249,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         .chain(&cli.max_cost_ratio)
         .cloned()
         .collect();
-    let variants = plan(cli.quick, modes.as_deref(), &gated);
+    let variants = plan(cli.quick, modes.as_deref(), &gated, &cli.variants);
+    if variants.is_empty() {
+        bail!("--variants selected nothing to measure");
+    }
     if variants.iter().any(|v| v.kind == Kind::SinkCeiling) && Command::new("psql").arg("--version").output().is_err() {
         bail!("psql is missing (Debian/Ubuntu: `apt-get install postgresql-client`); the sink ceiling runs it");
     }
@@ -277,7 +307,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 plot::format_rate(m.rows_per_sec),
                 m.wrk
                     .as_ref()
-                    .map(|w| format!("  p99 {:.2} ms  non-202 {}", w.p99_ms, w.non_202))
+                    .map(|w| format!("  p99 {:.2} ms  failed {}", w.p99_ms, w.failed))
                     .unwrap_or_default(),
                 m.others_cpu_share * 100.0
             );
@@ -444,8 +474,16 @@ fn parse_min_ratio(text: &str) -> Result<MinRatio, String> {
     Ok(MinRatio { mode, ratio })
 }
 
-/// The variants of one round, in the order they run.
-fn plan(quick: bool, modes: Option<&[String]>, gated: &[MinRatio]) -> Vec<Variant> {
+/// The variants of one round, in the order they run: those `picked` (none picked: every variant, or with `quick`
+/// the HTTP ceiling and single updates).
+fn plan(quick: bool, modes: Option<&[String]>, gated: &[MinRatio], picked: &[Pick]) -> Vec<Variant> {
+    let wanted = |pick: Pick| {
+        if picked.is_empty() {
+            !quick || matches!(pick, Pick::Ceiling | Pick::Single)
+        } else {
+            picked.contains(&pick)
+        }
+    };
     // One variant per durability mode (the default first), or one when the gateway has no such setting; with
     // --quick, the default mode and the modes a --min-ceiling-ratio names.
     let modes: Vec<(Option<String>, bool)> = match modes {
@@ -466,14 +504,35 @@ fn plan(quick: bool, modes: Option<&[String]>, gated: &[MinRatio]) -> Vec<Varian
             })
         })
     };
-    let mut plan = vec![Variant::new(Kind::HttpCeiling)];
-    plan.extend(gateway(Shape::Single));
-    if !quick {
+    let mut plan = Vec::new();
+    if wanted(Pick::Ceiling) {
+        plan.push(Variant::new(Kind::HttpCeiling));
+    }
+    if wanted(Pick::Single) {
+        plan.extend(gateway(Shape::Single));
+    }
+    if wanted(Pick::Commit) {
         // Answer-after-commit in the default mode: what a client that waits for PostgreSQL gets.
         plan.extend(gateway(Shape::SingleCommit).take(1));
+    }
+    if wanted(Pick::Naive) {
         plan.push(Variant::new(Kind::NaiveBaseline));
+    }
+    if wanted(Pick::Sink) {
         plan.push(Variant::new(Kind::SinkCeiling));
+    }
+    if wanted(Pick::Batch1000) {
         plan.extend(gateway(Shape::Batch1000));
+    }
+    // The tracker routes in the default mode only: each is judged against the native route of the same mode, and
+    // what a protocol costs does not depend on the durability mode behind it.
+    if wanted(Pick::Osmand) {
+        plan.extend(gateway(Shape::Osmand).take(1));
+    }
+    if wanted(Pick::Overland) {
+        plan.extend(gateway(Shape::Overland200).take(1));
+    }
+    if wanted(Pick::Jetstream) {
         if jetstream::nats_server_available() {
             plan.push(Variant::new(Kind::JetStream { shape: Shape::Single }));
             plan.push(Variant::new(Kind::JetStream {
@@ -602,6 +661,11 @@ fn settings(
             variants::WRITERS,
             variants::SINK_BATCH_ROWS
         ),
+        "tracker routes: `GET /api/v1/osmand?id=…&timestamp=…&lat=…` with one fix (the OsmAnd query form, \
+         `wrk/osmand.lua`) and `POST /api/v1/overland` with 200 GeoJSON Features (`wrk/overland200.lua`), every fix \
+         a new (device, time) as in the native scripts; success is their clients' answer: 200 with an empty body, \
+         and 200 with `{\"result\":\"ok\"}`"
+            .to_owned(),
         "PostgreSQL: a throwaway cluster started by the gateway's own launcher, on a Unix socket, default \
          configuration (fsync on) but max_connections = 200, the gateway's schema \
          (`ingest-gateway migrate`); tables emptied and CHECKPOINT before each variant"
@@ -632,17 +696,49 @@ mod tests {
         let modes = ["wal".to_owned(), "memory".to_owned()];
         let names = |plan: Vec<Variant>| plan.into_iter().map(|v| v.name).collect::<Vec<_>>();
         assert_eq!(
-            names(plan(true, Some(&modes), &[])),
+            names(plan(true, Some(&modes), &[], &[])),
             ["HTTP ceiling (parse + 202)", "gateway single, wal"]
         );
         let gate = parse_min_ratio("memory=0.5").unwrap();
         assert_eq!(
-            names(plan(true, Some(&modes), &[gate])),
+            names(plan(true, Some(&modes), &[gate], &[])),
             [
                 "HTTP ceiling (parse + 202)",
                 "gateway single, wal",
                 "gateway single, memory"
             ]
         );
+    }
+
+    #[test]
+    fn picked_variants_run_in_the_usual_order_and_the_tracker_routes_in_the_default_mode_only() {
+        let modes = ["wal".to_owned(), "memory".to_owned()];
+        let names = |plan: Vec<Variant>| plan.into_iter().map(|v| v.name).collect::<Vec<_>>();
+        let picked = [Pick::Overland, Pick::Batch1000, Pick::Osmand, Pick::Single];
+        assert_eq!(
+            names(plan(false, Some(&modes), &[], &picked)),
+            [
+                "gateway single, wal",
+                "gateway single, memory",
+                "gateway 1000/request, wal",
+                "gateway 1000/request, memory",
+                "gateway osmand GET, wal",
+                "gateway overland 200/request, wal"
+            ]
+        );
+        assert_eq!(
+            names(plan(true, Some(&modes), &[], &[Pick::Osmand])),
+            ["gateway osmand GET, wal"]
+        );
+    }
+
+    #[test]
+    fn variants_are_named_by_their_short_names_separated_by_commas() {
+        let cli = Cli::try_parse_from(["ingest-bench", "--variants", "single,batch1000,osmand,overland"]).unwrap();
+        assert_eq!(
+            cli.variants,
+            [Pick::Single, Pick::Batch1000, Pick::Osmand, Pick::Overland]
+        );
+        assert!(Cli::try_parse_from(["ingest-bench", "--variants", "everything"]).is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! Runs `wrk` with one of the repository's Lua scripts and reads its figures.
 //!
-//! From wrk's text output: requests, latency distribution (`--latency`), socket errors, and the 202 / non-202
-//! counts the scripts print in `done()`.
+//! From wrk's text output: requests, latency distribution (`--latency`), socket errors, and the counts of
+//! accepted and failed requests the scripts print in `done()`: `single.lua: 202=N non-202=M …` on the native route,
+//! `osmand.lua: 200=N non-200=M …` on a tracker's, whose client counts a 200 with its exact body as success.
 
 use std::path::Path;
 use std::process::Command;
@@ -18,11 +19,13 @@ pub struct WrkOutcome {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
-    /// Responses with status 202, as counted by the Lua script.
+    /// Responses the Lua script counted as success: 202 on the native route; on a tracker's, 200 with the body
+    /// its client expects.
     pub accepted: u64,
-    pub non_202: u64,
-    /// The non-202 statuses and their counts, e.g. `[503=12]`.
-    pub non_202_detail: String,
+    /// Every other response.
+    pub failed: u64,
+    /// What the failed responses were and how many of each, e.g. `[503=12]`.
+    pub failed_detail: String,
     /// connect + read + write + timeout errors.
     pub socket_errors: u64,
     /// CPU seconds (user + system) the wrk process used: what generating the load cost.
@@ -126,18 +129,8 @@ fn parse(text: &str) -> anyhow::Result<WrkOutcome> {
             }
             _ => {}
         }
-        // "single.lua: 202=N non-202=M [503=12] updates_accepted=..." from the scripts' done()
-        if let Some(rest) = line.split_once(": 202=").map(|(_, r)| r) {
-            let mut fields = rest.split_whitespace();
-            out.accepted = fields.next().context("no 202 count")?.parse()?;
-            out.non_202 = fields
-                .next()
-                .and_then(|f| f.strip_prefix("non-202="))
-                .context("no non-202 count")?
-                .parse()?;
-            if let (Some(open), Some(close)) = (rest.find('['), rest.find(']')) {
-                out.non_202_detail = rest[open..=close].to_owned();
-            }
+        if let Some((accepted, failed, detail)) = script_counts(line)? {
+            (out.accepted, out.failed, out.failed_detail) = (accepted, failed, detail);
             have_lua = true;
         }
     }
@@ -145,9 +138,35 @@ fn parse(text: &str) -> anyhow::Result<WrkOutcome> {
         bail!("latency distribution or request count missing");
     }
     if !have_lua {
-        bail!("the script's `202=… non-202=…` line is missing");
+        bail!("the script's `<status>=… non-<status>=…` line is missing");
     }
     Ok(out)
+}
+
+/// The counts of a script's closing line, `<script>.lua: <status>=N non-<status>=M [<what>=K …] …`, where
+/// `<status>` is the route's success status; `None` for any other line.
+fn script_counts(line: &str) -> anyhow::Result<Option<(u64, u64, String)>> {
+    let Some((_, rest)) = line.split_once(".lua: ") else {
+        return Ok(None);
+    };
+    let mut fields = rest.split_whitespace();
+    let Some((status, accepted)) = fields.next().and_then(|f| f.split_once('=')) else {
+        return Ok(None);
+    };
+    if !(status.len() == 3 && status.bytes().all(|b| b.is_ascii_digit())) {
+        return Ok(None);
+    }
+    let failed = fields
+        .next()
+        .and_then(|f| f.strip_prefix("non-"))
+        .and_then(|f| f.strip_prefix(status))
+        .and_then(|f| f.strip_prefix('='))
+        .with_context(|| format!("no non-{status} count"))?;
+    let detail = match (rest.find('['), rest.find(']')) {
+        (Some(open), Some(close)) if open < close => rest[open..=close].to_owned(),
+        _ => String::new(),
+    };
+    Ok(Some((accepted.parse()?, failed.parse()?, detail)))
 }
 
 /// wrk's time format (`812.00us`, `1.23ms`, `2.00s`, `1.50m`, `1.00h`) in milliseconds.
@@ -199,10 +218,22 @@ single.lua: 202=105007 non-202=5 [503=5] updates_accepted=105007 socket_errors(c
         assert!((out.p99_ms - 10.48).abs() < 1e-9);
         assert!((out.max_ms - 41.07).abs() < 1e-9);
         assert_eq!(out.accepted, 105007);
-        assert_eq!(out.non_202, 5);
-        assert_eq!(out.non_202_detail, "[503=5]");
+        assert_eq!(out.failed, 5);
+        assert_eq!(out.failed_detail, "[503=5]");
         assert_eq!(out.socket_errors, 3);
         assert!((out.requests_per_sec - 20999.51).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_tracker_script_counts_its_own_success_status_and_the_answers_with_a_wrong_body() {
+        let line = "overland200.lua: 200=310 non-200=4 [200-wrong-body=1 503=3] updates_accepted=62000 \
+                    socket_errors(connect=0 read=0 write=0 timeout=0)";
+        assert_eq!(
+            script_counts(line).expect("parses"),
+            Some((310, 4, "[200-wrong-body=1 503=3]".to_owned()))
+        );
+        assert_eq!(script_counts("  Latency Distribution").expect("other lines"), None);
+        assert!(script_counts("osmand.lua: 200=3 non-202=1").is_err());
     }
 
     #[test]
