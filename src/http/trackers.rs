@@ -400,11 +400,14 @@ fn carried_key(req: &HttpRequest) -> Option<Vec<u8>> {
     if let Some(key) = key_in_osmand_path(req.path()) {
         return Some(key.as_bytes().to_vec());
     }
-    let in_query = serde_urlencoded::from_str::<Vec<(String, String)>>(req.query_string())
-        .unwrap_or_default()
-        .into_iter()
-        .find(|(name, _)| name == tracker::osmand::KEY_PARAMETER)
-        .map(|(_, key)| key.into_bytes());
+    // Only the key's own field is decoded: the protocol reads the rest.
+    let in_query = req.query_string().split('&').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        (name == tracker::osmand::KEY_PARAMETER).then(|| {
+            let value = value.replace('+', " ");
+            percent_encoding::percent_decode_str(&value).collect::<Vec<u8>>()
+        })
+    });
     in_query.or_else(|| basic_credentials(req.headers()).map(|(_, password)| password.into_bytes()))
 }
 

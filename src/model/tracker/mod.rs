@@ -167,7 +167,57 @@ pub struct TrackerFix {
     /// The first mapped field that could not be read: the fix is a dead letter.
     pub unreadable: Option<String>,
     /// The request's raw fields, for a dead letter.
-    pub raw: Value,
+    pub raw: RawFields,
+}
+
+/// A fix's raw fields as the request carried them, turned into JSON only if the fix becomes a dead letter: most
+/// fixes are stored, and would pay for a copy nobody reads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawFields {
+    Json(Value),
+    /// Named fields in the order sent (a query string, a form); a name may repeat.
+    Pairs(Vec<(String, Value)>),
+}
+
+impl RawFields {
+    /// The fields as one JSON object (a repeated name holds the list of its values).
+    pub fn to_json(&self) -> String {
+        match self {
+            RawFields::Json(value) => value.to_string(),
+            RawFields::Pairs(pairs) => {
+                let mut map = Map::new();
+                for (name, value) in pairs {
+                    keep_every_value(&mut map, name, value.clone());
+                }
+                Value::Object(map).to_string()
+            }
+        }
+    }
+}
+
+/// The first raw field of that name (`Null` when there is none), as `serde_json::Value` indexes objects.
+impl std::ops::Index<&str> for RawFields {
+    type Output = Value;
+
+    fn index(&self, name: &str) -> &Value {
+        static NULL: Value = Value::Null;
+        match self {
+            RawFields::Json(value) => &value[name],
+            RawFields::Pairs(pairs) => pairs.iter().find(|(n, _)| n == name).map_or(&NULL, |(_, v)| v),
+        }
+    }
+}
+
+/// Adds `value` under `name`; a name sent again (`cell` and `wifi` may repeat, as Traccar reads them) makes a list
+/// of every value, in the order sent.
+pub fn keep_every_value(map: &mut Map<String, Value>, name: &str, value: Value) {
+    match map.get_mut(name) {
+        Some(Value::Array(list)) => list.push(value),
+        Some(first) => *first = Value::Array(vec![first.take(), value]),
+        None => {
+            map.insert(name.to_owned(), value);
+        }
+    }
 }
 
 impl TrackerFix {
@@ -183,7 +233,7 @@ impl TrackerFix {
             valid: true,
             attributes: Map::new(),
             unreadable: None,
-            raw,
+            raw: RawFields::Json(raw),
         }
     }
 
@@ -339,7 +389,7 @@ pub enum Checked {
 pub fn check(fix: TrackerFix, protocol: Protocol, rules: &ValidationRules) -> Checked {
     let now = rules.now;
     let reject = |fix: TrackerFix, rejection: Rejection, message: String| {
-        let mut payload = fix.raw.to_string();
+        let mut payload = fix.raw.to_json();
         if payload.len() > MAX_RAW_BYTES {
             let mut end = MAX_RAW_BYTES;
             while !payload.is_char_boundary(end) {

@@ -5,10 +5,11 @@
 //! first and the body only when the query names nothing; `speed` is in knots; a number below 2^31 is seconds)
 //! and mendhak/gpslogger `CustomUrlManager.java` (its placeholders, with speed in m/s, under names the user picks).
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::{
-    device_id, typed, TrackerError, TrackerFix, TrackerRequest, TrackerRequestOutcome, KMH_PER_KNOT, KMH_PER_MPS,
+    device_id, keep_every_value, typed, RawFields, TrackerError, TrackerFix, TrackerRequest, TrackerRequestOutcome,
+    KMH_PER_KNOT, KMH_PER_MPS,
 };
 
 /// The query or form field that carries an API key: never mapped, never kept.
@@ -120,70 +121,56 @@ fn flat_fix(pairs: Vec<(String, Value)>, request: &TrackerRequest<'_>) -> Result
     let named = text(&["id", "deviceid"]);
     let gpslogger = text(&["ser", "aid"]);
     let device = device_id(&[named.as_deref(), gpslogger.as_deref(), request.basic_user], NO_DEVICE)?;
-    let mut raw = Map::new();
+    let mut fix = TrackerFix::new(device, Value::Null);
     for (name, value) in &pairs {
-        keep_every_value(&mut raw, name, value.clone());
-    }
-    let mut fix = TrackerFix::new(device, Value::Object(raw));
-    for (name, value) in pairs {
-        match name.as_str() {
+        let name = name.as_str();
+        match name {
             "id" | "deviceid" => {}
-            "lat" | "latitude" => fix.lat = fix.number(&name, &value),
-            "lon" | "lng" | "longitude" => fix.lon = fix.number(&name, &value),
+            "lat" | "latitude" => fix.lat = fix.number(name, value),
+            "lon" | "lng" | "longitude" => fix.lon = fix.number(name, value),
             "location" => {
-                let text = value.as_str().unwrap_or_default().to_owned();
+                let text = value.as_str().unwrap_or_default();
                 match text.split_once(',') {
                     Some((lat, lon)) => {
-                        fix.lat = fix.number(&name, &Value::String(lat.into()));
-                        fix.lon = fix.number(&name, &Value::String(lon.into()));
+                        fix.lat = fix.number(name, &Value::String(lat.into()));
+                        fix.lon = fix.number(name, &Value::String(lon.into()));
                     }
-                    None => fix.unreadable(&name, "is not `lat,lon`"),
+                    None => fix.unreadable(name, "is not `lat,lon`"),
                 }
             }
-            "timestamp" | "time" => fix.recorded_at = fix.time(&name, &value),
-            "speed" => fix.speed_kmh = fix.known(&name, &value).map(|kn| kn * KMH_PER_KNOT),
+            "timestamp" | "time" => fix.recorded_at = fix.time(name, value),
+            "speed" => fix.speed_kmh = fix.known(name, value).map(|kn| kn * KMH_PER_KNOT),
             // GPSLogger's %SPD, in metres per second.
-            "s" | "spd" => fix.speed_kmh = fix.known(&name, &value).map(|mps| mps * KMH_PER_MPS),
-            "bearing" | "heading" | "dir" | "course" => fix.heading_deg = fix.known(&name, &value),
-            "accuracy" | "acc" => fix.accuracy_m = fix.number(&name, &value),
-            "valid" => fix.valid = fix.boolean(&name, &value).unwrap_or(true),
+            "s" | "spd" => fix.speed_kmh = fix.known(name, value).map(|mps| mps * KMH_PER_MPS),
+            "bearing" | "heading" | "dir" | "course" => fix.heading_deg = fix.known(name, value),
+            "accuracy" | "acc" => fix.accuracy_m = fix.number(name, value),
+            "valid" => fix.valid = fix.boolean(name, value).unwrap_or(true),
             "altitude" | "alt" => {
-                if let Some(n) = fix.number(&name, &value) {
+                if let Some(n) = fix.number(name, value) {
                     fix.attribute("altitude", n.into());
                 }
             }
             "batt" => {
-                if let Some(n) = fix.number(&name, &value) {
+                if let Some(n) = fix.number(name, value) {
                     fix.attribute("batt", n.into());
                 }
             }
             "charge" => {
-                if let Some(b) = fix.boolean(&name, &value) {
+                if let Some(b) = fix.boolean(name, value) {
                     fix.attribute("charge", Value::Bool(b));
                 }
             }
             _ => {
                 let value = match value {
-                    Value::String(s) => typed(&s),
-                    other => other,
+                    Value::String(s) => typed(s),
+                    other => other.clone(),
                 };
-                keep_every_value(&mut fix.attributes, &name, value);
+                keep_every_value(&mut fix.attributes, name, value);
             }
         }
     }
+    fix.raw = RawFields::Pairs(pairs);
     Ok(fix)
-}
-
-/// Adds `value` under `name`; a name sent again (`cell` and `wifi` may repeat, as Traccar reads them) makes a list
-/// of every value, in the order sent.
-fn keep_every_value(map: &mut Map<String, Value>, name: &str, value: Value) {
-    match map.get_mut(name) {
-        Some(Value::Array(list)) => list.push(value),
-        Some(first) => *first = Value::Array(vec![first.take(), value]),
-        None => {
-            map.insert(name.to_owned(), value);
-        }
-    }
 }
 
 /// One location of the Traccar Client 9.x body (transistorsoft's `location` object): speed in m/s, battery level
@@ -281,7 +268,7 @@ mod tests {
             Value::Object(fix.attributes.clone()),
             serde_json::json!({"ignition": true, "rpm": 933, "fuel": 24})
         );
-        assert!(!fix.raw.to_string().contains("secret"));
+        assert!(!fix.raw.to_json().contains("secret"));
     }
 
     #[test]

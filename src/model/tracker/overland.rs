@@ -8,13 +8,15 @@
 
 use serde_json::{Map, Value};
 
-use super::{device_id, TrackerError, TrackerFix, TrackerRequest, TrackerRequestOutcome, KMH_PER_MPS};
+use super::{device_id, RawFields, TrackerError, TrackerFix, TrackerRequest, TrackerRequestOutcome, KMH_PER_MPS};
 
 const NO_DEVICE: &str = "set a Device ID in the app's settings, or add ?device_id=<device> to the URL";
 
 pub fn parse(request: &TrackerRequest<'_>) -> Result<TrackerRequestOutcome, TrackerError> {
-    let value: Value = serde_json::from_slice(request.body).map_err(|e| TrackerError::InvalidJson(e.to_string()))?;
-    let Some(Value::Array(locations)) = value.get("locations") else {
+    let mut value: Value =
+        serde_json::from_slice(request.body).map_err(|e| TrackerError::InvalidJson(e.to_string()))?;
+    // Taken out of the body, so that each fix's raw Feature is moved into it, not copied.
+    let Some(Value::Array(locations)) = value.get_mut("locations").map(Value::take) else {
         return Err(TrackerError::NotTheProtocol(
             "an Overland body is {\"locations\": [GeoJSON Feature, …]}".into(),
         ));
@@ -36,7 +38,7 @@ pub fn parse(request: &TrackerRequest<'_>) -> Result<TrackerRequestOutcome, Trac
             .get("properties")
             .and_then(|p| p.get("device_id"))
             .and_then(Value::as_str);
-        let Some((coordinates, properties)) = as_fix(feature) else {
+        let Some((coordinates, properties)) = as_fix(&feature) else {
             // Not stored, but a batch that names a device no key could write is refused as a fix's would be.
             if named.is_some_and(|n| !n.trim().is_empty()) {
                 device_id(&[named, from_url.as_deref(), request.basic_user], NO_DEVICE)?;
@@ -45,7 +47,9 @@ pub fn parse(request: &TrackerRequest<'_>) -> Result<TrackerRequestOutcome, Trac
             continue;
         };
         let device = device_id(&[named, from_url.as_deref(), request.basic_user], NO_DEVICE)?;
-        outcome.fixes.push(fix(device, feature, coordinates, properties));
+        let mut fix = fix(device, coordinates, properties);
+        fix.raw = RawFields::Json(feature);
+        outcome.fixes.push(fix);
     }
     Ok(outcome)
 }
@@ -65,8 +69,8 @@ fn as_fix(feature: &Value) -> Option<(&Vec<Value>, &Map<String, Value>)> {
     Some((coordinates, properties))
 }
 
-fn fix(device: String, feature: &Value, coordinates: &[Value], properties: &Map<String, Value>) -> TrackerFix {
-    let mut fix = TrackerFix::new(device, feature.clone());
+fn fix(device: String, coordinates: &[Value], properties: &Map<String, Value>) -> TrackerFix {
+    let mut fix = TrackerFix::new(device, Value::Null);
     match coordinates {
         [lon, lat, ..] => {
             fix.lon = fix.number("coordinates[0]", lon);

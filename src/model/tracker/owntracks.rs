@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use super::{device_id, TrackerError, TrackerFix, TrackerRequest, TrackerRequestOutcome};
+use super::{device_id, RawFields, TrackerError, TrackerFix, TrackerRequest, TrackerRequestOutcome};
 
 const NO_DEVICE: &str = "set a username and device id in the app (X-Limit-U / X-Limit-D), or send `topic` or `tid`";
 
@@ -50,30 +50,31 @@ pub fn parse(request: &TrackerRequest<'_>) -> Result<TrackerRequestOutcome, Trac
         None => return Ok(ignored("other")),
     }
     let device = identity(request, &message)?;
-    let mut fix = TrackerFix::new(device, Value::Object(message.clone()));
-    for (name, value) in message {
+    let mut fix = TrackerFix::new(device, Value::Null);
+    for (name, value) in &message {
         match name.as_str() {
             "_type" => {}
-            "lat" => fix.lat = fix.number(&name, &value),
-            "lon" => fix.lon = fix.number(&name, &value),
-            "tst" => match fix.number(&name, &value) {
-                Some(seconds) => fix.recorded_at = fix.time(&name, &Value::from(seconds)),
-                None => fix.unreadable(&name, "is required"),
+            "lat" => fix.lat = fix.number(name, value),
+            "lon" => fix.lon = fix.number(name, value),
+            "tst" => match fix.number(name, value) {
+                Some(seconds) => fix.recorded_at = fix.time(name, &Value::from(seconds)),
+                None => fix.unreadable(name, "is required"),
             },
-            "vel" => fix.speed_kmh = fix.known(&name, &value),
-            "cog" => fix.heading_deg = fix.known(&name, &value),
-            "acc" => fix.accuracy_m = fix.number(&name, &value),
+            "vel" => fix.speed_kmh = fix.known(name, value),
+            "cog" => fix.heading_deg = fix.known(name, value),
+            "acc" => fix.accuracy_m = fix.number(name, value),
             "alt" => {
-                if let Some(n) = fix.number(&name, &value) {
+                if let Some(n) = fix.number(name, value) {
                     fix.attribute("altitude", n.into());
                 }
             }
-            _ => fix.attribute(&name, value),
+            _ => fix.attribute(name, value.clone()),
         }
     }
-    if !fix.raw.as_object().is_some_and(|m| m.contains_key("tst")) {
+    if !message.contains_key("tst") {
         fix.unreadable("tst", "is required");
     }
+    fix.raw = RawFields::Json(Value::Object(message));
     Ok(TrackerRequestOutcome {
         fixes: vec![fix],
         ignored: Vec::new(),

@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{device_id, TrackerError, TrackerFix, TrackerRequest, TrackerRequestOutcome, KMH_PER_KNOT};
+use super::{device_id, RawFields, TrackerError, TrackerFix, TrackerRequest, TrackerRequestOutcome, KMH_PER_KNOT};
 
 const NO_DEVICE: &str = "the body has no `device.uniqueId`";
 
@@ -24,7 +24,7 @@ pub fn parse(request: &TrackerRequest<'_>) -> Result<TrackerRequestOutcome, Trac
     let unique_id = device.and_then(|d| d.get("uniqueId")).and_then(Value::as_str);
     let device_name = device.and_then(|d| d.get("name")).cloned();
     let device = device_id(&[unique_id, request.basic_user], NO_DEVICE)?;
-    let mut fix = TrackerFix::new(device, value.clone());
+    let mut fix = TrackerFix::new(device, Value::Null);
     for (name, value) in position {
         match name.as_str() {
             "latitude" => fix.lat = fix.number(name, value),
@@ -55,6 +55,7 @@ pub fn parse(request: &TrackerRequest<'_>) -> Result<TrackerRequestOutcome, Trac
     if let Some(name) = device_name.filter(|n| !n.is_null()) {
         fix.attribute("device_name", name);
     }
+    fix.raw = RawFields::Json(value);
     Ok(TrackerRequestOutcome {
         fixes: vec![fix],
         ignored: Vec::new(),
