@@ -6,11 +6,14 @@
 //! - [`owntracks`]: OwnTracks in HTTP mode.
 //! - [`overland`]: Overland's GeoJSON batches.
 //! - [`traccar`]: a Traccar server's `forward.type=json`.
+//! - [`gt06`]: GT06 (Concox and the units that copy it): binary frames read from TCP, and the replies the device
+//!   waits for.
 //!
 //! Trackers retry a refused point forever, oldest first, so a fix that breaks a rule is not refused: it becomes a
 //! dead letter and the request is answered as the client's success. Only what the client or its operator can fix
 //! (no device id, a body that is not its protocol, auth, overload) is refused.
 
+pub mod gt06;
 pub mod osmand;
 pub mod overland;
 pub mod owntracks;
