@@ -1,9 +1,15 @@
 # Container image for ingest-gateway: builds the release binary, then runs it as a non-root user with PostgreSQL 15 server binaries for the embedded mode.
 #
 #   docker build -t ingest-gateway .
-#   docker run -p 8080:8080 -v ingest-data:/var/lib/ingest-gateway ingest-gateway          # embedded PostgreSQL
-#   docker run -p 8080:8080 -e DATABASE_URL=postgres://user:pass@db/ingest ingest-gateway   # external PostgreSQL
+#   docker run --rm ingest-gateway new-key fleet --streams location --device-prefix truck-   # a key, and its line
+#   docker run -p 8080:8080 -v ingest-data:/var/lib/ingest-gateway \
+#     -v "$PWD/api-keys:/etc/ingest/api-keys:ro" -e INGEST_API_KEYS_FILE=/etc/ingest/api-keys ingest-gateway
+#   docker run ... -e DATABASE_URL=postgres://user:pass@db/ingest ingest-gateway            # external PostgreSQL
 #   docker compose up --build      # with PostgreSQL, Prometheus and Grafana (docker-compose.yml)
+#
+# The image listens on every interface of the container, so it needs API keys: without INGEST_API_KEYS_FILE it
+# refuses to start, saying so. To take updates from anyone on purpose, set INGEST_ALLOW_ANONYMOUS=true. With keys,
+# /metrics, /stats and the status page need the admin token (INGEST_ADMIN_TOKEN_FILE) or INGEST_ADMIN_LISTEN.
 #
 # A stop drains the queue for up to INGEST_SHUTDOWN_TIMEOUT (30 s): give it time, e.g. `docker stop -t 40`.
 
@@ -58,11 +64,12 @@ WORKDIR /var/lib/ingest-gateway
 VOLUME ["/var/lib/ingest-gateway"]
 EXPOSE 8080
 
-# Healthy means ready (GET /readyz): the database answers, the previous run's log is read back, no queue is above
-# 90 % of its capacity and the writers have not failed for longer than INGEST_STALL_TIMEOUT. The start period covers
-# the embedded PostgreSQL's first initdb. With another INGEST_LISTEN port, override the check too.
+# Healthy means alive (GET /healthz, which needs no token whatever the keys): a container that is alive but not
+# ready (database away, replaying, queue nearly full) must not be restarted, which would only lose its place; a
+# load balancer asks /readyz for readiness. The start period covers the embedded PostgreSQL's first initdb. With
+# another INGEST_LISTEN port, override the check too.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD curl -fsS -o /dev/null http://127.0.0.1:8080/readyz || exit 1
+    CMD curl -fsS -o /dev/null http://127.0.0.1:8080/healthz || exit 1
 
 ENTRYPOINT ["ingest-gateway"]
 CMD ["serve"]

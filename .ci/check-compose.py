@@ -11,8 +11,9 @@ Checks, each printed with its outcome:
   - the gateway is built from an existing Dockerfile; its DATABASE_URL names the postgres service, its port, user,
     password and database; it listens (INGEST_LISTEN) on every interface of the container, on the port it
     publishes, the Dockerfile EXPOSEs, the HEALTHCHECK asks and Prometheus scrapes; its data directory
-    (INGEST_DATA_DIR, where the write-ahead log lives) is on a volume; the HEALTHCHECK's path is a route of
-    src/http/mod.rs;
+    (INGEST_DATA_DIR, where the write-ahead log lives) is on a volume; the HEALTHCHECK asks /healthz, a route of
+    src/http/mod.rs; the image needs API keys, and a gateway listening beyond loopback has them or says
+    INGEST_ALLOW_ANONYMOUS=true;
   - every bind-mounted file or directory exists in the repository, and every named volume is declared;
   - Prometheus reads the mounted prometheus/prometheus.yml, whose rule files are mounted too, whose scrape job is
     the one the alerts select, and whose targets are compose services on the ports they listen on;
@@ -297,8 +298,16 @@ def main(argv):
         m = re.search(r"https?://(?:127\.0\.0\.1|localhost)(?::(\d+))?(/[^\s\"']*)", healthcheck)
         if c.check(m is not None, "HEALTHCHECK asks the gateway over HTTP on loopback", healthcheck):
             c.check(int(m.group(1) or 80) == gw_port, f"HEALTHCHECK asks the listen port {gw_port}")
-            c.check(m.group(2) == "/readyz" and m.group(2) in routes, "HEALTHCHECK asks /readyz, a route of the gateway",
+            # Liveness, which needs no admin token whatever the keys; readiness is a load balancer's question.
+            c.check(m.group(2) == "/healthz" and m.group(2) in routes, "HEALTHCHECK asks /healthz, a route of the gateway",
                     f"asks {m.group(2)}; routes: {sorted(routes)}")
+    # The image listens beyond loopback: it must need keys unless a deployment says otherwise.
+    c.check(str(image_env.get("INGEST_ALLOW_ANONYMOUS", "false")).lower() != "true",
+            "Dockerfile: the image needs API keys (no INGEST_ALLOW_ANONYMOUS=true)")
+    listens_beyond_loopback = any(everywhere for _, everywhere in listen_ports(gw_env.get("INGEST_LISTEN", "")))
+    c.check(not listens_beyond_loopback or "INGEST_API_KEYS_FILE" in gw_env
+            or str(gw_env.get("INGEST_ALLOW_ANONYMOUS")).lower() == "true",
+            f"{GATEWAY}: listening beyond loopback, it has API keys or says INGEST_ALLOW_ANONYMOUS=true")
 
     data_dir = gw_env.get("INGEST_DATA_DIR", "./data")
     c.check(any(t and t.rstrip("/") == data_dir.rstrip("/") for _, _, t in mounts(gw)),

@@ -40,7 +40,11 @@ pub struct NewKeyArgs {
     /// The streams the key may write, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "location,poll")]
     pub streams: Vec<String>,
-    /// A prefix the device ids of the key's location updates must start with (repeat for several).
+    /// A device the key may write, exactly (repeat for several): a key for one device.
+    #[arg(long = "device")]
+    pub devices: Vec<String>,
+    /// A prefix the device ids of the key's location updates must start with, ending with one of `- . : _ /` so
+    /// that it cannot reach other devices' ids (repeat for several).
     #[arg(long = "device-prefix")]
     pub device_prefixes: Vec<String>,
     /// The project ids the key's poll results may carry: ranges and single ids, comma-separated (`1-100,250`).
@@ -283,12 +287,14 @@ pub struct Settings {
     #[arg(long, env = "INGEST_QUEUE", value_enum, default_value_t = QueueKind::Local, global = true)]
     pub queue: QueueKind,
 
-    /// NATS servers, comma-separated (`nats://host:4222,tls://other:4222`); the client fails over between them.
+    /// NATS servers, comma-separated (`nats://host:4222,tls://other:4222`); the client fails over between them. A
+    /// password in a URL is never shown (here, in errors or in the log).
     #[arg(
         long,
         env = "INGEST_NATS_URL",
         default_value = "nats://127.0.0.1:4222",
-        global = true
+        global = true,
+        hide_env_values = true
     )]
     pub nats_url: String,
 
@@ -349,6 +355,18 @@ pub struct Settings {
     /// `ingest-gateway write` processes).
     #[arg(long, env = "INGEST_JETSTREAM_LOCAL_WRITERS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub jetstream_local_writers: bool,
+
+    /// Take updates without API keys on a listener other machines can reach (a TCP address that is not loopback).
+    /// Without INGEST_API_KEYS_FILE and without this, such a listener refuses to start: a gateway open to anyone is
+    /// a decision, not an accident.
+    #[arg(long, env = "INGEST_ALLOW_ANONYMOUS", default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub allow_anonymous: bool,
+
+    /// A file whose first line is the token (at least 16 characters) that `/metrics`, `/stats`, the status page and
+    /// `/readyz`'s reasons ask for, as `Authorization: Bearer <token>`, on a listener other machines can reach while
+    /// API keys are in force and INGEST_ADMIN_LISTEN is unset; re-read on SIGHUP.
+    #[arg(long, env = "INGEST_ADMIN_TOKEN_FILE", global = true)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// An address range written as `10.0.0.0/8` or `2001:db8::/32`, or one address (`192.0.2.7`, `::1`).

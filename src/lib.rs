@@ -17,6 +17,7 @@
 //!   binary `COPY` encoder; one opaque `Delivery` carries a batch's checkpoints and commits.
 //! - [`db`]: the connection pool, migrations, the time partitions, the embedded PostgreSQL, the checkpoint SQL,
 //!   the JetStream shard leases (advisory locks) and TLS to PostgreSQL.
+//! - [`secret_files`]: the files that grant access or hold secrets, refused when others may write them.
 //! - [`startup`]: builds everything above and runs it: the data directory and its lock, HTTPS for the listeners,
 //!   one generic per-stream builder, the stop sequence.
 
@@ -27,6 +28,7 @@ pub mod intake;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod secret_files;
 pub mod startup;
 pub mod telemetry;
 pub mod wal;

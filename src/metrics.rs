@@ -47,6 +47,10 @@ pub const PARTITIONS_DROPPED: &str = "ingest_partitions_dropped_total";
 pub const TRACKER_FIXES: &str = "ingest_tracker_fixes_total";
 pub const TRACKER_DEAD_LETTERED: &str = "ingest_tracker_dead_lettered_total";
 pub const TRACKER_TIME_REPAIRS: &str = "ingest_tracker_time_repairs_total";
+pub const UPDATES_CONFLICTING: &str = "ingest_updates_conflicting_total";
+pub const AUTH_ENABLED: &str = "ingest_auth_enabled";
+pub const API_KEYS: &str = "ingest_api_keys";
+pub const API_KEYS_FILE_USABLE: &str = "ingest_api_keys_file_usable";
 
 /// Why updates were refused: a small fixed set, never an error message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +130,20 @@ pub struct Metrics {
     pub partitions: PartitionMetrics,
     /// What the trackers' own protocols brought, by `protocol`.
     pub trackers: TrackerMetrics,
+    /// The gateway's access control, for alerts on a gateway open to anyone or refusing everyone.
+    pub access: AccessMetrics,
+}
+
+/// Whether writes need a key, and whether the keys file in force can be used.
+#[derive(Clone)]
+pub struct AccessMetrics {
+    /// 1 when writes need an API key, 0 when anyone may write.
+    pub auth_enabled: IntGauge,
+    /// Keys in force.
+    pub keys: IntGauge,
+    /// 1 while the keys file loaded at the last (re)load could be used; 0 when it could not, and every write is
+    /// refused until it can.
+    pub keys_file_usable: IntGauge,
 }
 
 /// The tracker routes' figures. The label values come from small fixed sets (the protocols, the outcomes, the
@@ -196,6 +214,9 @@ pub struct StreamMetrics {
     pub writer_restarts: IntCounter,
     pub batch_rows: Histogram,
     pub batch_write_duration: Histogram,
+    /// Updates whose natural key was already stored with other content, kept in `dead_letters` (reason
+    /// `conflict`): a device's broken clock, or someone writing its key first.
+    pub conflicting: IntCounter,
 }
 
 /// One stream's series of `ingest_writer_stalled_seconds`: a single series, whose `reason` label follows the
@@ -439,6 +460,15 @@ impl Metrics {
         reg(Box::new(trackers.dead_lettered.clone()))?;
         reg(Box::new(trackers.time_repairs.clone()))?;
         reg(Box::new(ProcessCollector::for_self()))?;
+        let conflicting = IntCounterVec::new(
+            Opts::new(
+                UPDATES_CONFLICTING,
+                "Updates whose natural key was already stored with other content, kept in dead_letters (reason \
+                 conflict); the first write is kept",
+            ),
+            stream,
+        )?;
+        reg(Box::new(conflicting.clone()))?;
 
         let for_stream = |name: &str| StreamMetrics {
             accepted: accepted.with_label_values(&[name]),
@@ -468,7 +498,20 @@ impl Metrics {
             writer_restarts: restarts.with_label_values(&[name]),
             batch_rows: batch_rows.with_label_values(&[name]),
             batch_write_duration: batch_seconds.with_label_values(&[name]),
+            conflicting: conflicting.with_label_values(&[name]),
         };
+        let access = AccessMetrics {
+            auth_enabled: IntGauge::new(AUTH_ENABLED, "1 when writes need an API key, 0 when anyone may write")?,
+            keys: IntGauge::new(API_KEYS, "API keys in force")?,
+            keys_file_usable: IntGauge::new(
+                API_KEYS_FILE_USABLE,
+                "1 while the API keys file could be used at its last load; 0 when it could not and every write is \
+                 refused until it can",
+            )?,
+        };
+        reg(Box::new(access.auth_enabled.clone()))?;
+        reg(Box::new(access.keys.clone()))?;
+        reg(Box::new(access.keys_file_usable.clone()))?;
         Ok(Metrics {
             location: for_stream("location"),
             poll: for_stream("poll"),
@@ -478,6 +521,7 @@ impl Metrics {
             requests_by_key,
             partitions,
             trackers,
+            access,
             registry,
         })
     }

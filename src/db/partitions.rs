@@ -224,8 +224,10 @@ pub async fn maintain(
         // Made apart and attached when complete with its key, so that no row ever lands in a partition without
         // one; attaching an empty table checks nothing and does not block the writers.
         let mut sql = format!(
-            "CREATE TABLE {name} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS); \
-             CREATE UNIQUE INDEX {name}_key ON {name} ({time}, {key}); ",
+            "CREATE TABLE {partition} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS); \
+             CREATE UNIQUE INDEX {index} ON {partition} ({time}, {key}); ",
+            partition = quote_identifier(&name),
+            index = quote_identifier(&format!("{name}_key")),
             parent = table.table,
             time = table.time_column,
             key = table.key_column,
@@ -236,8 +238,9 @@ pub async fn maintain(
             sql.push_str("; ");
         }
         sql.push_str(&format!(
-            "ALTER TABLE {parent} ATTACH PARTITION {name} FOR VALUES FROM (to_timestamp({start})) TO (to_timestamp({end}))",
-            parent = table.table
+            "ALTER TABLE {parent} ATTACH PARTITION {partition} FOR VALUES FROM (to_timestamp({start})) TO (to_timestamp({end}))",
+            parent = table.table,
+            partition = quote_identifier(&name),
         ));
         tx.batch_execute(&sql).await?;
         changes.created.push(name);
@@ -256,7 +259,7 @@ pub async fn maintain(
                 .await?;
             tx.batch_execute(&format!(
                 "SET LOCAL lock_timeout = '{DROP_LOCK_TIMEOUT}'; DROP TABLE IF EXISTS {}",
-                partition.name
+                quote_identifier(&partition.name)
             ))
             .await?;
             tx.commit().await?;
@@ -268,11 +271,25 @@ pub async fn maintain(
 
 fn history_index_sql(table: &PartitionedTable, partition: &str, concurrently: bool) -> String {
     format!(
-        "CREATE INDEX {concurrently} IF NOT EXISTS {partition}_{key}_idx ON {partition} ({key}, {time})",
+        "CREATE INDEX {concurrently} IF NOT EXISTS {index} ON {table} ({key}, {time})",
         concurrently = if concurrently { "CONCURRENTLY" } else { "" },
+        index = quote_identifier(&history_index_name(table, partition)),
+        table = quote_identifier(partition),
         key = table.key_column,
         time = table.time_column,
     )
+}
+
+/// The history index of `partition`: `<partition>_<key column>_idx`.
+fn history_index_name(table: &PartitionedTable, partition: &str) -> String {
+    format!("{partition}_{}_idx", table.key_column)
+}
+
+/// `name` as an SQL identifier: in double quotes, a quote within doubled. Partition names are read back from the
+/// catalog, where whoever may add a partition chose them: unquoted, such a name would be SQL run with the gateway's
+/// rights.
+pub fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Builds the history index (`device_id, recorded_at`) of every partition of `table` whose time is past and
@@ -326,8 +343,8 @@ async fn index_unlocked(
         // A build interrupted earlier leaves an invalid index of the same name: drop it first.
         client
             .batch_execute(&format!(
-                "DROP INDEX CONCURRENTLY IF EXISTS {name}_{}_idx",
-                table.key_column
+                "DROP INDEX CONCURRENTLY IF EXISTS {}",
+                quote_identifier(&history_index_name(table, &name))
             ))
             .await?;
         client.batch_execute(&history_index_sql(table, &name, true)).await?;

@@ -6,25 +6,37 @@
 //! ```text
 //! # name     hash of the key           what it may write
 //! fleet      sha256:<64 hex digits>    streams=location devices=truck-,van- rate=50:500
+//! truck-7    sha256:<64 hex digits>    streams=location device=truck-7
 //! pollers    sha256:<64 hex digits>    streams=poll projects=1-100,250
 //! ```
 //!
+//! A device scope names exact ids (`device=`) or prefixes that end with a separator (`devices=truck-`): a key for
+//! `truck-1` must never reach `truck-10`, whose fixes it could otherwise claim first.
+//!
 //! A request names its key with `Authorization: Bearer <key>` or `X-API-Key: <key>`. The key is hashed and the
 //! hash looked up among the file's: a plain hash is enough because keys are 32 random bytes (no dictionary to
-//! try), and a slow password hash would cost every request. The file is re-read on SIGHUP; a broken file keeps
-//! the keys loaded before.
+//! try), and a slow password hash would cost every request. The file is re-read on SIGHUP. A file that cannot be
+//! used at a reload does not leave the previous keys in force — the edit may have been the removal of a leaked key
+//! — but refuses every write with 503 (clients keep their updates and retry) until a good file is loaded; the log,
+//! `ingest_api_keys_file_usable` and `/readyz` say so.
+//!
+//! The operator's routes (`/metrics`, `/stats`, the status page, `/readyz`'s reasons) need no key, but when keys
+//! are in force and they share a listener other machines can reach, they ask for the admin token
+//! (`INGEST_ADMIN_TOKEN_FILE`, sent as a Bearer token): a key holder must not read other tenants' key names and
+//! volumes, nor strangers the queue fill that times an attack. `/healthz` stays open.
 
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use actix_web::http::header::{HeaderMap, AUTHORIZATION};
 use actix_web::http::StatusCode;
 use anyhow::Context;
-use prometheus::{IntCounter, IntCounterVec};
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use sha2::{Digest, Sha256};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::errors::IngestError;
 use super::rate_limit::{client_address, AddressLimiter, KeyLimiter, RateRefusal};
@@ -32,6 +44,7 @@ use crate::config::{NewKeyArgs, RateLimit, Settings};
 use crate::metrics::Metrics;
 use crate::model::location::is_valid_device_id;
 use crate::model::{DeadLetter, LocationUpdate, PollResult, Update, UpdateError};
+use crate::secret_files::{self, FileKind};
 
 /// What every key the gateway makes starts with, so that a leaked one is recognisable (secret scanners, logs).
 pub const KEY_PREFIX: &str = "igk_";
@@ -57,8 +70,11 @@ pub struct ApiKey {
     pub hash: [u8; 32],
     /// The streams the key may write, among [`STREAMS`].
     pub streams: Vec<&'static str>,
-    /// Device-id prefixes a location update must start with one of; empty: any device.
+    /// Device-id prefixes a location update must start with one of, each ending with a [`SCOPE_SEPARATORS`]
+    /// character; with `device_ids` empty too: any device.
     pub device_prefixes: Vec<String>,
+    /// Device ids a location update may name exactly (`device=`).
+    pub device_ids: Vec<String>,
     /// Project-id ranges a poll result must fall in one of; empty: any project.
     pub projects: Vec<RangeInclusive<i64>>,
     /// The key's own rate limit, instead of `INGEST_RATE_LIMIT`.
@@ -69,7 +85,29 @@ impl ApiKey {
     pub fn may_write(&self, stream: &str) -> bool {
         self.streams.contains(&stream)
     }
+
+    /// Whether the key may write updates of `device_id`: an exact id, an id under one of its prefixes, or any
+    /// device when it has no device scope.
+    pub fn may_write_device(&self, device_id: &str) -> bool {
+        (self.device_prefixes.is_empty() && self.device_ids.is_empty())
+            || self.device_ids.iter().any(|id| id == device_id)
+            || self.device_prefixes.iter().any(|p| device_id.starts_with(p.as_str()))
+    }
+
+    /// The device scope in words, for a 403: `truck-7 and ids starting with van-`.
+    fn device_scope(&self) -> String {
+        let ids = self.device_ids.join(", ");
+        let prefixes = self.device_prefixes.join(", ");
+        match (ids.is_empty(), prefixes.is_empty()) {
+            (false, true) => format!("the key may write the devices {ids}"),
+            (true, false) => format!("the key may write devices starting with {prefixes}"),
+            _ => format!("the key may write the devices {ids} and those starting with {prefixes}"),
+        }
+    }
 }
+
+/// The characters a device-id prefix must end with, so that it stops at a boundary of the ids it covers.
+pub const SCOPE_SEPARATORS: [char; 5] = ['-', '.', ':', '_', '/'];
 
 /// A keys file that cannot be used, with the line (1-based) that says why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,6 +164,7 @@ fn parse_line(content: &str) -> Result<ApiKey, String> {
     let hash = parse_hash(tokens.next().unwrap_or_default())?;
     let mut streams = None;
     let mut device_prefixes = None;
+    let mut device_ids = None;
     let mut projects = None;
     let mut rate = None;
     for token in tokens {
@@ -135,11 +174,12 @@ fn parse_line(content: &str) -> Result<ApiKey, String> {
         let repeated = match field {
             "streams" => streams.replace(parse_streams(value)?).is_some(),
             "devices" => device_prefixes.replace(parse_prefixes(value)?).is_some(),
+            "device" => device_ids.replace(parse_device_ids(value)?).is_some(),
             "projects" => projects.replace(parse_projects(value)?).is_some(),
             "rate" => rate.replace(value.parse::<RateLimit>()?).is_some(),
             other => {
                 return Err(format!(
-                    "unknown field {other:?} (the fields are streams, devices, projects and rate)"
+                    "unknown field {other:?} (the fields are streams, device, devices, projects and rate)"
                 ))
             }
         };
@@ -149,10 +189,14 @@ fn parse_line(content: &str) -> Result<ApiKey, String> {
     }
     let streams = streams.ok_or("streams= is missing: say which streams the key may write (location, poll)")?;
     let device_prefixes = device_prefixes.unwrap_or_default();
+    let device_ids = device_ids.unwrap_or_default();
     let projects = projects.unwrap_or_default();
     // A scope for a stream the key may not write is a mistake in the file, not a harmless extra.
     if !device_prefixes.is_empty() && !streams.contains(&LocationUpdate::STREAM) {
         return Err("devices= is given but the key may not write location updates".to_owned());
+    }
+    if !device_ids.is_empty() && !streams.contains(&LocationUpdate::STREAM) {
+        return Err("device= is given but the key may not write location updates".to_owned());
     }
     if !projects.is_empty() && !streams.contains(&PollResult::STREAM) {
         return Err("projects= is given but the key may not write poll results".to_owned());
@@ -162,6 +206,7 @@ fn parse_line(content: &str) -> Result<ApiKey, String> {
         hash,
         streams,
         device_prefixes,
+        device_ids,
         projects,
         rate,
     })
@@ -212,12 +257,32 @@ fn parse_prefixes(value: &str) -> Result<Vec<String>, String> {
         .split(',')
         .map(|prefix| {
             // A prefix no device id could start with would silently refuse everything.
-            if is_valid_device_id(prefix) {
-                Ok(prefix.to_owned())
-            } else {
-                Err(format!(
+            let body = prefix.strip_suffix('/').unwrap_or(prefix);
+            if !is_valid_device_id(body) {
+                return Err(format!(
                     "{prefix:?} is not a device-id prefix: 1–64 of A-Z a-z 0-9 . _ : -"
-                ))
+                ));
+            }
+            // `truck-1` would cover `truck-10` … `truck-19` too, whose fixes its holder could claim first.
+            if !prefix.ends_with(SCOPE_SEPARATORS) {
+                return Err(format!(
+                    "devices={prefix} would also cover other devices ({prefix}0, {prefix}x, …): a prefix must end \
+                     with one of - . : _ / (devices={prefix}-), and one device is device={prefix}"
+                ));
+            }
+            Ok(prefix.to_owned())
+        })
+        .collect()
+}
+
+fn parse_device_ids(value: &str) -> Result<Vec<String>, String> {
+    value
+        .split(',')
+        .map(|id| {
+            if is_valid_device_id(id) {
+                Ok(id.to_owned())
+            } else {
+                Err(format!("{id:?} is not a device id: 1–64 of A-Z a-z 0-9 . _ : -"))
             }
         })
         .collect()
@@ -370,16 +435,10 @@ pub trait Scoped {
 
 impl Scoped for LocationUpdate {
     fn outside(&self, key: &ApiKey) -> Option<(&'static str, String)> {
-        if key.device_prefixes.is_empty() || key.device_prefixes.iter().any(|p| self.device_id.starts_with(p)) {
+        if key.may_write_device(&self.device_id) {
             return None;
         }
-        Some((
-            "device_id",
-            format!(
-                "the key may write devices starting with {}",
-                key.device_prefixes.join(", ")
-            ),
-        ))
+        Some(("device_id", key.device_scope()))
     }
 }
 
@@ -388,16 +447,10 @@ impl Scoped for LocationUpdate {
 impl Scoped for DeadLetter {
     fn outside(&self, key: &ApiKey) -> Option<(&'static str, String)> {
         let device_id = self.device_id.as_deref()?;
-        if key.device_prefixes.is_empty() || key.device_prefixes.iter().any(|p| device_id.starts_with(p)) {
+        if key.may_write_device(device_id) {
             return None;
         }
-        Some((
-            "device_id",
-            format!(
-                "the key may write devices starting with {}",
-                key.device_prefixes.join(", ")
-            ),
-        ))
+        Some(("device_id", key.device_scope()))
     }
 }
 
@@ -433,6 +486,12 @@ pub struct ApiKeys {
     by_key: IntCounterVec,
     /// Swapped whole by a reload; a request holds the set it started with.
     current: RwLock<Arc<Vec<Arc<KeyEntry>>>>,
+    /// Whether the file could be used at the last (re)load; while it could not, every write is refused.
+    usable: AtomicBool,
+    /// `ingest_api_keys`.
+    keys_gauge: IntGauge,
+    /// `ingest_api_keys_file_usable`.
+    usable_gauge: IntGauge,
 }
 
 impl ApiKeys {
@@ -443,17 +502,50 @@ impl ApiKeys {
             default_rate,
             by_key: metrics.requests_by_key.clone(),
             current: RwLock::new(Arc::new(Vec::new())),
+            usable: AtomicBool::new(false),
+            keys_gauge: metrics.access.keys.clone(),
+            usable_gauge: metrics.access.keys_file_usable.clone(),
         };
         keys.reload()?;
         Ok(keys)
     }
 
-    /// Reads the file again and puts its keys in force; when it cannot be used, the keys in force stay.
+    /// Reads the file again and puts its keys in force. A file that cannot be used puts no key in force: every
+    /// write is refused (503) until a reload succeeds, since the keys it would keep may be ones just revoked.
     pub fn reload(&self) -> anyhow::Result<()> {
+        let keys = match self.read() {
+            Ok(keys) => keys,
+            Err(e) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Vec::new());
+                self.usable.store(false, Ordering::Release);
+                self.usable_gauge.set(0);
+                self.keys_gauge.set(0);
+                error!(
+                    file = %self.path.display(),
+                    error = format!("{e:#}"),
+                    "the api keys file cannot be used: every write is refused until it is fixed and reloaded (SIGHUP)"
+                );
+                return Err(e);
+            }
+        };
+        self.install(keys);
+        Ok(())
+    }
+
+    /// Whether the keys file could be used at the last (re)load.
+    pub fn is_usable(&self) -> bool {
+        self.usable.load(Ordering::Acquire)
+    }
+
+    /// The file's keys, or why it cannot be used.
+    fn read(&self) -> anyhow::Result<Vec<ApiKey>> {
+        secret_files::check(&self.path, "the API keys file (INGEST_API_KEYS_FILE)", FileKind::Grants)?;
         let text = std::fs::read_to_string(&self.path)
             .with_context(|| format!("could not read the API keys file {}", self.path.display()))?;
-        let keys =
-            parse_keys(&text).with_context(|| format!("the API keys file {} cannot be used", self.path.display()))?;
+        parse_keys(&text).with_context(|| format!("the API keys file {} cannot be used", self.path.display()))
+    }
+
+    fn install(&self, keys: Vec<ApiKey>) {
         let previous = self.snapshot();
         let entries: Vec<Arc<KeyEntry>> = keys
             .into_iter()
@@ -482,11 +574,13 @@ impl ApiKeys {
             }
         }
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(entries);
+        self.usable.store(true, Ordering::Release);
+        self.usable_gauge.set(1);
+        self.keys_gauge.set(count as i64);
         info!(keys = count, file = %self.path.display(), "api keys in force");
         if count == 0 {
             warn!(file = %self.path.display(), "the api keys file holds no key: every write is refused");
         }
-        Ok(())
     }
 
     fn snapshot(&self) -> Arc<Vec<Arc<KeyEntry>>> {
@@ -496,11 +590,17 @@ impl ApiKeys {
 
     /// The entry of the key the request presents.
     pub fn identify(&self, headers: &HeaderMap) -> Result<Arc<KeyEntry>, IngestError> {
+        if !self.is_usable() {
+            return Err(IngestError::KeysUnusable);
+        }
         self.identify_key(presented_key(headers)?)
     }
 
     /// The entry of `key`, wherever the request carried it.
     pub fn identify_key(&self, key: &[u8]) -> Result<Arc<KeyEntry>, IngestError> {
+        if !self.is_usable() {
+            return Err(IngestError::KeysUnusable);
+        }
         let hash = hash_key(key);
         let entries = self.snapshot();
         // Every entry is compared, so that the time taken does not say which one (if any) matched.
@@ -514,17 +614,103 @@ impl ApiKeys {
     }
 }
 
+/// The admin token of the operator's routes (`INGEST_ADMIN_TOKEN_FILE`), by its hash; re-read on SIGHUP.
+pub struct AdminToken {
+    path: PathBuf,
+    /// `None` after a reload that failed: no token is believed until a good file is loaded.
+    hash: RwLock<Option<[u8; 32]>>,
+}
+
+/// Shortest admin token taken, in characters.
+const ADMIN_TOKEN_MIN_CHARS: usize = 16;
+
+impl AdminToken {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let token = AdminToken {
+            path: path.to_owned(),
+            hash: RwLock::new(None),
+        };
+        token.reload()?;
+        Ok(token)
+    }
+
+    /// Reads the file again; one that cannot be used leaves no token in force.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let read = secret_files::read_secret(
+            &self.path,
+            "the admin token file (INGEST_ADMIN_TOKEN_FILE)",
+            ADMIN_TOKEN_MIN_CHARS,
+        );
+        let hash = read.as_ref().ok().map(|token| hash_key(token.as_bytes()));
+        *self.hash.write().unwrap_or_else(|p| p.into_inner()) = hash;
+        read.map(|_| ())
+    }
+
+    /// Whether `headers` carry the token as `Authorization: Bearer <token>`.
+    pub fn admits(&self, headers: &HeaderMap) -> bool {
+        let Some(expected) = *self.hash.read().unwrap_or_else(|p| p.into_inner()) else {
+            return false;
+        };
+        match presented_key(headers) {
+            Ok(token) => same_hash(&hash_key(token), &expected),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Who may read the operator's routes on one listener.
+#[derive(Clone, Default)]
+pub enum OperatorAccess {
+    /// Anyone: a loopback or Unix-socket listener, the admin listener, or a gateway without keys.
+    #[default]
+    Open,
+    /// A holder of the admin token; with none configured, nobody (the answer says how to set one).
+    Token(Option<Arc<AdminToken>>),
+}
+
+impl OperatorAccess {
+    /// Whether a request with `headers` may read the operator's routes.
+    pub fn admits(&self, headers: &HeaderMap) -> bool {
+        match self {
+            OperatorAccess::Open => true,
+            OperatorAccess::Token(token) => token.as_ref().is_some_and(|t| t.admits(headers)),
+        }
+    }
+
+    /// The 401 of a refused operator request, naming both ways to the routes.
+    pub fn refusal(&self) -> actix_web::HttpResponse {
+        let message = match self {
+            OperatorAccess::Token(Some(_)) => {
+                "this route needs the admin token: send Authorization: Bearer <the token of INGEST_ADMIN_TOKEN_FILE>"
+            }
+            _ => {
+                "this route is not served to other machines while API keys are in force: set INGEST_ADMIN_TOKEN_FILE \
+                 and send its token as Authorization: Bearer <token>, or serve the operator's routes on \
+                 INGEST_ADMIN_LISTEN"
+            }
+        };
+        actix_web::HttpResponse::Unauthorized()
+            .insert_header((
+                actix_web::http::header::WWW_AUTHENTICATE,
+                "Bearer realm=\"ingest-gateway-admin\"",
+            ))
+            .json(super::errors::ErrorBody::new("unauthorized", message, vec![]))
+    }
+}
+
 /// Who may write, and how fast: the keys (none: anyone) and the per-address rate limit.
 pub struct Access {
     keys: Option<Arc<ApiKeys>>,
     per_address: Option<AddressLimiter>,
     /// `INGEST_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// `INGEST_ADMIN_TOKEN_FILE`, loaded.
+    admin_token: Option<Arc<AdminToken>>,
 }
 
 impl Access {
-    /// From the settings: reads the keys file (an unusable one is an error naming its line) and sets the rate
-    /// limits. Without a keys file, says loudly that anyone may write.
+    /// From the settings: reads the keys file (an unusable one is an error naming its line), the admin token, and
+    /// sets the rate limits. Without a keys file, says loudly that anyone may write.
     pub fn new(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Self> {
         let keys = match &settings.api_keys_file {
             Some(path) => Some(Arc::new(ApiKeys::load(path, settings.rate_limit, metrics)?)),
@@ -536,6 +722,13 @@ impl Access {
                 None
             }
         };
+        metrics.access.auth_enabled.set(i64::from(keys.is_some()));
+        let admin_token = settings
+            .admin_token_file
+            .as_deref()
+            .map(AdminToken::load)
+            .transpose()?
+            .map(Arc::new);
         // Without keys there is nobody to give INGEST_RATE_LIMIT to but the client addresses.
         let per_address = settings
             .rate_limit_per_address
@@ -545,12 +738,33 @@ impl Access {
             keys,
             per_address,
             trusted_proxies: settings.trusted_proxies.clone(),
+            admin_token,
         })
     }
 
     /// The keys, for whoever reloads them.
     pub fn keys(&self) -> Option<Arc<ApiKeys>> {
         self.keys.clone()
+    }
+
+    /// Whether writes need a key.
+    pub fn requires_keys(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// The admin token, for whoever reloads it.
+    pub fn admin_token(&self) -> Option<Arc<AdminToken>> {
+        self.admin_token.clone()
+    }
+
+    /// Who may read the operator's routes on a listener that other machines can reach (`exposed`) or not: with
+    /// keys in force, only the admin token's holder on an exposed one.
+    pub fn operator_access(&self, exposed: bool) -> OperatorAccess {
+        if exposed && self.requires_keys() {
+            OperatorAccess::Token(self.admin_token.clone())
+        } else {
+            OperatorAccess::Open
+        }
     }
 
     /// The key the request presents: `None` when the gateway takes requests without keys.
@@ -627,6 +841,9 @@ pub fn new_key(args: &NewKeyArgs) -> anyhow::Result<NewKey> {
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("could not read random bytes: {e}"))?;
     let key = format!("{KEY_PREFIX}{}", to_hex(&bytes));
     let mut line = format!("{} {} streams={}", args.name, hashed(&key), args.streams.join(","));
+    if !args.devices.is_empty() {
+        line += &format!(" device={}", args.devices.join(","));
+    }
     if !args.device_prefixes.is_empty() {
         line += &format!(" devices={}", args.device_prefixes.join(","));
     }
@@ -706,7 +923,7 @@ mod tests {
             (format!("fleet {HASH} streams=poll projects=5-1"), "empty range"),
             (format!("fleet {HASH} streams=poll projects=0"), "not a project id"),
             (
-                format!("fleet {HASH} streams=location devices=a,b/c"),
+                format!("fleet {HASH} streams=location devices=a-,b/c"),
                 "not a device-id prefix",
             ),
             (
@@ -717,6 +934,23 @@ mod tests {
             (format!("fleet {HASH} streams=poll colour=red"), "unknown field"),
             (format!("fleet {HASH} streams=poll rate=fast"), "not a rate limit"),
             (format!("fleet {HASH} streams=poll loose"), "not field=value"),
+            (
+                format!("fleet {HASH} streams=location devices=truck-1"),
+                "must end with one of - . : _ /",
+            ),
+            (
+                format!("fleet {HASH} streams=location devices=truck-,van"),
+                "devices=van would",
+            ),
+            (
+                format!("fleet {HASH} streams=location devices=/"),
+                "not a device-id prefix",
+            ),
+            (format!("fleet {HASH} streams=location device=a/b"), "not a device id"),
+            (
+                format!("fleet {HASH} streams=poll device=truck-1"),
+                "may not write location",
+            ),
         ];
         for (line, expected) in cases {
             let error = error_of(&line);
@@ -764,6 +998,58 @@ mod tests {
         assert!(reason.contains("truck-, van-"), "{reason}");
         let anyone = one(&format!("all {HASH} streams=location")).unwrap();
         assert_eq!(location("anything").outside(&anyone), None);
+    }
+
+    #[test]
+    fn a_device_key_reaches_its_own_id_and_nothing_that_merely_starts_with_it() {
+        let key = one(&format!("truck-1 {HASH} streams=location device=truck-1,van-2")).unwrap();
+        assert_eq!(key.device_ids, ["truck-1", "van-2"]);
+        assert_eq!(location("truck-1").outside(&key), None);
+        assert_eq!(location("van-2").outside(&key), None);
+        for other in ["truck-10", "truck-1.x", "truck-1-a", "truck-", "Truck-1"] {
+            let (field, reason) = location(other).outside(&key).expect(other);
+            assert_eq!(field, "device_id");
+            assert!(reason.contains("truck-1, van-2"), "{reason}");
+        }
+        let both = one(&format!(
+            "mixed {HASH} streams=location device=truck-1 devices=truck-1-,van:"
+        ))
+        .unwrap();
+        for inside in ["truck-1", "truck-1-fmb", "van:9"] {
+            assert_eq!(location(inside).outside(&both), None, "{inside}");
+        }
+        assert!(location("truck-10")
+            .outside(&both)
+            .unwrap()
+            .1
+            .contains("truck-1 and those starting with"));
+    }
+
+    #[test]
+    fn every_kind_of_update_is_held_to_the_same_device_scope() {
+        let key = one(&format!(
+            "truck-1 {HASH} streams=location,poll device=truck-1 projects=7"
+        ))
+        .unwrap();
+        let letter = |device: Option<&str>| DeadLetter {
+            stream: "location".into(),
+            protocol: "osmand".into(),
+            reason: "null_island".into(),
+            message: "lat and lon are both 0".into(),
+            device_id: device.map(str::to_owned),
+            payload: "{}".into(),
+            received_at: time::OffsetDateTime::UNIX_EPOCH,
+        };
+        assert_eq!(location("truck-1").outside(&key), None);
+        assert_eq!(letter(Some("truck-1")).outside(&key), None);
+        assert!(location("truck-10").outside(&key).is_some());
+        assert_eq!(
+            letter(Some("truck-10")).outside(&key),
+            location("truck-10").outside(&key),
+            "a dead letter is refused as its fix would be"
+        );
+        assert_eq!(poll(7).outside(&key), None);
+        assert!(poll(70).outside(&key).is_some());
     }
 
     #[test]
@@ -850,6 +1136,7 @@ mod tests {
         let args = NewKeyArgs {
             name: "fleet".into(),
             streams: vec!["location".into()],
+            devices: vec![],
             device_prefixes: vec!["truck-".into()],
             projects: None,
             rate: Some("10:100".parse().unwrap()),
@@ -869,12 +1156,38 @@ mod tests {
         let args = NewKeyArgs {
             name: "pollers".into(),
             streams: vec!["poll".into()],
+            devices: vec![],
             device_prefixes: vec!["truck-".into()],
             projects: None,
             rate: None,
         };
         let error = new_key(&args).err().unwrap().to_string();
         assert!(error.contains("may not write location"), "{error}");
+    }
+
+    #[test]
+    fn a_new_key_for_one_device_writes_that_device_only() {
+        let args = NewKeyArgs {
+            name: "truck-7".into(),
+            streams: vec!["location".into()],
+            devices: vec!["truck-7".into()],
+            device_prefixes: vec![],
+            projects: None,
+            rate: None,
+        };
+        let made = new_key(&args).unwrap();
+        assert!(made.line.contains(" device=truck-7"), "{}", made.line);
+        let key = one(&made.line).unwrap();
+        assert_eq!(location("truck-7").outside(&key), None);
+        assert!(location("truck-70").outside(&key).is_some());
+
+        let loose = NewKeyArgs {
+            devices: vec![],
+            device_prefixes: vec!["truck-7".into()],
+            ..args
+        };
+        let error = new_key(&loose).err().unwrap().to_string();
+        assert!(error.contains("device=truck-7"), "{error}");
     }
 
     #[test]

@@ -85,6 +85,10 @@ pub enum IngestError {
     MissingKey,
     #[error("the API key is not known")]
     UnknownKey,
+    /// The keys file could not be used at its last reload: rather than keep keys that may have been revoked, every
+    /// write is refused until a good file is loaded. 503, so that clients keep their updates and retry.
+    #[error("the gateway cannot use its API keys file; every write is refused until it is fixed")]
+    KeysUnusable,
     #[error("requests from web pages of another origin ({origin}) are not taken")]
     CrossOrigin { origin: String },
     #[error("the key {key} may not write the {stream} stream")]
@@ -131,7 +135,7 @@ impl IngestError {
             IngestError::LogFull { .. } => RejectReason::LogFull,
             IngestError::Storage { .. } => RejectReason::StorageError,
             IngestError::InvalidParameter(_) => RejectReason::InvalidJson,
-            IngestError::MissingKey | IngestError::UnknownKey => RejectReason::Unauthorized,
+            IngestError::MissingKey | IngestError::UnknownKey | IngestError::KeysUnusable => RejectReason::Unauthorized,
             IngestError::StreamNotAllowed { .. } | IngestError::OutOfScope { .. } | IngestError::CrossOrigin { .. } => {
                 RejectReason::Forbidden
             }
@@ -173,6 +177,7 @@ impl IngestError {
             IngestError::Storage { .. } => "storage_unavailable",
             IngestError::InvalidParameter(_) => "invalid_parameter",
             IngestError::MissingKey | IngestError::UnknownKey => "unauthorized",
+            IngestError::KeysUnusable => "keys_unusable",
             IngestError::StreamNotAllowed { .. } | IngestError::OutOfScope { .. } | IngestError::CrossOrigin { .. } => {
                 "forbidden"
             }
@@ -203,7 +208,9 @@ impl IngestError {
             | IngestError::Storage { .. } => vec![json!({"retry_after_seconds": RETRY_AFTER_SECS})],
             IngestError::InvalidParameter(p) => vec![json!({"parameter": p, "accepted": ["ack=commit"]})],
             IngestError::BodyTimeout { received_bytes } => vec![json!({"received_bytes": received_bytes})],
-            IngestError::BodyBudget => vec![json!({"retry_after_seconds": RETRY_AFTER_SECS})],
+            IngestError::BodyBudget | IngestError::KeysUnusable => {
+                vec![json!({"retry_after_seconds": RETRY_AFTER_SECS})]
+            }
             IngestError::GzipRatio { max_ratio } => vec![json!({"max_gzip_ratio": max_ratio})],
             IngestError::MissingKey | IngestError::UnknownKey => {
                 vec![json!({"headers": ["Authorization: Bearer <key>", "X-API-Key: <key>"]})]
@@ -264,6 +271,7 @@ impl IngestError {
             IngestError::GzipRatio { max_ratio: 100 },
             IngestError::MissingKey,
             IngestError::UnknownKey,
+            IngestError::KeysUnusable,
             IngestError::CrossOrigin {
                 origin: "https://example.com".to_owned(),
             },
@@ -317,6 +325,7 @@ impl IngestError {
             IngestError::GzipRatio { .. } => "gzip_ratio",
             IngestError::MissingKey => "missing_key",
             IngestError::UnknownKey => "unknown_key",
+            IngestError::KeysUnusable => "keys_unusable",
             IngestError::CrossOrigin { .. } => "cross_origin",
             IngestError::StreamNotAllowed { .. } => "stream_not_allowed",
             IngestError::OutOfScope { .. } => "out_of_scope",
@@ -403,6 +412,7 @@ impl ResponseError for IngestError {
             | IngestError::Storage { .. } => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             IngestError::MissingKey | IngestError::UnknownKey => StatusCode::UNAUTHORIZED,
+            IngestError::KeysUnusable => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::StreamNotAllowed { .. } | IngestError::OutOfScope { .. } | IngestError::CrossOrigin { .. } => {
                 StatusCode::FORBIDDEN
             }

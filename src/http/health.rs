@@ -66,8 +66,11 @@ pub async fn healthz() -> HttpResponse {
         (status = 503, description = "Not ready: the reasons say why", body = Readiness),
     ),
 )]
-pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+pub async fn readyz(req: actix_web::HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let mut reasons = Vec::new();
+    if state.access.keys().is_some_and(|keys| !keys.is_usable()) {
+        reasons.push("the API keys file cannot be used: every write is refused until it is fixed".to_owned());
+    }
     if !state.is_accepting() {
         reasons.push("shutting down".to_owned());
     }
@@ -102,7 +105,12 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if !state.database.is_up() {
         reasons.push("the database does not answer".to_owned());
     }
-    if reasons.is_empty() {
+    let ready = reasons.is_empty();
+    // Without the admin token where one is needed, the status only: the reasons would help whoever times an attack.
+    if !super::operator_admitted(&req) {
+        reasons.clear();
+    }
+    if ready {
         HttpResponse::Ok().json(Readiness {
             status: ReadinessStatus::Ready,
             reasons,

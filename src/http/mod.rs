@@ -135,10 +135,12 @@ pub fn routes(cfg: &mut web::ServiceConfig, which: Routes) {
         return;
     }
     if which != Routes::Public {
-        // Exactly `/`: every other unknown path keeps the JSON 404 below.
-        cfg.service(named("/").route(web::get().to(status::page)));
-        cfg.service(named("/stats").route(web::get().to(stats::stats)))
-            .service(named("/metrics").route(web::get().to(stats::metrics)))
+        // Exactly `/`: every other unknown path keeps the JSON 404 below. `/readyz` checks the admin token itself:
+        // without it, a load balancer still gets the status, only not the reasons.
+        let operator = || actix_web::middleware::from_fn(operator_only);
+        cfg.service(named("/").wrap(operator()).route(web::get().to(status::page)));
+        cfg.service(named("/stats").wrap(operator()).route(web::get().to(stats::stats)))
+            .service(named("/metrics").wrap(operator()).route(web::get().to(stats::metrics)))
             .service(named("/readyz").route(web::get().to(health::readyz)));
     }
     if which != Routes::Admin {
@@ -168,6 +170,25 @@ pub fn routes(cfg: &mut web::ServiceConfig, which: Routes) {
         .default_service(web::to(|| async {
             HttpResponse::NotFound().json(errors::ErrorBody::new("not_found", "no such route", vec![]))
         }));
+}
+
+/// Lets a request to an operator's route through when the listener's [`auth::OperatorAccess`] admits it (a server
+/// started without one is open).
+async fn operator_only(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let access = req.app_data::<web::Data<auth::OperatorAccess>>().cloned();
+    match access {
+        Some(access) if !access.admits(req.headers()) => Ok(req.into_response(access.refusal())),
+        _ => next.call(req).await.map(ServiceResponse::map_into_boxed_body),
+    }
+}
+
+/// Whether the operator's routes may tell a request everything (reasons included): see [`operator_only`].
+pub fn operator_admitted(req: &actix_web::HttpRequest) -> bool {
+    req.app_data::<web::Data<auth::OperatorAccess>>()
+        .is_none_or(|access| access.admits(req.headers()))
 }
 
 /// The whole application: routes, shared state, and request metrics around every route.

@@ -30,6 +30,20 @@ pub struct Stats {
     pub wal: WalStats,
     /// What each tracker protocol brought (`osmand`, `owntracks`, `overland`, `traccar`).
     pub trackers: BTreeMap<&'static str, TrackerStats>,
+    /// Who may write.
+    pub auth: AuthStats,
+}
+
+/// Whether writes need an API key, as `ingest_auth_enabled`, `ingest_api_keys` and `ingest_api_keys_file_usable`
+/// say.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuthStats {
+    /// Whether writes need an API key; `false`: anyone who reaches the gateway may write any device.
+    pub enabled: bool,
+    /// Keys in force.
+    pub keys: i64,
+    /// Whether the keys file could be used at its last load; `false`: every write is refused until it can.
+    pub keys_file_usable: bool,
 }
 
 /// One tracker protocol's figures since the gateway started.
@@ -103,6 +117,8 @@ pub struct StreamStats {
     pub replay_done_bytes: u64,
     /// Bytes of that log in all.
     pub replay_total_bytes: u64,
+    /// Updates whose key was already stored with other content, kept in `dead_letters` (reason `conflict`).
+    pub conflicting: u64,
 }
 
 /// The write-ahead log.
@@ -178,6 +194,12 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
         },
         wal: wal_stats(&state.metrics.wal),
         trackers: tracker_stats(&state.metrics.trackers),
+        auth: AuthStats {
+            enabled: state.metrics.access.auth_enabled.get() == 1,
+            keys: state.metrics.access.keys.get(),
+            keys_file_usable: state.metrics.access.keys_file_usable.get() == 1
+                || state.metrics.access.auth_enabled.get() == 0,
+        },
     })
 }
 
@@ -233,6 +255,7 @@ fn stream_stats(m: &StreamMetrics, stall: Option<(Duration, String)>, replay: Re
         replaying: !replay.finished,
         replay_done_bytes: replay.done_bytes,
         replay_total_bytes: replay.total_bytes,
+        conflicting: m.conflicting.get(),
     }
 }
 

@@ -2,7 +2,10 @@
 //!
 //! The fast path copies straight into the table. A unique-key conflict (a client retried an update that is
 //! already stored) sends the rows through a temporary staging table and `INSERT … ON CONFLICT DO NOTHING`
-//! instead, so retries are absorbed and counted. A row PostgreSQL refuses for good (a constraint, a trigger, a
+//! instead, so retries are absorbed and counted. The first write of a natural key wins; a later row with the same
+//! key and *other* content is no retry but a conflict (a device's broken clock, or someone claiming its key first):
+//! it is counted apart and kept in `dead_letters` with reason `conflict`, so that it never vanishes silently, and
+//! it does not move `device_positions`. A row PostgreSQL refuses for good (a constraint, a trigger, a
 //! value out of a column's range) is isolated by bisection, each half under its own savepoint, and kept with the
 //! database's error in `dead_letters`; every other row of the batch is written. Errors that retrying can fix
 //! (connection lost, database restarting, timeout) abort the whole transaction and are retried by the writer.
@@ -42,6 +45,12 @@ pub trait CopyRecord: Send + Sync + 'static {
     /// order; a table without a natural key names the columns to order them by.
     const KEY: &'static str;
     const COLUMN_COUNT: i16;
+    /// The columns besides the natural key that say what a row holds — all but `received_at`, which a client's
+    /// retry changes: a row whose key is stored with other values here is a conflict, not a retry. Empty for a
+    /// table without a natural key.
+    const CONTENT: &'static str = "";
+    /// The device a conflicting staging row (`s`) names, as SQL, for `dead_letters.device_id`.
+    const CONFLICT_DEVICE: &'static str = "NULL";
 
     /// Appends this row as one binary `COPY` tuple (without the field count).
     fn encode_copy(&self, out: &mut BytesMut);
@@ -51,9 +60,9 @@ pub trait CopyRecord: Send + Sync + 'static {
     fn batch_summary(rows: &[Self]) -> serde_json::Value
     where
         Self: Sized;
-    /// Keeps the stream's "latest per key" table up to date with `rows`, in the batch's transaction; nothing for a
-    /// stream without one.
-    fn keep_latest<'a>(_tx: &'a Transaction<'_>, _rows: &'a [Self]) -> BoxedWrite<'a>
+    /// Keeps the stream's "latest per key" table up to date with `rows` (those of the batch that are stored or
+    /// retries, never a conflict), in the batch's transaction; nothing for a stream without one.
+    fn keep_latest<'a>(_tx: &'a Transaction<'_>, _rows: &'a [&'a Self]) -> BoxedWrite<'a>
     where
         Self: Sized,
     {
@@ -71,8 +80,10 @@ pub fn notify_channel(stream: &str) -> String {
 pub struct WriteOutcome {
     /// Rows stored.
     pub inserted: u64,
-    /// Rows absorbed because a row with the same key was already stored.
+    /// Rows absorbed because a row with the same key and content was already stored.
     pub duplicates: u64,
+    /// Rows whose key was already stored with other content, kept in `dead_letters` (reason `conflict`).
+    pub conflicting: u64,
     /// Rows PostgreSQL refused for good, kept in `dead_letters`.
     pub dead_lettered: u64,
     pub elapsed: Duration,
@@ -174,9 +185,11 @@ pub async fn write_batch<T: CopyRecord>(
         // The common case first: the whole batch straight into the table, without a savepoint (under one,
         // every row would get a subtransaction id). Only a batch PostgreSQL refuses is done again, row-aware.
         let tx = client.transaction().await?;
-        let refused = match copy_rows(&tx, rows, false).await {
-            Ok(inserted) => {
-                after_rows(&tx, stream, rows, keep_latest).await?;
+        let refused = match copy_rows(&tx, stream, rows, false).await {
+            Ok(copied) => {
+                let inserted = copied.inserted;
+                let all: Vec<&T> = rows.iter().collect();
+                after_rows(&tx, stream, rows, &all, keep_latest).await?;
                 checkpoint::record(&tx, positions.instance, stream, positions.checkpoints).await?;
                 tx.commit().await?;
                 return Ok(WriteOutcome {
@@ -192,8 +205,17 @@ pub async fn write_batch<T: CopyRecord>(
         tx.rollback().await?;
         let mut tx = client.transaction().await?;
         let mut outcome = WriteOutcome::default();
-        write_rows(&mut tx, stream, rows, refused == Failure::Duplicate, &mut outcome).await?;
-        after_rows(&tx, stream, rows, keep_latest).await?;
+        let mut conflicting = Vec::new();
+        let dedup = refused == Failure::Duplicate;
+        write_rows(&mut tx, stream, rows, 0, dedup, &mut outcome, &mut conflicting).await?;
+        conflicting.sort_unstable();
+        let kept: Vec<&T> = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| conflicting.binary_search(i).is_err())
+            .map(|(_, row)| row)
+            .collect();
+        after_rows(&tx, stream, rows, &kept, keep_latest).await?;
         checkpoint::record(&tx, positions.instance, stream, positions.checkpoints).await?;
         tx.commit().await?;
         Ok::<_, CopyError>(outcome)
@@ -205,16 +227,18 @@ pub async fn write_batch<T: CopyRecord>(
     Ok(outcome)
 }
 
-/// What follows the rows in a batch's transaction: the "latest" table, and the notice to the stream's listeners
-/// (delivered by PostgreSQL at commit, never for a batch rolled back).
+/// What follows the rows in a batch's transaction: the "latest" table (from `kept`, the rows that are not
+/// conflicts), and the notice to the stream's listeners (delivered by PostgreSQL at commit, never for a batch
+/// rolled back).
 async fn after_rows<T: CopyRecord>(
     tx: &Transaction<'_>,
     stream: &str,
     rows: &[T],
+    kept: &[&T],
     keep_latest: bool,
 ) -> Result<(), tokio_postgres::Error> {
     if keep_latest {
-        T::keep_latest(tx, rows).await?;
+        T::keep_latest(tx, kept).await?;
     }
     let summary = T::batch_summary(rows).to_string();
     tx.execute("SELECT pg_notify($1, $2)", &[&notify_channel(stream), &summary])
@@ -224,22 +248,28 @@ async fn after_rows<T: CopyRecord>(
 
 pub type BoxedWrite<'a> = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a>>;
 
-/// Writes `rows` under a savepoint: straight `COPY`, or through staging when `dedup`; isolates refused rows.
+/// Writes `rows` (the batch's from index `base` on) under a savepoint: straight `COPY`, or through staging when
+/// `dedup`; isolates refused rows; adds the batch indices of conflicting rows to `conflicting`.
 fn write_rows<'a, T: CopyRecord>(
     tx: &'a mut Transaction<'_>,
     stream: &'a str,
     rows: &'a [T],
+    base: usize,
     dedup: bool,
     outcome: &'a mut WriteOutcome,
+    conflicting: &'a mut Vec<usize>,
 ) -> BoxedWrite<'a> {
     Box::pin(async move {
         let savepoint = tx.transaction().await?;
-        let attempt = copy_rows(&savepoint, rows, dedup).await;
+        let attempt = copy_rows(&savepoint, stream, rows, dedup).await;
         let error = match attempt {
-            Ok(inserted) => {
+            Ok(copied) => {
                 savepoint.commit().await?;
-                outcome.inserted += inserted;
-                outcome.duplicates += rows.len() as u64 - inserted;
+                let conflicts = copied.conflicting.len() as u64;
+                outcome.inserted += copied.inserted;
+                outcome.conflicting += conflicts;
+                outcome.duplicates += (rows.len() as u64).saturating_sub(copied.inserted + conflicts);
+                conflicting.extend(copied.conflicting.into_iter().map(|i| base + i));
                 return Ok(());
             }
             Err(error) => error,
@@ -250,32 +280,49 @@ fn write_rows<'a, T: CopyRecord>(
         }
         savepoint.rollback().await?;
         match failure {
-            Failure::Duplicate if !dedup => write_rows(tx, stream, rows, true, outcome).await,
+            Failure::Duplicate if !dedup => write_rows(tx, stream, rows, base, true, outcome, conflicting).await,
             _ if rows.len() == 1 => {
                 dead_letter(tx, stream, &rows[0], &error).await?;
                 outcome.dead_lettered += 1;
                 Ok(())
             }
             _ => {
-                let (left, right) = rows.split_at(rows.len() / 2);
-                write_rows(tx, stream, left, dedup, outcome).await?;
-                write_rows(tx, stream, right, dedup, outcome).await
+                let middle = rows.len() / 2;
+                let (left, right) = rows.split_at(middle);
+                write_rows(tx, stream, left, base, dedup, outcome, conflicting).await?;
+                write_rows(tx, stream, right, base + middle, dedup, outcome, conflicting).await
             }
         }
     })
 }
 
-/// One attempt at `rows`; returns how many were stored.
-async fn copy_rows<T: CopyRecord>(tx: &Transaction<'_>, rows: &[T], dedup: bool) -> Result<u64, tokio_postgres::Error> {
+/// What one attempt at some rows did.
+struct Copied {
+    /// Rows stored.
+    inserted: u64,
+    /// Positions (in the rows attempted) of the rows kept in `dead_letters` as conflicts.
+    conflicting: Vec<usize>,
+}
+
+/// One attempt at `rows`.
+async fn copy_rows<T: CopyRecord>(
+    tx: &Transaction<'_>,
+    stream: &str,
+    rows: &[T],
+    dedup: bool,
+) -> Result<Copied, tokio_postgres::Error> {
     let staging = format!("{}_staging", T::TABLE);
     let target = if dedup {
         // Temporary, per connection; emptied at commit and before each use within a transaction. With its own
         // identity sequence, if the table has one (`dead_letters.id`): `LIKE` copies the column's NOT NULL
-        // always, and the COPY, which leaves the column out, would be refused without it.
+        // always, and the COPY, which leaves the column out, would be refused without it. `ingest_row` numbers
+        // the rows in the order they are copied (from 1 again at each use), so that the first of two rows with
+        // one key is the one kept, and a conflict is known by its place in the batch.
         tx.batch_execute(&format!(
-            "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {} INCLUDING DEFAULTS INCLUDING IDENTITY) \
+            "CREATE TEMP TABLE IF NOT EXISTS {staging} \
+               (LIKE {} INCLUDING DEFAULTS INCLUDING IDENTITY, ingest_row bigserial) \
              ON COMMIT DELETE ROWS; \
-             TRUNCATE {staging}",
+             TRUNCATE {staging} RESTART IDENTITY",
             T::TABLE
         ))
         .await?;
@@ -292,19 +339,80 @@ async fn copy_rows<T: CopyRecord>(tx: &Transaction<'_>, rows: &[T], dedup: bool)
     sink.send(bytes.freeze()).await?;
     let copied = sink.finish().await?;
     if !dedup {
-        return Ok(copied);
+        return Ok(Copied {
+            inserted: copied,
+            conflicting: Vec::new(),
+        });
     }
-    // Sorted by key so that concurrent writers take row locks in one order and cannot deadlock.
-    tx.execute(
-        &format!(
-            "INSERT INTO {table} ({cols}) SELECT {cols} FROM {staging} ORDER BY {key} ON CONFLICT DO NOTHING",
-            table = T::TABLE,
-            cols = T::COLUMNS,
-            key = T::KEY
-        ),
-        &[],
-    )
-    .await
+    // Sorted by key so that concurrent writers take row locks in one order and cannot deadlock; within a key, in
+    // the order the rows came, so that the first write wins.
+    let inserted = tx
+        .execute(
+            &format!(
+                "INSERT INTO {table} ({cols}) SELECT {cols} FROM {staging} ORDER BY {key}, ingest_row \
+                 ON CONFLICT DO NOTHING",
+                table = T::TABLE,
+                cols = T::COLUMNS,
+                key = T::KEY
+            ),
+            &[],
+        )
+        .await?;
+    let conflicting = if T::CONTENT.is_empty() || inserted == copied {
+        Vec::new()
+    } else {
+        keep_conflicts::<T>(tx, stream, &staging).await?
+    };
+    Ok(Copied { inserted, conflicting })
+}
+
+/// `columns` (comma-separated) each qualified with `alias`: `s.lat, s.lon`.
+fn qualified(alias: &str, columns: &str) -> String {
+    columns
+        .split(',')
+        .map(|c| format!("{alias}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Keeps in `dead_letters` every staged row whose key is stored (by an earlier batch, or by a row before it in
+/// this one) with other content, and returns their places in the staging table. A row with the same content is a
+/// retry, absorbed as before. The payload is the refused row as JSON; the error names the key and when the row
+/// that holds it was received.
+async fn keep_conflicts<T: CopyRecord>(
+    tx: &Transaction<'_>,
+    stream: &str,
+    staging: &str,
+) -> Result<Vec<usize>, tokio_postgres::Error> {
+    let sql = format!(
+        "WITH conflicting AS ( \
+           SELECT s.ingest_row, to_jsonb(s) - 'ingest_row' AS payload, {device} AS device_id, \
+                  s.received_at, t.received_at AS stored_received_at \
+             FROM {staging} s JOIN {table} t USING ({key}) \
+            WHERE ({ours}) IS DISTINCT FROM ({theirs})), \
+         kept AS ( \
+           INSERT INTO dead_letters (stream, payload, error, reason, device_id, received_at) \
+           SELECT $1, payload, \
+                  $2 || coalesce(' (that update was received at ' || \
+                    to_char(stored_received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') || ')', ''), \
+                  'conflict', device_id, received_at \
+             FROM conflicting) \
+         SELECT ingest_row FROM conflicting",
+        device = T::CONFLICT_DEVICE,
+        table = T::TABLE,
+        key = T::KEY,
+        ours = qualified("s", T::CONTENT),
+        theirs = qualified("t", T::CONTENT),
+    );
+    let error = format!(
+        "conflict: a different update with the same {} is stored; the first write is kept",
+        T::KEY
+    );
+    let rows = tx.query(&sql, &[&stream, &error]).await?;
+    Ok(rows
+        .iter()
+        .map(|row| usize::try_from(row.get::<_, i64>(0) - 1).unwrap_or(usize::MAX))
+        .collect())
 }
 
 /// Keeps a refused row with the database's error.
@@ -422,6 +530,8 @@ impl CopyRecord for LocationUpdate {
         "device_id, recorded_at, lat, lon, speed_kmh, heading_deg, accuracy_m, attributes, received_at";
     const KEY: &'static str = "device_id, recorded_at";
     const COLUMN_COUNT: i16 = 9;
+    const CONTENT: &'static str = "lat, lon, speed_kmh, heading_deg, accuracy_m, attributes";
+    const CONFLICT_DEVICE: &'static str = "s.device_id";
 
     fn encode_copy(&self, out: &mut BytesMut) {
         put_text(out, &self.device_id);
@@ -456,12 +566,12 @@ impl CopyRecord for LocationUpdate {
         serde_json::json!({"rows": rows.len(), "from": from, "to": to, "devices": devices.len()})
     }
 
-    fn keep_latest<'a>(tx: &'a Transaction<'_>, rows: &'a [Self]) -> BoxedWrite<'a> {
+    fn keep_latest<'a>(tx: &'a Transaction<'_>, rows: &'a [&'a Self]) -> BoxedWrite<'a> {
         Box::pin(async move {
             // The newest fix of each device in the batch, in device order so that concurrent writers lock rows in
             // one order and cannot deadlock.
             let mut newest: std::collections::BTreeMap<&str, &LocationUpdate> = std::collections::BTreeMap::new();
-            for row in rows {
+            for &row in rows {
                 let entry = newest.entry(row.device_id.as_str()).or_insert(row);
                 if row.recorded_at > entry.recorded_at {
                     *entry = row;
@@ -513,6 +623,7 @@ impl CopyRecord for PollResult {
         "project_id, polled_at, success, status_code, response_time_ms, error_message, attributes, received_at";
     const KEY: &'static str = "project_id, polled_at";
     const COLUMN_COUNT: i16 = 8;
+    const CONTENT: &'static str = "success, status_code, response_time_ms, error_message, attributes";
 
     fn encode_copy(&self, out: &mut BytesMut) {
         out.put_i32(8);
@@ -562,11 +673,11 @@ impl CopyRecord for PollResult {
         serde_json::json!({"rows": rows.len(), "from": from, "to": to, "projects": projects.len()})
     }
 
-    fn keep_latest<'a>(tx: &'a Transaction<'_>, rows: &'a [Self]) -> BoxedWrite<'a> {
+    fn keep_latest<'a>(tx: &'a Transaction<'_>, rows: &'a [&'a Self]) -> BoxedWrite<'a> {
         Box::pin(async move {
             // The newest result of each project in the batch, in project order (one lock order for all writers).
             let mut newest: std::collections::BTreeMap<i64, &PollResult> = std::collections::BTreeMap::new();
-            for row in rows {
+            for &row in rows {
                 let entry = newest.entry(row.project_id).or_insert(row);
                 if row.polled_at > entry.polled_at {
                     *entry = row;

@@ -300,6 +300,7 @@ where
         let elapsed = outcome.elapsed;
         m.written.inc_by(outcome.inserted);
         m.duplicates.inc_by(outcome.duplicates);
+        m.conflicting.inc_by(outcome.conflicting);
         m.dead_lettered.inc_by(outcome.dead_lettered);
         m.batches_written.inc();
         m.last_batch_rows.set(rows as i64);
@@ -317,6 +318,7 @@ where
             rows,
             inserted = outcome.inserted,
             duplicates = outcome.duplicates,
+            conflicting = outcome.conflicting,
             dead_lettered = outcome.dead_lettered,
             elapsed_ms = elapsed.as_millis() as u64,
             "batch written"

@@ -4,9 +4,14 @@
 //! Several gateways may write to one PostgreSQL; each numbers its log records from its own counter, so a position
 //! means something only together with the instance that wrote it. The identity is created at first start and
 //! kept for good; a data directory copied to another machine brings its identity (and its log) with it.
+//!
+//! The files it writes there are never reached through a symbolic link: a link planted by another account that can
+//! write the directory (a shared volume, a directory that a later start as root inherits) would otherwise have the
+//! gateway truncate or overwrite the file it points to.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -128,8 +133,13 @@ fn lock(dir: &Path) -> Result<File, DataDirError> {
         .write(true)
         .create(true)
         .truncate(false)
+        // A link would make the pid below overwrite whatever file it points to.
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
-        .map_err(io_error("could not open the lock file", &path))?;
+        .map_err(io_error(
+            "could not open the lock file (a symbolic link there is refused)",
+            &path,
+        ))?;
     // SAFETY: flock on a descriptor this function owns; it touches no memory.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let error = io::Error::last_os_error();
@@ -171,7 +181,18 @@ fn new_identity() -> io::Result<String> {
 fn write_durably(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
     let temp = path.with_extension("tmp");
     let write = || -> io::Result<()> {
-        let mut file = File::create(&temp)?;
+        // What a crash left there, or a link someone planted: removed (a link itself, never its target), then
+        // made afresh, never through a link.
+        match fs::remove_file(&temp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&temp)?;
         file.write_all(contents)?;
         file.sync_all()?;
         fs::rename(&temp, path)?;
@@ -220,6 +241,33 @@ mod tests {
         data_dir.unowned_adopted().unwrap();
         drop(data_dir);
         assert!(!DataDir::open(dir.path()).unwrap().adopts_unowned());
+    }
+
+    #[test]
+    fn the_lock_and_the_identity_are_never_written_through_a_symbolic_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "secret\n").unwrap();
+        let data = dir.path().join("data");
+        fs::create_dir(&data).unwrap();
+        std::os::unix::fs::symlink(&victim, data.join(LOCK_FILE)).unwrap();
+        let refused = DataDir::open(&data).unwrap_err().to_string();
+        assert!(refused.contains("symbolic link"), "{refused}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "secret\n");
+
+        fs::remove_file(data.join(LOCK_FILE)).unwrap();
+        std::os::unix::fs::symlink(&victim, data.join("instance-id.tmp")).unwrap();
+        let opened = DataDir::open(&data).unwrap();
+        assert_eq!(opened.instance().len(), 32);
+        assert_eq!(
+            fs::read_to_string(&victim).unwrap(),
+            "secret\n",
+            "the link was replaced, its target untouched"
+        );
+        assert!(!fs::symlink_metadata(data.join(INSTANCE_FILE))
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]

@@ -119,6 +119,31 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixSocket, ListenError> {
     Ok(socket)
 }
 
+/// The TCP addresses of `list` (as `INGEST_LISTEN` writes them) that other machines can reach: every one that is not
+/// a loopback address, or that names a host which does not resolve to loopback only. Unix sockets are reached from
+/// this host only.
+pub fn reachable_from_elsewhere(list: &str) -> Vec<String> {
+    use std::net::ToSocketAddrs;
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && !a.starts_with("unix:"))
+        .filter(|address| match address.to_socket_addrs() {
+            Ok(mut resolved) => !resolved.all(|a| a.ip().is_loopback()),
+            // Taken as exposed: binding it fails later anyway, with the reason.
+            Err(_) => true,
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether other machines can reach `listener`.
+pub fn is_exposed(listener: &Listener) -> bool {
+    match listener {
+        Listener::Tcp(tcp) => tcp.local_addr().map_or(true, |a| !a.ip().is_loopback()),
+        Listener::Unix(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +158,17 @@ mod tests {
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         drop(listeners);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn only_addresses_beyond_loopback_are_reachable_from_elsewhere() {
+        let list = "127.0.0.1:8080, [::1]:8081, localhost:8082, unix:/run/g.sock, 0.0.0.0:8083, [::]:8084, 10.1.2.3:80";
+        assert_eq!(
+            reachable_from_elsewhere(list),
+            ["0.0.0.0:8083", "[::]:8084", "10.1.2.3:80"]
+        );
+        let listeners = open_all("127.0.0.1:0", 0o600).unwrap();
+        assert!(!is_exposed(&listeners[0]));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tracing::info;
 
 use crate::config::{Durability, QueueKind, Settings};
 use crate::db::{self, EmbeddedPostgres, PostgresOptions};
-use crate::http::auth::Access;
+use crate::http::auth::{Access, OperatorAccess};
 use crate::http::limits::{BodyBudget, BodyDeadline};
 use crate::http::{self, AppState, DatabaseHealth, IngestLimits, Routes};
 use crate::intake::Gate;
@@ -68,6 +68,14 @@ impl Database {
             Some(url) => {
                 let db::DatabaseUrl { config, tls } = url.parse().context("DATABASE_URL cannot be used")?;
                 info!(tls = ?tls.mode(), "connecting to the PostgreSQL of DATABASE_URL");
+                if let Some(host) = remote_without_tls(&config, tls.mode()) {
+                    tracing::warn!(
+                        host = %host,
+                        "DATABASE_URL reaches {host} over the network without TLS (no sslmode, or disable, allow or \
+                         prefer): every update, and the password under md5 or password authentication, crosses it in \
+                         clear; add sslmode=verify-full (or require)"
+                    );
+                }
                 Ok(Database {
                     config,
                     tls,
@@ -183,6 +191,16 @@ impl Application {
         // A keys file or TLS files that cannot be used refuse the start before anything is touched.
         let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
         let access = Access::new(settings, &metrics)?;
+        if role == Role::Serve {
+            refuse_anonymous_exposure(settings, &access)?;
+        }
+        if let Some(key) = &settings.tls_key {
+            crate::secret_files::check(
+                key,
+                "the TLS private key (INGEST_TLS_KEY)",
+                crate::secret_files::FileKind::Secret,
+            )?;
+        }
         let tls = ServerTls::from_settings(settings).context("could not load the TLS files")?;
         let partition_policy = partitions::policy(settings)?;
         let reloads = Reloads::default();
@@ -191,6 +209,9 @@ impl Application {
         }
         if let Some(keys) = access.keys() {
             reloads.register("api keys", move || keys.reload());
+        }
+        if let Some(token) = access.admin_token() {
+            reloads.register("admin token", move || token.reload());
         }
         // First of all: a second process on the same directory must not touch its database or its log.
         let mut data_dir = DataDir::open(&settings.data_dir)?;
@@ -450,6 +471,24 @@ impl Application {
             Routes::Public
         };
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // The operator's routes on the public listeners: with keys in force, only for the admin token's holder where
+        // other machines can reach them.
+        let exposed = self.listeners.iter().any(listener::is_exposed);
+        let operator = if public_routes == Routes::Public {
+            OperatorAccess::Open
+        } else {
+            self.state.access.operator_access(exposed)
+        };
+        if let OperatorAccess::Token(token) = &operator {
+            match token {
+                Some(_) => info!("the operator's routes on the public listeners need the admin token"),
+                None => tracing::warn!(
+                    "API keys are in force and the public listeners are reachable from other machines: /metrics, \
+                     /stats and the status page answer 401 there (and /readyz gives no reasons); set \
+                     INGEST_ADMIN_TOKEN_FILE or INGEST_ADMIN_LISTEN"
+                ),
+            }
+        }
         let server = ServerPlan {
             state: self.state.clone(),
             routes: public_routes,
@@ -457,6 +496,7 @@ impl Application {
             max_connections: self.max_connections,
             shutdown_timeout: self.shutdown_timeout,
             tls: self.tls.clone(),
+            operator,
         }
         .serve(self.listeners, &mut sockets)?;
         let admin = if self.admin_listeners.is_empty() {
@@ -471,6 +511,7 @@ impl Application {
                 workers: 1,
                 max_connections: ADMIN_MAX_CONNECTIONS,
                 shutdown_timeout: self.shutdown_timeout,
+                operator: OperatorAccess::Open,
             }
             .serve(self.admin_listeners, &mut sockets)?;
             let handle = admin.handle();
@@ -487,6 +528,7 @@ impl Application {
                 workers,
                 max_connections: self.max_connections,
                 shutdown_timeout: self.shutdown_timeout,
+                operator: OperatorAccess::Open,
             }
             .serve(self.osmand_listeners, &mut sockets)?;
             let handle = osmand.handle();
@@ -557,6 +599,8 @@ struct ServerPlan {
     /// Over all its workers.
     max_connections: usize,
     shutdown_timeout: Duration,
+    /// Who may read the operator's routes there.
+    operator: OperatorAccess,
 }
 
 impl ServerPlan {
@@ -567,8 +611,9 @@ impl ServerPlan {
         sockets: &mut Vec<listener::UnixSocket>,
     ) -> anyhow::Result<actix_web::dev::Server> {
         let (state, routes) = (self.state, self.routes);
+        let operator = web::Data::new(self.operator);
         // actix counts connections per worker.
-        let mut server = HttpServer::new(move || http::app(state.clone(), routes))
+        let mut server = HttpServer::new(move || http::app(state.clone(), routes).app_data(operator.clone()))
             .workers(self.workers)
             .max_connections(self.max_connections.div_ceil(self.workers))
             .disable_signals()
@@ -643,4 +688,82 @@ fn watch_database(runtime: &Runtime, pool: Pool) -> Arc<DatabaseHealth> {
         }
     });
     health
+}
+
+/// Refuses a start that would take anyone's updates from other machines by accident: a public or OsmAnd listener
+/// beyond loopback without API keys, unless INGEST_ALLOW_ANONYMOUS says it is meant.
+fn refuse_anonymous_exposure(settings: &Settings, access: &Access) -> anyhow::Result<()> {
+    if access.requires_keys() || settings.allow_anonymous {
+        return Ok(());
+    }
+    let mut exposed = listener::reachable_from_elsewhere(&settings.listen);
+    if let Some(osmand) = &settings.osmand_listen {
+        exposed.extend(listener::reachable_from_elsewhere(osmand));
+    }
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the gateway would listen on {} without API keys: anyone who reaches it could write updates for any device or \
+         project. Set INGEST_API_KEYS_FILE (`ingest-gateway new-key` makes keys), or, to take updates from anyone on \
+         purpose, INGEST_ALLOW_ANONYMOUS=true",
+        exposed.join(", ")
+    )
+}
+
+/// The host a connection to PostgreSQL would reach over the network in clear: a TCP host that is not this machine,
+/// with TLS off. `None` for a Unix socket, a loopback host, or TLS.
+fn remote_without_tls(config: &tokio_postgres::Config, mode: db::tls::TlsMode) -> Option<String> {
+    if mode != db::tls::TlsMode::Off {
+        return None;
+    }
+    let addresses = config.get_hostaddrs();
+    config.get_hosts().iter().enumerate().find_map(|(i, host)| {
+        let tokio_postgres::config::Host::Tcp(name) = host else {
+            return None;
+        };
+        let local = match addresses.get(i) {
+            Some(address) => address.is_loopback(),
+            None => {
+                name == "localhost"
+                    || name
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        };
+        (!local).then(|| name.clone())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(url: &str) -> Option<String> {
+        let db::DatabaseUrl { config, tls } = url.parse().unwrap();
+        remote_without_tls(&config, tls.mode())
+    }
+
+    #[test]
+    fn a_remote_database_without_tls_is_named_and_a_local_or_encrypted_one_is_not() {
+        assert_eq!(
+            remote("postgres://u:p@db.internal/ingest"),
+            Some("db.internal".to_owned())
+        );
+        assert_eq!(
+            remote("postgres://u:p@10.0.0.5:5432/ingest?sslmode=prefer"),
+            Some("10.0.0.5".to_owned())
+        );
+        assert_eq!(
+            remote("host=db.internal user=u sslmode=disable"),
+            Some("db.internal".to_owned())
+        );
+        assert_eq!(remote("postgres://u:p@db.internal/ingest?sslmode=require"), None);
+        assert_eq!(remote("postgres://u:p@localhost/ingest"), None);
+        assert_eq!(remote("postgres://u:p@127.0.0.1/ingest"), None);
+        assert_eq!(remote("postgres://u:p@[::1]/ingest"), None);
+        assert_eq!(remote("host=/run/postgresql user=u"), None);
+    }
 }

@@ -205,7 +205,8 @@ fn the_same_request_sent_three_times_is_stored_once_and_counted_as_duplicates() 
             app.get("/stats").json()["streams"]["location"]["queue_depth"] == 0
         });
     }
-    // And twice within one batch.
+    // And twice within one batch: the first is kept; the second, with another latitude, is a conflict, kept in
+    // dead_letters rather than stored or absorbed.
     let same = location_json("same");
     let twice = format!("[{same},{}]", same.replace("48.85", "48.86"));
     assert_eq!(app.post_json(LOCATION, &twice).status, 202);
@@ -217,7 +218,13 @@ fn the_same_request_sent_three_times_is_stored_once_and_counted_as_duplicates() 
         .map(|r| r.get(0))
         .collect();
     assert_eq!(rows.len(), 6, "{rows:?}");
-    assert_eq!(app.db.count("dead_letters"), 0);
+    let kept: Vec<String> = app
+        .db
+        .query("SELECT reason FROM dead_letters")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(kept, ["conflict"]);
 }
 
 #[test]

@@ -128,12 +128,16 @@ fn an_upgrade_from_the_single_tables_keeps_every_row_and_still_absorbs_retries()
         "the old table is a partition: {legacy:?}"
     );
 
-    // A retry of a row the old release stored is absorbed; a new row lands after it.
+    // A retry of a row the old release stored (the same fix: 1, 2) is absorbed; a new row lands after it.
     let stored = app.db.query(
         "SELECT device_id, recorded_at FROM location_updates WHERE recorded_at < now() ORDER BY recorded_at DESC LIMIT 1",
     );
     let (device, at): (String, OffsetDateTime) = (stored[0].get(0), stored[0].get(1));
-    let body = format!("[{},{}]", fix(&device, at), fix("new-1", OffsetDateTime::now_utc()));
+    let retry = format!(
+        r#"{{"device_id":"{device}","recorded_at":"{}","lat":1,"lon":2}}"#,
+        rfc3339(at)
+    );
+    let body = format!("[{retry},{}]", fix("new-1", OffsetDateTime::now_utc()));
     assert_eq!(app.post_json("/api/v1/location/update", &body).status, 202);
     eventually("the new row stored", Duration::from_secs(20), || {
         app.db.count("location_updates") == before + 1

@@ -762,7 +762,10 @@ fn keys_are_taken_in_the_path_the_query_basic_and_bearer_scoped_to_their_devices
     let keys_path = keys_dir.path().join("api-keys");
     std::fs::write(
         &keys_path,
-        format!("fleet {} streams=location devices=truck-1\n", hashed(&fleet)),
+        format!(
+            "fleet {} streams=location device=truck-1,truck-1a devices=truck-1-,truck-1:\n",
+            hashed(&fleet)
+        ),
     )
     .unwrap();
     let cluster = shared_cluster();

@@ -158,7 +158,7 @@ pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<async_na
         .filter(|s| !s.is_empty())
         .map(|s| {
             s.parse()
-                .with_context(|| format!("INGEST_NATS_URL: {s:?} is not a NATS server address"))
+                .with_context(|| format!("INGEST_NATS_URL: {} is not a NATS server address", redacted(s)))
         })
         .collect::<anyhow::Result<_>>()?;
     if servers.is_empty() {
@@ -167,7 +167,36 @@ pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<async_na
     options
         .connect(servers)
         .await
-        .with_context(|| format!("could not connect to NATS at {}", settings.nats_url))
+        .with_context(|| format!("could not connect to NATS at {}", redacted(&settings.nats_url)))
+}
+
+/// NATS server addresses as they may be shown: a password (or a token in the user's place) replaced by `***`.
+pub fn redacted(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            let (scheme, rest) = match url.split_once("://") {
+                Some((scheme, rest)) => (Some(scheme), rest),
+                None => (None, url),
+            };
+            let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let shown = match rest[..host_end].rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    let user = match userinfo.split_once(':') {
+                        Some((user, _password)) => format!("{user}:***"),
+                        None => "***".to_owned(),
+                    };
+                    format!("{user}@{host}{}", &rest[host_end..])
+                }
+                None => rest.to_owned(),
+            };
+            match scheme {
+                Some(scheme) => format!("{scheme}://{shown}"),
+                None => shown,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The JetStream stream exists with other settings than this process's.
@@ -294,6 +323,16 @@ mod tests {
                 assert_eq!(a, shard_of(&location(device), shards));
             }
         }
+    }
+
+    #[test]
+    fn a_password_or_token_in_a_nats_url_is_never_shown() {
+        assert_eq!(
+            redacted("nats://u:s3cret@host:4222, tls://tok3n@other:4222/x,nats://plain:4222"),
+            "nats://u:***@host:4222,tls://***@other:4222/x,nats://plain:4222"
+        );
+        assert_eq!(redacted("u:p@a@host"), "u:***@host");
+        assert!(!redacted("nats://a:b@c").contains('b'));
     }
 
     #[test]
