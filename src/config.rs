@@ -134,6 +134,29 @@ pub struct Settings {
     #[arg(long, env = "INGEST_OSMAND_LISTEN", global = true)]
     pub osmand_listen: Option<String>,
 
+    /// Where to take Teltonika units' binary protocol (Codec 8, 8 Extended, 16) over TCP, comma-separated TCP
+    /// addresses (e.g. `0.0.0.0:5027`, Traccar's port for it); unset: no Teltonika listener.
+    #[arg(long, env = "INGEST_TELTONIKA_LISTEN", global = true)]
+    pub teltonika_listen: Option<String>,
+
+    /// A tracker TCP connection that sends nothing for this long is closed (the unit reconnects when it has data).
+    #[arg(long, env = "INGEST_TCP_IDLE_TIMEOUT", default_value = "30m", value_parser = parse_interval, global = true)]
+    pub tcp_idle_timeout: Duration,
+
+    /// A tracker's packet (or its handshake) once started must arrive whole within this; past it the connection is
+    /// closed unacknowledged.
+    #[arg(long, env = "INGEST_TCP_READ_TIMEOUT", default_value = "30s", value_parser = parse_interval, global = true)]
+    pub tcp_read_timeout: Duration,
+
+    /// Tracker TCP connections open at once, per protocol; more are closed as soon as they are accepted.
+    #[arg(long, env = "INGEST_TCP_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub tcp_max_connections: u32,
+
+    /// Tracker TCP connections open at once from one source address, per protocol (units behind a mobile
+    /// operator's NAT share one).
+    #[arg(long, env = "INGEST_TCP_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub tcp_max_connections_per_address: u32,
+
     /// Permissions of a Unix socket listener's file, in octal: who on this host may send.
     #[arg(long, env = "INGEST_SOCKET_MODE", default_value = "660", value_parser = parse_octal_mode, global = true)]
     pub socket_mode: u32,

@@ -8,6 +8,10 @@
 //! - [`metrics`]: the one Prometheus registry and the per-stream metric handles.
 //! - [`http`]: the transport: routes, headers, API keys and rate limits, body, gzip, parse and validate, then
 //!   hand over to the intake and map its answer to a status. Knows nothing of the log or the queue.
+//! - [`tcp`]: the hardware trackers' transport (Teltonika): TCP listeners, one task per device connection, a
+//!   trait each binary protocol implements, acknowledgements sent once the records are durable. Like `http`, it
+//!   hands over to the intake and reads with the model; the keys file's `imeis=` lists (which units may connect)
+//!   are its own, read beside `http::auth`'s line parser.
 //! - [`model`]: wire payloads → validated updates; pure, no IO.
 //! - [`intake`]: transport-agnostic `submit(updates, ack)`; the accepting gate and the durability backends
 //!   (memory, the write-ahead log, NATS JetStream with its shard consumers) and the feed that replays the log into
@@ -30,5 +34,6 @@ pub mod model;
 pub mod pipeline;
 pub mod secret_files;
 pub mod startup;
+pub mod tcp;
 pub mod telemetry;
 pub mod wal;

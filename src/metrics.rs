@@ -3,6 +3,7 @@
 //! Labelled children are looked up once, at start-up, so that the hot path is an atomic add.
 //! `/stats` reads the same handles, so the JSON snapshot and `/metrics` can never disagree.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use prometheus::process_collector::ProcessCollector;
@@ -47,6 +48,11 @@ pub const PARTITIONS_DROPPED: &str = "ingest_partitions_dropped_total";
 pub const TRACKER_FIXES: &str = "ingest_tracker_fixes_total";
 pub const TRACKER_DEAD_LETTERED: &str = "ingest_tracker_dead_lettered_total";
 pub const TRACKER_TIME_REPAIRS: &str = "ingest_tracker_time_repairs_total";
+pub const TCP_CONNECTIONS: &str = "ingest_tcp_connections";
+pub const TCP_CONNECTIONS_REFUSED: &str = "ingest_tcp_connections_refused_total";
+pub const TCP_HANDSHAKES_REFUSED: &str = "ingest_tcp_handshakes_refused_total";
+pub const TCP_BAD_PACKETS: &str = "ingest_tcp_bad_packets_total";
+pub const TCP_INTAKE_WAITS: &str = "ingest_tcp_intake_waits_total";
 pub const UPDATES_CONFLICTING: &str = "ingest_updates_conflicting_total";
 pub const AUTH_ENABLED: &str = "ingest_auth_enabled";
 pub const API_KEYS: &str = "ingest_api_keys";
@@ -130,6 +136,8 @@ pub struct Metrics {
     pub partitions: PartitionMetrics,
     /// What the trackers' own protocols brought, by `protocol`.
     pub trackers: TrackerMetrics,
+    /// The hardware trackers' TCP listeners, by `protocol`.
+    pub tcp: TcpMetrics,
     /// The gateway's access control, for alerts on a gateway open to anyone or refusing everyone.
     pub access: AccessMetrics,
 }
@@ -459,6 +467,47 @@ impl Metrics {
         reg(Box::new(trackers.fixes.clone()))?;
         reg(Box::new(trackers.dead_lettered.clone()))?;
         reg(Box::new(trackers.time_repairs.clone()))?;
+        let tcp = TcpMetrics {
+            connections: IntGaugeVec::new(
+                Opts::new(TCP_CONNECTIONS, "Device connections open on the tracker TCP listeners"),
+                &["protocol"],
+            )?,
+            connections_refused: IntCounterVec::new(
+                Opts::new(
+                    TCP_CONNECTIONS_REFUSED,
+                    "Device connections closed as soon as accepted, by reason (total_limit, address_limit)",
+                ),
+                &["protocol", "reason"],
+            )?,
+            handshakes_refused: IntCounterVec::new(
+                Opts::new(
+                    TCP_HANDSHAKES_REFUSED,
+                    "Devices refused at their handshake (or at a packet once their id was removed from the keys), \
+                     by reason",
+                ),
+                &["protocol", "reason"],
+            )?,
+            bad_packets: IntCounterVec::new(
+                Opts::new(
+                    TCP_BAD_PACKETS,
+                    "Device packets not acknowledged because they could not be read, by reason",
+                ),
+                &["protocol", "reason"],
+            )?,
+            intake_waits: IntCounterVec::new(
+                Opts::new(
+                    TCP_INTAKE_WAITS,
+                    "Device packets whose submission waited for a full intake (the device not read meanwhile), \
+                     by reason",
+                ),
+                &["protocol", "reason"],
+            )?,
+        };
+        reg(Box::new(tcp.connections.clone()))?;
+        reg(Box::new(tcp.connections_refused.clone()))?;
+        reg(Box::new(tcp.handshakes_refused.clone()))?;
+        reg(Box::new(tcp.bad_packets.clone()))?;
+        reg(Box::new(tcp.intake_waits.clone()))?;
         reg(Box::new(ProcessCollector::for_self()))?;
         let conflicting = IntCounterVec::new(
             Opts::new(
@@ -521,6 +570,7 @@ impl Metrics {
             requests_by_key,
             partitions,
             trackers,
+            tcp,
             access,
             registry,
         })
@@ -533,5 +583,41 @@ impl Metrics {
         prometheus::TextEncoder::new()
             .encode_to_string(&families)
             .unwrap_or_default()
+    }
+}
+
+/// The tracker TCP listeners' figures. The reasons come from small fixed sets named by `crate::tcp`.
+#[derive(Clone)]
+pub struct TcpMetrics {
+    /// Device connections open now.
+    pub connections: IntGaugeVec,
+    /// Connections closed as soon as accepted: over the total or the per-address cap.
+    pub connections_refused: IntCounterVec,
+    /// Devices refused at their handshake (an unknown or invalid id, the gateway stopping), or at a packet once
+    /// their id was taken out of the keys file.
+    pub handshakes_refused: IntCounterVec,
+    /// Packets not acknowledged (bad CRC, malformed, oversized, unsupported codec, a read timeout).
+    pub bad_packets: IntCounterVec,
+    /// Packets whose submission waited for a full intake while the device was not read.
+    pub intake_waits: IntCounterVec,
+}
+
+impl TcpMetrics {
+    /// `protocol`'s series of a `protocol`, `reason` family, by reason: every reason the listener made at start.
+    pub fn by_reason(family: &IntCounterVec, protocol: &str) -> BTreeMap<String, u64> {
+        use prometheus::core::Collector;
+        let mut reasons = BTreeMap::new();
+        for metrics in family.collect() {
+            for metric in metrics.get_metric() {
+                let labels = metric.get_label();
+                let label = |name: &str| labels.iter().find(|l| l.name() == name).map(|l| l.value());
+                if let (Some(p), Some(reason)) = (label("protocol"), label("reason")) {
+                    if p == protocol {
+                        reasons.insert(reason.to_owned(), metric.get_counter().get_value() as u64);
+                    }
+                }
+            }
+        }
+        reasons
     }
 }

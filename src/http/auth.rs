@@ -128,7 +128,8 @@ pub fn parse_keys(text: &str) -> Result<Vec<ApiKey>, KeyFileError> {
             continue;
         }
         let fail = |message: String| KeyFileError { line, message };
-        let key = parse_line(content).map_err(fail)?;
+        // `imeis=` (which tracker units may connect over TCP) is read by `crate::tcp::imeis`.
+        let key = parse_line(&crate::tcp::imeis::without_imeis(content)).map_err(fail)?;
         if let Some((earlier, _)) = keys.iter().find(|(_, k)| k.name == key.name) {
             return Err(fail(format!(
                 "the name {:?} is already used on line {earlier}",

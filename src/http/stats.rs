@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use crate::config::Durability;
 use crate::intake::feed::ReplaySnapshot;
-use crate::metrics::{RejectReason, StreamMetrics, TrackerMetrics, WalMetrics};
+use crate::metrics::{RejectReason, StreamMetrics, TcpMetrics, TrackerMetrics, WalMetrics};
 use crate::model::tracker::{Protocol, Rejection};
 
 /// The body of `/stats`.
@@ -28,7 +28,7 @@ pub struct Stats {
     pub streams: Streams,
     /// The write-ahead log's figures.
     pub wal: WalStats,
-    /// What each tracker protocol brought (`osmand`, `owntracks`, `overland`, `traccar`).
+    /// What each tracker protocol brought (`osmand`, `owntracks`, `overland`, `traccar`, `teltonika`).
     pub trackers: BTreeMap<&'static str, TrackerStats>,
     /// Who may write.
     pub auth: AuthStats,
@@ -57,6 +57,26 @@ pub struct TrackerStats {
     pub ignored: u64,
     /// Fix times moved forward by 1024 GPS weeks.
     pub time_repairs: u64,
+    /// The device connections of a protocol spoken over TCP (`teltonika`); absent for the HTTP protocols.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpStats>,
+}
+
+/// A TCP tracker protocol's connections since the gateway started.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TcpStats {
+    /// Device connections open now.
+    pub connections: i64,
+    /// Connections closed as soon as accepted, by reason (`total_limit`, `address_limit`).
+    pub connections_refused: BTreeMap<String, u64>,
+    /// Devices refused at their handshake (or at a packet, once their id was taken out of the keys), by reason
+    /// (`unknown_device`, `invalid_device_id`, `revoked`, `shutting_down`).
+    pub handshakes_refused: BTreeMap<String, u64>,
+    /// Packets not acknowledged because they could not be read, by reason (`bad_crc`, `malformed`, `oversized`,
+    /// `unsupported_codec`, `read_timeout`).
+    pub bad_packets: BTreeMap<String, u64>,
+    /// Packets whose submission waited for a full intake, the device not read meanwhile, by reason.
+    pub intake_waits: BTreeMap<String, u64>,
 }
 
 /// Each stream's figures.
@@ -193,7 +213,7 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
             ),
         },
         wal: wal_stats(&state.metrics.wal),
-        trackers: tracker_stats(&state.metrics.trackers),
+        trackers: tracker_stats(&state.metrics.trackers, &state.metrics.tcp),
         auth: AuthStats {
             enabled: state.metrics.access.auth_enabled.get() == 1,
             keys: state.metrics.access.keys.get(),
@@ -203,7 +223,7 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
     })
 }
 
-fn tracker_stats(m: &TrackerMetrics) -> BTreeMap<&'static str, TrackerStats> {
+fn tracker_stats(m: &TrackerMetrics, tcp: &TcpMetrics) -> BTreeMap<&'static str, TrackerStats> {
     Protocol::ALL
         .iter()
         .map(|p| {
@@ -217,6 +237,13 @@ fn tracker_stats(m: &TrackerMetrics) -> BTreeMap<&'static str, TrackerStats> {
                 dead_lettered,
                 ignored: m.fixes.with_label_values(&[name, "ignored"]).get(),
                 time_repairs: m.time_repairs.with_label_values(&[name]).get(),
+                tcp: Protocol::TCP.contains(p).then(|| TcpStats {
+                    connections: tcp.connections.with_label_values(&[name]).get(),
+                    connections_refused: TcpMetrics::by_reason(&tcp.connections_refused, name),
+                    handshakes_refused: TcpMetrics::by_reason(&tcp.handshakes_refused, name),
+                    bad_packets: TcpMetrics::by_reason(&tcp.bad_packets, name),
+                    intake_waits: TcpMetrics::by_reason(&tcp.intake_waits, name),
+                }),
             };
             (name, stats)
         })

@@ -153,13 +153,14 @@ pub fn init_metrics(m: &TrackerMetrics) {
 /// What a protocol's client counts as success.
 fn success(protocol: Protocol) -> HttpResponse {
     match protocol {
-        // An empty body: a Traccar server sends a queued command's text here, which these clients would run.
-        Protocol::Osmand | Protocol::Traccar => HttpResponse::Ok().finish(),
         // No friends' locations or commands to hand back.
         Protocol::Owntracks => HttpResponse::Ok().content_type("application/json").body("[]"),
         Protocol::Overland => HttpResponse::Ok()
             .content_type("application/json")
             .body(r#"{"result":"ok"}"#),
+        // An empty body (OsmAnd, Traccar): a Traccar server sends a queued command's text here, which these
+        // clients would run. The TCP protocols never reach these routes.
+        _ => HttpResponse::Ok().finish(),
     }
 }
 
@@ -299,6 +300,11 @@ fn read(protocol: Protocol, request: &TrackerRequest<'_>) -> Result<TrackerReque
         Protocol::Owntracks => tracker::owntracks::parse(request),
         Protocol::Overland => tracker::overland::parse(request),
         Protocol::Traccar => tracker::traccar::parse(request),
+        // The hardware protocols are spoken over TCP, never to these routes.
+        other => Err(TrackerError::NotTheProtocol(format!(
+            "{} is not an HTTP protocol",
+            other.name()
+        ))),
     };
     outcome.map_err(|e| match e {
         TrackerError::TooManyFixes { limit } => IngestError::TooManyUpdates { limit },

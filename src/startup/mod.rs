@@ -150,6 +150,8 @@ pub struct Application {
     admin_listeners: Vec<Listener>,
     /// `INGEST_OSMAND_LISTEN`: every path is the OsmAnd protocol.
     osmand_listeners: Vec<Listener>,
+    /// `INGEST_TELTONIKA_LISTEN`: the hardware trackers' TCP listeners, bound.
+    trackers: Option<crate::tcp::TrackerPlan>,
     /// The first TCP port bound (0 when there is none).
     port: u16,
     state: web::Data<AppState>,
@@ -394,6 +396,13 @@ impl Application {
             (Some(list), Role::Serve) => listener::open_all(list, settings.socket_mode)?,
             _ => Vec::new(),
         };
+        let trackers = match role {
+            Role::Serve => crate::tcp::TrackerPlan::bind(settings)?,
+            Role::Write => None,
+        };
+        if let Some(units) = trackers.as_ref().and_then(crate::tcp::TrackerPlan::units) {
+            reloads.register("tracker units", move || units.reload());
+        }
         let port = listeners
             .iter()
             .find_map(|l| match l {
@@ -402,6 +411,9 @@ impl Application {
             })
             .unwrap_or(0);
         http::trackers::init_metrics(&metrics.trackers);
+        for protocol in crate::model::tracker::Protocol::TCP {
+            crate::tcp::init_metrics(&metrics, protocol);
+        }
         let state = web::Data::new(AppState {
             location,
             poll,
@@ -428,6 +440,7 @@ impl Application {
             listeners,
             admin_listeners,
             osmand_listeners,
+            trackers,
             port,
             state,
             gate,
@@ -537,10 +550,26 @@ impl Application {
         let server_handle = server.handle();
         let mut server_task = actix_web::rt::spawn(server);
 
+        let trackers = match self.trackers {
+            Some(plan) => Some(plan.start(crate::tcp::Intakes {
+                location: self.state.location.clone(),
+                dead_letters: self.state.dead_letters.clone(),
+                max_future_skew: self.state.limits.max_future_skew,
+                max_age: self.state.limits.max_age,
+                metrics: self.state.metrics.clone(),
+            })?),
+            None => None,
+        };
+
         let server_failed = tokio::select! {
             () = stop => None,
             result = &mut server_task => Some(result),
         };
+        // The tracker units first, before the gate closes: each connection finishes the packet it is storing and
+        // gets its answer, then is closed; the units send the rest to whichever gateway they reach next.
+        if let Some(trackers) = trackers {
+            trackers.stop(self.shutdown_timeout.min(TRACKER_STOP_WAIT)).await;
+        }
         let stop_transports = async {
             if server_failed.is_none() {
                 server_handle.stop(true).await;
@@ -585,6 +614,9 @@ impl Application {
         Ok(outcome)
     }
 }
+
+/// Longest the stop waits for tracker connections to finish the packet they are storing.
+const TRACKER_STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// Connections the admin listener keeps open at most.
 const ADMIN_MAX_CONNECTIONS: usize = 256;
@@ -699,6 +731,9 @@ fn refuse_anonymous_exposure(settings: &Settings, access: &Access) -> anyhow::Re
     let mut exposed = listener::reachable_from_elsewhere(&settings.listen);
     if let Some(osmand) = &settings.osmand_listen {
         exposed.extend(listener::reachable_from_elsewhere(osmand));
+    }
+    if let Some(teltonika) = &settings.teltonika_listen {
+        exposed.extend(listener::reachable_from_elsewhere(teltonika));
     }
     if exposed.is_empty() {
         return Ok(());

@@ -29,6 +29,7 @@ mod scopes;
 mod signals;
 mod stalls;
 mod status_page;
+mod teltonika;
 mod tls;
 mod tracker_crash;
 // The trackers' own requests, kept apart from the cases the model's property tests share.

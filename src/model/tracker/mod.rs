@@ -6,6 +6,7 @@
 //! - [`owntracks`]: OwnTracks in HTTP mode.
 //! - [`overland`]: Overland's GeoJSON batches.
 //! - [`traccar`]: a Traccar server's `forward.type=json`.
+//! - [`teltonika`]: Teltonika units' binary AVL packets (Codec 8, 8 Extended, 16), read from TCP.
 //! - [`gt06`]: GT06 (Concox and the units that copy it): binary frames read from TCP, and the replies the device
 //!   waits for.
 //!
@@ -18,6 +19,7 @@ pub mod osmand;
 pub mod overland;
 pub mod owntracks;
 pub mod schema;
+pub mod teltonika;
 pub mod traccar;
 
 use serde_json::{Map, Number, Value};
@@ -38,22 +40,28 @@ pub const GPS_WEEK_ROLLOVER: Duration = Duration::weeks(1024);
 /// A dead letter keeps at most this much of the request's raw fields, as JSON.
 const MAX_RAW_BYTES: usize = 8 * 1024;
 
-/// The tracker protocols, each with its own route.
+/// The tracker protocols, each with its own route or TCP listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Osmand,
     Owntracks,
     Overland,
     Traccar,
+    /// Teltonika's binary protocol, on its own TCP listener (`INGEST_TELTONIKA_LISTEN`).
+    Teltonika,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 4] = [
+    pub const ALL: [Protocol; 5] = [
         Protocol::Osmand,
         Protocol::Owntracks,
         Protocol::Overland,
         Protocol::Traccar,
+        Protocol::Teltonika,
     ];
+
+    /// The protocols hardware units speak over their own TCP connections rather than HTTP.
+    pub const TCP: [Protocol; 1] = [Protocol::Teltonika];
 
     /// The name in routes, metric labels, `/stats` and `dead_letters.protocol`.
     pub const fn name(self) -> &'static str {
@@ -62,6 +70,7 @@ impl Protocol {
             Protocol::Owntracks => "owntracks",
             Protocol::Overland => "overland",
             Protocol::Traccar => "traccar",
+            Protocol::Teltonika => "teltonika",
         }
     }
 }
