@@ -19,8 +19,9 @@
 //!   R11, VL…) are read as the standard layout: the gateway has no per-device configuration. Their GPS block is the
 //!   same; only some attributes differ.
 //! - Fix-carrying packets of other shapes (X1 `0x34`, `0x36`, `0x38`, iButton `0x61`, the modular `0x70`,
-//!   the JC100/JC400 alarm `0x95`, AZ735's extended `0x32`) are answered as Traccar answers them but not read: each
-//!   is [`Message::Unread`], for the listener to count.
+//!   the JC100/JC400 alarm `0x95`, AZ735's extended `0x32`) are answered as Traccar answers them but not read:
+//!   each becomes a fix marked unreadable, so that it is kept, frame and all, in `dead_letters` rather than
+//!   dropped, and can be read there once the gateway learns its layout.
 //!
 //! Field names in `attributes` are Traccar's (`sat`, `ignition`, `alarm`, `rssi`, `odometer`, …, `batt` for the
 //! battery percentage as the other protocols store it), so a device reads the same whether it arrives straight or
@@ -129,14 +130,15 @@ pub enum Framing<'a> {
     Frame { frame: Frame<'a>, len: usize },
     /// `len` bytes to drop: they are not a frame.
     Garbage { reason: Garbage, len: usize },
-    /// The buffer ends inside a frame (or is empty): read more.
-    Incomplete,
+    /// The buffer ends inside a frame (or is empty): read more. `len` is the whole frame's, once its length
+    /// field has arrived.
+    Incomplete { len: Option<usize> },
 }
 
 /// Cuts the first frame off `buf`.
 pub fn frame(buf: &[u8]) -> Framing<'_> {
     let extended = match buf {
-        [] | [START | START_EXTENDED] => return Framing::Incomplete,
+        [] | [START | START_EXTENDED] => return Framing::Incomplete { len: None },
         [START, START, ..] => false,
         [START_EXTENDED, START_EXTENDED, ..] => true,
         _ => {
@@ -148,7 +150,7 @@ pub fn frame(buf: &[u8]) -> Framing<'_> {
     };
     let head = if extended { 4 } else { 3 };
     if buf.len() < head {
-        return Framing::Incomplete;
+        return Framing::Incomplete { len: None };
     }
     let length = if extended {
         usize::from(u16::from_be_bytes([buf[2], buf[3]]))
@@ -168,7 +170,7 @@ pub fn frame(buf: &[u8]) -> Framing<'_> {
         return garbage(Garbage::TooLong);
     }
     if buf.len() < len {
-        return Framing::Incomplete;
+        return Framing::Incomplete { len: Some(len) };
     }
     if buf[len - 2..len] != STOP {
         return garbage(Garbage::NoStop);
@@ -246,12 +248,11 @@ pub struct Login {
 pub enum Message {
     /// The device logs in; the listener decides whether it may, then calls [`Session::log_in`].
     Login(Login),
-    /// A packet with a GPS fix, which may still be a dead letter (no satellites, no position, a bad date).
+    /// A packet with a GPS fix, which may still be a dead letter (no satellites, no position, a bad date, a
+    /// layout not read).
     Fix(Box<TrackerFix>),
     /// A packet without a fix: a heartbeat or status, cell towers, Wi-Fi, a command's answer, a type not known.
     NoFix,
-    /// A packet that carries a fix in a shape this gateway does not read (see the module's notes).
-    Unread,
 }
 
 /// A frame read: the message, and what the device is answered.
@@ -334,13 +335,17 @@ impl Session {
             ];
             // Traccar answers a time request with serial 0, not the request's.
             (Message::NoFix, Some(reply(TIME_REQUEST, 0, &time)))
+        } else if unread_fix(frame) {
+            let mut fix = TrackerFix::new(device_id.to_owned(), json!({ "frame": hex(frame.bytes) }));
+            fix.attribute("type", p.into());
+            fix.unreadable(
+                "frame",
+                &format!("is a packet of protocol {p:#04x} in a layout the gateway does not read"),
+            );
+            let reply = if echoed(frame) { echo() } else { None };
+            (Message::Fix(Box::new(fix)), reply)
         } else {
-            let message = if unread_fix(frame) {
-                Message::Unread
-            } else {
-                Message::NoFix
-            };
-            (message, if echoed(frame) { echo() } else { None })
+            (Message::NoFix, if echoed(frame) { echo() } else { None })
         };
         Ok(Decoded { message, reply })
     }
@@ -1003,7 +1008,7 @@ mod tests {
                     garbage.push(reason);
                     buf = &buf[len..];
                 }
-                Framing::Incomplete => return (frames, garbage),
+                Framing::Incomplete { .. } => return (frames, garbage),
             }
         }
     }
@@ -1224,13 +1229,17 @@ mod tests {
     }
 
     #[test]
-    fn fix_packets_of_shapes_not_read_are_unread_and_answered_as_traccar_answers_them() {
+    fn fix_packets_of_layouts_not_read_are_kept_whole_as_dead_letters_and_answered_as_traccar_answers_them() {
         // X1 GPS: Traccar returns its position without answering.
-        let x1 = read("78783c34000000001106190336070903107d51084889b900152e0000000043b101940b00b10000480100000000050001a3422100000001000300011bdc7b5f0d0a");
-        assert_eq!((x1.message, x1.reply), (Message::Unread, None));
+        let hex = "78783c34000000001106190336070903107d51084889b900152e0000000043b101940b00b10000480100000000050001a3422100000001000300011bdc7b5f0d0a";
+        let x1 = read(hex);
+        assert_eq!(x1.reply, None);
+        let Message::Fix(fix) = x1.message else { panic!("a fix") };
+        assert!(fix.unreadable.as_deref().unwrap().contains("0x34"));
+        assert_eq!(fix.raw["frame"], json!(hex));
         // JC100 alarm: answered.
         let alarm = read("78780c95130a071223200100013ad10d0a");
-        assert_eq!(alarm.message, Message::Unread);
+        assert!(matches!(alarm.message, Message::Fix(fix) if fix.unreadable.is_some()));
         assert!(alarm.reply.is_some());
     }
 
@@ -1324,7 +1333,10 @@ mod tests {
             assert_eq!(cut(&bytes(hex)), (vec![], garbage.to_vec()), "{hex}");
         }
         // A login cut short: the length promises more than came, and the listener waits (then times out).
-        assert_eq!(frame(&bytes("78780d010359339075005244340d0a")), Framing::Incomplete);
+        assert_eq!(
+            frame(&bytes("78780d010359339075005244340d0a")),
+            Framing::Incomplete { len: Some(18) }
+        );
     }
 
     #[test]
@@ -1337,7 +1349,8 @@ mod tests {
         assert_eq!(cut(&stream), (vec![LOGIN, GPS_LBS_1], vec![Garbage::NoStart]));
         // Byte by byte: incomplete until the last byte of each frame.
         for end in 0..login.len() {
-            assert_eq!(frame(&login[..end]), Framing::Incomplete, "{end}");
+            let len = (end >= 3).then_some(login.len());
+            assert_eq!(frame(&login[..end]), Framing::Incomplete { len }, "{end}");
         }
         // A bad CRC drops exactly its frame; the next one is read.
         let mut bad = fix.clone();
@@ -1387,7 +1400,7 @@ mod tests {
                         prop_assert!(len > 0 && len <= rest.len());
                         rest = &rest[len..];
                     }
-                    Framing::Incomplete => {
+                    Framing::Incomplete { .. } => {
                         prop_assert!(rest.len() < MAX_FRAME_BYTES);
                         break;
                     }
