@@ -164,8 +164,10 @@ def listen_ports(listen):
 
 
 def check_cluster(services, compose_dir, settings, c):
-    """The JetStream topology (docker-compose.cluster.yml): NATS servers routed to each other, gateways and writers
-    that agree on the JetStream settings and reach every NATS server and PostgreSQL, and Prometheus scraping them."""
+    """The JetStream topology (docker-compose.cluster.yml): NATS servers routed to each other and reading one accounts
+    file, gateways and writers that agree on the JetStream settings (the signing key and inbox prefix included), reach
+    every NATS server and PostgreSQL, each as a NATS user of its own role (only gateways may publish records), and
+    Prometheus scraping them."""
     nats = sorted(n for n in services if n.startswith("nats-"))
     ingest = sorted(n for n in services if n.startswith(("gateway-", "writer-")))
     c.check(len(nats) >= 3, f"{len(nats)} NATS servers (3 for a replicated stream)")
@@ -179,7 +181,10 @@ def check_cluster(services, compose_dir, settings, c):
         c.check(store is not None and store in [t for _, _, t in mounts(services[name])],
                 f"{name}: its store directory is a volume")
     agreed = ("INGEST_QUEUE", "INGEST_NATS_URL", "INGEST_JETSTREAM_REPLICAS", "INGEST_JETSTREAM_SHARDS",
-              "INGEST_JETSTREAM_DUPLICATE_WINDOW", "INGEST_JETSTREAM_MAX_BYTES", "DATABASE_URL")
+              "INGEST_JETSTREAM_DUPLICATE_WINDOW", "INGEST_JETSTREAM_MAX_BYTES", "DATABASE_URL",
+              "INGEST_JETSTREAM_SIGNING_KEY_FILE", "INGEST_NATS_INBOX_PREFIX")
+    users = nats_users(services, nats, compose_dir, c)
+    signing_sources = set()
     first = None
     for name in ingest:
         service = services[name]
@@ -206,6 +211,21 @@ def check_cluster(services, compose_dir, settings, c):
                     f"{name}: leaves writing to the writers (INGEST_JETSTREAM_LOCAL_WRITERS=false)")
         data_dir = env.get("INGEST_DATA_DIR")
         c.check(data_dir in [t for _, _, t in mounts(service)], f"{name}: INGEST_DATA_DIR is a mounted volume")
+        # NATS is a trust boundary: a signing key every process shares, and a user of the role's own.
+        key = mounted_source(compose_dir, service, str(env.get("INGEST_JETSTREAM_SIGNING_KEY_FILE", "")))
+        if c.check(key is not None and key.is_file(), f"{name}: INGEST_JETSTREAM_SIGNING_KEY_FILE is a mounted file"):
+            signing_sources.add(key)
+        user = env.get("INGEST_NATS_USER")
+        block = users.get(user)
+        prefix = str(env.get("INGEST_NATS_INBOX_PREFIX", "_INBOX"))
+        if c.check(block is not None, f"{name}: INGEST_NATS_USER {user} is a user of the NATS servers' accounts"):
+            publishes_records = '"ingest.location.*"' in block
+            role = "gateway" if name.startswith("gateway-") else "writer"
+            c.check(publishes_records == (role == "gateway"),
+                    f"{name}: its NATS user may publish records exactly when it is a gateway")
+            c.check(f'"{prefix}.>"' in block, f"{name}: its NATS user takes replies under {prefix}")
+    c.check(len(signing_sources) == 1, "every gateway and writer mounts the same signing key file",
+            f"{sorted(map(str, signing_sources))}")
     prom = services.get(PROMETHEUS, {})
     config = mounted_source(compose_dir, prom, PROMETHEUS_CONFIG_DEFAULT)
     if c.check(config is not None and config.is_file(), f"{PROMETHEUS}: its configuration file is mounted"):
@@ -221,6 +241,24 @@ def check_cluster(services, compose_dir, settings, c):
         for kind, source, _ in mounts(service):
             if kind == "bind":
                 c.check(host_path(compose_dir, source).exists(), f"{name}: the mounted {source} exists")
+
+
+def nats_users(services, nats, compose_dir, c):
+    """{user: the text of its entry} of the accounts file every NATS server reads (`-c`), which must be one and the
+    same mounted file."""
+    sources = set()
+    for name in nats:
+        flags = [str(a) for a in services[name].get("command") or []]
+        path = flags[flags.index("-c") + 1] if "-c" in flags else None
+        source = mounted_source(compose_dir, services[name], path) if path else None
+        if c.check(source is not None and source.is_file(), f"{name}: reads a mounted accounts file (-c)"):
+            sources.add(source)
+    if not c.check(len(sources) == 1, "every NATS server reads the same accounts file"):
+        return {}
+    text = next(iter(sources)).read_text(encoding="utf-8")
+    text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    entries = re.split(r"(?m)^\s*user:\s*", text)[1:]
+    return {entry.split()[0].strip('"'): entry for entry in entries}
 
 
 def main(argv):

@@ -390,6 +390,37 @@ pub struct Settings {
     /// API keys are in force and INGEST_ADMIN_LISTEN is unset; re-read on SIGHUP.
     #[arg(long, env = "INGEST_ADMIN_TOKEN_FILE", global = true)]
     pub admin_token_file: Option<PathBuf>,
+
+    /// A file of JetStream signing keys, one per line (at least 32 characters each, e.g. `openssl rand -hex 32`): the
+    /// first signs, every one verifies (for rotation). Gateways sign every record they publish with it and writers
+    /// refuse, into `dead_letters`, every record without a valid signature; commit notices are signed too. Required
+    /// with INGEST_QUEUE=jetstream; the same file on every gateway and writer; re-read on SIGHUP.
+    #[arg(long, env = "INGEST_JETSTREAM_SIGNING_KEY_FILE", global = true)]
+    pub jetstream_signing_key_file: Option<PathBuf>,
+
+    /// The NATS subjects under which gateways take replies (`<prefix>.<random>`): JetStream's answers and the
+    /// writers' commit notices. A writer sends a commit notice only to a subject under it. Give gateways and writers
+    /// the same one; NATS permissions can then confine replies to it.
+    #[arg(long, env = "INGEST_NATS_INBOX_PREFIX", default_value = "_INBOX", value_parser = parse_inbox_prefix, global = true)]
+    pub nats_inbox_prefix: String,
+}
+
+/// A NATS inbox prefix: subject tokens of `A-Z a-z 0-9 _ -`, separated by dots, no wildcard.
+fn parse_inbox_prefix(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+        });
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{text:?} is not a NATS subject prefix: dot-separated tokens of A-Z a-z 0-9 _ - (such as _INBOX)"
+        ))
+    }
 }
 
 /// An address range written as `10.0.0.0/8` or `2001:db8::/32`, or one address (`192.0.2.7`, `::1`).

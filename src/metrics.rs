@@ -57,6 +57,9 @@ pub const UPDATES_CONFLICTING: &str = "ingest_updates_conflicting_total";
 pub const AUTH_ENABLED: &str = "ingest_auth_enabled";
 pub const API_KEYS: &str = "ingest_api_keys";
 pub const API_KEYS_FILE_USABLE: &str = "ingest_api_keys_file_usable";
+pub const JETSTREAM_RECORDS_REFUSED: &str = "ingest_jetstream_records_refused_total";
+pub const JETSTREAM_UPDATES_INVALID: &str = "ingest_jetstream_updates_invalid_total";
+pub const COMMIT_NOTICES_REFUSED: &str = "ingest_jetstream_commit_notices_refused_total";
 
 /// Why updates were refused: a small fixed set, never an error message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +143,8 @@ pub struct Metrics {
     pub tcp: TcpMetrics,
     /// The gateway's access control, for alerts on a gateway open to anyone or refusing everyone.
     pub access: AccessMetrics,
+    /// Records and notices refused at the JetStream trust boundary.
+    pub jetstream: JetStreamMetrics,
 }
 
 /// Whether writes need a key, and whether the keys file in force can be used.
@@ -152,6 +157,21 @@ pub struct AccessMetrics {
     /// 1 while the keys file loaded at the last (re)load could be used; 0 when it could not, and every write is
     /// refused until it can.
     pub keys_file_usable: IntGauge,
+}
+
+/// What the writers refused from JetStream and what the gateways refused of the writers' commit notices. The
+/// label values are small fixed sets.
+#[derive(Clone)]
+pub struct JetStreamMetrics {
+    /// Whole records a writer refused, by `stream` and `reason` (`unsigned`, `bad_signature`, `undecodable`), kept
+    /// in `dead_letters`.
+    pub records_refused: IntCounterVec,
+    /// Updates of signed records that broke a rule when a writer checked them again, by `stream`, kept in
+    /// `dead_letters` (reason `invalid`).
+    pub updates_invalid: IntCounterVec,
+    /// Commit notices not sent or not believed, by `reason`: `reply_subject` (a writer asked to send one outside
+    /// the inbox prefix), `unsigned`, `bad_signature`, `unknown_message` (a gateway got one it cannot match).
+    pub commit_notices_refused: IntCounterVec,
 }
 
 /// The tracker routes' figures. The label values come from small fixed sets (the protocols, the outcomes, the
@@ -561,6 +581,35 @@ impl Metrics {
         reg(Box::new(access.auth_enabled.clone()))?;
         reg(Box::new(access.keys.clone()))?;
         reg(Box::new(access.keys_file_usable.clone()))?;
+        let jetstream = JetStreamMetrics {
+            records_refused: IntCounterVec::new(
+                Opts::new(
+                    JETSTREAM_RECORDS_REFUSED,
+                    "JetStream records a writer refused whole (unsigned, bad_signature, undecodable), kept in \
+                     dead_letters",
+                ),
+                &["stream", "reason"],
+            )?,
+            updates_invalid: IntCounterVec::new(
+                Opts::new(
+                    JETSTREAM_UPDATES_INVALID,
+                    "Updates of signed JetStream records that broke a rule when checked again by a writer, kept in \
+                     dead_letters",
+                ),
+                stream,
+            )?,
+            commit_notices_refused: IntCounterVec::new(
+                Opts::new(
+                    COMMIT_NOTICES_REFUSED,
+                    "Commit notices not sent (reply_subject) or not believed (unsigned, bad_signature, \
+                     unknown_message)",
+                ),
+                &["reason"],
+            )?,
+        };
+        reg(Box::new(jetstream.records_refused.clone()))?;
+        reg(Box::new(jetstream.updates_invalid.clone()))?;
+        reg(Box::new(jetstream.commit_notices_refused.clone()))?;
         Ok(Metrics {
             location: for_stream("location"),
             poll: for_stream("poll"),
@@ -572,6 +621,7 @@ impl Metrics {
             trackers,
             tcp,
             access,
+            jetstream,
             registry,
         })
     }

@@ -209,29 +209,14 @@ impl<T: Update + RecordCodec> Intake<T> {
         updates: Vec<T>,
         ack: Ack,
     ) -> Result<Receipt, SubmitError> {
-        use futures_util::StreamExt;
         let count = updates.len();
         let published = publisher.publish(updates, ack == Ack::Committed).await?;
         let committed = match published.commits {
-            Some(mut notices) => {
+            Some(notices) => {
                 // Messages JetStream already held came from an earlier request: whether they are committed is not
-                // known here, so the answer cannot say they are.
-                let expected = published.stored;
-                let wait = async {
-                    let mut seen = 0usize;
-                    while seen < expected {
-                        let Some(notice) = notices.next().await else {
-                            return false;
-                        };
-                        seen += std::str::from_utf8(&notice.payload)
-                            .ok()
-                            .and_then(|t| t.parse::<usize>().ok())
-                            .unwrap_or(0);
-                    }
-                    true
-                };
-                let done = expected > 0 && tokio::time::timeout(self.commit_wait, wait).await.unwrap_or(false);
-                let _ = notices.unsubscribe().await;
+                // known here, so the answer cannot say they are. Only signed notices for this request's messages
+                // count (see `jetstream::publish::CommitNotices`).
+                let done = notices.wait(self.commit_wait).await;
                 Some(done && published.duplicates == 0)
             }
             None => None,

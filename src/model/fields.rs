@@ -416,7 +416,7 @@ const LONE_SURROGATE: &str = "holds a lone UTF-16 surrogate, which PostgreSQL ca
 
 /// Why PostgreSQL's `jsonb` could not store a JSON value that serde_json accepted as raw text, if it could not:
 /// an escape that decodes to NUL or to a lone surrogate, or a number whose exponent is beyond `numeric`.
-fn unstorable_json(raw: &str) -> Option<&'static str> {
+pub(crate) fn unstorable_json(raw: &str) -> Option<&'static str> {
     const NUL: &str = "must not contain the NUL character (\\u0000), which PostgreSQL cannot store";
     let bytes = raw.as_bytes();
     let mut i = 0;

@@ -5,6 +5,8 @@
 //! [`PollResult`]) by [`Update::validate`], which reports every broken rule rather than the first one. Each
 //! stream's OpenAPI schema (`utoipa::ToSchema`) is built from the same ranges its validator checks.
 //!
+//! [`recheck`] applies the same rules again to updates read back from a queue others can write to (JetStream).
+//!
 //! A [`DeadLetter`] (a tracker's fix that can never be stored) is not read from a body: the tracker routes make
 //! it, and it travels through the same intake as the updates so that it is as durable as they are.
 
@@ -13,6 +15,7 @@ pub mod dead_letter;
 mod fields;
 pub mod location;
 pub mod poll;
+pub mod recheck;
 pub mod tracker;
 
 pub use body::{parse_body, BodyError, BodyFormat, RawUpdate};

@@ -287,6 +287,17 @@ impl Application {
                     "INGEST_QUEUE_CAPACITY must hold at least INGEST_MAX_UPDATES updates with JetStream writers"
                 );
             }
+            // Required: without it, whoever may publish in the NATS account writes past the keys and the rules.
+            let Some(signing_path) = &settings.jetstream_signing_key_file else {
+                anyhow::bail!(
+                    "INGEST_QUEUE=jetstream needs INGEST_JETSTREAM_SIGNING_KEY_FILE: a file holding a key (`openssl rand \
+                     -hex 32`), the same on every gateway and writer, with which records and commit notices are \
+                     signed, so that nobody else who can publish to NATS can write updates"
+                );
+            };
+            let signing = Arc::new(crate::intake::jetstream::signing::SigningKeys::load(signing_path)?);
+            let reloaded = signing.clone();
+            reloads.register("jetstream signing keys", move || reloaded.reload());
             let nats_runtime = nats_runtime()?;
             let js = crate::intake::jetstream::JetStreamSettings::from_settings(settings);
             let name = match role {
@@ -320,6 +331,8 @@ impl Application {
                 publish: role == Role::Serve,
                 consume,
                 runtime: nats_runtime.handle().clone(),
+                signing,
+                metrics: metrics.jetstream.clone(),
             };
             Some((parts, nats_runtime))
         } else {

@@ -11,19 +11,22 @@ use tokio::runtime::Handle;
 
 use crate::db::Checkpoints;
 use crate::intake::feed::LogFeed;
-use crate::intake::jetstream::consume::{ShardConsumers, ShardSet};
+use crate::intake::jetstream::consume::{ShardConsumers, ShardSet, Trust};
 use crate::intake::jetstream::publish::Publisher;
+use crate::intake::jetstream::signing::SigningKeys;
 use crate::intake::jetstream::{checkpoint_instance, JetStreamSettings, ShardKey};
 use crate::intake::record::RecordCodec;
 use crate::intake::{Drain, Gate, Intake};
-use crate::metrics::StreamMetrics;
+use crate::metrics::{JetStreamMetrics, StreamMetrics};
+use crate::model::recheck::Recheck;
 use crate::model::Update;
 use crate::pipeline::{self, Backoff, BatchPolicy, BatchWriter, CopyRecord};
 use crate::wal::{Segment, Wal};
 
-/// An update type the gateway takes: validated from JSON, logged (or published), written by `COPY`.
-pub trait Stream: Update + RecordCodec + CopyRecord + ShardKey + Sync {}
-impl<T: Update + RecordCodec + CopyRecord + ShardKey + Sync> Stream for T {}
+/// An update type the gateway takes: validated from JSON (and again when read back from JetStream), logged (or
+/// published), written by `COPY`.
+pub trait Stream: Update + RecordCodec + CopyRecord + ShardKey + Recheck + Sync {}
+impl<T: Update + RecordCodec + CopyRecord + ShardKey + Recheck + Sync> Stream for T {}
 
 /// What a stream needs with `INGEST_QUEUE=jetstream`.
 #[derive(Clone)]
@@ -36,6 +39,10 @@ pub struct JetStreamParts {
     pub consume: bool,
     /// The runtime the shard consumers and acks run on.
     pub runtime: Handle,
+    /// The key records and commit notices are signed with.
+    pub signing: Arc<SigningKeys>,
+    /// What is refused at the trust boundary.
+    pub metrics: JetStreamMetrics,
 }
 
 /// What every stream is built from.
@@ -131,16 +138,35 @@ impl StreamParts<'_> {
             // A JetStream context starts its ack task on the runtime it is made in.
             let _inside = js.runtime.enter();
             if js.publish {
-                let publisher = Publisher::<T>::new(js.client.clone(), js.settings.shards, js.settings.publish_timeout);
+                let publisher = Publisher::<T>::new(
+                    js.client.clone(),
+                    js.settings.shards,
+                    js.settings.publish_timeout,
+                    js.signing.clone(),
+                    js.metrics.commit_notices_refused.clone(),
+                );
                 intake = intake.with_publisher(Box::new(publisher));
             }
             if js.consume {
+                // Exported from the start, so that an alert on them has a series to watch.
+                for reason in ["unsigned", "bad_signature", "undecodable"] {
+                    js.metrics.records_refused.with_label_values(&[T::STREAM, reason]);
+                }
+                js.metrics.updates_invalid.with_label_values(&[T::STREAM]);
                 shards = Some(Arc::new(ShardConsumers {
                     context: async_nats::jetstream::new(js.client.clone()),
                     queue,
                     shards: js.settings.shards,
                     ack_wait: js.settings.ack_wait,
                     runtime: js.runtime.clone(),
+                    trust: Arc::new(Trust {
+                        signing: js.signing.clone(),
+                        rules: js.settings.recheck,
+                        inbox_prefix: js.settings.inbox_prefix.clone(),
+                        pool: self.pool.clone(),
+                        database: self.runtime.clone(),
+                        metrics: js.metrics.clone(),
+                    }),
                 }));
             }
         }

@@ -20,7 +20,7 @@ use crate::helpers::*;
 const LOCATION: &str = "/api/v1/location/update";
 
 /// Whether `nats-server` can be run; says so loudly when it cannot.
-fn nats_available() -> bool {
+pub fn nats_available() -> bool {
     let found = Command::new("nats-server")
         .arg("--version")
         .stdout(Stdio::null())
@@ -37,18 +37,20 @@ fn nats_available() -> bool {
 }
 
 /// One `nats-server` with JetStream, on loopback; part of a cluster when `routes` is not empty.
-struct NatsNode {
+pub struct NatsNode {
     name: String,
     port: u16,
     monitor_port: u16,
     cluster_port: u16,
     store: PathBuf,
     routes: Vec<u16>,
+    /// A configuration file (accounts, permissions), when the node needs one.
+    pub config: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl NatsNode {
-    fn new(name: &str, store: PathBuf) -> Self {
+    pub fn new(name: &str, store: PathBuf) -> Self {
         NatsNode {
             name: name.to_owned(),
             port: free_port(),
@@ -56,16 +58,20 @@ impl NatsNode {
             cluster_port: free_port(),
             store,
             routes: Vec::new(),
+            config: None,
             child: None,
         }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    fn start(&mut self) {
+    pub fn start(&mut self) {
         let mut command = Command::new("nats-server");
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
         command
             .args(["-js", "-a", "127.0.0.1", "-n", &self.name])
             .args(["-p", &self.port.to_string(), "-m", &self.monitor_port.to_string()])
@@ -87,7 +93,7 @@ impl NatsNode {
     }
 
     /// Whether the node says JetStream is healthy (a cluster: a meta leader is elected, streams are current).
-    fn healthy(&self) -> bool {
+    pub fn healthy(&self) -> bool {
         ureq::get(&format!("http://127.0.0.1:{}/healthz", self.monitor_port))
             .timeout(Duration::from_secs(2))
             .call()
@@ -109,7 +115,7 @@ impl Drop for NatsNode {
 }
 
 /// A `nats-server` process of its own, or a cluster of three.
-fn nats_cluster(size: usize, dir: &tempfile::TempDir) -> Vec<NatsNode> {
+pub fn nats_cluster(size: usize, dir: &tempfile::TempDir) -> Vec<NatsNode> {
     let mut nodes: Vec<NatsNode> = (0..size)
         .map(|i| NatsNode::new(&format!("n{i}"), dir.path().join(format!("n{i}"))))
         .collect();
@@ -133,8 +139,21 @@ fn nats_cluster(size: usize, dir: &tempfile::TempDir) -> Vec<NatsNode> {
     nodes
 }
 
-fn urls(nodes: &[NatsNode]) -> String {
+pub fn urls(nodes: &[NatsNode]) -> String {
     nodes.iter().map(NatsNode::url).collect::<Vec<_>>().join(",")
+}
+
+/// A JetStream signing key file in `dir`, as gateways and writers share it (readable by its owner only).
+pub fn signing_key_file(dir: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("jetstream-signing.key");
+    std::fs::write(
+        &path,
+        "5b1f0e2a9c4d7e3f8a6b0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f6a7b8c9d0e1f\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
 }
 
 #[test]
@@ -145,11 +164,13 @@ fn on_jetstream_an_acknowledged_update_lands_once_a_retry_is_stored_once_and_nat
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = nats_cluster(1, &dir);
     let url = urls(&nodes);
+    let key = signing_key_file(dir.path());
     let mut app = spawn_app(|s| {
         s.queue = QueueKind::Jetstream;
         s.nats_url = url.clone();
         s.jetstream_shards = 4;
         s.jetstream_publish_timeout = Duration::from_secs(2);
+        s.jetstream_signing_key_file = Some(key);
     });
     app.db
         .execute("ALTER TABLE location_updates ADD CONSTRAINT no_poison CHECK (device_id <> 'poison')");
@@ -230,19 +251,25 @@ fn on_jetstream_dead_letters_have_a_stream_of_their_own_and_a_tracker_retry_is_s
     let dir = tempfile::tempdir().unwrap();
     let nodes = nats_cluster(1, &dir);
     let url = urls(&nodes);
+    let key = signing_key_file(dir.path());
     let mut app = spawn_app(|s| {
         s.queue = QueueKind::Jetstream;
         s.nats_url = url.clone();
         s.jetstream_shards = 4;
+        s.jetstream_signing_key_file = Some(key);
     });
+    // Letters as the tracker routes make them (the writers check them again: a known protocol and reason, received
+    // within the allowed window).
+    let base = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let at = |second| base + time::Duration::seconds(second);
     let letter = |device: &str, second: i64| DeadLetter {
         stream: "location".into(),
         protocol: "owntracks".into(),
-        reason: "invalid".into(),
+        reason: "flagged_invalid".into(),
         message: "the fix is flagged invalid".into(),
         device_id: Some(device.to_owned()),
         payload: format!(r#"{{"tid":"{device}"}}"#),
-        received_at: time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(second),
+        received_at: at(second),
     };
     let submit = |letters, ack| block_on(app.state().dead_letters.submit(letters, ack)).unwrap();
 
@@ -256,7 +283,6 @@ fn on_jetstream_dead_letters_have_a_stream_of_their_own_and_a_tracker_retry_is_s
         .db
         .query("SELECT device_id, received_at FROM dead_letters ORDER BY device_id");
     let stored: Vec<(String, time::OffsetDateTime)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let at = |second| time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(second);
     assert_eq!(
         stored,
         [
@@ -364,8 +390,10 @@ fn a_jetstream_cluster_loses_nothing_acknowledged_when_a_node_a_gateway_and_a_wr
     let cluster = shared_cluster();
     let database = fresh_database(cluster);
     let db = Db::connect(cluster.config(&database));
+    let key = signing_key_file(dir.path());
     let common = |data: &str| -> Vec<(&'static str, String)> {
         vec![
+            ("INGEST_JETSTREAM_SIGNING_KEY_FILE", key.display().to_string()),
             ("DATABASE_URL", connection_string(&cluster.config(&database))),
             ("INGEST_DATA_DIR", dir.path().join(data).display().to_string()),
             ("INGEST_QUEUE", "jetstream".into()),
@@ -510,10 +538,12 @@ fn a_process_whose_jetstream_settings_differ_from_the_stream_refuses_to_start_sa
     let dir = tempfile::tempdir().unwrap();
     let nodes = nats_cluster(1, &dir);
     let url = urls(&nodes);
+    let key = signing_key_file(dir.path());
     let mut first = spawn_app(|s| {
         s.queue = QueueKind::Jetstream;
         s.nats_url = url.clone();
         s.jetstream_shards = 4;
+        s.jetstream_signing_key_file = Some(key.clone());
     });
 
     let data_dir = tempfile::tempdir().unwrap();
@@ -525,6 +555,7 @@ fn a_process_whose_jetstream_settings_differ_from_the_stream_refuses_to_start_sa
     settings.queue = QueueKind::Jetstream;
     settings.nats_url = url.clone();
     settings.jetstream_shards = 8;
+    settings.jetstream_signing_key_file = Some(key);
     let refused = ingest_gateway::startup::Application::build(&settings)
         .err()
         .expect("a second process with another shard count does not start");

@@ -19,6 +19,7 @@ mod hostile;
 mod ingest;
 mod jetstream;
 mod migrations;
+mod nats_trust;
 mod observability;
 mod openapi;
 mod partitions;

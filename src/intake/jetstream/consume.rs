@@ -20,6 +20,16 @@
 //! message acknowledged in JetStream; an ack that is lost only means a redelivery, which the checkpoint skips.
 //! Should a writer lose its lock session while a batch is in flight (a network cut to PostgreSQL alone), the new
 //! holder may write that batch's updates again: the natural keys absorb them, so nothing is stored twice.
+//!
+//! # What is not taken
+//! Before a message reaches the queue its signature is checked ([`super::signing`]) and each of its updates is
+//! validated again ([`crate::model::recheck`]). A record without a valid signature, or that cannot be read, is kept
+//! whole in `dead_letters` (what can be said of it: subject, sequence, size, hash, its first bytes) and
+//! acknowledged; an update that breaks a rule is kept there on its own, and the rest of its message goes on. These
+//! are written before the message is acknowledged, outside the batches' exactly-once bookkeeping, so a writer that
+//! dies between the two keeps them again at the redelivery: at least once, for what was never the gateways'.
+//! The verdict on a record depends only on the record and on when JetStream stored it, so every delivery of a
+//! message sees the same valid updates, and a checkpoint's count within a message keeps meaning the same ones.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,16 +40,21 @@ use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::AckKind;
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
+use time::OffsetDateTime;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::publish::COMMIT_REPLY_HEADER;
-use super::{checkpoint_instance, stream_name, subject};
+use super::publish::{COMMIT_REPLY_HEADER, COMMIT_SEQUENCE_HEADER, COMMIT_STREAM_HEADER};
+use super::signing::{SigningKeys, SIGNATURE_HEADER};
+use super::{checkpoint_instance, is_inbox_subject, stream_name, subject};
 use crate::db::{checkpoint, shard_lease, Checkpoint};
 use crate::intake::record::{self, RecordCodec};
+use crate::metrics::JetStreamMetrics;
+use crate::model::recheck::{Recheck, RecheckRules};
 use crate::model::Update;
-use crate::pipeline::{Chunk, CommitWaiter, Delivery, PushError, StreamQueue};
+use crate::pipeline::copy::{keep_refused, Refused};
+use crate::pipeline::{Chunk, CommitWaiter, CopyRecord, Delivery, PushError, StreamQueue};
 
 /// How often a writer process looks at the leases: takes free shards, hands extra ones back.
 const LEASE_INTERVAL: Duration = Duration::from_secs(1);
@@ -62,13 +77,41 @@ struct InFlight {
     parts: AtomicUsize,
     /// Taken once, when the last part is committed.
     acker: Mutex<Option<Acker>>,
-    /// Where the gateway that published it waits for its commit (`?ack=commit`).
-    commit_reply: Option<String>,
+    /// Where the gateway that published it waits for its commit (`?ack=commit`), and how to tell it.
+    notice: Option<Notice>,
+    /// The message's valid updates, in the order the positions within it count them.
     updates: u32,
     seq: u64,
     shard: Arc<ShardState>,
-    client: async_nats::Client,
     runtime: Handle,
+}
+
+/// A signed commit notice to send once a message is committed.
+struct Notice {
+    client: async_nats::Client,
+    /// The gateway's inbox, checked to be under the inbox prefix.
+    reply: String,
+    stream: &'static str,
+    seq: u64,
+    /// Every update of the message, valid or kept in `dead_letters`: all are as committed as they will be.
+    updates: u32,
+    signing: Arc<SigningKeys>,
+}
+
+impl Notice {
+    async fn send(self) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(COMMIT_STREAM_HEADER, self.stream);
+        headers.insert(COMMIT_SEQUENCE_HEADER, self.seq.to_string().as_str());
+        let signature = self
+            .signing
+            .sign_notice(&self.reply, self.stream, self.seq, self.updates);
+        headers.insert(SIGNATURE_HEADER, signature.as_str());
+        let _ = self
+            .client
+            .publish_with_headers(self.reply, headers, self.updates.to_string().into())
+            .await;
+    }
 }
 
 impl InFlight {
@@ -79,16 +122,14 @@ impl InFlight {
         let Some(acker) = self.acker.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
-        let reply = self.commit_reply.clone();
-        let client = self.client.clone();
-        let updates = self.updates;
+        let notice = self.notice.as_ref().map(Notice::again);
         self.runtime.spawn(async move {
             // A lost ack means a redelivery, which the committed sequence skips.
             if let Err(e) = acker.ack().await {
                 debug!(error = %e, "could not acknowledge a committed message; it will be skipped when redelivered");
             }
-            if let Some(reply) = reply {
-                let _ = client.publish(reply, updates.to_string().into()).await;
+            if let Some(notice) = notice {
+                notice.send().await;
             }
         });
     }
@@ -100,6 +141,19 @@ pub struct JetStreamDelivery {
     start: u32,
     end: u32,
     message: Arc<InFlight>,
+}
+
+impl Notice {
+    fn again(&self) -> Notice {
+        Notice {
+            client: self.client.clone(),
+            reply: self.reply.clone(),
+            stream: self.stream,
+            seq: self.seq,
+            updates: self.updates,
+            signing: self.signing.clone(),
+        }
+    }
 }
 
 impl Delivery for JetStreamDelivery {
@@ -155,9 +209,57 @@ pub struct ShardConsumers<T> {
     pub ack_wait: Duration,
     /// The runtime the consumers and acks run on.
     pub runtime: Handle,
+    /// What is checked before a message is taken, and where what is refused goes.
+    pub trust: Arc<Trust>,
 }
 
-impl<T: Update + RecordCodec> ShardSet for ShardConsumers<T> {
+/// The checks at the trust boundary, shared by a stream's shard consumers.
+pub struct Trust {
+    /// The keys the gateways sign with.
+    pub signing: Arc<SigningKeys>,
+    /// The rules each update is validated against again.
+    pub rules: RecheckRules,
+    /// `INGEST_NATS_INBOX_PREFIX`: where commit notices may go.
+    pub inbox_prefix: String,
+    /// Where refused records and updates are kept (`dead_letters`).
+    pub pool: deadpool_postgres::Pool,
+    /// The database runtime, where the pool's connections live.
+    pub database: Handle,
+    pub metrics: JetStreamMetrics,
+}
+
+/// How long a refusal that could not be kept (the database away) waits before it is tried again; the shard waits
+/// with it, as its writers would.
+const REFUSAL_RETRY: Duration = Duration::from_secs(1);
+
+impl Trust {
+    /// Keeps `rows` in `dead_letters`, trying again while the database is away (until the shard is stopped); a row
+    /// the database refuses for good is given up, with a warning, rather than hold the shard for ever.
+    async fn keep(&self, rows: Vec<Refused>, stopped: &watch::Receiver<bool>) {
+        loop {
+            let pool = self.pool.clone();
+            let batch = rows.clone();
+            let kept = self
+                .database
+                .spawn(async move { keep_refused(&pool, &batch).await })
+                .await;
+            match kept {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) if e.is_retriable() && !*stopped.borrow() => {
+                    warn!(error = %e, "could not keep refused JetStream records in dead_letters; retrying");
+                    tokio::time::sleep(REFUSAL_RETRY).await;
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, rows = rows.len(), "refused JetStream records could not be kept in dead_letters");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+impl<T: Update + RecordCodec + CopyRecord + Recheck> ShardSet for ShardConsumers<T> {
     fn stream(&self) -> &'static str {
         T::STREAM
     }
@@ -190,6 +292,7 @@ impl<T: Update + RecordCodec> ShardSet for ShardConsumers<T> {
             ack_wait: self.ack_wait,
             state: state.clone(),
             runtime: self.runtime.clone(),
+            trust: self.trust.clone(),
         };
         self.runtime.spawn(task.run(stopped));
         (stop, state)
@@ -204,9 +307,10 @@ struct ShardTaskRun<T> {
     ack_wait: Duration,
     state: Arc<ShardState>,
     runtime: Handle,
+    trust: Arc<Trust>,
 }
 
-impl<T: Update + RecordCodec> ShardTaskRun<T> {
+impl<T: Update + RecordCodec + CopyRecord + Recheck> ShardTaskRun<T> {
     async fn run(self, mut stopped: watch::Receiver<bool>) {
         let name = format!("{}-{}", T::STREAM, self.shard);
         let mut highest_queued = 0u64;
@@ -327,17 +431,50 @@ impl<T: Update + RecordCodec> ShardTaskRun<T> {
             return Taken::Gap;
         }
         *last_delivery = delivery;
-        let commit_reply = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(COMMIT_REPLY_HEADER))
-            .map(|v| v.as_str().to_owned());
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let commit_reply = header(COMMIT_REPLY_HEADER);
+        let signature = header(SIGNATURE_HEADER);
+        let verdict = self.trust.signing.check_record(
+            message.subject.as_str(),
+            commit_reply.as_deref(),
+            &message.payload,
+            signature.as_deref(),
+        );
+        // A notice goes only to an inbox, and only for a record a gateway signed (the signature covers the reply
+        // subject, so nobody moved it).
+        let reply = commit_reply.filter(|reply| {
+            let allowed = verdict.is_ok() && is_inbox_subject(&self.trust.inbox_prefix, reply);
+            if verdict.is_ok() && !allowed {
+                self.trust
+                    .metrics
+                    .commit_notices_refused
+                    .with_label_values(&["reply_subject"])
+                    .inc();
+            }
+            allowed
+        });
+        let notice_for = |updates: u32| {
+            reply.clone().map(|reply| Notice {
+                client: self.context.client(),
+                reply,
+                stream: T::STREAM,
+                seq,
+                updates,
+                signing: self.trust.signing.clone(),
+            })
+        };
         if seq <= self.state.committed.load(Ordering::Acquire) {
             // Committed before (its ack was lost, or its holder died between commit and ack).
             let _ = message.ack().await;
-            if let Some(reply) = commit_reply {
-                let count = record::decode_header(&message.payload).map_or(0, |h| h.count);
-                let _ = self.context.client().publish(reply, count.to_string().into()).await;
+            let count = record::decode_header(&message.payload).map_or(0, |h| h.count);
+            if let Some(notice) = notice_for(count) {
+                notice.send().await;
             }
             return Taken::Yes;
         }
@@ -345,16 +482,68 @@ impl<T: Update + RecordCodec> ShardTaskRun<T> {
             // Handed out again while still in the queue: the first delivery's commit acknowledges it.
             return Taken::Yes;
         }
-        let Some(mut updates) = record::decode_updates::<T>(&message.payload) else {
+        let stored_at = message
+            .info()
+            .map_or_else(|_| OffsetDateTime::now_utc(), |info| info.published);
+        if let Err(refusal) = verdict {
+            self.refuse_record(&message, seq, refusal.as_str(), stored_at, stopped)
+                .await;
+            let _ = message.ack_with(AckKind::Term).await;
+            return Taken::Yes;
+        }
+        let decoded = record::decode_updates::<T>(&message.payload)
+            .filter(|_| record::decode_header(&message.payload).is_some_and(|h| h.slot == self.shard));
+        let Some(decoded) = decoded else {
             warn!(
                 stream = T::STREAM,
                 shard = self.shard,
                 seq,
-                "a JetStream message that is not a record of this stream; terminated"
+                "a signed JetStream message that is not a record of this stream and shard; kept in dead_letters"
             );
+            self.refuse_record(&message, seq, "undecodable", stored_at, stopped)
+                .await;
             let _ = message.ack_with(AckKind::Term).await;
             return Taken::Yes;
         };
+        let sent = decoded.len() as u32;
+        // The message's positions count its valid updates only (see the module's doc).
+        let partly_committed = self.checkpoint.is_some_and(|c| c.lsn == seq);
+        let mut updates = Vec::with_capacity(decoded.len());
+        let mut invalid = Vec::new();
+        for update in decoded {
+            let broken = update.recheck(&self.trust.rules, stored_at);
+            if broken.is_empty() {
+                updates.push(update);
+            } else {
+                invalid.push(refused_update(&update, &broken));
+            }
+        }
+        if !invalid.is_empty() {
+            self.trust
+                .metrics
+                .updates_invalid
+                .with_label_values(&[T::STREAM])
+                .inc_by(invalid.len() as u64);
+            warn!(
+                stream = T::STREAM,
+                shard = self.shard,
+                seq,
+                invalid = invalid.len(),
+                "updates of a signed JetStream record break a rule; kept in dead_letters"
+            );
+            // Kept at the first delivery already, if part of the message was committed since.
+            if !partly_committed {
+                self.trust.keep(invalid, stopped).await;
+            }
+        }
+        if updates.is_empty() {
+            // Nothing to write: what there was is in dead_letters, as committed as it will be.
+            let _ = message.ack().await;
+            if let Some(notice) = notice_for(sent) {
+                notice.send().await;
+            }
+            return Taken::Yes;
+        }
         let total = updates.len() as u32;
         let start = match self.checkpoint {
             Some(c) if c.lsn == seq => c.updates_done.unwrap_or(0).min(total),
@@ -378,16 +567,16 @@ impl<T: Update + RecordCodec> ShardTaskRun<T> {
             }
         };
         // A waiting gateway wants the batch written at once, as a local `?ack=commit` does.
-        let commit = commit_reply.as_ref().map(|_| CommitWaiter::new(updates.len()).0);
+        let commit = reply.as_ref().map(|_| CommitWaiter::new(updates.len()).0);
+        let notice = notice_for(sent);
         let (_, acker) = message.split();
         let in_flight = Arc::new(InFlight {
             parts: AtomicUsize::new(1),
             acker: Mutex::new(Some(acker)),
-            commit_reply,
+            notice,
             updates: total,
             seq,
             shard: self.state.clone(),
-            client: self.context.client(),
             runtime: self.runtime.clone(),
         });
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -405,6 +594,93 @@ impl<T: Update + RecordCodec> ShardTaskRun<T> {
         });
         Taken::Yes
     }
+}
+
+impl<T: Update + RecordCodec + CopyRecord + Recheck> ShardTaskRun<T> {
+    /// Counts a record refused whole and keeps in `dead_letters` what can be said of it: never its updates, which
+    /// nothing vouches for, but enough to find it (subject, sequence, size, hash) and its first bytes.
+    async fn refuse_record(
+        &self,
+        message: &async_nats::jetstream::Message,
+        seq: u64,
+        reason: &'static str,
+        stored_at: OffsetDateTime,
+        stopped: &watch::Receiver<bool>,
+    ) {
+        use sha2::{Digest, Sha256};
+        self.trust
+            .metrics
+            .records_refused
+            .with_label_values(&[T::STREAM, reason])
+            .inc();
+        warn!(
+            stream = T::STREAM,
+            shard = self.shard,
+            seq,
+            reason,
+            "a JetStream record refused; kept in dead_letters"
+        );
+        let payload = &message.payload;
+        let head = &payload[..payload.len().min(REFUSED_HEAD_BYTES)];
+        let described = serde_json::json!({
+            "subject": message.subject.as_str(),
+            "stream_sequence": seq,
+            "bytes": payload.len(),
+            "sha256": hex(&Sha256::digest(payload)),
+            "head_hex": hex(head),
+        });
+        let error = match reason {
+            "unsigned" => "a JetStream record without a signature: not published by a gateway with the signing key",
+            "bad_signature" => "a JetStream record whose signature does not hold under any signing key",
+            _ => "a JetStream record that is not a record of its stream and shard",
+        };
+        let row = Refused {
+            stream: T::STREAM,
+            reason,
+            error: error.to_owned(),
+            payload: described.to_string(),
+            device_id: None,
+            received_at: Some(stored_at),
+        };
+        self.trust.keep(vec![row], stopped).await;
+    }
+}
+
+/// How much of a refused record's bytes its dead letter shows.
+const REFUSED_HEAD_BYTES: usize = 256;
+
+/// An update that broke a rule when checked again, as its dead letter.
+fn refused_update<T: Update + CopyRecord>(update: &T, broken: &[crate::model::FieldError]) -> Refused {
+    let reasons: Vec<String> = broken
+        .iter()
+        .map(|e| format!("{} {}", e.field.as_deref().unwrap_or("the update"), e.reason))
+        .collect();
+    let json = update.to_json();
+    // Every stream's JSON names its device (if any) and when it was received.
+    let parsed = serde_json::from_str::<serde_json::Value>(&json).ok();
+    let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name)?.as_str().map(str::to_owned));
+    let received_at = field("received_at")
+        .and_then(|at| OffsetDateTime::parse(&at, &time::format_description::well_known::Rfc3339).ok());
+    Refused {
+        stream: T::STREAM,
+        reason: "invalid",
+        error: format!(
+            "a signed JetStream record's update breaks a rule: {}",
+            reasons.join("; ")
+        ),
+        device_id: field("device_id"),
+        payload: json,
+        received_at,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    bytes
+        .iter()
+        .flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]])
+        .map(char::from)
+        .collect()
 }
 
 /// What became of a delivery.

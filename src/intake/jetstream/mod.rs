@@ -6,6 +6,15 @@
 //!   from its content, published together and answered once every publish is acknowledged.
 //! - [`consume`]: the writers' side: shard leases (PostgreSQL advisory locks), one pull consumer per leased
 //!   shard, and the delivery that acks a message only after its batch is committed.
+//! - [`signing`]: the HMAC-SHA256 over each record and each commit notice.
+//!
+//! # NATS is a trust boundary
+//! Whoever may publish on `ingest.>` in the NATS account could otherwise write any device and any project, past the
+//! API keys and the validation. So every record is signed by the gateway with the key it shares with the writers,
+//! and a writer keeps in `dead_letters` (reason `unsigned`, `bad_signature` or `undecodable`), never in the tables,
+//! a record whose signature does not hold; it validates the updates of a signed one again, with the same rules,
+//! and keeps those that break one (reason `invalid`). Commit notices go only to subjects under the inbox prefix,
+//! signed, and a gateway believes only a signed notice for a message it published.
 //!
 //! # Layout in JetStream
 //! Stream `INGEST_LOCATION` holds subjects `ingest.location.<shard>` (likewise `INGEST_POLL`, `ingest.poll.*`, and
@@ -16,6 +25,7 @@
 
 pub mod consume;
 pub mod publish;
+pub mod signing;
 
 use std::time::Duration;
 
@@ -26,6 +36,7 @@ use async_nats::jetstream::Context;
 use tracing::info;
 
 use crate::config::Settings;
+use crate::model::recheck::RecheckRules;
 use crate::model::{DeadLetter, LocationUpdate, PollResult};
 
 /// The stream metadata key that records the shard count the stream was made for.
@@ -40,6 +51,10 @@ pub struct JetStreamSettings {
     pub max_bytes: i64,
     pub publish_timeout: Duration,
     pub ack_wait: Duration,
+    /// The rules the writers check each update against again (the gateways' window).
+    pub recheck: RecheckRules,
+    /// The subjects commit notices may go to: `<prefix>.…` (`INGEST_NATS_INBOX_PREFIX`).
+    pub inbox_prefix: String,
 }
 
 impl JetStreamSettings {
@@ -51,6 +66,11 @@ impl JetStreamSettings {
             max_bytes: i64::try_from(settings.jetstream_max_bytes).unwrap_or(i64::MAX),
             publish_timeout: settings.jetstream_publish_timeout,
             ack_wait: settings.jetstream_ack_wait,
+            recheck: RecheckRules {
+                max_future_skew: settings.max_future_skew,
+                max_age: settings.max_age,
+            },
+            inbox_prefix: settings.nats_inbox_prefix.clone(),
         }
     }
 }
@@ -128,7 +148,10 @@ pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<async_na
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None)
         // Each gateway holds many requests in flight: room for their publishes while a connection is re-made.
-        .client_capacity(65_536);
+        .client_capacity(65_536)
+        // Replies (JetStream's, and the writers' commit notices) come under one prefix, which NATS permissions can
+        // confine to this deployment.
+        .custom_inbox_prefix(settings.nats_inbox_prefix.clone());
     if let Some(path) = &settings.nats_creds {
         options = options
             .credentials_file(path)
@@ -168,6 +191,21 @@ pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<async_na
         .connect(servers)
         .await
         .with_context(|| format!("could not connect to NATS at {}", redacted(&settings.nats_url)))
+}
+
+/// Whether a commit notice may be sent to `subject`: one token of `A-Z a-z 0-9 _ -` under `<prefix>.`, as the
+/// client's inboxes are — never a subject a message chose elsewhere (another stream, another application).
+pub fn is_inbox_subject(prefix: &str, subject: &str) -> bool {
+    subject
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|token| {
+            !token.is_empty()
+                && token.len() <= 64
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+        })
 }
 
 /// NATS server addresses as they may be shown: a password (or a token in the user's place) replaced by `***`.
@@ -322,6 +360,25 @@ mod tests {
                 assert!(a < shards);
                 assert_eq!(a, shard_of(&location(device), shards));
             }
+        }
+    }
+
+    #[test]
+    fn a_commit_notice_goes_only_to_one_inbox_under_the_prefix() {
+        assert!(is_inbox_subject("_INBOX", "_INBOX.aB3dE9fGh1"));
+        assert!(is_inbox_subject("_INBOX_ingest.gw", "_INBOX_ingest.gw.x1"));
+        for refused in [
+            "_INBOX",
+            "_INBOX.",
+            "_INBOX.a.b",
+            "_INBOX.>",
+            "_INBOX.*",
+            "_INBOXa.b",
+            "ingest.location.3",
+            "$JS.API.STREAM.DELETE.INGEST_LOCATION",
+            "anything.you.like",
+        ] {
+            assert!(!is_inbox_subject("_INBOX", refused), "{refused}");
         }
     }
 

@@ -8,16 +8,24 @@
 //! stored) sends the same updates, which become the same messages with the same ids: within the duplicate window
 //! JetStream stores each only once. Two different requests with identical updates are also stored once — which
 //! is what the natural key would make of them in PostgreSQL anyway.
+//!
+//! Every message is signed ([`super::signing`]) over its subject, its reply subject and its bytes; with a commit
+//! asked for, the answer believes only signed notices for the messages this request stored.
 
+use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
 use async_nats::Subscriber;
 use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use prometheus::IntCounterVec;
 
+use super::signing::{SigningKeys, SIGNATURE_HEADER};
 use super::{shard_of, subject, ShardKey};
 use crate::intake::record::{self, RecordCodec};
 use crate::intake::SubmitError;
@@ -25,6 +33,10 @@ use crate::model::Update;
 
 /// The header that asks the writer to say on this Core NATS subject when the message's updates are committed.
 pub const COMMIT_REPLY_HEADER: &str = "Ingest-Commit-Reply";
+/// A commit notice's header naming the stream of the message it confirms.
+pub const COMMIT_STREAM_HEADER: &str = "Ingest-Commit-Stream";
+/// A commit notice's header naming the stream sequence of the message it confirms.
+pub const COMMIT_SEQUENCE_HEADER: &str = "Ingest-Commit-Seq";
 
 /// Largest message a publish makes; a larger shard group is split. Below NATS's default `max_payload` (1 MiB),
 /// with room for headers.
@@ -37,7 +49,70 @@ pub struct Published {
     /// Updates in messages JetStream already held (a retry within the duplicate window).
     pub duplicates: usize,
     /// With a commit asked for: where the writers say what they committed.
-    pub commits: Option<Subscriber>,
+    pub commits: Option<CommitNotices>,
+}
+
+/// The writers' notices for one request's messages, as they arrive on its inbox.
+pub struct CommitNotices {
+    subscriber: Subscriber,
+    inbox: String,
+    stream: &'static str,
+    /// The messages this request stored, by stream sequence, with their updates, until each is confirmed.
+    pending: HashMap<u64, u32>,
+    signing: Arc<SigningKeys>,
+    /// `ingest_jetstream_commit_notices_refused_total`.
+    refused: IntCounterVec,
+}
+
+impl CommitNotices {
+    /// Whether every message this request stored is confirmed committed within `wait`: only a notice signed with a
+    /// shared key, for one of those messages and its count, counts. `false` when there was nothing to confirm.
+    pub async fn wait(mut self, wait: Duration) -> bool {
+        let confirm = async {
+            if self.pending.is_empty() {
+                return false;
+            }
+            while !self.pending.is_empty() {
+                let Some(notice) = self.subscriber.next().await else {
+                    return false;
+                };
+                if let Err(reason) = self.check(&notice) {
+                    self.refused.with_label_values(&[reason]).inc();
+                    tracing::warn!(reason, inbox = %self.inbox, "a commit notice not believed");
+                }
+            }
+            true
+        };
+        let done = tokio::time::timeout(wait, confirm).await.unwrap_or(false);
+        let _ = self.subscriber.unsubscribe().await;
+        done
+    }
+
+    /// Takes a notice's message off the pending ones, or says why it is not believed.
+    fn check(&mut self, notice: &async_nats::Message) -> Result<(), &'static str> {
+        let header = |name: &str| notice.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str());
+        let signature = header(SIGNATURE_HEADER).ok_or("unsigned")?;
+        let sequence = header(COMMIT_SEQUENCE_HEADER).and_then(|s| s.parse::<u64>().ok());
+        let updates = std::str::from_utf8(&notice.payload)
+            .ok()
+            .and_then(|t| t.parse::<u32>().ok());
+        let (Some(sequence), Some(updates)) = (sequence, updates) else {
+            return Err("unknown_message");
+        };
+        if header(COMMIT_STREAM_HEADER) != Some(self.stream) {
+            return Err("unknown_message");
+        }
+        self.signing
+            .check_notice(&self.inbox, self.stream, sequence, updates, Some(signature))
+            .map_err(|refusal| refusal.as_str())?;
+        match self.pending.get(&sequence) {
+            Some(expected) if *expected == updates => {
+                self.pending.remove(&sequence);
+                Ok(())
+            }
+            _ => Err("unknown_message"),
+        }
+    }
 }
 
 /// Publishes one update kind's requests to its JetStream stream.
@@ -47,11 +122,21 @@ pub struct Publisher<T> {
     shards: u16,
     /// Longest a request waits for all its publish acks.
     timeout: Duration,
+    /// Signs every message, and checks the commit notices.
+    signing: Arc<SigningKeys>,
+    /// `ingest_jetstream_commit_notices_refused_total`.
+    notices_refused: IntCounterVec,
     stream: PhantomData<fn(T)>,
 }
 
 impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
-    pub fn new(client: async_nats::Client, shards: u16, timeout: Duration) -> Self {
+    pub fn new(
+        client: async_nats::Client,
+        shards: u16,
+        timeout: Duration,
+        signing: Arc<SigningKeys>,
+        notices_refused: IntCounterVec,
+    ) -> Self {
         let context = async_nats::jetstream::context::ContextBuilder::new()
             .timeout(timeout)
             // Publishes in flight wait for room here instead of failing; the request's own timeout bounds it.
@@ -63,6 +148,8 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
             context,
             shards,
             timeout,
+            signing,
+            notices_refused,
             stream: PhantomData,
         }
     }
@@ -100,13 +187,19 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
                 id,
             } in messages
             {
-                let mut message = PublishMessage::build().payload(payload.into()).message_id(id);
-                if let Some((inbox, _)) = &commits {
-                    message = message.header(COMMIT_REPLY_HEADER, inbox.as_str());
+                let subject = subject(T::STREAM, shard);
+                let reply = commits.as_ref().map(|(inbox, _)| inbox.as_str());
+                let signature = self.signing.sign_record(&subject, reply, &payload);
+                let mut message = PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(id)
+                    .header(SIGNATURE_HEADER, signature.as_str());
+                if let Some(inbox) = reply {
+                    message = message.header(COMMIT_REPLY_HEADER, inbox);
                 }
                 let ack = self
                     .context
-                    .send_publish(subject(T::STREAM, shard), message)
+                    .send_publish(subject, message)
                     .await
                     .map_err(|e| SubmitError::Unavailable(format!("could not publish to JetStream: {e}")))?;
                 acks.push(ack.into_future());
@@ -120,8 +213,9 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
         let mut published = Published {
             stored: 0,
             duplicates: 0,
-            commits: commits.map(|(_, subscriber)| subscriber),
+            commits: None,
         };
+        let mut pending = HashMap::new();
         for (result, count) in results.into_iter().zip(sizes) {
             let ack =
                 result.map_err(|e| SubmitError::Unavailable(format!("JetStream did not store the updates: {e}")))?;
@@ -129,8 +223,17 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
                 published.duplicates += count;
             } else {
                 published.stored += count;
+                pending.insert(ack.sequence, count as u32);
             }
         }
+        published.commits = commits.map(|(inbox, subscriber)| CommitNotices {
+            subscriber,
+            inbox,
+            stream: T::STREAM,
+            pending,
+            signing: self.signing.clone(),
+            refused: self.notices_refused.clone(),
+        });
         Ok(published)
     }
 }
