@@ -218,10 +218,12 @@ impl<P: DeviceProtocol> Connection<P> {
             }
         };
         match decoded {
-            Decoded::Identification { device_id, answer } => self.identify(device_id, answer).await,
+            Decoded::Identification { device_id, answer } => Box::pin(self.identify(device_id, answer)).await,
             Decoded::Records { fixes, answer } => {
                 let records = fixes.len();
-                self.store(fixes, frame).await?;
+                // Boxed: a submission's future is large, and an idle connection's task would otherwise hold its
+                // room for as long as it lives.
+                Box::pin(self.store(fixes, frame)).await?;
                 match self.shared.protocol.records_answer(answer, records) {
                     Some(reply) => self.write(&reply).await,
                     None => Ok(()),

@@ -221,6 +221,21 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_takes_units_out_and_a_broken_file_lets_none_in() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let write = |text: String| std::fs::write(file.path(), text).unwrap();
+        write(format!("trucks {HASH} streams=location imeis=1,2\n"));
+        let units = KeyFileUnits::load(file.path()).unwrap();
+        assert!(units.admits("1") && units.admits("2") && !units.admits("3"));
+        write(format!("trucks {HASH} streams=location imeis=2\n"));
+        units.reload().unwrap();
+        assert!(!units.admits("1") && units.admits("2"));
+        write(format!("trucks {HASH} streams=location imeis=2 colour=red\n"));
+        assert!(units.reload().is_err());
+        assert!(!units.admits("2"), "a file that cannot be used lets no unit in");
+    }
+
+    #[test]
     fn a_file_without_the_field_lets_no_unit_in() {
         let list = ImeiList::parse(&format!("fleet {HASH} streams=location"), location_keys).unwrap();
         assert!(list.is_empty());
