@@ -139,6 +139,11 @@ pub struct Settings {
     #[arg(long, env = "INGEST_TELTONIKA_LISTEN", global = true)]
     pub teltonika_listen: Option<String>,
 
+    /// Where to take GT06 units' binary protocol (Concox and the many units that copy it) over TCP, comma-separated
+    /// TCP addresses (e.g. `0.0.0.0:5023`, Traccar's port for it); unset: no GT06 listener.
+    #[arg(long, env = "INGEST_GT06_LISTEN", global = true)]
+    pub gt06_listen: Option<String>,
+
     /// A tracker TCP connection that sends nothing for this long is closed (the unit reconnects when it has data).
     #[arg(long, env = "INGEST_TCP_IDLE_TIMEOUT", default_value = "30m", value_parser = parse_interval, global = true)]
     pub tcp_idle_timeout: Duration,

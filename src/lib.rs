@@ -8,7 +8,7 @@
 //! - [`metrics`]: the one Prometheus registry and the per-stream metric handles.
 //! - [`http`]: the transport: routes, headers, API keys and rate limits, body, gzip, parse and validate, then
 //!   hand over to the intake and map its answer to a status. Knows nothing of the log or the queue.
-//! - [`tcp`]: the hardware trackers' transport (Teltonika): TCP listeners, one task per device connection, a
+//! - [`tcp`]: the hardware trackers' transport (Teltonika, GT06): TCP listeners, one task per device connection, a
 //!   trait each binary protocol implements, acknowledgements sent once the records are durable. Like `http`, it
 //!   hands over to the intake and reads with the model; the keys file's `imeis=` lists (which units may connect)
 //!   are its own, read beside `http::auth`'s line parser.

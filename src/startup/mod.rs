@@ -150,7 +150,7 @@ pub struct Application {
     admin_listeners: Vec<Listener>,
     /// `INGEST_OSMAND_LISTEN`: every path is the OsmAnd protocol.
     osmand_listeners: Vec<Listener>,
-    /// `INGEST_TELTONIKA_LISTEN`: the hardware trackers' TCP listeners, bound.
+    /// `INGEST_TELTONIKA_LISTEN`, `INGEST_GT06_LISTEN`: the hardware trackers' TCP listeners, bound.
     trackers: Option<crate::tcp::TrackerPlan>,
     /// The first TCP port bound (0 when there is none).
     port: u16,
@@ -747,6 +747,9 @@ fn refuse_anonymous_exposure(settings: &Settings, access: &Access) -> anyhow::Re
     }
     if let Some(teltonika) = &settings.teltonika_listen {
         exposed.extend(listener::reachable_from_elsewhere(teltonika));
+    }
+    if let Some(gt06) = &settings.gt06_listen {
+        exposed.extend(listener::reachable_from_elsewhere(gt06));
     }
     if exposed.is_empty() {
         return Ok(());

@@ -1,18 +1,21 @@
-//! Hardware trackers over TCP: a listener per binary protocol (`INGEST_TELTONIKA_LISTEN`), one task per device
-//! connection, and the promise the HTTP routes keep — a packet is acknowledged to the device only once its records
-//! are durable (the device's ack is our `202`); until then the device keeps them and sends them again.
+//! Hardware trackers over TCP: a listener per binary protocol (`INGEST_TELTONIKA_LISTEN`, `INGEST_GT06_LISTEN`),
+//! one task per device connection, and the promise the HTTP routes keep — a packet is acknowledged to the device
+//! only once its records are durable (the device's ack is our `202`); until then the device keeps them and sends
+//! them again.
 //!
 //! - [`listener`]: binds, accepts within the connection caps (in total and per source address), and stops.
 //! - [`connection`]: one device's connection, generic over its protocol: frames read into a buffer that grows to
 //!   one packet at most, the identification, the records checked and submitted (waiting, not reading, while the
 //!   intake is full), the answers, the timeouts and the count of garbage that closes it.
 //! - [`teltonika`]: Teltonika's framing and answers, over the model's decoder.
+//! - [`gt06`]: GT06's framing and replies, over the model's decoder.
 //! - [`imeis`]: the `imeis=` lists of the API keys file: which units may connect.
 //!
 //! A protocol plugs in through [`DeviceProtocol`]: find a frame in the bytes read, decode it (the device says who
 //! it is, or sends records, or only something to answer), and encode the answers.
 
 pub mod connection;
+pub mod gt06;
 pub mod imeis;
 pub mod listener;
 pub mod teltonika;
@@ -187,6 +190,7 @@ pub struct ConnectionLimits {
 }
 
 /// What a connection hands its records to, and the rules they are checked by.
+#[derive(Clone)]
 pub struct Intakes {
     pub location: Arc<Intake<LocationUpdate>>,
     pub dead_letters: Arc<Intake<DeadLetter>>,
@@ -222,6 +226,7 @@ pub fn init_metrics(metrics: &Metrics, protocol: Protocol) {
 /// database's connections.
 pub struct TrackerPlan {
     teltonika: Vec<std::net::TcpListener>,
+    gt06: Vec<std::net::TcpListener>,
     /// With API keys: the units their `imeis=` lists let in (re-read with the keys); without: every unit.
     units: Option<Arc<KeyFileUnits>>,
     limits: ConnectionLimits,
@@ -231,10 +236,17 @@ pub struct TrackerPlan {
 impl TrackerPlan {
     /// Binds every tracker listener the settings name; `None` when they name none.
     pub fn bind(settings: &Settings) -> anyhow::Result<Option<Self>> {
-        let Some(list) = &settings.teltonika_listen else {
+        if settings.teltonika_listen.is_none() && settings.gt06_listen.is_none() {
             return Ok(None);
+        }
+        let teltonika = match &settings.teltonika_listen {
+            Some(list) => bind_all(list, Protocol::Teltonika)?,
+            None => Vec::new(),
         };
-        let teltonika = bind_all(list, Protocol::Teltonika)?;
+        let gt06 = match &settings.gt06_listen {
+            Some(list) => bind_all(list, Protocol::Gt06)?,
+            None => Vec::new(),
+        };
         let units = match &settings.api_keys_file {
             Some(path) => Some(Arc::new(KeyFileUnits::load(path)?)),
             None => {
@@ -253,6 +265,7 @@ impl TrackerPlan {
             .context("could not start the tracker listeners' runtime")?;
         Ok(Some(TrackerPlan {
             teltonika,
+            gt06,
             units,
             limits: ConnectionLimits {
                 idle_timeout: settings.tcp_idle_timeout,
@@ -271,10 +284,11 @@ impl TrackerPlan {
 
     /// The addresses bound, by protocol.
     pub fn addresses(&self) -> Vec<(Protocol, SocketAddr)> {
-        self.teltonika
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .map(|a| (Protocol::Teltonika, a))
+        let teltonika = self.teltonika.iter().map(|l| (Protocol::Teltonika, l));
+        let gt06 = self.gt06.iter().map(|l| (Protocol::Gt06, l));
+        teltonika
+            .chain(gt06)
+            .filter_map(|(p, l)| l.local_addr().ok().map(|a| (p, a)))
             .collect()
     }
 
@@ -284,16 +298,29 @@ impl TrackerPlan {
             Some(units) => units,
             None => Arc::new(AnyDevice),
         };
-        let teltonika = TcpServer::start(
-            teltonika::Teltonika,
-            self.teltonika,
-            intakes,
-            gate,
-            self.limits,
-            self.runtime.handle(),
-        )?;
+        let mut servers = Vec::new();
+        if !self.teltonika.is_empty() {
+            servers.push(TcpServer::start(
+                teltonika::Teltonika,
+                self.teltonika,
+                intakes.clone(),
+                gate.clone(),
+                self.limits,
+                self.runtime.handle(),
+            )?);
+        }
+        if !self.gt06.is_empty() {
+            servers.push(TcpServer::start(
+                gt06::Gt06::default(),
+                self.gt06,
+                intakes,
+                gate,
+                self.limits,
+                self.runtime.handle(),
+            )?);
+        }
         Ok(Trackers {
-            servers: vec![teltonika],
+            servers,
             runtime: self.runtime,
         })
     }

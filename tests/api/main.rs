@@ -13,6 +13,7 @@ mod dead_letters;
 mod durability;
 mod embedded;
 mod exposure;
+mod gt06;
 mod hardening;
 mod helpers;
 mod hostile;

@@ -507,6 +507,10 @@ fn gps_time(date: &[u8], offset: UtcOffset) -> Option<OffsetDateTime> {
 }
 
 /// Everything after the GPS block, in the order of Traccar's decoder for the same protocol and layout.
+///
+/// The re-upload flag (Traccar's `archive`) is not kept: it says how a fix travelled, not what it is. A unit sends
+/// a fix whose reply it missed again with the flag set, and the same fix with other attributes would be a conflict
+/// under its natural key rather than the retry it is.
 fn read_extras(r: &mut Reader<'_>, fix: &mut TrackerFix, p: u8, layout: Layout) -> Option<()> {
     if has_lbs(p) && r.left() > 0 {
         let has_length = has_status(p)
@@ -585,7 +589,7 @@ fn read_extras(r: &mut Reader<'_>, fix: &mut TrackerFix, p: u8, layout: Layout) 
     if matches!(p, GPS_LBS_2 | GPS_LBS_3 | GPS_LBS_4 | GPS_LBS_5) && r.left() >= 3 {
         fix.attribute("ignition", (r.u8()? > 0).into());
         fix.attribute("event", r.u8()?.into()); // why the unit reported
-        fix.attribute("archive", (r.u8()? > 0).into());
+        r.u8()?; // re-upload
         if layout == Layout::Sl4x {
             if r.left() > 2 {
                 fix.attribute("odometer", r.u32()?.into());
@@ -610,9 +614,7 @@ fn read_extras(r: &mut Reader<'_>, fix: &mut TrackerFix, p: u8, layout: Layout) 
     if r.left() == 3 || r.left() == 7 {
         fix.attribute("ignition", (r.u8()? > 0).into());
         r.u8()?; // upload mode
-        if r.u8()? > 0 {
-            fix.attribute("archive", true.into());
-        }
+        r.u8()?; // re-upload
     }
     if r.left() == 4 {
         fix.attribute("odometer", r.u32()?.into());
@@ -1296,6 +1298,24 @@ mod tests {
         content[16] &= !0x10; // not positioned
         let fix = f(&content);
         assert_eq!((fix.unreadable, fix.valid, fix.recorded_at), (None, false, None));
+    }
+
+    #[test]
+    fn a_fix_sent_again_as_a_re_upload_reads_the_same() {
+        // Traccar's 0x22 vector, live (re-upload byte 0x00) and as its unit sends it again (0x01).
+        let live = bytes("787822220e0914160f07c9021a362805090a7800d8b802d402c30e00a98a0105000213f4bb0d0a");
+        let mut again = live.clone();
+        again[32] = 0x01;
+        let read = |frame: &[u8]| {
+            let mut frame = frame.to_vec();
+            let end = frame.len() - 4;
+            let crc = crc_x25(&frame[2..end]);
+            frame[end..end + 2].copy_from_slice(&crc.to_be_bytes());
+            fix(&hex(&frame))
+        };
+        let (live, again) = (read(&live), read(&again));
+        assert_eq!(live.attributes, again.attributes);
+        assert_eq!(live.attributes["event"], json!(5));
     }
 
     #[test]

@@ -49,19 +49,22 @@ pub enum Protocol {
     Traccar,
     /// Teltonika's binary protocol, on its own TCP listener (`INGEST_TELTONIKA_LISTEN`).
     Teltonika,
+    /// GT06 (Concox and the units that copy it), on its own TCP listener (`INGEST_GT06_LISTEN`).
+    Gt06,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 5] = [
+    pub const ALL: [Protocol; 6] = [
         Protocol::Osmand,
         Protocol::Owntracks,
         Protocol::Overland,
         Protocol::Traccar,
         Protocol::Teltonika,
+        Protocol::Gt06,
     ];
 
     /// The protocols hardware units speak over their own TCP connections rather than HTTP.
-    pub const TCP: [Protocol; 1] = [Protocol::Teltonika];
+    pub const TCP: [Protocol; 2] = [Protocol::Teltonika, Protocol::Gt06];
 
     /// The name in routes, metric labels, `/stats` and `dead_letters.protocol`.
     pub const fn name(self) -> &'static str {
@@ -71,6 +74,7 @@ impl Protocol {
             Protocol::Overland => "overland",
             Protocol::Traccar => "traccar",
             Protocol::Teltonika => "teltonika",
+            Protocol::Gt06 => "gt06",
         }
     }
 }
