@@ -23,10 +23,22 @@ pub fn nats_server_available() -> bool {
 impl Bench {
     fn ingest_process(&self, role: &str, slug: &str, nats_port: u16) -> anyhow::Result<(Service, PathBuf)> {
         let nats_url = format!("nats://127.0.0.1:{nats_port}");
+        // Gateways and writers sign and check every record with a key they share; one per run, owner-only.
+        let key_file = self.scratch("jetstream-signing.key");
+        if !key_file.exists() {
+            let mut key = [0u8; 32];
+            std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)
+                .context("random bytes for the JetStream signing key")?;
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::write(&key_file, hex + "\n").context("write the JetStream signing key")?;
+            std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        }
+        let key_file = key_file.display().to_string();
         let envs = [
             ("INGEST_QUEUE", "jetstream"),
             ("INGEST_NATS_URL", nats_url.as_str()),
             ("INGEST_JETSTREAM_LOCAL_WRITERS", "false"),
+            ("INGEST_JETSTREAM_SIGNING_KEY_FILE", key_file.as_str()),
         ];
         self.start_ingest_process(role, slug, &envs, "/healthz")
     }
