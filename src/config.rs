@@ -88,6 +88,38 @@ impl std::fmt::Display for RateLimit {
     }
 }
 
+/// A share of a whole in percent, from 1 to 100: written `10` or `10%`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Percent(u8);
+
+impl Percent {
+    pub fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl std::str::FromStr for Percent {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let digits = text.trim().trim_end_matches('%').trim_end();
+        digits
+            .parse::<u8>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .map(Percent)
+            .ok_or_else(|| {
+                format!("{text:?} is not a share in percent: write a whole number from 1 to 100, such as 10")
+            })
+    }
+}
+
+impl std::fmt::Display for Percent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}%", self.0)
+    }
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -227,9 +259,16 @@ pub struct Settings {
     #[arg(long, env = "INGEST_BODY_MIN_RATE", default_value_t = 1024, global = true)]
     pub body_min_rate: u64,
 
-    /// Bytes of request bodies the whole process holds at once; a request past it gets 503 at once.
+    /// Bytes of request bodies (and of what parsing keeps of them) the whole process holds at once; a request past
+    /// it gets 503 at once.
     #[arg(long, env = "INGEST_MAX_INFLIGHT_BODY_BYTES", default_value_t = 256 * 1024 * 1024, global = true)]
     pub max_inflight_body_bytes: usize,
+
+    /// The most of INGEST_MAX_INFLIGHT_BODY_BYTES one client address, and one API key, may hold at once, in percent
+    /// (`10` or `10%`); never less than room for one request of the largest size. A request past it gets 503 while
+    /// other clients still get in.
+    #[arg(long, env = "INGEST_BODY_BUDGET_SHARE", default_value = "10", global = true)]
+    pub body_budget_share: Percent,
 
     /// How many times its compressed size a gzip body may expand to (bodies up to 64 KiB always may).
     #[arg(long, env = "INGEST_MAX_GZIP_RATIO", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..), global = true)]
@@ -247,6 +286,11 @@ pub struct Settings {
     /// Updates per request at most.
     #[arg(long, env = "INGEST_MAX_UPDATES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub max_updates: u32,
+
+    /// Unknown fields (kept in `attributes`) per update at most; an update with more is refused (422), and no more
+    /// of its fields are kept while it is read.
+    #[arg(long, env = "INGEST_MAX_UNKNOWN_FIELDS", default_value_t = 64, global = true)]
+    pub max_unknown_fields: u16,
 
     /// How long a stop may take to write what was accepted.
     #[arg(long, env = "INGEST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
@@ -303,6 +347,11 @@ pub struct Settings {
     /// Each client address's rate limit (an IPv6 client by its /64), with or without API keys; as INGEST_RATE_LIMIT.
     #[arg(long, env = "INGEST_RATE_LIMIT_PER_ADDRESS", global = true)]
     pub rate_limit_per_address: Option<RateLimit>,
+
+    /// Failed key checks (401) a client address may have in a minute; past them its requests get 429, before any
+    /// key is looked up, until the minute ends. 0: no limit.
+    #[arg(long, env = "INGEST_AUTH_FAILURES_PER_MINUTE", default_value_t = 30, global = true)]
+    pub auth_failures_per_minute: u32,
 
     /// Proxies and load balancers whose `X-Forwarded-For` is believed (addresses or ranges, comma-separated,
     /// e.g. `10.0.0.0/8,::1`): a request from one of them counts as from the client it names. Empty: the TCP peer
@@ -597,6 +646,20 @@ mod tests {
         assert_eq!(args.name, "fleet");
         assert_eq!(args.streams, ["location"]);
         assert_eq!(args.device_prefixes, ["truck-", "van-"]);
+    }
+
+    #[test]
+    fn the_bounds_on_bodies_keys_and_fields_have_their_documented_defaults() {
+        let s = Settings::defaults();
+        assert_eq!(s.body_budget_share.get(), 10);
+        assert_eq!(s.max_unknown_fields, 64);
+        assert_eq!(s.auth_failures_per_minute, 30);
+        let share = |text: &str| text.parse::<Percent>().map(Percent::get);
+        assert_eq!(share("25%"), Ok(25));
+        assert_eq!(share(" 100 "), Ok(100));
+        assert!(share("0").is_err());
+        assert!(share("101%").is_err());
+        assert!(share("ten").is_err());
     }
 
     #[test]

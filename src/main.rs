@@ -36,6 +36,8 @@ fn new_key(args: &ingest_gateway::config::NewKeyArgs) -> anyhow::Result<ExitCode
 }
 
 fn serve(settings: &ingest_gateway::config::Settings, role: Role) -> anyhow::Result<ExitCode> {
+    // Before any other thread starts: it sets how the allocator keeps request bodies.
+    ingest_gateway::http::limits::give_large_buffers_their_own_pages();
     let app = Application::build_as(settings, role)?;
     let outcome = actix_web::rt::System::new().block_on(app.run(shutdown::termination_signal()))?;
     Ok(if outcome.is_clean() {

@@ -817,6 +817,30 @@ impl Access {
         }
         Ok(())
     }
+
+    // Limits before work: a request takes one cell with `admit(…, 1)` before its body is read, and the rest here
+    // once its updates are counted (see `rate_limit`).
+
+    /// Takes the rest of a request of `updates` updates from the key's allowance, then from the client address's:
+    /// its first cell was taken before its body was read.
+    pub fn admit_remainder(
+        &self,
+        caller: Option<&KeyEntry>,
+        peer: Option<IpAddr>,
+        updates: usize,
+    ) -> Result<(), IngestError> {
+        if let Some(limiter) = caller.and_then(|c| c.limiter.as_deref()) {
+            limiter
+                .admit_remainder(updates)
+                .map_err(|r| rate_error(r, "API key", updates))?;
+        }
+        if let (Some(limiter), Some(address)) = (&self.per_address, peer) {
+            limiter
+                .admit_remainder(address, updates)
+                .map_err(|r| rate_error(r, "client address", updates))?;
+        }
+        Ok(())
+    }
 }
 
 fn rate_error(refusal: RateRefusal, limit: &'static str, updates: usize) -> IngestError {

@@ -3,6 +3,8 @@
 //! status.
 
 use std::io::Read;
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
@@ -16,19 +18,26 @@ use utoipa::ToSchema;
 
 use super::auth::{KeyEntry, Scoped};
 use super::errors::IngestError;
-use super::limits::BudgetShare;
+use super::limits::{BudgetShare, Holder, UNCOUNTED_BYTES};
 use super::{AppState, IngestLimits};
 use crate::intake::record::RecordCodec;
 use crate::intake::{Ack, Intake, Receipt, SubmitError};
-use crate::model::body::JsonBody;
+use crate::model::body::{self, JsonBody, ParseLimits};
 use crate::model::{self, BodyError, BodyFormat, LocationUpdate, PollResult, Update, ValidationRules};
 
 /// A 422 lists at most this many broken rules.
 const MAX_ERROR_DETAILS: usize = 100;
-/// Bodies larger than this are parsed on the blocking pool rather than on the event loop.
-pub(super) const OFF_LOOP_BYTES: usize = 64 * 1024;
+/// Bodies larger than this are inflated and parsed on the blocking pool rather than on the event loop.
+const OFF_LOOP_BYTES: usize = 64 * 1024;
+/// A gzip body larger than this is inflated off the event loop: JSON shrinks a dozen times or more.
+const OFF_LOOP_GZIP_BYTES: usize = 4 * 1024;
 /// A gzip body may always expand to this much, whatever its ratio: tiny bodies compress well.
 const GZIP_FREE_BYTES: usize = 64 * 1024;
+/// The first room made for a body: what the budget leaves out of every request, so that a small body never
+/// touches it.
+const FIRST_ROOM_BYTES: usize = UNCOUNTED_BYTES;
+/// What the limit's label says when a client address is refused for its failed keys.
+const FAILED_KEYS: &str = "client address after failed API keys";
 
 // Named without generics: the path attributes below read a generic type as one they must compose.
 type LocationBody = JsonBody<LocationUpdate>;
@@ -162,9 +171,12 @@ async fn ingest<T: Update + RecordCodec + Scoped + Send + 'static>(
     stream: &Intake<T>,
 ) -> Result<HttpResponse, IngestError> {
     let metrics = stream.metrics();
-    let result = match state.access.identify(req.headers()) {
+    let peer = state
+        .access
+        .client_address(req.peer_addr().map(|a| a.ip()), req.headers());
+    let result = match identify_throttled(state, peer, || state.access.identify(req.headers())) {
         Ok(caller) => {
-            let result = accept(req, body, state, stream, caller.as_deref()).await;
+            let result = accept(req, body, state, stream, caller.as_deref(), peer).await;
             if let Some(caller) = caller {
                 caller.count(
                     result
@@ -191,6 +203,38 @@ async fn ingest<T: Update + RecordCodec + Scoped + Send + 'static>(
     }
 }
 
+/// The caller `identify` finds, unless its client address has failed too many key checks of late: then 429, before
+/// any key is looked up, so that guessing keys is slow however fast the guesses come. Every 401 counts.
+pub(super) fn identify_throttled(
+    state: &AppState,
+    peer: Option<IpAddr>,
+    identify: impl FnOnce() -> Result<Option<Arc<KeyEntry>>, IngestError>,
+) -> Result<Option<Arc<KeyEntry>>, IngestError> {
+    if let Some(address) = peer {
+        state
+            .auth_failures
+            .check(address)
+            .map_err(|retry_after_secs| IngestError::RateLimited {
+                limit: FAILED_KEYS,
+                updates: 0,
+                retry_after_secs,
+            })?;
+    }
+    let identified = identify();
+    if let (Err(IngestError::MissingKey | IngestError::UnknownKey), Some(address)) = (&identified, peer) {
+        state.auth_failures.record(address);
+    }
+    identified
+}
+
+/// Who holds a request's share of the body budget: its client address and its key.
+pub(super) fn budget_holders(peer: Option<IpAddr>, caller: Option<&KeyEntry>) -> [Option<Holder>; 2] {
+    [
+        peer.map(Holder::address),
+        caller.map(|c| Holder::Key(c.key.name.clone())),
+    ]
+}
+
 /// Reads and validates the request's updates, checks them against the caller's key (when keys are in force) and
 /// rate limits, then submits them.
 async fn accept<T: Update + RecordCodec + Scoped + Send + 'static>(
@@ -199,7 +243,12 @@ async fn accept<T: Update + RecordCodec + Scoped + Send + 'static>(
     state: &AppState,
     stream: &Intake<T>,
     caller: Option<&KeyEntry>,
+    peer: Option<IpAddr>,
 ) -> Result<Receipt, IngestError> {
+    // Before anything is done for it, a request costs one token of its key's and its address's allowance: one
+    // whose allowance is spent is refused without its body being read, and one whose body is then refused (not
+    // JSON, too large, `[]`) has paid for that reading.
+    state.access.admit(caller, peer, 1)?;
     if !stream.is_accepting() {
         return Err(IngestError::ShuttingDown { updates: 0 });
     }
@@ -216,35 +265,32 @@ async fn accept<T: Update + RecordCodec + Scoped + Send + 'static>(
     let format = body_format(req)?;
     let gzip = is_gzip(req)?;
     let limits = &state.limits;
-    // The request's bytes count against the process's budget until its updates are parsed; they are freed before
-    // any wait for the log or for the commit.
+    // The request's bytes, and what parsing keeps of them, count against the process's budget (and its client's
+    // and key's shares of it) until its updates are validated; they are freed before any wait for the log or for
+    // the commit.
     let (parsed, validated) = {
-        let mut share = state.body_budget.share();
-        let bytes = read_plain_body(req, body, limits, gzip, &mut share).await?;
-        let max_updates = limits.max_updates;
+        let mut share = state.body_budget.share(budget_holders(peer, caller));
+        let raw = read_body(req, body, limits, &mut share).await?;
         let rules = ValidationRules {
             now: OffsetDateTime::now_utc(),
             max_future_skew: limits.max_future_skew,
             max_age: limits.max_age,
             max_attributes_bytes: model::MAX_ATTRIBUTES_BYTES,
         };
-        let large = bytes.len() > OFF_LOOP_BYTES;
-        let parse = move || parse_and_validate::<T>(&bytes, format, max_updates, &rules);
+        let large = is_large(raw.len(), gzip);
+        let body_limits = limits.clone();
+        let parse = move || {
+            let plain = plain_body(raw, gzip, &body_limits, &mut share)?;
+            parse_and_validate::<T>(&plain, format, &body_limits, &rules, &mut share)
+        };
         if large {
-            // Milliseconds of parsing: done off the event loop, so that the worker's other connections (health
-            // checks included) are served meanwhile.
-            web::block(parse)
-                .await
-                .map_err(|_| IngestError::ShuttingDown { updates: 0 })??
+            off_loop(state, parse).await??
         } else {
             parse()?
         }
     };
     // Every update the client made the gateway parse counts, valid or not: the limit bounds the work done.
-    let peer = state
-        .access
-        .client_address(req.peer_addr().map(|a| a.ip()), req.headers());
-    state.access.admit(caller, peer, parsed)?;
+    state.access.admit_remainder(caller, peer, parsed)?;
     let updates = validated?;
     if let Some(caller) = caller {
         caller.check_scope(&updates)?;
@@ -253,17 +299,26 @@ async fn accept<T: Update + RecordCodec + Scoped + Send + 'static>(
     stream.submit(updates, ack).await.map_err(|e| submit_error(e, count))
 }
 
-/// Parses and validates a whole body: how many updates it held, and every update valid or the request refused.
+/// Parses and validates a whole body, charging `share` for what parsing keeps: how many updates it held, and every
+/// update valid or the request refused.
 fn parse_and_validate<T: Update>(
     bytes: &[u8],
     format: BodyFormat,
-    max_updates: usize,
+    limits: &IngestLimits,
     rules: &ValidationRules,
+    share: &mut BudgetShare,
 ) -> Result<(usize, Result<Vec<T>, IngestError>), IngestError> {
-    let raw_updates = model::parse_body(bytes, format, T::FIELDS, max_updates).map_err(|e| match e {
-        BodyError::InvalidJson { line, column, message } => IngestError::InvalidJson { line, column, message },
-        BodyError::TooManyUpdates { limit } => IngestError::TooManyUpdates { limit },
-    })?;
+    let parse_limits = ParseLimits {
+        max_updates: limits.max_updates,
+        max_unknown_fields: limits.max_unknown_fields,
+    };
+    let raw_updates = body::parse_body_within(bytes, format, T::FIELDS, parse_limits, &mut |n| share.take(n)).map_err(
+        |e| match e {
+            BodyError::InvalidJson { line, column, message } => IngestError::InvalidJson { line, column, message },
+            BodyError::TooManyUpdates { limit } => IngestError::TooManyUpdates { limit },
+            BodyError::OverBudget => IngestError::BodyBudget,
+        },
+    )?;
     let parsed = raw_updates.len();
     let validated =
         model::validate_all::<T>(raw_updates, rules, rules.now, MAX_ERROR_DETAILS).map_err(IngestError::InvalidUpdates);
@@ -352,33 +407,54 @@ pub(super) fn is_gzip(req: &HttpRequest) -> Result<bool, IngestError> {
     }
 }
 
-/// Reads the body and decompresses it when `gzip`, each step within the limits and charged to `share`.
-pub(super) async fn read_plain_body(
-    req: &HttpRequest,
-    body: web::Payload,
-    limits: &IngestLimits,
-    gzip: bool,
-    share: &mut BudgetShare,
-) -> Result<web::Bytes, IngestError> {
-    let raw = read_body(req, body, limits, share).await?;
-    if !gzip {
-        return Ok(raw.freeze());
-    }
-    let plain = gunzip(&raw, limits)?;
-    if !share.cover(raw.len() + plain.len()) {
-        return Err(IngestError::BodyBudget);
-    }
-    Ok(web::Bytes::from(plain))
+/// Whether a body of `len` bytes as sent is inflated and parsed off the event loop.
+pub(super) fn is_large(len: usize, gzip: bool) -> bool {
+    len > if gzip { OFF_LOOP_GZIP_BYTES } else { OFF_LOOP_BYTES }
 }
 
-/// Reads the body as sent, refusing it as soon as it passes the size limit or the process's body budget, or when
-/// it arrives too slowly.
-async fn read_body(
+/// Runs `work` (inflating and parsing a large body) on the blocking pool, once one of the budget's parse permits is
+/// free: its milliseconds are kept off the event loop, so that the worker's other connections (health checks
+/// included) are served meanwhile, and no more such bodies are worked on at once than leave the event loop a core.
+/// The permit goes with the work, and is held until the work ends even when the request is dropped meanwhile.
+pub(super) async fn off_loop<R: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, IngestError> {
+    let permit = state
+        .body_budget
+        .parse_permit()
+        .await
+        .ok_or(IngestError::ShuttingDown { updates: 0 })?;
+    web::block(move || {
+        let result = work();
+        drop(permit);
+        result
+    })
+    .await
+    .map_err(|_| IngestError::ShuttingDown { updates: 0 })
+}
+
+/// The body as JSON: `raw` itself, or inflated when `gzip`, within the limits and charged to `share` as it grows.
+pub(super) fn plain_body(
+    raw: web::Bytes,
+    gzip: bool,
+    limits: &IngestLimits,
+    share: &mut BudgetShare,
+) -> Result<web::Bytes, IngestError> {
+    if !gzip {
+        return Ok(raw);
+    }
+    gunzip(&raw, limits, share).map(web::Bytes::from)
+}
+
+/// Reads the body as sent, refusing it as soon as it passes the size limit or its share of the process's body
+/// budget, or when it arrives too slowly.
+pub(super) async fn read_body(
     req: &HttpRequest,
     mut body: web::Payload,
     limits: &IngestLimits,
     share: &mut BudgetShare,
-) -> Result<web::BytesMut, IngestError> {
+) -> Result<web::Bytes, IngestError> {
     let limit = limits.max_body_bytes;
     let declared = req
         .headers()
@@ -388,12 +464,11 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(IngestError::BodyTooLarge { limit_bytes: limit });
     }
-    // A declared length is taken from the budget at once: a request that cannot fit is refused before it is read.
-    let initial = declared.unwrap_or(8 * 1024).min(limit);
-    if !share.cover(initial) {
-        return Err(IngestError::BodyBudget);
-    }
-    let mut bytes = web::BytesMut::with_capacity(initial);
+    // Room for the body grows with what arrives, each step granted by the budget before it is taken: a length that
+    // is declared but not sent holds nothing. The steps double (so the body is copied about twice at most) and stop
+    // at the declared length, so that what the budget is charged is what the buffer takes.
+    let most = declared.unwrap_or(limit);
+    let mut bytes: Vec<u8> = Vec::new();
     let started = tokio::time::Instant::now();
     loop {
         let next_by = limits.body_deadline.next_chunk_by(started, bytes.len());
@@ -406,44 +481,71 @@ async fn read_body(
                 })
             }
         };
-        if bytes.len() + chunk.len() > limit {
+        let needed = bytes.len() + chunk.len();
+        if needed > limit {
             return Err(IngestError::BodyTooLarge { limit_bytes: limit });
         }
-        if !share.cover(bytes.len() + chunk.len()) {
-            return Err(IngestError::BodyBudget);
+        if needed > bytes.capacity() {
+            let room = (bytes.capacity() * 2).max(FIRST_ROOM_BYTES).min(most).max(needed);
+            if !share.cover(room) {
+                return Err(IngestError::BodyBudget);
+            }
+            bytes.reserve_exact(room - bytes.len());
         }
         bytes.extend_from_slice(&chunk);
     }
-    Ok(bytes)
+    Ok(web::Bytes::from(bytes))
 }
 
 /// Decompresses a gzip body, stopping at the body limit and at `max_gzip_ratio` times the compressed size, so that
 /// a gzip bomb costs little memory and little parsing.
-fn gunzip(compressed: &[u8], limits: &IngestLimits) -> Result<Vec<u8>, IngestError> {
+fn gunzip(compressed: &[u8], limits: &IngestLimits, share: &mut BudgetShare) -> Result<Vec<u8>, IngestError> {
     let by_ratio = compressed
         .len()
         .saturating_mul(limits.max_gzip_ratio)
         .max(GZIP_FREE_BYTES);
     if by_ratio < limits.max_body_bytes {
-        return gunzip_within(compressed, by_ratio).map_err(|e| match e {
+        return gunzip_within(compressed, by_ratio, share).map_err(|e| match e {
             IngestError::BodyTooLarge { .. } => IngestError::GzipRatio {
                 max_ratio: limits.max_gzip_ratio,
             },
             other => other,
         });
     }
-    gunzip_within(compressed, limits.max_body_bytes)
+    gunzip_within(compressed, limits.max_body_bytes, share)
 }
 
-fn gunzip_within(compressed: &[u8], limit: usize) -> Result<Vec<u8>, IngestError> {
-    let mut out = Vec::with_capacity((compressed.len() * 4).min(limit + 1));
+/// Inflates `compressed` up to `limit` bytes; its room doubles as it fills, each step granted by the budget (which
+/// still holds the compressed body) before it is taken.
+fn gunzip_within(compressed: &[u8], limit: usize, share: &mut BudgetShare) -> Result<Vec<u8>, IngestError> {
     let mut decoder = flate2::read::MultiGzDecoder::new(compressed).take(limit as u64 + 1);
-    decoder
-        .read_to_end(&mut out)
-        .map_err(|e| IngestError::InvalidEncoding {
-            message: format!("gzip: {e}"),
-        })?;
-    if out.len() > limit {
+    let mut out: Vec<u8> = Vec::new();
+    let mut filled = 0;
+    loop {
+        if filled == out.len() {
+            let room = (out.len() * 2).max(GZIP_FREE_BYTES).min(limit + 1);
+            if room == out.len() {
+                // `take` stops the decoder at one byte past the limit: this is it.
+                break;
+            }
+            if !share.cover(compressed.len() + room) {
+                return Err(IngestError::BodyBudget);
+            }
+            out.reserve_exact(room - out.len());
+            out.resize(room, 0);
+        }
+        let read = decoder
+            .read(&mut out[filled..])
+            .map_err(|e| IngestError::InvalidEncoding {
+                message: format!("gzip: {e}"),
+            })?;
+        if read == 0 {
+            break;
+        }
+        filled += read;
+    }
+    out.truncate(filled);
+    if filled > limit {
         return Err(IngestError::BodyTooLarge { limit_bytes: limit });
     }
     Ok(out)

@@ -80,6 +80,8 @@ pub struct IngestLimits {
     pub body_deadline: BodyDeadline,
     /// How many times its compressed size a gzip body may expand to.
     pub max_gzip_ratio: usize,
+    /// Unknown fields per update at most.
+    pub max_unknown_fields: usize,
 }
 
 /// What every handler shares.
@@ -99,6 +101,8 @@ pub struct AppState {
     pub database: Arc<DatabaseHealth>,
     /// Request bodies in flight, for the whole process.
     pub body_budget: Arc<BodyBudget>,
+    /// Failed key checks per client address, which past a few a minute refuse the address before key lookup.
+    pub auth_failures: rate_limit::AuthFailures,
     /// Writers failing for this long make the gateway not ready.
     pub stall_timeout: Duration,
     /// Who may write what, and how fast (API keys, rate limits); checked by the ingest routes only.

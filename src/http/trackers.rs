@@ -12,7 +12,10 @@ use time::OffsetDateTime;
 
 use super::auth::KeyEntry;
 use super::errors::IngestError;
-use super::ingest::{is_gzip, read_plain_body, refuse_other_origins, submit_error, OFF_LOOP_BYTES};
+use super::ingest::{
+    budget_holders, identify_throttled, is_gzip, is_large, off_loop, plain_body, read_body, refuse_other_origins,
+    submit_error,
+};
 use super::AppState;
 use crate::intake::Ack;
 use crate::metrics::TrackerMetrics;
@@ -172,9 +175,13 @@ async fn take(
 ) -> Result<HttpResponse, IngestError> {
     let location = state.location.metrics();
     let carried = carried_key(req);
-    let result = match state.access.identify_tracker(carried.as_deref(), req.headers()) {
+    let peer = state
+        .access
+        .client_address(req.peer_addr().map(|a| a.ip()), req.headers());
+    let identify = || state.access.identify_tracker(carried.as_deref(), req.headers());
+    let result = match identify_throttled(state, peer, identify) {
         Ok(caller) => {
-            let result = accept(protocol, req, body, state, caller.as_deref()).await;
+            let result = accept(protocol, req, body, state, caller.as_deref(), peer).await;
             if let Some(caller) = caller {
                 caller.count(result.as_ref().map_or_else(|e| e.status_code(), |_| StatusCode::OK));
             }
@@ -201,7 +208,10 @@ async fn accept(
     body: web::Payload,
     state: &AppState,
     caller: Option<&KeyEntry>,
+    peer: Option<std::net::IpAddr>,
 ) -> Result<usize, IngestError> {
+    // As on the native routes: one token before anything is done, the rest once the fixes are counted.
+    state.access.admit(caller, peer, 1)?;
     if !state.location.is_accepting() {
         return Err(IngestError::ShuttingDown { updates: 0 });
     }
@@ -222,10 +232,12 @@ async fn accept(
     let headers = TrackerHeaders::of(req.headers());
     let max_fixes = limits.max_updates;
     let checked = {
-        let mut share = state.body_budget.share();
-        let bytes = read_plain_body(req, body, limits, gzip, &mut share).await?;
-        let large = bytes.len() > OFF_LOOP_BYTES;
+        let mut share = state.body_budget.share(budget_holders(peer, caller));
+        let raw = read_body(req, body, limits, &mut share).await?;
+        let large = is_large(raw.len(), gzip);
+        let body_limits = limits.clone();
         let parse = move || {
+            let bytes = plain_body(raw, gzip, &body_limits, &mut share)?;
             let request = TrackerRequest {
                 query: &query,
                 body: &bytes,
@@ -239,17 +251,12 @@ async fn accept(
         };
         if large {
             // An Overland batch of a thousand fixes takes milliseconds: off the event loop.
-            web::block(parse)
-                .await
-                .map_err(|_| IngestError::ShuttingDown { updates: 0 })??
+            off_loop(state, parse).await??
         } else {
             parse()?
         }
     };
-    let peer = state
-        .access
-        .client_address(req.peer_addr().map(|a| a.ip()), req.headers());
-    state.access.admit(caller, peer, checked.count())?;
+    state.access.admit_remainder(caller, peer, checked.count())?;
     if let Some(caller) = caller {
         caller.check_scope(&checked.stored)?;
         caller.check_scope(&checked.letters)?;

@@ -1,12 +1,12 @@
-//! Field-level rules shared by both streams: timestamps, numbers in a range, attribute size.
+//! Field-level rules shared by both streams: timestamps, numbers in a range, the attributes' size and count.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
-use serde_json::value::RawValue;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, SchemaType, Type};
+
+use super::body::Attributes;
 
 /// The rules that depend on settings and on the clock.
 #[derive(Debug, Clone)]
@@ -348,11 +348,23 @@ impl Checker {
     /// column; `None` when there are none. `seen_bytes` counts them all, even those no longer kept.
     pub fn attributes(
         &mut self,
-        attributes: &[(Cow<'_, str>, &RawValue)],
+        attributes: &Attributes<'_>,
         seen_bytes: usize,
         rules: &ValidationRules,
     ) -> Option<String> {
         if attributes.is_empty() && seen_bytes == 0 {
+            return None;
+        }
+        if attributes.fields() > attributes.max_fields() {
+            // Reading stopped keeping them at the cap: what was kept is not what was sent.
+            self.fail(
+                "attributes",
+                format!(
+                    "has {} unknown fields; at most {} are taken",
+                    attributes.fields(),
+                    attributes.max_fields()
+                ),
+            );
             return None;
         }
         if seen_bytes > rules.max_attributes_bytes * 2 {
@@ -363,7 +375,7 @@ impl Checker {
         let mut json = String::with_capacity(seen_bytes + 2);
         json.push('{');
         for (i, (key, value)) in attributes.iter().enumerate() {
-            if let Some(reason) = unstorable(key).or_else(|| unstorable_json(value.get())) {
+            if let Some(reason) = unstorable(&key).or_else(|| unstorable_json(value)) {
                 self.fail("attributes", format!("`{key}` {reason}"));
                 return None;
             }
@@ -373,7 +385,7 @@ impl Checker {
             // A `&str` always serializes: the only failure serde_json knows here is a non-string map key.
             json.push_str(&serde_json::to_string(key.as_ref()).unwrap_or_default());
             json.push(':');
-            json.push_str(value.get());
+            json.push_str(value);
         }
         json.push('}');
         if json.len() > rules.max_attributes_bytes {

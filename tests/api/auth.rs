@@ -271,13 +271,20 @@ fn over_the_keys_rate_a_request_gets_429_with_retry_after_and_is_not_stored() {
     let app = app_with_keys(&keys, |_| {});
 
     let first = post_with_key(&app, LOCATION, &location_array("slow-a", 5), &key(1));
-    let second = post_with_key(&app, LOCATION, &location_array("slow-b", 3), &key(1));
-    let too_big = post_with_key(&app, LOCATION, &location_array("slow-c", 6), &key(1));
+    let spent = post_with_key(&app, LOCATION, &location_array("slow-b", 3), &key(1));
+    // One token back: the request's first, taken before its body is read; its other two are not there.
+    std::thread::sleep(Duration::from_millis(1100));
+    let second = post_with_key(&app, LOCATION, &location_array("slow-c", 3), &key(1));
+    std::thread::sleep(Duration::from_millis(1100));
+    let too_big = post_with_key(&app, LOCATION, &location_array("slow-d", 6), &key(1));
 
     assert_eq!(first.status, 202, "{}", first.body);
+    // Refused before its body is read: one token, back within a second.
+    assert_eq!(spent.status, 429, "{}", spent.body);
+    assert_eq!(spent.retry_after.as_deref(), Some("1"));
     assert_eq!(second.status, 429, "{}", second.body);
     assert_eq!(second.json()["error"], "rate_limited");
-    // Three updates at one per second.
+    // Three updates at one per second: the whole request, its first token again included.
     let retry_after: u64 = second.retry_after.as_deref().expect("Retry-After").parse().unwrap();
     assert!((2..=3).contains(&retry_after), "{retry_after}");
     assert_eq!(second.json()["details"][0]["retry_after_seconds"], retry_after);
@@ -293,8 +300,9 @@ fn over_the_keys_rate_a_request_gets_429_with_retry_after_and_is_not_stored() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(app.db.count("location_updates"), 6);
     let metrics = app.get("/metrics").body;
-    assert!(metrics.contains(r#"ingest_updates_rejected_total{reason="rate_limited",stream="location"} 3"#));
-    assert!(metrics.contains(r#"ingest_requests_by_key_total{key="slow",outcome="rate_limited"} 1"#));
+    // The request refused before its body was read counts as one update: its updates were never read.
+    assert!(metrics.contains(r#"ingest_updates_rejected_total{reason="rate_limited",stream="location"} 4"#));
+    assert!(metrics.contains(r#"ingest_requests_by_key_total{key="slow",outcome="rate_limited"} 2"#));
 }
 
 #[test]

@@ -449,9 +449,15 @@ impl LogLines {
     }
 }
 
+/// The binary the process tests start: this build's, or the one `INGEST_TEST_GATEWAY_BIN` names, so that the same
+/// attacks can measure another build (a release build, or the code before a change).
+pub fn gateway_binary() -> std::path::PathBuf {
+    std::env::var_os("INGEST_TEST_GATEWAY_BIN").map_or_else(|| env!("CARGO_BIN_EXE_ingest-gateway").into(), Into::into)
+}
+
 /// As [`start_gateway`], and keeps every JSON line the gateway logs.
 pub fn start_gateway_logged(envs: &[(&str, String)]) -> (Child, String, LogLines) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ingest-gateway"));
+    let mut command = Command::new(gateway_binary());
     command
         .arg("serve")
         .env_remove("DATABASE_URL")
@@ -574,6 +580,11 @@ impl GatewayProcess {
     pub fn start(envs: &[(&str, String)]) -> Self {
         let (child, address) = start_gateway(envs);
         GatewayProcess { child, address }
+    }
+
+    /// Its process id, to read its memory and state under `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Kills it with SIGKILL, as a crash or the OOM killer would, and reaps it.

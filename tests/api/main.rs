@@ -2,9 +2,11 @@
 //! that the harness starts itself.
 
 mod abuse;
+mod attack;
 mod auth;
 mod backpressure;
 mod batching;
+mod budget;
 // Shared with the model's property tests, which are a binary of their own.
 #[path = "../cases/mod.rs"]
 mod cases;
@@ -17,6 +19,7 @@ mod gt06;
 mod hardening;
 mod helpers;
 mod hostile;
+mod hostile_memory;
 mod ingest;
 mod jetstream;
 mod migrations;
