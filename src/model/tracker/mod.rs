@@ -325,6 +325,28 @@ impl TrackerFix {
     }
 }
 
+/// The fields of a query string or a form body (`a=1&b=x+y`), decoded as browsers encode them: `+` is a space and
+/// `%XX` a byte, invalid UTF-8 replaced. A field without `=` has an empty value. Most values are plain digits, so
+/// only the text that holds an escape is copied through the decoder.
+pub fn form_fields(text: &[u8]) -> impl Iterator<Item = (String, String)> + '_ {
+    fn decode(bytes: &[u8]) -> String {
+        if !bytes.iter().any(|b| matches!(b, b'%' | b'+')) {
+            return String::from_utf8_lossy(bytes).into_owned();
+        }
+        let spaced: Vec<u8> = bytes.iter().map(|b| if *b == b'+' { b' ' } else { *b }).collect();
+        percent_encoding::percent_decode(&spaced)
+            .decode_utf8_lossy()
+            .into_owned()
+    }
+    text.split(|b| *b == b'&').filter(|pair| !pair.is_empty()).map(|pair| {
+        let (name, value) = match pair.iter().position(|b| *b == b'=') {
+            Some(at) => (&pair[..at], &pair[at + 1..]),
+            None => (pair, &b""[..]),
+        };
+        (decode(name), decode(value))
+    })
+}
+
 /// A value sent as text (a query or form field), typed as Traccar types its attributes: a number if it reads as
 /// one, then a boolean, else the text.
 pub fn typed(text: &str) -> Value {
@@ -629,6 +651,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn form_fields_are_decoded_as_browsers_encode_them() {
+        let fields: Vec<(String, String)> =
+            form_fields(b"id=t%201&time=2016-01-27+18%3A55%3A47&flag&&=x&bad=%ff").collect();
+        assert_eq!(
+            fields,
+            [
+                ("id", "t 1"),
+                ("time", "2016-01-27 18:55:47"),
+                ("flag", ""),
+                ("", "x"),
+                ("bad", "\u{fffd}"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
     }
 
     #[test]

@@ -44,9 +44,7 @@ fn one(fix: TrackerFix) -> TrackerRequestOutcome {
 
 /// `a=1&b=2` decoded (`+` is a space), without the API key's field, typed as Traccar types them.
 fn form_pairs(text: &[u8]) -> Vec<(String, Value)> {
-    serde_urlencoded::from_bytes::<Vec<(String, String)>>(text)
-        .unwrap_or_default()
-        .into_iter()
+    super::form_fields(text)
         .filter(|(k, _)| k != KEY_PARAMETER && !k.is_empty())
         .map(|(k, v)| (k, Value::String(v)))
         .collect()

@@ -27,9 +27,7 @@ pub fn parse(request: &TrackerRequest<'_>) -> Result<TrackerRequestOutcome, Trac
         });
     }
     // A device id in the URL stands in for a blank one in the app's settings (its default).
-    let from_url: Option<String> = serde_urlencoded::from_str::<Vec<(String, String)>>(request.query)
-        .unwrap_or_default()
-        .into_iter()
+    let from_url: Option<String> = super::form_fields(request.query.as_bytes())
         .find(|(k, _)| k == "device_id")
         .map(|(_, v)| v);
     let mut outcome = TrackerRequestOutcome::default();
