@@ -13,6 +13,7 @@
 //! - `sink`: the sink ceiling (binary COPY files fed to psql)
 //! - `variants`: what each variant runs and how its figures are taken
 //! - `jetstream`: the JetStream variant (nats-server, a publishing gateway, a writer process)
+//! - `teltonika`: the Teltonika variant's load generator (1000 simulated units over TCP, a hidden subcommand)
 //! - `report`, `plot`: the Markdown report and the PNG chart
 //! - `grow`: `--grow N`, PostgreSQL's cost per row before and after time partitions, and as the table grows
 //!
@@ -28,6 +29,7 @@ mod procs;
 mod report;
 mod servers;
 mod sink;
+mod teltonika;
 mod variants;
 mod wrk;
 
@@ -137,6 +139,9 @@ enum Pick {
     Overland,
     /// The gateway publishing to JetStream and a writer process, single and 1000-update requests
     Jetstream,
+    /// The gateway's Teltonika TCP listener: 1000 units, Codec 8 packets of 10 records, each waiting for its
+    /// answer, in the default mode (not with --quick unless named)
+    Teltonika,
 }
 
 /// The reference servers, run by the benchmark as child processes of this same binary.
@@ -160,6 +165,17 @@ enum ServerCommand {
         #[arg(long)]
         database_url: String,
     },
+    /// The Teltonika variant's load: simulated units on the gateway's Teltonika listener
+    #[command(hide = true)]
+    TeltonikaLoad {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        units: usize,
+        /// Seconds of load
+        #[arg(long)]
+        duration: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -173,6 +189,9 @@ fn main() -> ExitCode {
             workers,
             database_url,
         }) => servers::run_naive(*listen, *workers, database_url).map(|()| ExitCode::SUCCESS),
+        Some(ServerCommand::TeltonikaLoad { addr, units, duration }) => {
+            teltonika::run_load(*addr, *units, *duration).map(|()| ExitCode::SUCCESS)
+        }
         None => run(&cli),
     };
     result.unwrap_or_else(|e| {
@@ -532,6 +551,9 @@ fn plan(quick: bool, modes: Option<&[String]>, gated: &[MinRatio], picked: &[Pic
     if wanted(Pick::Overland) {
         plan.extend(gateway(Shape::Overland200).take(1));
     }
+    if wanted(Pick::Teltonika) {
+        plan.extend(gateway(Shape::Teltonika).take(1));
+    }
     if wanted(Pick::Jetstream) {
         if jetstream::nats_server_available() {
             plan.push(Variant::new(Kind::JetStream { shape: Shape::Single }));
@@ -666,6 +688,15 @@ fn settings(
          a new (device, time) as in the native scripts; success is their clients' answer: 200 with an empty body, \
          and 200 with `{\"result\":\"ok\"}`"
             .to_owned(),
+        format!(
+            "Teltonika: the gateway's TCP listener (`INGEST_TELTONIKA_LISTEN`), {} simulated units from this binary \
+             (`teltonika.rs`, a tokio runtime of 2 threads), each a connection handshaken with its IMEI, sending \
+             Codec 8 packets of {} records (every record a new (IMEI, time)) and waiting for the gateway's answer \
+             (the record count, once durable) before the next; req/s is packets answered/s, p50/p99/max the wait \
+             for an answer",
+            teltonika::UNITS,
+            teltonika::RECORDS_PER_PACKET
+        ),
         "PostgreSQL: a throwaway cluster started by the gateway's own launcher, on a Unix socket, default \
          configuration (fsync on) but max_connections = 200, the gateway's schema \
          (`ingest-gateway migrate`); tables emptied and CHECKPOINT before each variant"
@@ -730,6 +761,23 @@ mod tests {
             names(plan(true, Some(&modes), &[], &[Pick::Osmand])),
             ["gateway osmand GET, wal"]
         );
+    }
+
+    #[test]
+    fn teltonika_runs_in_the_full_run_and_when_named_never_in_quick() {
+        let modes = ["wal".to_owned(), "memory".to_owned()];
+        let names = |plan: Vec<Variant>| plan.into_iter().map(|v| v.name).collect::<Vec<_>>();
+        let teltonika = "gateway teltonika 1000 units × 10/packet, wal";
+        assert!(names(plan(false, Some(&modes), &[], &[])).contains(&teltonika.to_owned()));
+        assert!(!names(plan(true, Some(&modes), &[], &[]))
+            .iter()
+            .any(|n| n.contains("teltonika")));
+        assert_eq!(
+            names(plan(false, Some(&modes), &[], &[Pick::Teltonika, Pick::Batch1000])),
+            ["gateway 1000/request, wal", "gateway 1000/request, memory", teltonika]
+        );
+        let cli = Cli::try_parse_from(["ingest-bench", "--variants", "batch1000,teltonika"]).unwrap();
+        assert_eq!(cli.variants, [Pick::Batch1000, Pick::Teltonika]);
     }
 
     #[test]

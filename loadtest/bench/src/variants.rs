@@ -47,6 +47,9 @@ pub enum Shape {
     Osmand,
     /// An Overland batch of 200 GeoJSON Features per request (`overland200.lua`): set against `Batch1000`.
     Overland200,
+    /// Teltonika units over TCP, not HTTP: 1000 connections, Codec 8 packets of 10 records, each unit waiting for
+    /// its answer before the next (the generator in `teltonika.rs`, not wrk): set against `Batch1000`.
+    Teltonika,
 }
 
 impl Shape {
@@ -56,6 +59,8 @@ impl Shape {
             Shape::Batch1000 => "batch1000.lua",
             Shape::Osmand => "osmand.lua",
             Shape::Overland200 => "overland200.lua",
+            // Never run by wrk: `Bench::gateway` drives it with its own generator.
+            Shape::Teltonika => "teltonika (no wrk script)",
         }
     }
 
@@ -64,6 +69,7 @@ impl Shape {
             Shape::Single | Shape::SingleCommit | Shape::Osmand => 1,
             Shape::Batch1000 => 1000,
             Shape::Overland200 => 200,
+            Shape::Teltonika => crate::teltonika::RECORDS_PER_PACKET as u64,
         }
     }
 
@@ -74,6 +80,7 @@ impl Shape {
             Shape::SingleCommit => "/api/v1/location/update?ack=commit",
             Shape::Osmand => "/api/v1/osmand",
             Shape::Overland200 => "/api/v1/overland",
+            Shape::Teltonika => "INGEST_TELTONIKA_LISTEN (TCP)",
         }
     }
 
@@ -85,6 +92,7 @@ impl Shape {
             Shape::SingleCommit => "single ?ack=commit",
             Shape::Osmand => "osmand GET",
             Shape::Overland200 => "overland 200/request",
+            Shape::Teltonika => "teltonika 1000 units × 10/packet",
         }
     }
 }
@@ -167,6 +175,9 @@ pub struct Measurement {
     pub others_cpu_share: f64,
     /// CPU seconds of the PostgreSQL server and its backends during the variant.
     pub pg_cpu_secs: f64,
+    /// The Teltonika variant: the gateway's resident memory with every unit's connection open, right after the
+    /// load (before the connections close).
+    pub connections_rss_kib: Option<u64>,
     /// Anything a reader should know about this run (rows missing, an unclean exit…).
     pub notes: Vec<String>,
 }
@@ -380,7 +391,33 @@ impl Bench {
         durability: Option<&str>,
     ) -> anyhow::Result<Measurement> {
         let slug = format!("{}-{round}", variant.slug());
-        let (service, data_dir) = self.start_gateway(&slug, durability)?;
+        let mut notes = Vec::new();
+        let (service, data_dir, loader) = if shape == Shape::Teltonika {
+            let tcp = std::net::SocketAddr::from(([127, 0, 0, 1], procs::free_port()?));
+            let listen = tcp.to_string();
+            // Every unit comes from 127.0.0.1: the per-address cap (1000 by default) with room for reconnects
+            // while a lost connection's place is being given back.
+            let per_address = (2 * crate::teltonika::UNITS).to_string();
+            let mut envs = vec![
+                ("INGEST_TELTONIKA_LISTEN", listen.as_str()),
+                ("INGEST_TCP_MAX_CONNECTIONS_PER_ADDRESS", per_address.as_str()),
+            ];
+            envs.extend(durability.map(|mode| ("INGEST_DURABILITY", mode)));
+            let (service, data_dir) = self.start_ingest_process("serve", &slug, &envs, "/readyz")?;
+            let loader = crate::teltonika::Loader::start(&self.self_exe, tcp, self.duration_secs)
+                .map_err(|e| e.context(format!("the gateway's log:\n{}", service.log_tail())))?;
+            if let Some(kib) = service.pid().and_then(procs::rss_kib) {
+                notes.push(format!(
+                    "gateway RSS with {} units handshaken, before the load: {:.1} MB",
+                    crate::teltonika::UNITS,
+                    kib as f64 / 1024.0
+                ));
+            }
+            (service, data_dir, Some(loader))
+        } else {
+            let (service, data_dir) = self.start_gateway(&slug, durability)?;
+            (service, data_dir, None)
+        };
         let (port, log) = (service.port, service.log_path.clone());
         let t0 = Instant::now();
         let monitor = Monitor::start(
@@ -388,11 +425,43 @@ impl Bench {
             service.pid(),
             Box::new(move || gateway_stats(port).map(|s| s.written)),
         );
-        let wrk = self.wrk(shape, port)?;
-        let mut notes = Vec::new();
-        if let Err(note) = wait_until_written(port, &monitor) {
-            notes.push(note);
-        }
+        let mut connections_rss_kib = None;
+        let wrk = match loader {
+            Some(mut loader) => {
+                let outcome = loader.run()?;
+                connections_rss_kib = service.pid().and_then(procs::rss_kib);
+                // The records of the last packets are durable (answered) but may still be on their way to
+                // PostgreSQL: the connections stay open while they land.
+                if let Err(note) = wait_until_written(port, &monitor) {
+                    notes.push(note);
+                }
+                let cpu_secs = loader.finish()?;
+                WrkOutcome {
+                    duration_secs: outcome.secs,
+                    requests: outcome.packets,
+                    requests_per_sec: outcome.acked as f64 / outcome.secs.max(f64::MIN_POSITIVE),
+                    p50_ms: outcome.p50_ms,
+                    p99_ms: outcome.p99_ms,
+                    max_ms: outcome.max_ms,
+                    accepted: outcome.acked,
+                    failed: outcome.wrong_answers,
+                    failed_detail: if outcome.wrong_answers > 0 {
+                        format!("[wrong count={}]", outcome.wrong_answers)
+                    } else {
+                        String::new()
+                    },
+                    socket_errors: outcome.socket_errors,
+                    cpu_secs,
+                }
+            }
+            None => {
+                let wrk = self.wrk(shape, port)?;
+                if let Err(note) = wait_until_written(port, &monitor) {
+                    notes.push(note);
+                }
+                wrk
+            }
+        };
         let seen = monitor.finish();
         let usage = service
             .stop(Duration::from_secs(60))
@@ -413,7 +482,7 @@ impl Bench {
         }
         // A tracker route answers success for a fix it can never store and keeps it as a dead letter: any here
         // means the script sent fixes the rules refuse, and the variant's rows are fewer than its requests say.
-        if matches!(shape, Shape::Osmand | Shape::Overland200) {
+        if matches!(shape, Shape::Osmand | Shape::Overland200 | Shape::Teltonika) {
             match self.admin.count_rows("dead_letters") {
                 Ok(0) => {}
                 Ok(letters) => notes.push(format!("{letters} fixes were kept as dead letters, not stored")),
@@ -437,6 +506,7 @@ impl Bench {
             landed_secs,
             series: rates(&seen.samples),
             wrk: Some(wrk),
+            connections_rss_kib,
             notes,
             ..Measurement::default()
         })
