@@ -5,7 +5,7 @@
 //! lose and duplicate nothing while the gateway is killed twice.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use time::OffsetDateTime;
 use crate::helpers::{
     crash_seed, eventually, free_port, gateway_envs, spawn_app, Db, GatewayProcess, Lcg, OwnDatabase, TestApp,
 };
+use crate::tcp_units::{self, metric};
 
 /// Traccar's first login vector (traccar/traccar `Gt06ProtocolDecoderTest.java`): IMEI 864717003283581, serial 9.
 const LOGIN: &str = "78780D01086471700328358100093F040D0A";
@@ -177,30 +178,12 @@ impl Unit {
 
     /// Whether the gateway closed the connection within `wait`, having sent nothing more.
     fn closed_within(&mut self, wait: Duration) -> bool {
-        self.stream.set_read_timeout(Some(wait)).unwrap();
-        let mut answer = [0u8; 16];
-        match self.stream.read(&mut answer) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(e) => matches!(
-                e.kind(),
-                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-            ),
-        }
+        tcp_units::closed_within(&mut self.stream, wait)
     }
 }
 
-/// A series' value in the gateway's `/metrics`; 0 when it is not there.
-fn metric(app: &TestApp, series: &str) -> f64 {
-    app.get("/metrics")
-        .body
-        .lines()
-        .find_map(|line| line.strip_prefix(series).and_then(|value| value.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 fn series(name: &str, reason: &str) -> String {
-    format!("{name}{{protocol=\"gt06\",reason=\"{reason}\"}}")
+    tcp_units::series(name, "gt06", reason)
 }
 
 fn gt06_app(tune: impl FnOnce(&mut ingest_gateway::config::Settings)) -> (TestApp, u16) {

@@ -34,6 +34,7 @@ mod scopes;
 mod signals;
 mod stalls;
 mod status_page;
+mod tcp_units;
 mod teltonika;
 mod tls;
 mod tracker_crash;

@@ -20,6 +20,7 @@ use time::OffsetDateTime;
 use crate::helpers::{
     crash_seed, eventually, free_port, gateway_envs, spawn_app, Db, GatewayProcess, Lcg, OwnDatabase, TestApp,
 };
+use crate::tcp_units::{self, metric};
 
 /// Traccar's Teltonika test vectors (traccar/traccar `TeltonikaProtocolDecoderTest.java`): a codec each, records
 /// with and without satellites, and the attribute values Traccar's test checks.
@@ -203,31 +204,12 @@ impl Unit {
 
     /// Whether the gateway closed the connection within `wait`, having sent nothing more.
     fn closed_within(&mut self, wait: Duration) -> bool {
-        self.stream.set_read_timeout(Some(wait)).unwrap();
-        let mut answer = [0u8; 16];
-        match self.stream.read(&mut answer) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(e) => matches!(
-                e.kind(),
-                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-            ),
-        }
+        tcp_units::closed_within(&mut self.stream, wait)
     }
 }
 
-/// A series' value in the gateway's `/metrics`, such as
-/// `ingest_tcp_bad_packets_total{protocol="teltonika",reason="bad_crc"}`; 0 when it is not there.
-fn metric(app: &TestApp, series: &str) -> f64 {
-    app.get("/metrics")
-        .body
-        .lines()
-        .find_map(|line| line.strip_prefix(series).and_then(|value| value.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 fn series(name: &str, reason: &str) -> String {
-    format!("{name}{{protocol=\"teltonika\",reason=\"{reason}\"}}")
+    tcp_units::series(name, "teltonika", reason)
 }
 
 fn teltonika_app(tune: impl FnOnce(&mut ingest_gateway::config::Settings)) -> (TestApp, u16) {
