@@ -334,7 +334,7 @@ pub struct Settings {
     #[arg(long, env = "INGEST_RETENTION", value_parser = parse_interval, global = true)]
     pub retention: Option<Duration>,
 
-    /// The API keys, one per line (name, SHA-256 of the key, streams, scope; see the README); re-read on SIGHUP.
+    /// The API keys, one per line (name, SHA-256 of the key, streams, scope; see docs/security.md); re-read on SIGHUP.
     /// Unset: anyone who can reach the gateway may write.
     #[arg(long, env = "INGEST_API_KEYS_FILE", global = true)]
     pub api_keys_file: Option<PathBuf>,

@@ -108,7 +108,7 @@ fn many_senders_of_8_mib_bodies_of_unknown_fields_stay_within_the_body_budget_an
         peak_mib <= idle_mib + BUDGET_MIB + MARGIN_MIB,
         "peak rss {peak_mib} MiB, idle {idle_mib} MiB, budget {BUDGET_MIB} MiB"
     );
-    // Generous, for a debug build on two shared cores; the release figure is in the README.
+    // Generous, for a debug build on two shared cores; the release figure is in docs/security.md.
     assert!(
         health.percentile(50) < Duration::from_millis(250),
         "/healthz p50 {:?}",

@@ -489,7 +489,7 @@ fn a_jetstream_cluster_loses_nothing_acknowledged_when_a_node_a_gateway_and_a_wr
     assert!(!before.acknowledged.is_empty());
     // The outage begins a moment after the last acknowledgment: nats-server may hold its latest writes in its own
     // buffers for a moment before they reach the file store, and a SIGKILL of every replica within that moment is
-    // like a power loss of every machine at once, which no replication covers (see the README on `sync_interval`).
+    // like a power loss of every machine at once, which no replication covers (see docs/jetstream.md on `sync_interval`).
     std::thread::sleep(Duration::from_millis(500));
     for node in &mut nodes {
         node.kill();

@@ -86,7 +86,7 @@ struct Cli {
     #[arg(long, value_name = "[MODE=]RATIO", value_parser = parse_min_ratio)]
     max_cost_ratio: Vec<MinRatio>,
     /// The report's and chart's file name, without extension [default: the time of the run]; `example`
-    /// regenerates loadtest/results/example.md, the report the README links to
+    /// regenerates loadtest/results/example.md, the report docs/performance.md links to
     #[arg(long, value_name = "NAME")]
     report_name: Option<String>,
     /// After the variants: hold the gateway (default settings) at --soak-load × its saturation with single updates
