@@ -179,9 +179,11 @@ async fn take(
         .access
         .client_address(req.peer_addr().map(|a| a.ip()), req.headers());
     let identify = || state.access.identify_tracker(carried.as_deref(), req.headers());
+    // Set once the fixes are in the location intake: a refusal after that (of the dead letters) is not theirs.
+    let mut fixes_taken = false;
     let result = match identify_throttled(state, peer, identify) {
         Ok(caller) => {
-            let result = accept(protocol, req, body, state, caller.as_deref(), peer).await;
+            let result = accept(protocol, req, body, state, caller.as_deref(), peer, &mut fixes_taken).await;
             if let Some(caller) = caller {
                 caller.count(result.as_ref().map_or_else(|e| e.status_code(), |_| StatusCode::OK));
             }
@@ -190,18 +192,18 @@ async fn take(
         Err(error) => Err(error),
     };
     match result {
-        Ok(stored) => {
-            location.accepted.inc_by(stored as u64);
-            Ok(success(protocol))
-        }
+        Ok(()) => Ok(success(protocol)),
         Err(error) => {
-            location.rejected(error.reason()).inc_by(error.updates());
+            if !fixes_taken {
+                location.rejected(error.reason()).inc_by(error.updates());
+            }
             Err(error)
         }
     }
 }
 
-/// Reads, checks and submits one tracker request; returns how many fixes were stored.
+/// Reads, checks and submits one tracker request, counting what each intake took; `fixes_taken` says whether the
+/// location intake took the request's fixes.
 async fn accept(
     protocol: Protocol,
     req: &HttpRequest,
@@ -209,7 +211,8 @@ async fn accept(
     state: &AppState,
     caller: Option<&KeyEntry>,
     peer: Option<std::net::IpAddr>,
-) -> Result<usize, IngestError> {
+    fixes_taken: &mut bool,
+) -> Result<(), IngestError> {
     // As on the native routes: one token before anything is done, the rest once the fixes are counted.
     state.access.admit(caller, peer, 1)?;
     if !state.location.is_accepting() {
@@ -271,7 +274,12 @@ async fn accept(
             .submit(checked.stored, Ack::Durable)
             .await
             .map_err(|e| submit_error(e, stored))?;
+        state.location.metrics().accepted.inc_by(stored as u64);
     }
+    *fixes_taken = true;
+    let m = &state.metrics.trackers;
+    let name = protocol.name();
+    m.fixes.with_label_values(&[name, "stored"]).inc_by(stored as u64);
     if letters > 0 {
         let dead_letters = state.dead_letters.metrics();
         match state.dead_letters.submit(checked.letters, Ack::Durable).await {
@@ -283,9 +291,6 @@ async fn accept(
             }
         }
     }
-    let m = &state.metrics.trackers;
-    let name = protocol.name();
-    m.fixes.with_label_values(&[name, "stored"]).inc_by(stored as u64);
     m.fixes
         .with_label_values(&[name, "dead_lettered"])
         .inc_by(letters as u64);
@@ -298,7 +303,7 @@ async fn accept(
     for reason in checked.reasons {
         m.dead_lettered.with_label_values(&[name, reason]).inc();
     }
-    Ok(stored)
+    Ok(())
 }
 
 fn read(protocol: Protocol, request: &TrackerRequest<'_>) -> Result<TrackerRequestOutcome, IngestError> {
