@@ -1,7 +1,6 @@
 //! Group commit: records appended while a group's fsync runs wait and share the next one, led by the append that
 //! opened the group; each record is handed on, in log order, only once it is on disk.
 
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
@@ -9,6 +8,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 use tracing::error;
 
+use super::file_io::write_all_at;
 use super::segment::{Accounting, ActiveSegment, Segment, SegmentRef};
 use super::{frame, FlushOutcome, WalError, LSN_BYTES};
 
@@ -196,7 +196,7 @@ impl ActiveSegment {
         let observer = &accounting.observer;
         let started = Instant::now();
         let at = self.segment.bytes.load(Ordering::Acquire);
-        let written = self.file.write_all_at(buf, at).and_then(|()| {
+        let written = write_all_at(self.file.as_mut(), buf, at).and_then(|()| {
             self.zero_ahead(at + buf.len() as u64);
             self.file.sync_data()
         });

@@ -24,8 +24,12 @@
 //! - [`frame`]: a record's bytes in a segment (length, checksum, payload) and reading them back;
 //! - `segment`: segment files on disk, the holds that keep them, the log's size across them;
 //! - `recovery`: the directory as the previous run left it, and starting the log after it;
-//! - `group`: appending records and writing them in groups, one fsync each.
+//! - `group`: appending records and writing them in groups, one fsync each;
+//! - [`file_io`]: the seam every write and fsync of a segment goes through, so that a test can make the disk fail.
 
+#[cfg(test)]
+mod fault_tests;
+pub mod file_io;
 pub mod frame;
 mod group;
 mod recovery;

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tracing::info;
 
+use super::file_io::{self, FileIo};
 use super::group::{State, Wal};
 use super::segment::{create_segment, written_len, Accounting, ActiveSegment, Segment};
 use super::{frame, open_error, record_lsn, WalConfig, WalObserver, WalOpenError};
@@ -17,13 +18,26 @@ pub struct Recovery {
     /// Segments in log order. Each is removed once dropped and every update replayed from it is committed.
     pub segments: Vec<Arc<Segment>>,
     config: WalConfig,
+    /// What the log writes its segments through.
+    io: Arc<dyn FileIo>,
     accounting: Arc<Accounting>,
     next_seq: u64,
 }
 
 impl Recovery {
-    /// Opens the log directory (creating it) and lists the segments of the previous run.
+    /// Opens the log directory (creating it) and lists the segments of the previous run. The log writes its
+    /// files as they are, unless a test [substituted](super::file_io::substitute) others for this directory.
     pub fn open(config: WalConfig, observer: Arc<dyn WalObserver>) -> Result<Self, WalOpenError> {
+        let io = file_io::for_dir(&config.dir);
+        Self::open_with(config, observer, io)
+    }
+
+    /// [`open`](Self::open), writing through `io`.
+    pub fn open_with(
+        config: WalConfig,
+        observer: Arc<dyn WalObserver>,
+        io: Arc<dyn FileIo>,
+    ) -> Result<Self, WalOpenError> {
         fs::create_dir_all(&config.dir).map_err(open_error("could not create the log directory", &config.dir))?;
         let accounting = Arc::new(Accounting {
             live_bytes: AtomicU64::new(0),
@@ -72,6 +86,7 @@ impl Recovery {
         Ok(Recovery {
             segments,
             config,
+            io,
             accounting,
             next_seq,
         })
@@ -79,7 +94,7 @@ impl Recovery {
 
     /// Starts the log for new records, numbered from `next_lsn`.
     pub fn start(self, next_lsn: u64) -> Result<Wal, WalOpenError> {
-        let (file, segment) = create_segment(&self.config, self.next_seq, &self.accounting)?;
+        let (file, segment) = create_segment(self.io.as_ref(), &self.config, self.next_seq, &self.accounting)?;
         Ok(Wal {
             state: Mutex::new(State {
                 buf: Vec::new(),
@@ -90,6 +105,7 @@ impl Recovery {
             }),
             file: Mutex::new(ActiveSegment {
                 config: self.config,
+                io: self.io,
                 file,
                 segment,
                 seq: self.next_seq,

@@ -1,15 +1,16 @@
 //! Segment files: a segment's life on disk (created, zero-filled ahead, sealed, removed or kept aside once done
 //! with), the holds that keep it while its updates are uncommitted, and the log's size on disk across segments.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tracing::{debug, warn};
 
+use super::file_io::{write_all_at, FileIo, SegmentFile};
 use super::{frame, open_error, WalConfig, WalError, WalObserver, WalOpenError, ZERO_AHEAD};
 
 /// Zeros written by [`ZERO_AHEAD`] a piece at a time.
@@ -149,18 +150,14 @@ impl Drop for SegmentRef {
 }
 
 pub(super) fn create_segment(
+    io: &dyn FileIo,
     config: &WalConfig,
     seq: u64,
     accounting: &Arc<Accounting>,
-) -> Result<(File, Arc<Segment>), WalOpenError> {
+) -> Result<(Box<dyn SegmentFile>, Arc<Segment>), WalOpenError> {
     let path = config.dir.join(format!("{seq:020}.wal"));
-    // Acknowledged updates are nobody else's business: the segment is readable by the gateway's user only.
-    // Written at explicit offsets, not appended: the file is zero-filled ahead of its records.
-    let file = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
+    let file = io
+        .create(&path)
         .map_err(open_error("could not create a log segment", &path))?;
     // The new name must survive a crash too, or its records would vanish with the directory entry.
     sync_dir(&config.dir);
@@ -201,7 +198,9 @@ fn sync_dir(dir: &Path) {
 /// The segment file records are appended to.
 pub(super) struct ActiveSegment {
     pub(super) config: WalConfig,
-    pub(super) file: File,
+    /// Where the segment's file is written, and how new ones are created.
+    pub(super) io: Arc<dyn FileIo>,
+    pub(super) file: Box<dyn SegmentFile>,
     pub(super) segment: Arc<Segment>,
     pub(super) seq: u64,
     /// The file is zero-filled up to here ([`ZERO_AHEAD`]).
@@ -223,7 +222,7 @@ impl ActiveSegment {
         let mut at = end;
         while at < to {
             let n = (to - at).min(ZEROS.len() as u64) as usize;
-            if let Err(e) = self.file.write_all_at(&ZEROS[..n], at) {
+            if let Err(e) = write_all_at(self.file.as_mut(), &ZEROS[..n], at) {
                 debug!(error = %e, "could not zero-fill the log segment ahead; it grows as it is written");
                 let _ = self.file.set_len(end);
                 self.zeroed_to = u64::MAX;
@@ -236,7 +235,7 @@ impl ActiveSegment {
 
     /// Starts a new segment; the old one is removed once its last update is committed.
     pub(super) fn roll(&mut self, accounting: &Arc<Accounting>) {
-        match create_segment(&self.config, self.seq + 1, accounting) {
+        match create_segment(self.io.as_ref(), &self.config, self.seq + 1, accounting) {
             Ok((file, segment)) => {
                 self.seq += 1;
                 self.file = file;

@@ -10,10 +10,11 @@ use super::*;
 
 /// Counts what the log reports, as the gateway's metrics would.
 #[derive(Default)]
-struct Counts {
-    bytes: AtomicU64,
-    segments: std::sync::atomic::AtomicI64,
-    fsyncs: AtomicU64,
+pub(super) struct Counts {
+    pub(super) bytes: AtomicU64,
+    pub(super) segments: std::sync::atomic::AtomicI64,
+    pub(super) fsyncs: AtomicU64,
+    pub(super) write_failures: AtomicU64,
 }
 
 impl WalObserver for Counts {
@@ -26,9 +27,12 @@ impl WalObserver for Counts {
     fn flushed(&self, _outcome: FlushOutcome) {
         self.fsyncs.fetch_add(1, Ordering::SeqCst);
     }
+    fn write_failed(&self) {
+        self.write_failures.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
-fn config(dir: &Path, max_bytes: u64, segment_bytes: u64) -> WalConfig {
+pub(super) fn config(dir: &Path, max_bytes: u64, segment_bytes: u64) -> WalConfig {
     WalConfig {
         dir: dir.to_owned(),
         max_bytes,
@@ -36,14 +40,14 @@ fn config(dir: &Path, max_bytes: u64, segment_bytes: u64) -> WalConfig {
     }
 }
 
-fn payload(n: u8) -> Vec<u8> {
+pub(super) fn payload(n: u8) -> Vec<u8> {
     let mut p = vec![0; LSN_BYTES];
     p.push(n);
     p
 }
 
 /// Appends and waits; returns the tokens handed to the "writer".
-fn append_all(wal: &Wal, payloads: Vec<Vec<u8>>) -> Vec<(u64, SegmentRef)> {
+pub(super) fn append_all(wal: &Wal, payloads: Vec<Vec<u8>>) -> Vec<(u64, SegmentRef)> {
     let (tx, rx) = mpsc::channel();
     let mut waits = Vec::new();
     for p in payloads {
@@ -66,7 +70,7 @@ fn append_all(wal: &Wal, payloads: Vec<Vec<u8>>) -> Vec<(u64, SegmentRef)> {
 }
 
 /// For what happens on disk after the fsync the test waited for.
-fn wait_until(mut condition: impl FnMut() -> bool) {
+pub(super) fn wait_until(mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
     while !condition() {
         assert!(Instant::now() < deadline, "condition never held");
@@ -74,7 +78,7 @@ fn wait_until(mut condition: impl FnMut() -> bool) {
     }
 }
 
-fn read_back(dir: &Path, counts: &Arc<Counts>) -> Vec<u64> {
+pub(super) fn read_back(dir: &Path, counts: &Arc<Counts>) -> Vec<u64> {
     let recovery = Recovery::open(config(dir, 1 << 30, 1 << 20), counts.clone()).unwrap();
     let mut lsns = Vec::new();
     for s in &recovery.segments {
