@@ -1,12 +1,15 @@
 //! What a 202 promises with the write-ahead log: the gateway keeps taking updates while PostgreSQL is away
 //! (until the log is full), loses none across a damaged log tail, stores a retried update once, isolates a
-//! row the table refuses, and answers `?ack=commit` only once the rows are committed.
+//! row the table refuses, answers `?ack=commit` only once the rows are committed, and on a full disk refuses what
+//! it cannot write and takes updates again once space returns.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ingest_gateway::config::Durability;
 use ingest_gateway::db::EmbeddedPostgres;
+use ingest_gateway::wal::file_io::{self, FileIo, PlainFiles, SegmentFile};
 
 use crate::helpers::{eventually, fresh_database, location_array, location_json, spawn_app, spawn_app_on, Db, Ledger};
 
@@ -355,8 +358,130 @@ fn memory_durability_writes_without_a_log() {
     assert!(std::fs::read_dir(&wal).map_or(true, |mut d| d.next().is_none()));
 }
 
+/// A disk of `room` bytes under the log, through its file-I/O seam: a write that passes the room writes what fits
+/// (a short write) and the next one fails with `ENOSPC`, as a full filesystem does. Files the log removes do not give
+/// their room back; [`Disk::grow`] is space coming back.
+struct Disk {
+    room: std::sync::atomic::AtomicU64,
+    used: std::sync::Mutex<u64>,
+}
+
+impl Disk {
+    fn new(room: u64) -> Arc<Self> {
+        Arc::new(Disk {
+            room: room.into(),
+            used: std::sync::Mutex::new(0),
+        })
+    }
+
+    fn grow(&self, bytes: u64) {
+        self.room.fetch_add(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+struct DiskFiles(Arc<Disk>);
+
+impl FileIo for DiskFiles {
+    fn create(&self, path: &std::path::Path) -> std::io::Result<Box<dyn SegmentFile>> {
+        Ok(Box::new(DiskFile {
+            file: PlainFiles.create(path)?,
+            len: 0,
+            disk: self.0.clone(),
+        }))
+    }
+}
+
+struct DiskFile {
+    file: Box<dyn SegmentFile>,
+    len: u64,
+    disk: Arc<Disk>,
+}
+
+impl SegmentFile for DiskFile {
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<usize> {
+        let mut used = self.disk.used.lock().unwrap();
+        let room = self.disk.room.load(std::sync::atomic::Ordering::SeqCst);
+        // Bytes of this file past which the disk is full.
+        let limit = self.len + room.saturating_sub(*used);
+        let fits = limit.saturating_sub(offset).min(buf.len() as u64) as usize;
+        if fits == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let written = self.file.write_at(&buf[..fits], offset)?;
+        let end = offset + written as u64;
+        if end > self.len {
+            *used += end - self.len;
+            self.len = end;
+        }
+        Ok(written)
+    }
+
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)?;
+        let mut used = self.disk.used.lock().unwrap();
+        *used = (*used + len).saturating_sub(self.len);
+        self.len = len;
+        Ok(())
+    }
+}
+
 #[test]
-fn a_full_disk_answers_503_and_loses_nothing_that_was_acknowledged() {
+fn a_full_disk_answers_503_acknowledges_only_what_it_wrote_and_takes_updates_again_once_space_returns() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let disk = Disk::new(64 * 1024);
+    let _disk = file_io::substitute(&data_dir.path().join("wal"), Arc::new(DiskFiles(disk.clone())));
+    let dir = data_dir.path().to_owned();
+    let mut app = spawn_app(|s| s.data_dir = dir);
+
+    let mut ledger = Ledger::default();
+    let mut storage_errors = 0;
+    let mut i = 0;
+    // Until the disk has refused a good many requests in a row: it is full, not merely fragmented.
+    while storage_errors < 20 {
+        assert!(i < 10_000, "64 KiB never filled");
+        let id = format!("disk-{i}");
+        i += 1;
+        let answer = app.post_json(LOCATION, &location_array(&id, 20));
+        let ids = (0..20).map(|k| format!("{id}-{k}"));
+        match answer.status {
+            202 => ledger.acknowledged.extend(ids),
+            503 => {
+                assert_eq!(answer.json()["error"], "storage_unavailable", "{}", answer.body);
+                assert!(answer.retry_after.is_some());
+                ledger.refused.extend(ids);
+                storage_errors += 1;
+            }
+            other => panic!("unexpected {other}: {}", answer.body),
+        }
+    }
+    assert!(!ledger.acknowledged.is_empty());
+    let metrics = app.get("/metrics").body;
+    let write_errors = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ingest_wal_write_errors_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(write_errors.is_some_and(|n| n >= 20.0), "{write_errors:?}");
+
+    disk.grow(1 << 30);
+    let after = app.post_json(LOCATION, &location_json("after-disk-full"));
+    assert_eq!(after.status, 202, "space again: {}", after.body);
+    ledger.acknowledged.insert("after-disk-full".to_owned());
+    let expected = ledger.acknowledged.len() as i64;
+    eventually("every acknowledged update lands", Duration::from_secs(60), || {
+        app.db.count("location_updates") >= expected
+    });
+    assert!(app.stop().is_clean());
+    let stored = app.db.device_ids();
+    ledger.assert_stored_exactly_once("full disk through the file-I/O seam", &stored);
+}
+
+#[test]
+#[ignore = "needs root to mount a tmpfs"]
+fn a_full_tmpfs_answers_503_and_loses_nothing_that_was_acknowledged() {
     // A 256 KiB filesystem for the log; needs root to mount, which CI has.
     let mount = tempfile::tempdir().unwrap();
     let mounted = std::process::Command::new("mount")
