@@ -34,6 +34,7 @@ pub mod model;
 pub mod pipeline;
 pub mod secret_files;
 pub mod startup;
+pub mod support;
 pub mod tcp;
 pub mod telemetry;
 pub mod wal;
