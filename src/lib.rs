@@ -29,6 +29,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod intake;
+pub mod keys_file;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
