@@ -27,7 +27,7 @@ fn main() -> ExitCode {
 /// Prints the new key (on stdout, once) and its keys-file line; the explanations go to stderr, so that
 /// `ingest-gateway new-key fleet | head -1` is the key alone.
 fn new_key(args: &ingest_gateway::config::NewKeyArgs) -> anyhow::Result<ExitCode> {
-    let made = ingest_gateway::http::auth::new_key(args)?;
+    let made = startup::new_key::new_key(args)?;
     eprintln!("the key, shown this once (give it to the client; the gateway keeps only its hash):");
     println!("{}", made.key);
     eprintln!("the line to add to the API keys file (then send the gateway SIGHUP):");

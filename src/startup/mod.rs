@@ -3,6 +3,7 @@
 //!
 //! - [`data_dir`]: the locked data directory and the gateway's identity.
 //! - [`listener`]: TCP and Unix-socket listeners.
+//! - [`new_key`]: the `new-key` command.
 //! - [`reload`]: what SIGHUP re-reads.
 //! - [`streams`]: one generic per-stream builder.
 //! - [`tls`]: HTTPS for the TCP listeners, reloaded on SIGHUP.
@@ -12,6 +13,7 @@
 
 pub mod data_dir;
 pub mod listener;
+pub mod new_key;
 pub mod partitions;
 pub mod progress;
 pub mod reload;
