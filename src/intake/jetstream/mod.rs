@@ -2,8 +2,9 @@
 //! update kind, and batch writers anywhere consume it. A `202` means JetStream acknowledged the publish (stored on
 //! a quorum of its replicas).
 //!
-//! - [`publish`]: the gateway's side: a request becomes one message per shard, with a `Nats-Msg-Id` derived
-//!   from its content, published together and answered once every publish is acknowledged.
+//! - [`publish`]: the gateway's side: a request's updates join one message per shard shared with the requests
+//!   that arrive while the shard's previous message awaits its ack, with a `Nats-Msg-Id` derived from the
+//!   content; a request is answered once every message holding its updates is acknowledged.
 //! - [`consume`]: the writers' side: shard leases (PostgreSQL advisory locks), one pull consumer per leased
 //!   shard, and the delivery that acks a message only after its batch is committed.
 //! - [`signing`]: the HMAC-SHA256 over each record and each commit notice.

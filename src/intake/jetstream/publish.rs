@@ -1,21 +1,24 @@
-//! The gateway's side of JetStream: a request's updates are grouped by shard, each group becomes one message (a
-//! record, as in the write-ahead log), and all of them are published at once; the request is answered once
-//! JetStream has acknowledged every one.
+//! The gateway's side of JetStream: a request's updates are grouped by shard and go into JetStream as records (as
+//! in the write-ahead log), one message per shard shared with other requests: while a shard's message awaits its
+//! ack, the requests that arrive fill the next one ([`Coalescer`], the group commit of the log). A request is
+//! answered once JetStream has acknowledged every message holding its updates.
 //!
-//! Each message's `Nats-Msg-Id` is a hash of its content (stream, shard and the encoded updates, less the time
-//! each update was received, which is all a retry changes). A client that
-//! retries a request (because its answer was lost, or because it got a 503 after part of the request was
-//! stored) sends the same updates, which become the same messages with the same ids: within the duplicate window
-//! JetStream stores each only once. Two different requests with identical updates are also stored once — which
-//! is what the natural key would make of them in PostgreSQL anyway.
+//! Each part of a request (its updates of one shard) has a content digest: stream, shard and the encoded updates,
+//! less the time each update was received, which is all a retry changes. A message holding one part has that
+//! digest as its `Nats-Msg-Id` (the id a request alone always had); one holding several, a hash of their digests.
+//! A client that retries a request alone gets the same id, and JetStream stores it once within the duplicate
+//! window; a retry that shares a message with others is stored again and absorbed by the natural keys in
+//! PostgreSQL (counted as `duplicate`), as after the window. Within one message a part already in it is not sent
+//! twice.
 //!
-//! Every message is signed ([`super::signing`]) over its subject, its reply subject and its bytes; with a commit
-//! asked for, the answer believes only signed notices for the messages this request stored.
+//! Every message is signed ([`super::signing`]) over its subject, its reply subject and its bytes. A request that
+//! asks for its commit (`?ack=commit`) is published in messages of its own, which name its inbox; the answer
+//! believes only signed notices for the messages it stored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::IntoFuture;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
@@ -24,6 +27,8 @@ use async_nats::Subscriber;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use prometheus::IntCounterVec;
+use sha2::Digest;
+use tokio::sync::oneshot;
 
 use super::signing::{SigningKeys, SIGNATURE_HEADER};
 use super::{shard_of, subject, ShardKey};
@@ -126,10 +131,13 @@ pub struct Publisher<T> {
     signing: Arc<SigningKeys>,
     /// `ingest_jetstream_commit_notices_refused_total`.
     notices_refused: IntCounterVec,
+    /// Where requests that wait for no commit notice put their updates, to share messages with others.
+    coalescer: Arc<Coalescer>,
     stream: PhantomData<fn(T)>,
 }
 
 impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
+    /// Made on the runtime the publishes are to run on (the coalescer's tasks are spawned there).
     pub fn new(
         client: async_nats::Client,
         shards: u16,
@@ -143,6 +151,16 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
             .max_ack_inflight(65_536)
             .backpressure_on_inflight(true)
             .build(client.clone());
+        let coalescer = Arc::new(Coalescer {
+            stream: T::STREAM,
+            context: context.clone(),
+            signing: signing.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            max_bytes: message_limit(client.server_info().max_payload),
+            shards: (0..shards.max(1))
+                .map(|_| Mutex::new(ShardBatches::default()))
+                .collect(),
+        });
         Self {
             client,
             context,
@@ -150,6 +168,7 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
             timeout,
             signing,
             notices_refused,
+            coalescer,
             stream: PhantomData,
         }
     }
@@ -161,21 +180,56 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
 
     /// Publishes `updates` and returns once JetStream has stored them all; any failure (NATS unreachable, no
     /// quorum, the stream full, no ack within the timeout) refuses the whole request, which the client retries.
+    ///
+    /// Without a commit asked for, the request's updates join the messages other requests are filling (see
+    /// [`Coalescer`]); with one, they go in messages of their own, which name the request's inbox.
     pub async fn publish(&self, updates: Vec<T>, want_commit: bool) -> Result<Published, SubmitError> {
         if !self.is_connected() {
             return Err(SubmitError::Unavailable("not connected to NATS".to_owned()));
         }
-        let commits = if want_commit {
-            let inbox = self.client.new_inbox();
-            let subscriber = self
-                .client
-                .subscribe(inbox.clone())
-                .await
-                .map_err(|e| SubmitError::Unavailable(format!("could not subscribe for commit notices: {e}")))?;
-            Some((inbox, subscriber))
+        if want_commit {
+            self.publish_alone(updates).await
         } else {
-            None
+            self.publish_coalesced(&updates).await
+        }
+    }
+
+    /// The request's messages go in with others'; answered once every message holding a part of it is stored.
+    async fn publish_coalesced(&self, updates: &[T]) -> Result<Published, SubmitError> {
+        let groups = messages(updates, self.shards);
+        let waits = self.coalescer.add(groups);
+        let results = tokio::time::timeout(self.timeout, futures_util::future::join_all(waits))
+            .await
+            .map_err(|_| SubmitError::Unavailable("JetStream did not acknowledge in time".to_owned()))?;
+        let mut published = Published {
+            stored: 0,
+            duplicates: 0,
+            commits: None,
         };
+        for result in results {
+            let (outcome, count) = result;
+            match outcome {
+                Ok(Ok(Stored { duplicate: true })) => published.duplicates += count,
+                Ok(Ok(Stored { duplicate: false })) => published.stored += count,
+                Ok(Err(refused)) => return Err(SubmitError::Unavailable(refused)),
+                Err(_) => {
+                    return Err(SubmitError::Unavailable(
+                        "the publish to JetStream was abandoned".to_owned(),
+                    ))
+                }
+            }
+        }
+        Ok(published)
+    }
+
+    /// The request's messages on their own, naming the inbox where the writers tell their commits.
+    async fn publish_alone(&self, updates: Vec<T>) -> Result<Published, SubmitError> {
+        let inbox = self.client.new_inbox();
+        let subscriber = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| SubmitError::Unavailable(format!("could not subscribe for commit notices: {e}")))?;
         let messages = messages(&updates, self.shards);
         let mut acks = Vec::with_capacity(messages.len());
         let mut sizes = Vec::with_capacity(messages.len());
@@ -184,19 +238,16 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
                 shard,
                 updates: count,
                 payload,
-                id,
+                digest,
             } in messages
             {
                 let subject = subject(T::STREAM, shard);
-                let reply = commits.as_ref().map(|(inbox, _)| inbox.as_str());
-                let signature = self.signing.sign_record(&subject, reply, &payload);
-                let mut message = PublishMessage::build()
+                let signature = self.signing.sign_record(&subject, Some(&inbox), &payload);
+                let message = PublishMessage::build()
                     .payload(payload.into())
-                    .message_id(id)
-                    .header(SIGNATURE_HEADER, signature.as_str());
-                if let Some(inbox) = reply {
-                    message = message.header(COMMIT_REPLY_HEADER, inbox);
-                }
+                    .message_id(message_id(&digest))
+                    .header(SIGNATURE_HEADER, signature.as_str())
+                    .header(COMMIT_REPLY_HEADER, inbox.as_str());
                 let ack = self
                     .context
                     .send_publish(subject, message)
@@ -226,7 +277,7 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
                 pending.insert(ack.sequence, count as u32);
             }
         }
-        published.commits = commits.map(|(inbox, subscriber)| CommitNotices {
+        published.commits = Some(CommitNotices {
             subscriber,
             inbox,
             stream: T::STREAM,
@@ -235,6 +286,245 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
             refused: self.notices_refused.clone(),
         });
         Ok(published)
+    }
+}
+
+/// Largest message the coalescer makes: [`MAX_MESSAGE_BYTES`], or less when the server takes less (with room for
+/// the headers).
+fn message_limit(max_payload: usize) -> usize {
+    if max_payload == 0 {
+        return MAX_MESSAGE_BYTES;
+    }
+    MAX_MESSAGE_BYTES.min(max_payload.saturating_sub(HEADER_ROOM).max(max_payload / 2))
+}
+
+/// Bytes kept free under the server's `max_payload` for a message's headers (id, signature).
+const HEADER_ROOM: usize = 4 * 1024;
+
+/// Most updates the coalescer puts in one message: about one batch of the writers, so that a message is seldom
+/// split over batches.
+const MAX_MESSAGE_UPDATES: u32 = 1000;
+
+/// What JetStream said of a message that holds part of a request.
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    /// JetStream already held the message, or the same updates were already in it from another request.
+    duplicate: bool,
+}
+
+/// The answer a request's part gets: stored, or why not (the text of its 503).
+type Outcome = Result<Stored, String>;
+
+/// A shard's message being filled: the record of several requests' updates, and who waits for it.
+struct Batch {
+    /// A record (the first part's header, its count patched when sent) followed by every part's updates.
+    payload: Vec<u8>,
+    updates: u32,
+    /// The parts' content digests: the first, a hash of them all (the message's id) and, to spot a part already
+    /// in, their first 128 bits.
+    first: [u8; 32],
+    digests: sha2::Sha256,
+    seen: HashSet<u128>,
+    /// Each part's waiter, and whether its updates were already in the message.
+    waiters: Vec<(oneshot::Sender<Outcome>, bool)>,
+}
+
+impl Batch {
+    fn new(part: &ShardMessage) -> Self {
+        Batch {
+            payload: part.payload[..record::HEADER_BYTES].to_vec(),
+            updates: 0,
+            first: part.digest,
+            digests: sha2::Sha256::new_with_prefix(b"ingest-gateway coalesced message\0"),
+            seen: HashSet::new(),
+            waiters: Vec::new(),
+        }
+    }
+
+    fn fits(&self, part: &ShardMessage, max_bytes: usize) -> bool {
+        self.payload.len() + part.payload.len() - record::HEADER_BYTES <= max_bytes
+            && self.updates + part.updates as u32 <= MAX_MESSAGE_UPDATES
+    }
+
+    fn push(&mut self, part: &ShardMessage) -> oneshot::Receiver<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        // A part already in this message (the same updates from a retry or a twin request) is not sent twice.
+        if !self
+            .seen
+            .insert(u128::from_le_bytes(part.digest[..16].try_into().unwrap_or_default()))
+        {
+            self.waiters.push((tx, true));
+            return rx;
+        }
+        self.payload.extend_from_slice(&part.payload[record::HEADER_BYTES..]);
+        self.updates += part.updates as u32;
+        self.digests.update(part.digest);
+        self.waiters.push((tx, false));
+        rx
+    }
+
+    /// The finished record and its `Nats-Msg-Id`: the only part's digest when it holds one (a request alone in
+    /// its message has the id it had before messages were shared), else a hash of its parts' digests in order.
+    fn finish(&mut self) -> (Vec<u8>, String) {
+        let mut payload = std::mem::take(&mut self.payload);
+        payload[COUNT_OFFSET..record::HEADER_BYTES].copy_from_slice(&self.updates.to_le_bytes());
+        let id = if self.seen.len() == 1 {
+            message_id(&self.first)
+        } else {
+            message_id(&self.digests.clone().finalize().into())
+        };
+        (payload, id)
+    }
+
+    /// Tells every part what became of the message.
+    fn answer(self, outcome: Result<bool, String>) {
+        for (waiter, already_in) in self.waiters {
+            let _ = waiter.send(match &outcome {
+                Ok(duplicate) => Ok(Stored {
+                    duplicate: *duplicate || already_in,
+                }),
+                Err(refused) => Err(refused.clone()),
+            });
+        }
+    }
+}
+
+/// Where a record's update count lies in its header (after the lsn, the stream and the slot).
+const COUNT_OFFSET: usize = record::HEADER_BYTES - 4;
+
+/// One shard's messages on their way.
+#[derive(Default)]
+struct ShardBatches {
+    /// The message requests join now.
+    filling: Option<Batch>,
+    /// Messages that are full, to be sent in this order before `filling`.
+    full: VecDeque<Batch>,
+    /// Messages sent and not yet acknowledged.
+    in_flight: usize,
+    /// Whether a task is sending this shard's messages.
+    sending: bool,
+}
+
+/// Publish coalescing, as the log's group commit: per shard, a request's updates join the message being filled,
+/// which is sent as soon as the shard has no message awaiting its ack, or when it is full ([`MAX_MESSAGE_UPDATES`],
+/// or [`message_limit`] bytes). So an idle shard sends a request's updates at once, and a busy one sends, per ack,
+/// one message holding everything that came in meanwhile: JetStream's cost per message (its store, its ack, the
+/// delivery and the writer's ack) is shared by many requests. Each request is answered once every message holding
+/// its updates is acknowledged, and a message that fails fails every request in it, with the answer one alone
+/// would get.
+struct Coalescer {
+    stream: &'static str,
+    context: Context,
+    signing: Arc<SigningKeys>,
+    runtime: tokio::runtime::Handle,
+    max_bytes: usize,
+    shards: Vec<Mutex<ShardBatches>>,
+}
+
+impl Coalescer {
+    /// Adds a request's parts to their shards' messages; each receiver says what became of one part, with its
+    /// update count.
+    fn add(
+        self: &Arc<Self>,
+        parts: Vec<ShardMessage>,
+    ) -> Vec<impl std::future::Future<Output = (Result<Outcome, oneshot::error::RecvError>, usize)>> {
+        let mut waits = Vec::with_capacity(parts.len());
+        for part in parts {
+            let shard = usize::from(part.shard);
+            let start = {
+                let mut batches = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
+                if batches.filling.as_ref().is_some_and(|b| !b.fits(&part, self.max_bytes)) {
+                    let full = batches.filling.take();
+                    batches.full.extend(full);
+                }
+                let receiver = batches.filling.get_or_insert_with(|| Batch::new(&part)).push(&part);
+                let count = part.updates;
+                waits.push(async move { (receiver.await, count) });
+                let start = !batches.sending && (batches.in_flight == 0 || !batches.full.is_empty());
+                if start {
+                    batches.sending = true;
+                }
+                start
+            };
+            if start {
+                self.runtime.spawn(self.clone().send(part.shard));
+            }
+        }
+        waits
+    }
+
+    /// Sends the shard's full messages and, when none awaits its ack, the one being filled; then stops, to be
+    /// started again by the next request or ack.
+    async fn send(self: Arc<Self>, shard: u16) {
+        let subject = subject(self.stream, shard);
+        loop {
+            let next = {
+                let mut batches = self.shards[usize::from(shard)]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let next = match batches.full.pop_front() {
+                    Some(batch) => Some(batch),
+                    None if batches.in_flight == 0 => batches.filling.take(),
+                    None => None,
+                };
+                match next {
+                    Some(batch) => {
+                        batches.in_flight += 1;
+                        batch
+                    }
+                    None => {
+                        batches.sending = false;
+                        return;
+                    }
+                }
+            };
+            let mut batch = next;
+            let (payload, id) = batch.finish();
+            let signature = self.signing.sign_record(&subject, None, &payload);
+            let message = PublishMessage::build()
+                .payload(payload.into())
+                .message_id(id)
+                .header(SIGNATURE_HEADER, signature.as_str());
+            match self.context.send_publish(subject.clone(), message).await {
+                Ok(ack) => {
+                    let this = self.clone();
+                    self.runtime.spawn(async move {
+                        let outcome = match ack.into_future().await {
+                            Ok(ack) => Ok(ack.duplicate),
+                            Err(e) => Err(format!("JetStream did not store the updates: {e}")),
+                        };
+                        batch.answer(outcome);
+                        this.acknowledged(shard);
+                    });
+                }
+                Err(e) => {
+                    batch.answer(Err(format!("could not publish to JetStream: {e}")));
+                    self.shards[usize::from(shard)]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .in_flight -= 1;
+                }
+            }
+        }
+    }
+
+    /// A message of `shard` is answered: the one being filled may go.
+    fn acknowledged(self: &Arc<Self>, shard: u16) {
+        let start = {
+            let mut batches = self.shards[usize::from(shard)]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            batches.in_flight -= 1;
+            let start =
+                !batches.sending && (!batches.full.is_empty() || (batches.in_flight == 0 && batches.filling.is_some()));
+            if start {
+                batches.sending = true;
+            }
+            start
+        };
+        if start {
+            self.runtime.spawn(self.clone().send(shard));
+        }
     }
 }
 
@@ -255,13 +545,13 @@ impl<T: Update + RecordCodec + ShardKey + Sync> Publish<T> for Publisher<T> {
     }
 }
 
-/// One message of a request: its shard, how many updates it carries, its payload (a record) and its
-/// `Nats-Msg-Id`.
+/// One message of a request: its shard, how many updates it carries, its payload (a record) and the digest of
+/// its content, which its `Nats-Msg-Id` is made of.
 pub struct ShardMessage {
     pub shard: u16,
     pub updates: usize,
     pub payload: Vec<u8>,
-    pub id: String,
+    pub digest: [u8; 32],
 }
 
 /// `updates` as messages, one per shard (split when large), each shard's updates in request order.
@@ -285,7 +575,7 @@ fn encode_split<T: RecordCodec>(shard: u16, group: &[&T], out: &mut Vec<ShardMes
             shard,
             updates: group.len(),
             payload,
-            id: message_id(&digest),
+            digest,
         });
         return;
     }
@@ -327,7 +617,10 @@ mod tests {
     fn the_same_request_makes_the_same_messages_and_ids() {
         let request: Vec<_> = (0..50).map(|i| update(&format!("truck-{}", i % 7), i)).collect();
         let ids = |updates: &[LocationUpdate]| -> Vec<(u16, String)> {
-            messages(updates, 4).into_iter().map(|m| (m.shard, m.id)).collect()
+            messages(updates, 4)
+                .into_iter()
+                .map(|m| (m.shard, message_id(&m.digest)))
+                .collect()
         };
         assert_eq!(ids(&request), ids(&request.clone()));
         // A retry is the same updates received later: the same ids, though the records differ.
@@ -357,5 +650,39 @@ mod tests {
             })
             .collect();
         assert_eq!(decoded, request);
+    }
+
+    #[test]
+    fn a_shared_message_is_one_record_of_its_parts_and_a_part_alone_keeps_its_own_id() {
+        let requests: Vec<Vec<LocationUpdate>> = (0..5)
+            .map(|r| (0..3).map(|i| update(&format!("truck-{r}-{i}"), i)).collect())
+            .collect();
+        let parts: Vec<ShardMessage> = requests.iter().map(|r| messages(r, 1).remove(0)).collect();
+        let mut batch = Batch::new(&parts[0]);
+        let mut waiters: Vec<_> = parts.iter().map(|p| batch.push(p)).collect();
+        // The same part again (a resend while its first copy is still waiting): answered, not sent twice.
+        waiters.push(batch.push(&parts[1]));
+        let (payload, id) = batch.finish();
+        let decoded = record::decode_updates::<LocationUpdate>(&payload).unwrap();
+        assert_eq!(decoded, requests.concat());
+        assert_eq!(record::decode_header(&payload).unwrap().count, 15);
+        assert_ne!(id, message_id(&parts[0].digest));
+
+        let mut alone = Batch::new(&parts[2]);
+        let _waiter = alone.push(&parts[2]);
+        let (payload, id) = alone.finish();
+        assert_eq!(payload, parts[2].payload);
+        assert_eq!(
+            id,
+            message_id(&parts[2].digest),
+            "a request alone keeps the id it always had"
+        );
+
+        batch.answer(Ok(false));
+        let outcomes: Vec<bool> = waiters
+            .into_iter()
+            .map(|mut w| w.try_recv().unwrap().unwrap().duplicate)
+            .collect();
+        assert_eq!(outcomes, [false, false, false, false, false, true]);
     }
 }
