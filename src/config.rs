@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+pub mod reference;
+
 /// The command line: a subcommand (default `serve`) and the settings, which every subcommand accepts.
 #[derive(Debug, Parser)]
 #[command(name = "ingest-gateway", version, about, long_about = None)]
@@ -30,6 +32,12 @@ pub enum Command {
     /// Run only the batch writers, reading from JetStream (`INGEST_QUEUE=jetstream`); no ingest endpoints, only
     /// `/metrics`, `/stats`, `/readyz` and `/healthz` on the listeners.
     Write,
+    /// Write the settings table of the configuration reference (`docs/configuration.md`) from these definitions.
+    #[command(hide = true)]
+    SettingsReference {
+        /// The page whose table is written again, between its markers.
+        page: PathBuf,
+    },
 }
 
 /// What a new API key may do; the printed line says the same in the keys file's format.
@@ -487,11 +495,19 @@ fn parse_address_range(text: &str) -> Result<ipnet::IpNet, String> {
 }
 
 impl Settings {
-    /// The settings `serve` sees with no flags: the defaults, and any `INGEST_*` variables of the environment;
-    /// tests start from here.
+    /// The defaults alone, whatever the environment holds: tests start from here, so that an `INGEST_*` variable
+    /// left exported in the caller's shell changes nothing they check. (`serve` reads the environment through
+    /// [`Cli`]'s parse.)
     pub fn defaults() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        // Without its variable, a setting has only its default; the variables are read when the command is built,
+        // so they are removed before the parse.
+        let command = Cli::command().mut_args(|arg| arg.env(None));
         // Parsing an empty command line cannot fail: every setting has a default.
-        Cli::parse_from(["ingest-gateway"]).settings
+        let matches = command.get_matches_from(["ingest-gateway"]);
+        Cli::from_arg_matches(&matches)
+            .expect("every setting has a default")
+            .settings
     }
 }
 
@@ -574,6 +590,26 @@ mod tests {
         assert_eq!(s.stall_timeout, Duration::from_secs(60));
         assert_eq!(s.partition_interval, Duration::from_secs(86_400));
         assert_eq!(s.retention, None);
+    }
+
+    #[test]
+    fn the_defaults_are_the_same_in_an_environment_full_of_settings() {
+        // The check runs in a child process: changing this process's environment would race the other tests.
+        let output = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+            .args(["--exact", "config::tests::defaults_match_the_documented_table"])
+            .env("INGEST_LISTEN", "0.0.0.0:1")
+            .env("INGEST_BATCH_SIZE", "7")
+            .env("INGEST_DURABILITY", "memory")
+            .env("INGEST_WAL_MAX_BYTES", "not a number")
+            .output()
+            .expect("run the test binary");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("1 passed"), "{stdout}");
     }
 
     #[test]

@@ -17,6 +17,9 @@ fn main() -> ExitCode {
         Command::Write => serve(&cli.settings, Role::Write),
         Command::Migrate => startup::migrate(&cli.settings).map(|()| ExitCode::SUCCESS),
         Command::NewKey(args) => new_key(&args),
+        Command::SettingsReference { page } => {
+            ingest_gateway::config::reference::rewrite(&page).map(|()| ExitCode::SUCCESS)
+        }
     };
     result.unwrap_or_else(|error| {
         tracing::error!(error = format!("{error:#}"), "ingest-gateway failed");

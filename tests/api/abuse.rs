@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use ingest_gateway::db::EmbeddedPostgres;
 
 use crate::helpers::{
-    connection_string, eventually, fresh_database, gzip, location_json, shared_cluster, signal, spawn_app_on,
-    start_gateway,
+    connection_string, eventually, fresh_database, gzip, location_json, shared_cluster, spawn_app_on, GatewayProcess,
 };
 
 /// Resident memory of a process, in MiB.
@@ -65,15 +64,16 @@ fn stalled_large_bodies_cannot_pin_memory_and_normal_requests_keep_their_202() {
         ("INGEST_MAX_INFLIGHT_BODY_BYTES", (budget_mib * 1024 * 1024).to_string()),
         ("INGEST_BODY_TIMEOUT", "10s".to_owned()),
     ];
-    let (mut gateway, address) = start_gateway(&envs);
-    let idle_rss = rss_mib(gateway.id());
+    let gateway = GatewayProcess::start(&envs);
+    let address = gateway.address.clone();
+    let idle_rss = rss_mib(gateway.pid());
 
     let attackers: Vec<_> = (0..150).map(|_| stalled_sender(&address)).collect();
     let mut peak = 0;
     let mut latencies = Vec::new();
     for i in 0..20 {
         std::thread::sleep(Duration::from_millis(250));
-        peak = peak.max(rss_mib(gateway.id()));
+        peak = peak.max(rss_mib(gateway.pid()));
         let started = Instant::now();
         let status = crate::helpers::post_location(&address, &location_json(&format!("normal-{i}")));
         latencies.push(started.elapsed());
@@ -97,8 +97,7 @@ fn stalled_large_bodies_cannot_pin_memory_and_normal_requests_keep_their_202() {
     for attacker in attackers {
         attacker.join().unwrap();
     }
-    signal(&gateway, libc::SIGTERM);
-    assert!(gateway.wait().unwrap().success());
+    assert!(gateway.terminate().success());
 }
 
 #[test]

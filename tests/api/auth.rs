@@ -12,8 +12,8 @@ use ingest_gateway::http::auth::hashed;
 use ingest_gateway::startup::Application;
 
 use crate::helpers::{
-    connection_string, eventually, fresh_database, location_array, location_json, now_rfc3339, shared_cluster, signal,
-    spawn_app, start_gateway, Db, TestApp,
+    connection_string, fresh_database, location_array, location_json, now_rfc3339, shared_cluster, spawn_app, Db,
+    GatewayProcess, TestApp,
 };
 
 const LOCATION: &str = "/api/v1/location/update";
@@ -89,12 +89,12 @@ fn www_authenticate_of(address: &str, headers: &[(&str, &str)]) -> (u16, Option<
     )
 }
 
-/// Commits one update through `key`, waits out a few flush intervals, and returns how many location rows are
-/// stored then: a refused request that had been stored would show.
+/// Commits one update through `key`, waits until everything accepted is written, and returns how many location
+/// rows are stored then: a refused request that had been stored would show.
 fn stored_after_a_committed_marker(app: &TestApp, key: &str, device_id: &str) -> i64 {
     let marker = post_with_key(app, &format!("{LOCATION}?ack=commit"), &location_json(device_id), key);
     assert_eq!(marker.status, 202, "{}", marker.body);
-    std::thread::sleep(Duration::from_millis(500));
+    app.wait_until_all_written();
     app.db.count("location_updates")
 }
 
@@ -294,10 +294,7 @@ fn over_the_keys_rate_a_request_gets_429_with_retry_after_and_is_not_stored() {
     // Another key has its own allowance (none here: no INGEST_RATE_LIMIT).
     let marker = post_with_key(&app, LOCATION, &location_json("other-marker"), &key(2));
     assert_eq!(marker.status, 202, "{}", marker.body);
-    eventually("the accepted updates land", Duration::from_secs(10), || {
-        app.db.count("location_updates") == 6
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    app.wait_until_all_written();
     assert_eq!(app.db.count("location_updates"), 6);
     let metrics = app.get("/metrics").body;
     // The request refused before its body was read counts as one update: its updates were never read.
@@ -462,20 +459,19 @@ fn sighup_rereads_the_keys_file_without_dropping_connections() {
     let cluster = shared_cluster();
     let name = fresh_database(cluster);
     let data_dir = tempfile::tempdir().unwrap();
-    let (mut child, address) = start_gateway(&[
+    let gateway = GatewayProcess::start(&[
         ("DATABASE_URL", connection_string(&cluster.config(&name))),
         ("INGEST_DATA_DIR", data_dir.path().display().to_string()),
         ("INGEST_API_KEYS_FILE", keys.path.display().to_string()),
     ]);
+    let address = gateway.address.clone();
     let mut kept = Connection::open(&address);
     assert_eq!(kept.post_location(&old, "before-1"), 202);
     assert_eq!(Connection::open(&address).post_location(&new, "before-2"), 401);
 
     keys.write(&[line("new", &new, "streams=location")]);
-    signal(&child, libc::SIGHUP);
-    eventually("the new key is in force", Duration::from_secs(10), || {
-        Connection::open(&address).post_location(&new, "probe") == 202
-    });
+    assert!(gateway.reload("api keys"), "the new file is taken");
+    assert_eq!(Connection::open(&address).post_location(&new, "probe"), 202);
 
     // The connection opened before the reload still serves, under the new keys. (A 401 closes a connection:
     // its body is never read, so it goes last.)
@@ -495,14 +491,13 @@ fn sighup_rereads_the_keys_file_without_dropping_connections() {
     // A file that cannot be used puts no key in force (it may be the edit that revoked a leaked one): every write
     // gets 503 until a good file is loaded, and the gateway runs on.
     keys.write(&["this is not a key line".to_owned()]);
-    signal(&child, libc::SIGHUP);
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(!gateway.reload("api keys"), "the broken file is refused");
     assert_eq!(Connection::open(&address).post_location(&new, "after-broken"), 503);
     assert_eq!(Connection::open(&address).post_location(&old, "after-broken-old"), 503);
-    assert!(child.try_wait().unwrap().is_none(), "the gateway runs on");
 
-    signal(&child, libc::SIGTERM);
-    assert!(child.wait().unwrap().success());
+    let mut gateway = gateway;
+    assert!(gateway.try_wait().is_none(), "the gateway runs on");
+    assert!(gateway.terminate().success());
     let db = Db::connect(cluster.config(&name));
     let mut stored: Vec<String> = db.device_ids().into_iter().map(|(id, _)| id).collect();
     stored.sort();

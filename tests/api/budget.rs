@@ -13,8 +13,8 @@ use ingest_gateway::config::RateLimit;
 
 use crate::attack::{head, socket_address, status_of, LOCATION, MIB};
 use crate::helpers::{
-    connection_string, fresh_database, location_array, location_json, now_rfc3339, shared_cluster, spawn_app,
-    GatewayProcess,
+    connection_string, eventually, fresh_database, location_array, location_json, now_rfc3339, shared_cluster,
+    spawn_app, GatewayProcess,
 };
 
 /// The gateway binary on a database of its own, believing `X-Forwarded-For` from the test (its proxy), with
@@ -76,9 +76,14 @@ impl Trickle {
     }
 }
 
-/// The attack of issue 18: 40 connections declaring 8 MiB, 200 declaring 40 kB and 400 declaring 17 kB, each
-/// trickling ~1.1 KB/s; a connection the gateway ends is opened again at the next second.
-fn trickle_attack(address: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<usize> {
+/// The trickling attack: 40 connections declaring 8 MiB, 200 declaring 40 kB and 400 declaring 17 kB, each
+/// trickling ~1.1 KB/s; a connection the gateway ends is opened again at the next second. `trickling` is set once
+/// every connection is open and has sent its first second's bytes.
+fn trickle_attack(
+    address: String,
+    stop: Arc<AtomicBool>,
+    trickling: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
     std::thread::spawn(move || {
         let sizes: Vec<usize> = std::iter::repeat_n(8 * MIB as usize, 40)
             .chain(std::iter::repeat_n(40_000, 200))
@@ -94,6 +99,7 @@ fn trickle_attack(address: String, stop: Arc<AtomicBool>) -> std::thread::JoinHa
                     reopened += 1;
                 }
             }
+            trickling.store(true, Ordering::SeqCst);
             std::thread::sleep(Duration::from_secs(1).saturating_sub(tick.elapsed()));
         }
         reopened
@@ -110,15 +116,18 @@ fn honest_body() -> String {
 fn trickled_bodies_declaring_large_lengths_cannot_hold_the_budget_and_an_honest_client_keeps_its_202() {
     let (gateway, _data_dir) = gateway_behind_a_proxy(&[]);
     let stop = Arc::new(AtomicBool::new(false));
-    let attack = trickle_attack(gateway.address.clone(), stop.clone());
+    let trickling = Arc::new(AtomicBool::new(false));
+    let attack = trickle_attack(gateway.address.clone(), stop.clone(), trickling.clone());
     // The attacker's connections are all open and trickling before the honest client starts.
-    std::thread::sleep(Duration::from_secs(3));
+    eventually("the attack trickles", Duration::from_secs(120), || {
+        trickling.load(Ordering::SeqCst)
+    });
 
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
     let url = format!("{}{LOCATION}", gateway.address);
     let mut statuses = Vec::new();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(25) {
+    // A fixed number of requests, ten a second at most: some 15 s of the attack, longer on a slow machine.
+    for _ in 0..150 {
         let status = match agent
             .post(&url)
             .set("Content-Type", "application/json")
@@ -145,11 +154,6 @@ fn trickled_bodies_declaring_large_lengths_cannot_hold_the_budget_and_an_honest_
          {accepted} of {} ({:.1} %), otherwise {others:?}",
         statuses.len(),
         100.0 * accepted as f64 / statuses.len() as f64,
-    );
-    assert!(
-        statuses.len() >= 100,
-        "the honest client sent {} requests",
-        statuses.len()
     );
     assert!(
         accepted * 100 >= statuses.len() * 99,

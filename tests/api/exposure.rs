@@ -2,45 +2,11 @@
 //! start unless that is said (`INGEST_ALLOW_ANONYMOUS=true`), and says which it is in `ingest_auth_enabled` and
 //! `/stats`; with keys on such a listener, the operator's routes need the admin token while `/healthz` stays open.
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use ingest_gateway::http::auth::hashed;
 
-use crate::helpers::{connection_string, fresh_database, shared_cluster, GatewayProcess};
-
-/// Runs `serve` with `envs` (no database of its own needed: it must stop before it opens one) and returns how it
-/// exited and what it wrote on stderr; panics if it is still running after 30 s.
-pub fn refused_start(envs: &[(&str, String)]) -> (std::process::ExitStatus, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ingest-gateway"));
-    command
-        .arg("serve")
-        .env_remove("DATABASE_URL")
-        .env("INGEST_LISTEN", "127.0.0.1:0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in envs {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().expect("start the gateway binary");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the gateway started where it should have refused to");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    (status, stderr)
-}
+use crate::helpers::{connection_string, fresh_database, refused_start, shared_cluster, GatewayProcess};
 
 /// The environment of a gateway on a new database of the shared cluster, its data under `dir`.
 fn envs_on_new_database(dir: &Path) -> Vec<(&'static str, String)> {

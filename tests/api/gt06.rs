@@ -392,17 +392,15 @@ fn damaged_cut_oversized_and_headless_bytes_and_packets_before_a_login_are_never
     assert!(unit.closed_within(ANSWER_WAIT));
     assert_eq!(counted("malformed"), 4.0);
 
-    std::thread::sleep(Duration::from_millis(500));
+    app.wait_until_all_written();
     assert_eq!(
         (app.db.count("location_updates"), app.db.count("dead_letters")),
         (0, 0),
         "nothing of it is stored"
     );
-    assert_eq!(
-        metric(&app, r#"ingest_tcp_connections{protocol="gt06"}"#),
-        0.0,
-        "every connection was closed"
-    );
+    eventually("every connection is closed", ANSWER_WAIT, || {
+        metric(&app, r#"ingest_tcp_connections{protocol="gt06"}"#) == 0.0
+    });
 }
 
 #[test]
@@ -438,10 +436,7 @@ fn a_unit_whose_imei_no_key_names_is_refused_at_its_login_never_stored_and_count
 
     let refused = metric(&app, &series("ingest_tcp_handshakes_refused_total", "unknown_device"));
     assert_eq!(refused, 1.0);
-    eventually("the known unit's fix is stored", ANSWER_WAIT, || {
-        app.db.count("location_updates") == 1
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    app.wait_until_all_written();
     assert_eq!(app.db.device_ids(), vec![(IMEI.to_owned(), 1)]);
     assert_eq!(app.db.count("dead_letters"), 0);
 }

@@ -3,16 +3,16 @@
 //! data directory are not followed; a NATS password never reaches the log or `--help`; a partition name chosen by
 //! whoever may add a partition is an identifier, never SQL.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use ingest_gateway::db::partitions::{self, PartitionPolicy};
 use ingest_gateway::db::{migrate, DatabaseTls};
 use ingest_gateway::http::auth::hashed;
 
-use crate::exposure::refused_start;
 use crate::helpers::{
-    connection_string, eventually, fresh_database, location_json, shared_cluster, signal, start_gateway, Db,
+    connection_string, eventually, fresh_database, gateway_command, location_json, refused_start, shared_cluster, Db,
+    GatewayProcess,
 };
 
 const LOCATION: &str = "/api/v1/location/update";
@@ -45,11 +45,12 @@ fn a_keys_file_broken_at_a_reload_refuses_every_write_until_it_is_fixed_instead_
     std::fs::write(&keys, format!("fleet {} streams=location\n", hashed(leaked))).unwrap();
     let cluster = shared_cluster();
     let name = fresh_database(cluster);
-    let (mut child, address) = start_gateway(&[
+    let gateway = GatewayProcess::start(&[
         ("DATABASE_URL", connection_string(&cluster.config(&name))),
         ("INGEST_DATA_DIR", dir.path().join("data").display().to_string()),
         ("INGEST_API_KEYS_FILE", keys.display().to_string()),
     ]);
+    let address = gateway.address.clone();
     assert_eq!(post(&address, leaked).0, 202);
 
     // The operator revokes the leaked key, but the edit leaves a typo on another line.
@@ -61,10 +62,8 @@ fn a_keys_file_broken_at_a_reload_refuses_every_write_until_it_is_fixed_instead_
         ),
     )
     .unwrap();
-    signal(&child, libc::SIGHUP);
-    eventually("the broken file is noticed", Duration::from_secs(10), || {
-        get(&address, "/metrics").1.contains("ingest_api_keys_file_usable 0")
-    });
+    assert!(!gateway.reload("api keys"), "the broken file is refused");
+    assert!(get(&address, "/metrics").1.contains("ingest_api_keys_file_usable 0"));
     let (leaked_status, body) = post(&address, leaked);
     let fresh_status = post(&address, fresh).0;
     let (ready, readiness) = get(&address, "/readyz");
@@ -77,16 +76,13 @@ fn a_keys_file_broken_at_a_reload_refuses_every_write_until_it_is_fixed_instead_
     assert_eq!(stats["auth"]["keys_file_usable"], false, "{stats}");
 
     std::fs::write(&keys, format!("fleet {} streams=location\n", hashed(fresh))).unwrap();
-    signal(&child, libc::SIGHUP);
-    eventually("the fixed file is in force", Duration::from_secs(10), || {
-        get(&address, "/metrics").1.contains("ingest_api_keys_file_usable 1")
-    });
+    assert!(gateway.reload("api keys"), "the fixed file is taken");
+    assert!(get(&address, "/metrics").1.contains("ingest_api_keys_file_usable 1"));
     assert_eq!((post(&address, fresh).0, post(&address, leaked).0), (202, 401));
     eventually("ready again", Duration::from_secs(10), || {
         get(&address, "/readyz").0 == 200
     });
-    signal(&child, libc::SIGTERM);
-    let _ = child.wait();
+    assert!(gateway.terminate().success());
 }
 
 #[test]
@@ -136,12 +132,13 @@ fn a_nats_password_shows_neither_in_the_start_up_error_nor_in_help() {
     );
     assert!(!stderr.contains("s3cret-pw"), "{stderr}");
 
-    let help = Command::new(env!("CARGO_BIN_EXE_ingest-gateway"))
-        .arg("--help")
-        .env("INGEST_NATS_URL", "nats://ingest:s3cret-pw@nats:4222")
-        .stderr(Stdio::null())
-        .output()
-        .unwrap();
+    let help = gateway_command(
+        &["--help"],
+        &[("INGEST_NATS_URL", "nats://ingest:s3cret-pw@nats:4222".to_owned())],
+    )
+    .stderr(Stdio::null())
+    .output()
+    .unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(
         help.contains("INGEST_NATS_URL") && !help.contains("s3cret-pw"),

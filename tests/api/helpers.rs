@@ -190,6 +190,12 @@ impl TestApp {
         into_answer(self.agent.get(&format!("{}{path}", self.address)).call())
     }
 
+    /// Waits until every update accepted so far is written (or absorbed, or dead-lettered): nothing queued and
+    /// nothing waiting in the log, on every stream. After it, a count of rows is final.
+    pub fn wait_until_all_written(&self) {
+        wait_until_all_written(&self.address);
+    }
+
     /// The running gateway's shared state: its intakes, as the HTTP handlers see them.
     pub fn state(&self) -> &AppState {
         self.state.as_deref().expect("the gateway runs")
@@ -233,6 +239,26 @@ fn into_answer(result: Result<ureq::Response, ureq::Error>) -> Answer {
         request_id,
         body,
     }
+}
+
+/// Waits until the gateway at `address` has written (or absorbed, or dead-lettered) every update it accepted so
+/// far: nothing queued and nothing waiting in the log, on every stream, as its `/stats` says. After it, a count of
+/// rows is final.
+pub fn wait_until_all_written(address: &str) {
+    eventually("every accepted update is written", Duration::from_secs(60), || {
+        let Some(body) = ureq::get(&format!("{address}/stats"))
+            .call()
+            .ok()
+            .and_then(|r| r.into_string().ok())
+        else {
+            return false;
+        };
+        let stats: serde_json::Value = serde_json::from_str(&body).expect("/stats answers JSON");
+        ["location", "poll", "dead_letter"].iter().all(|stream| {
+            let figures = &stats["streams"][stream];
+            figures["queue_depth"] == 0 && figures["wal_backlog_bytes"] == 0 && figures["replaying"] == false
+        })
+    });
 }
 
 /// Waits up to `timeout` for `condition`; panics with `what` if it never holds. Only for conditions that do
@@ -357,17 +383,21 @@ impl Ledger {
 /// until stopped, recording every answer.
 pub struct Load {
     running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Updates answered 202 so far, over all threads.
+    acknowledged: std::sync::Arc<AtomicUsize>,
     threads: Vec<JoinHandle<Ledger>>,
 }
 
 impl Load {
     pub fn start(address: &str, threads: usize, tag: &str) -> Load {
         let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let acknowledged = std::sync::Arc::new(AtomicUsize::new(0));
         let threads = (0..threads)
             .map(|t| {
-                let (url, running, tag) = (
+                let (url, running, acknowledged, tag) = (
                     format!("{address}/api/v1/location/update"),
                     running.clone(),
+                    acknowledged.clone(),
                     tag.to_owned(),
                 );
                 std::thread::spawn(move || {
@@ -390,7 +420,10 @@ impl Load {
                             .set("Content-Type", "application/json")
                             .send_string(&body)
                         {
-                            Ok(r) if r.status() == 202 => ledger.acknowledged.extend(ids),
+                            Ok(r) if r.status() == 202 => {
+                                acknowledged.fetch_add(ids.len(), Ordering::Relaxed);
+                                ledger.acknowledged.extend(ids)
+                            }
                             Ok(r) => ledger.other_statuses.push(r.status()),
                             Err(ureq::Error::Status(503, _)) => ledger.refused.extend(ids),
                             Err(ureq::Error::Status(code, _)) => ledger.other_statuses.push(code),
@@ -409,7 +442,22 @@ impl Load {
                 })
             })
             .collect();
-        Load { running, threads }
+        Load {
+            running,
+            acknowledged,
+            threads,
+        }
+    }
+
+    /// Waits until `n` more updates than now are answered 202: the load has reached the gateway and runs, however
+    /// slow the machine.
+    pub fn wait_for_acknowledged(&self, n: usize) {
+        let target = self.acknowledged.load(Ordering::Relaxed) + n;
+        eventually(
+            &format!("{n} more updates are acknowledged"),
+            Duration::from_secs(120),
+            || self.acknowledged.load(Ordering::Relaxed) >= target,
+        );
     }
 
     pub fn stop(self) -> Ledger {
@@ -431,23 +479,10 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Starts the binary with `envs`; returns it and its HTTP address, read from its JSON log.
-pub fn start_gateway(envs: &[(&str, String)]) -> (Child, String) {
-    let (child, address, _) = start_gateway_logged(envs);
-    (child, address)
-}
-
-/// The JSON log lines a gateway binary has written so far.
-#[derive(Clone, Default)]
-pub struct LogLines(std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>);
-
-impl LogLines {
-    /// The lines whose message is `message`, in order.
-    pub fn with_message(&self, message: &str) -> Vec<serde_json::Value> {
-        let lines = self.0.lock().unwrap();
-        lines.iter().filter(|l| l["message"] == message).cloned().collect()
-    }
-}
+/// The variables of the test's own environment a gateway process keeps: what finding programs (and PostgreSQL's,
+/// `PG_BIN`), temporary files, the locale and backtraces need. Nothing else, so that an `INGEST_*` or
+/// `DATABASE_URL` left in the caller's shell changes nothing a test checks; a test passes what it means to set.
+const KEPT_VARIABLES: &[&str] = &["PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "RUST_BACKTRACE", "PG_BIN"];
 
 /// The binary the process tests start: this build's, or the one `INGEST_TEST_GATEWAY_BIN` names, so that the same
 /// attacks can measure another build (a release build, or the code before a change).
@@ -455,43 +490,144 @@ pub fn gateway_binary() -> std::path::PathBuf {
     std::env::var_os("INGEST_TEST_GATEWAY_BIN").map_or_else(|| env!("CARGO_BIN_EXE_ingest-gateway").into(), Into::into)
 }
 
-/// As [`start_gateway`], and keeps every JSON line the gateway logs.
-pub fn start_gateway_logged(envs: &[(&str, String)]) -> (Child, String, LogLines) {
+/// The gateway binary with `args`, in an environment of [`KEPT_VARIABLES`] and `envs` only, its log at `info`
+/// (the lines the tests wait for) unless `envs` says otherwise.
+pub fn gateway_command(args: &[&str], envs: &[(&str, String)]) -> Command {
     let mut command = Command::new(gateway_binary());
-    command
-        .arg("serve")
-        .env_remove("DATABASE_URL")
-        .env("INGEST_LISTEN", "127.0.0.1:0")
-        .env("INGEST_LOG_FORMAT", "json")
-        .env("INGEST_FLUSH_INTERVAL", "200ms")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    command.args(args).env_clear().env("RUST_LOG", "info");
+    for name in KEPT_VARIABLES {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
     for (k, v) in envs {
         command.env(k, v);
     }
+    command
+}
+
+/// Runs `serve` with `envs` (no database of its own needed: it must stop before it opens one) and returns how it
+/// exited and what it wrote on stderr; panics if it is still running after 30 s.
+pub fn refused_start(envs: &[(&str, String)]) -> (std::process::ExitStatus, String) {
+    let mut all = vec![("INGEST_LISTEN", "127.0.0.1:0".to_owned())];
+    all.extend(envs.iter().cloned());
+    let mut command = gateway_command(&["serve"], &all);
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("start the gateway binary");
+    // Read on a thread of its own, so that a process that writes more than a pipe holds still gets to exit.
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the gateway ran on where it should have refused to start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().expect("read the gateway's stderr"))
+}
+
+/// Starts the binary with `envs`; returns it and its HTTP address, read from its JSON log. Prefer
+/// [`GatewayProcess`], which kills its child when a test fails half-way.
+pub fn start_gateway(envs: &[(&str, String)]) -> (Child, String) {
+    let (child, address, _) = start_gateway_logged(envs);
+    (child, address)
+}
+
+/// The lines a gateway binary has written to stderr so far, and whether its stderr has closed.
+#[derive(Clone, Default)]
+pub struct LogLines(
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+);
+
+/// Sets its flag when dropped, however the thread holding it ends.
+struct CloseOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl LogLines {
+    /// Waits (a few seconds at most) until the process's stderr has closed, so that every line it wrote before
+    /// it exited is in.
+    fn wait_for_the_end(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.1.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Every line, as written.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The JSON lines whose message is `message`, in order.
+    pub fn with_message(&self, message: &str) -> Vec<serde_json::Value> {
+        let lines = self.0.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["message"] == message)
+            .collect()
+    }
+}
+
+/// As [`start_gateway`], and keeps every line the gateway logs.
+pub fn start_gateway_logged(envs: &[(&str, String)]) -> (Child, String, LogLines) {
+    let mut all = vec![
+        ("INGEST_LISTEN", "127.0.0.1:0".to_owned()),
+        ("INGEST_LOG_FORMAT", "json".to_owned()),
+        ("INGEST_FLUSH_INTERVAL", "200ms".to_owned()),
+    ];
+    all.extend(envs.iter().cloned());
+    let mut command = gateway_command(&["serve"], &all);
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = command.spawn().expect("start the gateway binary");
     let stderr = child.stderr.take().unwrap();
     let (port_tx, port_rx) = mpsc::channel();
     let log = LogLines::default();
     let kept = log.clone();
+    let echo = std::env::var_os("RUST_LOG").is_some();
     std::thread::spawn(move || {
+        // Says that every line is in, once the pipe closes: the process (and whatever shared its stderr) is gone.
+        let _closed = CloseOnDrop(kept.1.clone());
         // Keeps reading to the end so that the gateway never blocks on a full pipe.
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
                 if let Some(port) = event["port"].as_u64() {
                     let _ = port_tx.send(port);
                 }
-                kept.0.lock().unwrap().push(event);
             }
-            if std::env::var_os("RUST_LOG").is_some() {
+            if echo {
                 eprintln!("gateway: {line}");
             }
+            kept.0.lock().unwrap().push(line);
         }
     });
-    let port = port_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the gateway logs its port");
-    (child, format!("http://127.0.0.1:{port}"), log)
+    match port_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(port) => (child, format!("http://127.0.0.1:{port}"), log),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the gateway did not log its port; it wrote:\n{}",
+                log.lines().join("\n")
+            );
+        }
+    }
 }
 
 pub use ingest_gateway::db::embedded::send_signal as signal;
@@ -568,18 +704,36 @@ pub fn gateway_envs(
     ]
 }
 
-/// A gateway binary that is killed when dropped, so that a test failing half-way leaves no process behind.
+/// A gateway binary that is killed when dropped, so that a test failing half-way leaves no process behind. Its
+/// stderr is kept (JSON lines: `INGEST_LOG_FORMAT=json` unless the test says otherwise).
 pub struct GatewayProcess {
     child: Child,
     /// Its HTTP address, as it logged it.
     pub address: String,
+    log: LogLines,
+    /// The data directory when the test named none, removed after the process.
+    _data_dir: Option<tempfile::TempDir>,
 }
 
 impl GatewayProcess {
-    /// Starts the binary with `envs`, as [`start_gateway`] does.
+    /// Starts `serve` with `envs` on a free port of loopback, in an environment of nothing but `envs` and the few
+    /// variables [`gateway_command`] keeps; in a temporary data directory unless `envs` names one.
     pub fn start(envs: &[(&str, String)]) -> Self {
-        let (child, address) = start_gateway(envs);
-        GatewayProcess { child, address }
+        let mut envs = envs.to_vec();
+        let data_dir = if envs.iter().any(|(k, _)| *k == "INGEST_DATA_DIR") {
+            None
+        } else {
+            let dir = tempfile::tempdir().expect("a data directory");
+            envs.push(("INGEST_DATA_DIR", dir.path().display().to_string()));
+            Some(dir)
+        };
+        let (child, address, log) = start_gateway_logged(&envs);
+        GatewayProcess {
+            child,
+            address,
+            log,
+            _data_dir: data_dir,
+        }
     }
 
     /// Its process id, to read its memory and state under `/proc`.
@@ -587,16 +741,76 @@ impl GatewayProcess {
         self.child.id()
     }
 
+    /// Every line it has logged so far.
+    pub fn log(&self) -> &LogLines {
+        &self.log
+    }
+
+    /// Sends it `signal`.
+    pub fn signal(&self, signal: libc::c_int) {
+        self::signal(&self.child, signal);
+    }
+
+    /// Sends SIGHUP and waits until the reload of `what` (as the gateway names it: `api keys`, `tls certificates`,
+    /// …) has run; returns whether it succeeded (a failed one keeps what was loaded before).
+    pub fn reload(&self, what: &str) -> bool {
+        // Each reload of `what` ends in one of two lines: true for "reloaded", false for a failure.
+        let outcomes = || -> Vec<bool> {
+            self.log
+                .lines()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|l| l["what"] == what)
+                .filter_map(|l| match l["message"].as_str() {
+                    Some("reloaded") => Some(true),
+                    Some("reload failed; the previous one stays") => Some(false),
+                    _ => None,
+                })
+                .collect()
+        };
+        let before = outcomes().len();
+        self.signal(libc::SIGHUP);
+        let mut outcome = None;
+        eventually(&format!("the {what} reload has run"), Duration::from_secs(30), || {
+            outcome = outcomes().get(before).copied();
+            outcome.is_some()
+        });
+        outcome.expect("waited for above")
+    }
+
+    /// Waits for it to exit, at most `timeout` (then kills it and panics), and returns how it exited.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the gateway") {
+                self.log.wait_for_the_end();
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!("the gateway did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// How it exited, if it has.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("look at the gateway process")
+    }
+
     /// Kills it with SIGKILL, as a crash or the OOM killer would, and reaps it.
     pub fn kill(&mut self) {
-        signal(&self.child, libc::SIGKILL);
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self::signal(&self.child, libc::SIGKILL);
+        }
         let _ = self.child.wait();
     }
 
-    /// Stops it with SIGTERM and returns how it exited.
+    /// Stops it with SIGTERM and returns how it exited (within two minutes: the stop writes what was accepted).
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        signal(&self.child, libc::SIGTERM);
-        self.child.wait().expect("wait for the gateway to exit")
+        self.signal(libc::SIGTERM);
+        self.wait(Duration::from_secs(120))
     }
 }
 

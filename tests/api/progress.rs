@@ -1,15 +1,12 @@
 //! Long work shows progress: a restart with a large log left behind is not ready ("replaying") until the log is
 //! read back and logs how the replay goes; a stop that waits for the database logs how the writing goes.
 
-use std::process::{Child, ExitStatus};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::helpers::gateway_envs;
-use crate::helpers::{
-    eventually, location_array, post_location, signal, start_gateway, start_gateway_logged, Db, OwnDatabase,
-};
+use crate::helpers::{eventually, location_array, post_location, Db, GatewayProcess, OwnDatabase};
 
 /// Updates per request, and requests, of the log left behind: enough that reading it back through a small
 /// queue takes a while.
@@ -42,21 +39,6 @@ fn send_accepted(address: &str, tag: &str, requests: usize, per_request: usize) 
     requests * per_request
 }
 
-/// Waits for the process to exit, at most `timeout` (a safety net: it kills the process then and fails).
-fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            signal(child, libc::SIGKILL);
-            panic!("the gateway did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_restart_with_a_large_log_is_not_ready_until_the_replay_is_done_and_logs_its_progress() {
     // Updates taken while the database is away are in the log only; the kill leaves all of them there.
@@ -66,11 +48,10 @@ fn a_restart_with_a_large_log_is_not_ready_until_the_replay_is_done_and_logs_its
         data_dir,
     } = OwnDatabase::start();
     let envs = gateway_envs(&cluster, &name, &data_dir);
-    let (mut gateway, address) = start_gateway(&envs);
+    let mut gateway = GatewayProcess::start(&envs);
     cluster.stop();
-    let sent = send_accepted(&address, "replay", REQUESTS, PER_REQUEST);
-    signal(&gateway, libc::SIGKILL);
-    gateway.wait().unwrap();
+    let sent = send_accepted(&gateway.address, "replay", REQUESTS, PER_REQUEST);
+    gateway.kill();
     cluster.restart().unwrap();
 
     // A small queue and small batches make the replay go at the writers' pace, one batch of 100 at a time.
@@ -80,7 +61,9 @@ fn a_restart_with_a_large_log_is_not_ready_until_the_replay_is_done_and_logs_its
         ("INGEST_BATCH_SIZE", "100".to_owned()),
         ("INGEST_PROGRESS_INTERVAL", "200ms".to_owned()),
     ]);
-    let (mut gateway, address, log) = start_gateway_logged(&envs);
+    let gateway = GatewayProcess::start(&envs);
+    let address = gateway.address.clone();
+    let log = gateway.log().clone();
     let mut answers = Vec::new();
     eventually("the gateway is ready", Duration::from_secs(180), || {
         let (status, body) = readyz(&address);
@@ -111,8 +94,7 @@ fn a_restart_with_a_large_log_is_not_ready_until_the_replay_is_done_and_logs_its
             .any(|l| l == r#"ingest_wal_replay_remaining_bytes{stream="location"} 0"#),
         "the replay gauge is back to 0"
     );
-    signal(&gateway, libc::SIGTERM);
-    assert!(wait_with_timeout(&mut gateway, Duration::from_secs(60)).success());
+    assert!(gateway.terminate().success());
 
     let progress: Vec<Value> = log
         .with_message("replaying the write-ahead log")
@@ -159,15 +141,16 @@ fn a_stop_that_waits_for_the_database_logs_its_progress_then_writes_everything()
         ("INGEST_PROGRESS_INTERVAL", "200ms".to_owned()),
         ("INGEST_SHUTDOWN_TIMEOUT", "5m".to_owned()),
     ]);
-    let (mut gateway, address, log) = start_gateway_logged(&envs);
+    let mut gateway = GatewayProcess::start(&envs);
+    let log = gateway.log().clone();
     cluster.stop();
-    let sent = send_accepted(&address, "drain", 20, 1_000);
-    signal(&gateway, libc::SIGTERM);
+    let sent = send_accepted(&gateway.address, "drain", 20, 1_000);
+    gateway.signal(libc::SIGTERM);
     eventually("the stop logs its progress", Duration::from_secs(60), || {
         log.with_message("stopping: writing accepted updates").len() >= 3
     });
     cluster.restart().unwrap();
-    assert!(wait_with_timeout(&mut gateway, Duration::from_secs(120)).success());
+    assert!(gateway.wait(Duration::from_secs(120)).success());
 
     let db = Db::connect(cluster.config(&name));
     assert_eq!(db.count("location_updates"), sent as i64);

@@ -3,12 +3,12 @@
 //! deployment from before gateway identities upgrades without losing or replaying anything.
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::helpers::{
-    connection_string, crash_seed, eventually, fresh_database, shared_cluster, signal, start_gateway, Db, Lcg, Ledger,
-    Load,
+    connection_string, crash_seed, eventually, fresh_database, gateway_command, shared_cluster, Db, GatewayProcess,
+    Lcg, Ledger, Load,
 };
 
 fn gateway_envs(database_url: &str, data_dir: &std::path::Path) -> Vec<(&'static str, String)> {
@@ -33,36 +33,41 @@ fn two_gateways_on_one_database_lose_and_duplicate_nothing_when_one_is_killed_at
     let url = connection_string(&cluster.config(&name));
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let envs: Vec<_> = dirs.iter().map(|d| gateway_envs(&url, d.path())).collect();
-    let mut gateways: Vec<_> = envs.iter().map(|e| start_gateway(e)).collect();
+    let mut gateways: Vec<_> = envs.iter().map(|e| GatewayProcess::start(e)).collect();
     let mut ledger = Ledger::default();
     let mut loads: Vec<Option<Load>> = gateways
         .iter()
         .enumerate()
-        .map(|(i, (_, address))| Some(Load::start(address, 2, &format!("replica{i}-run0"))))
+        .map(|(i, gateway)| Some(Load::start(&gateway.address, 2, &format!("replica{i}-run0"))))
         .collect();
     let rounds = 6;
     for round in 1..=rounds {
-        std::thread::sleep(Duration::from_millis(400 + rng.next_ms(1200)));
         let victim = rng.next_ms(2) as usize;
-        signal(&gateways[victim].0, libc::SIGKILL);
-        gateways[victim].0.wait().unwrap();
+        // A kill lands while the victim takes load: after some of it is acknowledged, at a random moment later.
+        loads[victim]
+            .as_ref()
+            .expect("a load per gateway")
+            .wait_for_acknowledged(50);
+        std::thread::sleep(Duration::from_millis(rng.next_ms(1200)));
+        gateways[victim].kill();
         if let Some(load) = loads[victim].take() {
             ledger.merge(load.stop());
         }
-        gateways[victim] = start_gateway(&envs[victim]);
+        gateways[victim] = GatewayProcess::start(&envs[victim]);
         loads[victim] = Some(Load::start(
-            &gateways[victim].1,
+            &gateways[victim].address,
             2,
             &format!("replica{victim}-run{round}"),
         ));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    for load in loads.iter().flatten() {
+        load.wait_for_acknowledged(50);
+    }
     for load in loads.into_iter().flatten() {
         ledger.merge(load.stop());
     }
-    for (gateway, _) in &mut gateways {
-        signal(gateway, libc::SIGTERM);
-        assert!(gateway.wait().unwrap().success(), "the last runs stop cleanly");
+    for gateway in gateways {
+        assert!(gateway.terminate().success(), "the last runs stop cleanly");
     }
 
     let db = Db::connect(cluster.config(&name));
@@ -81,13 +86,11 @@ fn a_second_process_on_a_held_data_directory_exits_at_once_naming_the_first() {
     let name = fresh_database(cluster);
     let url = connection_string(&cluster.config(&name));
     let dir = tempfile::tempdir().unwrap();
-    let (mut first, address) = start_gateway(&gateway_envs(&url, dir.path()));
+    let first = GatewayProcess::start(&gateway_envs(&url, dir.path()));
+    let address = first.address.clone();
 
     let started = Instant::now();
-    let mut second = Command::new(env!("CARGO_BIN_EXE_ingest-gateway"))
-        .arg("serve")
-        .env("DATABASE_URL", &url)
-        .env("INGEST_DATA_DIR", dir.path())
+    let mut second = gateway_command(&["serve"], &gateway_envs(&url, dir.path()))
         .env("INGEST_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -100,10 +103,9 @@ fn a_second_process_on_a_held_data_directory_exits_at_once_naming_the_first() {
     assert!(!status.success(), "the second process refuses to run");
     assert!(started.elapsed() < Duration::from_secs(30), "it exits at once");
     assert!(stderr.contains("in use"), "{stderr}");
-    assert!(stderr.contains(&format!("pid {}", first.id())), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", first.pid())), "{stderr}");
     assert!(stats(&address).is_some(), "the first one still serves");
-    signal(&first, libc::SIGTERM);
-    assert!(first.wait().unwrap().success());
+    assert!(first.terminate().success());
 }
 
 #[test]
@@ -114,11 +116,10 @@ fn a_gateway_from_before_identities_claims_its_log_positions_and_replays_nothing
     let dir = tempfile::tempdir().unwrap();
     let envs = gateway_envs(&url, dir.path());
     // Killed under load: some of its log is committed, some not.
-    let (mut gateway, address) = start_gateway(&envs);
-    let load = Load::start(&address, 2, "upgrade");
-    std::thread::sleep(Duration::from_millis(1500));
-    signal(&gateway, libc::SIGKILL);
-    gateway.wait().unwrap();
+    let mut gateway = GatewayProcess::start(&envs);
+    let load = Load::start(&gateway.address, 2, "upgrade");
+    load.wait_for_acknowledged(500);
+    gateway.kill();
     let ledger = load.stop();
     // What an older gateway leaves: a log, positions without an owner, no identity.
     std::fs::remove_file(dir.path().join("instance-id")).unwrap();
@@ -129,15 +130,15 @@ fn a_gateway_from_before_identities_claims_its_log_positions_and_replays_nothing
         "a log is left"
     );
 
-    let (mut gateway, address) = start_gateway(&envs);
+    let gateway = GatewayProcess::start(&envs);
+    let address = gateway.address.clone();
     eventually("the log is replayed", Duration::from_secs(60), || {
         stats(&address).is_some_and(|s| {
             s["streams"]["location"]["queue_depth"] == 0 && s["streams"]["location"]["wal_backlog_bytes"] == 0
         })
     });
     let after = stats(&address).unwrap();
-    signal(&gateway, libc::SIGTERM);
-    assert!(gateway.wait().unwrap().success());
+    assert!(gateway.terminate().success());
 
     ledger.assert_stored_exactly_once("upgrade", &db.device_ids());
     assert_eq!(

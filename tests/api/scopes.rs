@@ -3,13 +3,11 @@
 //! second write of a stored key with other content is kept in `dead_letters` as a conflict and counted, while an
 //! identical retry stays a silent duplicate and `device_positions` keeps the first write.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
 use ingest_gateway::http::auth::hashed;
 
-use crate::helpers::{connection_string, eventually, fresh_database, shared_cluster, spawn_app, GatewayProcess};
+use crate::helpers::{
+    connection_string, fresh_database, refused_start, shared_cluster, spawn_app, wait_until_all_written, GatewayProcess,
+};
 
 const LOCATION: &str = "/api/v1/location/update";
 const POLL: &str = "/api/v1/poll/update";
@@ -96,9 +94,12 @@ fn a_key_for_truck_1_writes_truck_1_and_never_truck_10_on_any_route() {
     assert_eq!(fleet_outside, 403, "devices=van- does not reach vanity");
     assert_eq!((own, own_osmand, fleet_inside), (202, 200, 202));
     let db = crate::helpers::Db::connect(cluster.config(&name));
-    eventually("the three updates in scope are stored", Duration::from_secs(20), || {
-        db.count("location_updates") == 3
-    });
+    wait_until_all_written(&gateway.address);
+    assert_eq!(
+        db.count("location_updates"),
+        3,
+        "the three updates in scope are stored, no other"
+    );
     let mut devices = db.device_ids();
     devices.sort();
     assert_eq!(devices, [("truck-1".to_owned(), 2), ("van-7".to_owned(), 1)]);
@@ -113,29 +114,10 @@ fn a_keys_file_whose_prefix_could_reach_other_devices_refuses_the_start_naming_i
         format!("# fleet\nfleet {} streams=location devices=truck-1\n", hashed(&key(1))),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ingest-gateway"))
-        .arg("serve")
-        .env_remove("DATABASE_URL")
-        .env("INGEST_LISTEN", "127.0.0.1:0")
-        .env("INGEST_DATA_DIR", dir.path().join("data"))
-        .env("INGEST_API_KEYS_FILE", &keys)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the gateway started with a prefix that reaches other devices");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let (status, stderr) = refused_start(&[
+        ("INGEST_DATA_DIR", dir.path().join("data").display().to_string()),
+        ("INGEST_API_KEYS_FILE", keys.display().to_string()),
+    ]);
     assert!(!status.success());
     assert!(
         stderr.contains("line 2") && stderr.contains("device=truck-1") && stderr.contains("devices=truck-1-"),

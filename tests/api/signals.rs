@@ -1,26 +1,27 @@
 //! The real binary under real signals: SIGTERM under load writes every accepted update and exits 0; with no
 //! `DATABASE_URL` it runs (and stops) its own PostgreSQL.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ingest_gateway::db::{EmbeddedPostgres, PostgresOptions};
 
 use crate::helpers::{
-    connection_string, fresh_database, location_array, location_json, post_location, shared_cluster, signal,
-    start_gateway, Db, Ledger,
+    connection_string, eventually, fresh_database, location_array, location_json, post_location, shared_cluster, Db,
+    GatewayProcess, Ledger,
 };
 
 #[test]
 fn sigterm_under_load_writes_every_accepted_update_and_exits_0() {
     let cluster = shared_cluster();
     let name = fresh_database(cluster);
-    let (mut child, address) = start_gateway(&[("DATABASE_URL", connection_string(&cluster.config(&name)))]);
+    let gateway = GatewayProcess::start(&[("DATABASE_URL", connection_string(&cluster.config(&name)))]);
     let running = Arc::new(AtomicBool::new(true));
+    let acknowledged = Arc::new(AtomicUsize::new(0));
     let load: Vec<_> = (0..4)
         .map(|t| {
-            let (address, running) = (address.clone(), running.clone());
+            let (address, running, acknowledged) = (gateway.address.clone(), running.clone(), acknowledged.clone());
             std::thread::spawn(move || {
                 let mut ledger = Ledger::default();
                 let mut i = 0;
@@ -35,7 +36,10 @@ fn sigterm_under_load_writes_every_accepted_update_and_exits_0() {
                         (location_json(&prefix), vec![prefix.clone()])
                     };
                     match post_location(&address, &body) {
-                        Some(202) => ledger.acknowledged.extend(ids),
+                        Some(202) => {
+                            acknowledged.fetch_add(ids.len(), Ordering::Relaxed);
+                            ledger.acknowledged.extend(ids)
+                        }
                         Some(503) | None => ledger.refused.extend(ids),
                         Some(other) => ledger.other_statuses.push(other),
                     }
@@ -46,9 +50,11 @@ fn sigterm_under_load_writes_every_accepted_update_and_exits_0() {
         })
         .collect();
 
-    std::thread::sleep(Duration::from_millis(1500));
-    signal(&child, libc::SIGTERM);
-    let status = child.wait().unwrap();
+    // The stop comes in the middle of the load, once a good part of it is acknowledged.
+    eventually("500 updates are acknowledged", Duration::from_secs(120), || {
+        acknowledged.load(Ordering::Relaxed) >= 500
+    });
+    let status = gateway.terminate();
     running.store(false, Ordering::Relaxed);
     let mut ledger = Ledger::default();
     for t in load {
@@ -58,7 +64,7 @@ fn sigterm_under_load_writes_every_accepted_update_and_exits_0() {
     assert!(status.success(), "exit status {status}");
     assert!(ledger.other_statuses.is_empty(), "{:?}", ledger.other_statuses);
     assert!(
-        ledger.acknowledged.len() > 50,
+        ledger.acknowledged.len() >= 500,
         "the load ran: {}",
         ledger.acknowledged.len()
     );
@@ -77,10 +83,10 @@ fn with_no_database_url_the_gateway_runs_its_own_postgres_and_keeps_the_data() {
     let data_dir = tempfile::tempdir().unwrap();
     let envs = [("INGEST_DATA_DIR", data_dir.path().display().to_string())];
 
-    let (mut child, address) = start_gateway(&envs);
-    assert_eq!(post_location(&address, &location_json("embedded-1")), Some(202));
-    signal(&child, libc::SIGINT);
-    assert!(child.wait().unwrap().success());
+    let mut gateway = GatewayProcess::start(&envs);
+    assert_eq!(post_location(&gateway.address, &location_json("embedded-1")), Some(202));
+    gateway.signal(libc::SIGINT);
+    assert!(gateway.wait(Duration::from_secs(120)).success());
     let pg_data = data_dir.path().join("postgres");
     assert!(
         !pg_data.join("postmaster.pid").exists(),
@@ -88,10 +94,9 @@ fn with_no_database_url_the_gateway_runs_its_own_postgres_and_keeps_the_data() {
     );
 
     // A second start reuses the cluster: the first row is still there.
-    let (mut child, address) = start_gateway(&envs);
-    assert_eq!(post_location(&address, &location_json("embedded-2")), Some(202));
-    signal(&child, libc::SIGTERM);
-    assert!(child.wait().unwrap().success());
+    let gateway = GatewayProcess::start(&envs);
+    assert_eq!(post_location(&gateway.address, &location_json("embedded-2")), Some(202));
+    assert!(gateway.terminate().success());
 
     let server = EmbeddedPostgres::start(&PostgresOptions {
         data_dir: pg_data,

@@ -6,7 +6,6 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +15,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use crate::helpers::{
-    connection_string, eventually, free_port, fresh_database, location_json, shared_cluster, signal, spawn_app,
-    spawn_app_on, start_gateway, Db,
+    connection_string, eventually, free_port, fresh_database, gateway_command, location_json, shared_cluster,
+    spawn_app, spawn_app_on, Db, GatewayProcess,
 };
 
 /// A certificate authority made for one test.
@@ -260,12 +259,12 @@ fn sighup_serves_a_new_certificate_keeps_open_connections_and_keeps_the_old_one_
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test server CA");
     let (cert, key) = ca.write_server(dir.path(), "server");
-    let (mut child, address) = start_gateway(&[
+    let gateway = GatewayProcess::start(&[
         ("DATABASE_URL", connection_string(&cluster.config(&name))),
         ("INGEST_TLS_CERT", cert.display().to_string()),
         ("INGEST_TLS_KEY", key.display().to_string()),
     ]);
-    let port = port_of(&address);
+    let port = port_of(&gateway.address);
     let mut open = Https::connect(port, &ca.pem(), None).unwrap();
     let first = open.served_certificate();
     assert_eq!(first, first_certificate(&cert));
@@ -275,10 +274,11 @@ fn sighup_serves_a_new_certificate_keeps_open_connections_and_keeps_the_old_one_
     let renewed = first_certificate(&new_cert);
     std::fs::rename(&new_cert, &cert).unwrap();
     std::fs::rename(&new_key, &key).unwrap();
-    signal(&child, libc::SIGHUP);
-    eventually("the new certificate is served", Duration::from_secs(10), || {
-        Https::connect(port, &ca.pem(), None).unwrap().served_certificate() == renewed
-    });
+    assert!(gateway.reload("tls certificates"), "the renewed files are taken");
+    assert_eq!(
+        Https::connect(port, &ca.pem(), None).unwrap().served_certificate(),
+        renewed
+    );
     assert_eq!(
         open.request("POST", "/api/v1/location/update", &location_json("before-reload"))
             .unwrap(),
@@ -288,15 +288,12 @@ fn sighup_serves_a_new_certificate_keeps_open_connections_and_keeps_the_old_one_
 
     // A broken key: the reload fails and the renewed certificate stays.
     std::fs::write(&key, "not a key").unwrap();
-    signal(&child, libc::SIGHUP);
-    // Nothing to wait for but the failed reload's turn: give it a moment.
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(!gateway.reload("tls certificates"), "the broken key is refused");
     let mut after = Https::connect(port, &ca.pem(), None).expect("still serving");
     assert_eq!(after.served_certificate(), renewed);
     assert_eq!(after.request("GET", "/healthz", "").unwrap(), 200);
 
-    signal(&child, libc::SIGTERM);
-    assert!(child.wait().unwrap().success());
+    assert!(gateway.terminate().success());
     assert_eq!(Db::connect(cluster.config(&name)).count("location_updates"), 1);
 }
 
@@ -307,17 +304,13 @@ fn broken_tls_files_at_start_stop_the_gateway_with_a_reason_naming_them() {
     let (cert, key) = ca.write_server(dir.path(), "server");
     let missing = dir.path().join("missing-key.pem");
     let run = |envs: &[(&str, &Path)]| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ingest-gateway"));
-        command
-            .arg("serve")
-            .env("INGEST_LISTEN", "127.0.0.1:0")
-            .env("INGEST_DATA_DIR", dir.path().join("data"))
-            .env("DATABASE_URL", "host=/nonexistent")
-            .env_remove("INGEST_TLS_CLIENT_CA");
-        for (k, v) in envs {
-            command.env(k, v);
-        }
-        let output = command.output().unwrap();
+        let mut all = vec![
+            ("INGEST_LISTEN", "127.0.0.1:0".to_owned()),
+            ("INGEST_DATA_DIR", dir.path().join("data").display().to_string()),
+            ("DATABASE_URL", "host=/nonexistent".to_owned()),
+        ];
+        all.extend(envs.iter().map(|(k, v)| (*k, v.display().to_string())));
+        let output = gateway_command(&["serve"], &all).output().unwrap();
         (
             output.status.success(),
             String::from_utf8_lossy(&output.stderr).into_owned(),

@@ -6,8 +6,6 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -17,7 +15,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::helpers::{
-    connection_string, fresh_database, location_json, shared_cluster, signal, spawn_app, Db, TestApp,
+    connection_string, fresh_database, location_json, shared_cluster, spawn_app, Db, GatewayProcess, TestApp,
 };
 use crate::tracker_cases::{case, render, Col, Outcome, Protocol, Row, TrackerCase, CASES, OVERLAND_TRIP_SUMMARY};
 
@@ -620,76 +618,6 @@ fn key(n: u8) -> String {
     format!("igk_{}", format!("{n:02x}").repeat(32))
 }
 
-/// The gateway binary with every line it writes to stderr kept.
-struct Gateway {
-    child: Child,
-    address: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Gateway {
-    /// Starts the binary with `envs`, at debug level so that what a debugging operator would see is checked too.
-    fn start(envs: &[(&str, String)]) -> Gateway {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ingest-gateway"));
-        command
-            .arg("serve")
-            .env_remove("DATABASE_URL")
-            .env("INGEST_LISTEN", "127.0.0.1:0")
-            .env("INGEST_LOG_FORMAT", "json")
-            .env("INGEST_FLUSH_INTERVAL", "100ms")
-            .env("INGEST_WRITERS", "1")
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in envs {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("start the gateway binary");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let kept = log.clone();
-        let (port_tx, port_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Reads to the end, so that the gateway never blocks on a full pipe.
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(port) = serde_json::from_str::<Value>(&line)
-                    .ok()
-                    .and_then(|event| event["port"].as_u64())
-                {
-                    let _ = port_tx.send(port);
-                }
-                kept.lock().unwrap().push(line);
-            }
-        });
-        let port = port_rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the gateway logs its port");
-        Gateway {
-            child,
-            address: format!("http://127.0.0.1:{port}"),
-            log,
-        }
-    }
-
-    /// Stops the binary with SIGTERM and returns every line it wrote.
-    fn stop(mut self) -> Vec<String> {
-        signal(&self.child, libc::SIGTERM);
-        assert!(self.child.wait().unwrap().success(), "the gateway stops cleanly");
-        // The reader thread sees the pipe close right after the exit; give it the lines still in flight.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut lines = self.log.lock().unwrap().len();
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-            let now = self.log.lock().unwrap().len();
-            if now == lines {
-                break;
-            }
-            lines = now;
-        }
-        self.log.lock().unwrap().clone()
-    }
-}
-
 /// Requests that carry a key where their clients can, all for devices under `truck-1`; `{key}` and `{basic}`
 /// (`base64(user:key)`, user first) are filled in by the test.
 const KEYED: &[(&str, &str, &str)] = &[
@@ -771,10 +699,15 @@ fn keys_are_taken_in_the_path_the_query_basic_and_bearer_scoped_to_their_devices
     let cluster = shared_cluster();
     let name = fresh_database(cluster);
     let data_dir = tempfile::tempdir().unwrap();
-    let gateway = Gateway::start(&[
+    // At debug level, so that what a debugging operator would see is checked too; one writer, so that a committed
+    // marker is written after everything before it.
+    let gateway = GatewayProcess::start(&[
         ("DATABASE_URL", connection_string(&cluster.config(&name))),
         ("INGEST_DATA_DIR", data_dir.path().display().to_string()),
         ("INGEST_API_KEYS_FILE", keys_path.display().to_string()),
+        ("INGEST_FLUSH_INTERVAL", "100ms".to_owned()),
+        ("INGEST_WRITERS", "1".to_owned()),
+        ("RUST_LOG", "debug".to_owned()),
     ]);
     let host = host_of(&gateway.address);
     let now = OffsetDateTime::now_utc();
@@ -870,7 +803,9 @@ fn keys_are_taken_in_the_path_the_query_basic_and_bearer_scoped_to_their_devices
         .unwrap()
         .into_string()
         .unwrap();
-    let log = gateway.stop();
+    let log = gateway.log().clone();
+    assert!(gateway.terminate().success(), "the gateway stops cleanly");
+    let log = log.lines();
     assert!(
         !metrics.contains(&fleet) && !metrics.contains(&stranger),
         "no key in /metrics"
