@@ -8,11 +8,10 @@
 //! The log is a directory of segment files (`<seq>.wal`), each zero-filled a stretch ahead of its records
 //! ([`ZERO_AHEAD`]): a group then lands in blocks the file already has, and its `fdatasync` writes the data alone,
 //! not the file's new size as well (measured: 80 µs against 130 µs). A zero tail is read as the end of the records.
-//! The log A segment is removed once every update in it is
-//! committed in PostgreSQL — the last [`SegmentRef`] to it is committed — so the log holds only what is not yet
-//! written, bounded by `max_bytes` (a full log answers 503). At start-up the segments left by the previous run are
-//! read back ([`Recovery`]); a damaged record (checksum) is skipped and a torn tail ignored, each counted and
-//! logged, never a crash loop.
+//! A segment is removed once every update in it is committed in PostgreSQL — the last [`SegmentRef`] to it is
+//! committed — so the log holds only what is not yet written, bounded by `max_bytes` (a full log answers 503). At
+//! start-up the segments left by the previous run are read back ([`Recovery`]); a damaged record (checksum) is
+//! skipped and a torn tail ignored, each counted and logged, never a crash loop.
 //!
 //! A record is opaque bytes to the log, but for its first [`LSN_BYTES`]: the log sequence number, filled in by
 //! [`Wal::append`]. The log knows nothing of the rest of the gateway: it reports what it does to a
