@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::info;
 
+use crate::support::io_context::{self, PathIoError};
 use crate::support::{atomic_file, random};
 
 /// The lock file: holds the pid of the process that owns the directory.
@@ -34,23 +35,14 @@ pub enum DataDirError {
          own --data-dir"
     )]
     InUse { dir: PathBuf, pid: String },
-    #[error("{what}: {path}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("{path} does not hold an instance identity (32 hex digits); restore it or remove the data directory")]
     BadIdentity { path: PathBuf },
 }
 
 fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DataDirError + 'a {
-    move |source| DataDirError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    }
+    io_context::context(what, path)
 }
 
 /// The data directory, locked for this process until dropped.

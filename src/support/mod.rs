@@ -3,10 +3,12 @@
 //!
 //! - [`atomic_file`]: replace a small file whole, directory fsync included.
 //! - [`hex`]: lowercase hex.
+//! - [`io_context`]: IO errors that name the operation and the path.
 //! - [`process`]: signals to children and the parent-death signal.
 //! - [`random`]: random bytes from the kernel.
 
 pub mod atomic_file;
 pub mod hex;
+pub mod io_context;
 pub mod process;
 pub mod random;
