@@ -11,7 +11,7 @@ use tokio::runtime::Runtime;
 use tracing::info;
 
 use super::data_dir::DataDir;
-use super::partitions;
+use super::partition_schedule;
 use crate::config::Settings;
 use crate::db::partitions::PartitionPolicy;
 use crate::db::{self, EmbeddedPostgres, PostgresOptions};
@@ -86,7 +86,7 @@ pub(super) fn open(
     runtime
         .block_on(db::migrate::run(&database.config, &database.tls))
         .context("could not apply the migrations")?;
-    partitions::start(
+    partition_schedule::start(
         &runtime,
         &database.config,
         &database.tls,
@@ -145,8 +145,8 @@ pub(super) fn watch_database(runtime: &Runtime, pool: Pool) -> Arc<DatabaseHealt
 
 /// The host a connection to PostgreSQL would reach over the network in clear: a TCP host that is not this machine,
 /// with TLS off. `None` for a Unix socket, a loopback host, or TLS.
-fn remote_without_tls(config: &tokio_postgres::Config, mode: db::tls::TlsMode) -> Option<String> {
-    if mode != db::tls::TlsMode::Off {
+fn remote_without_tls(config: &tokio_postgres::Config, mode: db::client_tls::TlsMode) -> Option<String> {
+    if mode != db::client_tls::TlsMode::Off {
         return None;
     }
     let addresses = config.get_hostaddrs();

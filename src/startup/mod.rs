@@ -9,23 +9,23 @@
 //! - [`new_key`]: the `new-key` command.
 //! - [`reload`]: what SIGHUP re-reads.
 //! - [`streams`]: one generic per-stream builder.
-//! - [`tls`]: HTTPS for the TCP listeners, reloaded on SIGHUP.
+//! - [`https`]: HTTPS for the TCP listeners, reloaded on SIGHUP.
 //! - [`shutdown`]: the stop sequence.
 //! - [`progress`]: the progress of long work (the start-up replay, the stop's drain) in the log.
-//! - [`partitions`]: the stream tables' time partitions, made at start-up and on a schedule.
+//! - [`partition_schedule`]: the stream tables' time partitions, made at start-up and on a schedule.
 
 pub mod data_dir;
 pub mod database;
+pub mod https;
 pub mod jetstream;
 pub mod listener;
 pub mod new_key;
-pub mod partitions;
+pub mod partition_schedule;
 pub mod progress;
 pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod streams;
-pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,12 +48,12 @@ use crate::pipeline::BatchPolicy;
 use crate::wal::{Recovery, Segment, Wal, WalConfig};
 use data_dir::DataDir;
 pub use database::{database_runtime, Database};
+use https::ServerTls;
 use listener::Listener;
 use reload::Reloads;
 use server::{ServerPlan, ADMIN_MAX_CONNECTIONS};
 use shutdown::ShutdownOutcome;
 use streams::{JetStreamParts, StreamHandle, StreamParts};
-use tls::ServerTls;
 
 /// Size at which a log segment is closed and a new one started.
 const WAL_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -64,13 +64,13 @@ const DEAD_LETTER_WRITERS: usize = 1;
 
 /// `ingest-gateway migrate`: applies the pending migrations, makes the time partitions and returns.
 pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let policy = partitions::policy(settings)?;
+    let policy = partition_schedule::policy(settings)?;
     let _data_dir = DataDir::open(&settings.data_dir)?;
     let database = Database::open(settings)?;
     let runtime = database_runtime()?;
     runtime.block_on(db::migrate::run(&database.config, &database.tls))?;
     let metrics = Metrics::new().context("could not register the metrics")?;
-    partitions::make_now(&runtime, &database.config, &database.tls, &policy, &metrics)?;
+    partition_schedule::make_now(&runtime, &database.config, &database.tls, &policy, &metrics)?;
     Ok(())
 }
 
@@ -133,7 +133,7 @@ impl Application {
         // A keys file or TLS files that cannot be used refuse the start before anything is touched.
         let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
         let (access, tls) = load_access(settings, role, &metrics)?;
-        let partition_policy = partitions::policy(settings)?;
+        let partition_policy = partition_schedule::policy(settings)?;
         let reloads = reloads(&access, tls.as_ref());
         // First of all: a second process on the same directory must not touch its database or its log.
         let mut data_dir = DataDir::open(&settings.data_dir)?;

@@ -6,9 +6,9 @@ use std::time::Duration;
 use actix_web::{web, HttpServer};
 use tracing::info;
 
+use super::https::ServerTls;
 use super::listener::{self, Listener};
 use super::reload::Reloads;
-use super::tls::ServerTls;
 use super::Role;
 use crate::config::Settings;
 use crate::http::auth::OperatorAccess;
