@@ -1,12 +1,13 @@
 //! Request IDs: an incoming `X-Request-Id` is kept (when it is a sane token) or one is made, echoed in the answer,
 //! and named on every log line about the request, so that a client's report and the gateway's log meet.
 
-use std::fmt::Write as _;
-use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::support::random;
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -41,11 +42,13 @@ fn new_id() -> HeaderValue {
     static PREFIX: OnceLock<String> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = PREFIX.get_or_init(|| {
-        let mut bytes = [0u8; 6];
-        let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
-        bytes.iter().fold(String::new(), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
+        // Without the kernel's random source, the process id and the start time still tell restarts and replicas
+        // apart (where a prefix of zeros would not).
+        random::hex::<6>().unwrap_or_else(|_| {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            format!("{:06x}{:06x}", std::process::id() & 0xff_ffff, nanos & 0xff_ffff)
         })
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

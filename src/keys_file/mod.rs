@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use crate::config::RateLimit;
 use crate::model::location::is_valid_device_id;
 use crate::model::{LocationUpdate, PollResult, Update};
+use crate::support::hex;
 
 /// What every key the gateway makes starts with, so that a leaked one is recognisable (secret scanners, logs).
 pub const KEY_PREFIX: &str = "igk_";
@@ -291,16 +292,7 @@ pub fn hash_key(key: &[u8]) -> [u8; 32] {
 
 /// A key's hash as the keys file writes it: `sha256:<64 hex digits>` (what `printf %s "$KEY" | sha256sum` prints).
 pub fn hashed(key: &str) -> String {
-    format!("sha256:{}", to_hex(&hash_key(key.as_bytes())))
-}
-
-pub(crate) fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    bytes
-        .iter()
-        .flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]])
-        .map(char::from)
-        .collect()
+    format!("sha256:{}", hex::encode(&hash_key(key.as_bytes())))
 }
 
 /// Whether two hashes are equal, taking the same time wherever they differ.

@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 
 use tracing::info;
 
+use crate::support::io_context::{self, PathIoError};
+use crate::support::{atomic_file, random};
+
 /// The lock file: holds the pid of the process that owns the directory.
 const LOCK_FILE: &str = "lock";
 /// The instance identity, one line.
@@ -32,23 +35,14 @@ pub enum DataDirError {
          own --data-dir"
     )]
     InUse { dir: PathBuf, pid: String },
-    #[error("{what}: {path}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("{path} does not hold an instance identity (32 hex digits); restore it or remove the data directory")]
     BadIdentity { path: PathBuf },
 }
 
 fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DataDirError + 'a {
-    move |source| DataDirError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    }
+    io_context::context(what, path)
 }
 
 /// The data directory, locked for this process until dropped.
@@ -81,8 +75,7 @@ impl DataDir {
                 if path.join("wal").exists() {
                     write_durably(&path.join(ADOPT_MARKER), b"")?;
                 }
-                let instance =
-                    new_identity().map_err(io_error("could not read random bytes", Path::new("/dev/urandom")))?;
+                let instance = new_identity().map_err(io_error("could not make an identity", &instance_path))?;
                 write_durably(&instance_path, format!("{instance}\n").as_bytes())?;
                 info!(instance = %instance, dir = %path.display(), "new gateway identity created");
                 instance
@@ -172,36 +165,13 @@ fn parse_identity(text: &str) -> Option<String> {
 
 /// 128 random bits as 32 hex digits.
 fn new_identity() -> io::Result<String> {
-    let mut bytes = [0u8; 16];
-    File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    random::hex::<16>()
 }
 
 /// Writes a small file so that it exists whole or not at all after a crash: a temporary file, fsynced, renamed.
 fn write_durably(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
     let temp = path.with_extension("tmp");
-    let write = || -> io::Result<()> {
-        // What a crash left there, or a link someone planted: removed (a link itself, never its target), then
-        // made afresh, never through a link.
-        match fs::remove_file(&temp) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o600)
-            .open(&temp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&temp, path)?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    };
-    write().map_err(io_error("could not write", path))
+    atomic_file::replace(path, &temp, contents, None).map_err(io_error("could not write", path))
 }
 
 #[cfg(test)]

@@ -2,50 +2,58 @@
 //! with its replay, HTTP server — and runs it until stopped. The only module that knows all the others.
 //!
 //! - [`data_dir`]: the locked data directory and the gateway's identity.
+//! - [`database`]: the database, its runtime, migrations, pool, log positions and health check.
+//! - [`jetstream`]: the NATS client, the JetStream streams and the shard leases.
 //! - [`listener`]: TCP and Unix-socket listeners.
+//! - [`server`]: every listener bound, and one HTTP server per kind of listener.
 //! - [`new_key`]: the `new-key` command.
 //! - [`reload`]: what SIGHUP re-reads.
 //! - [`streams`]: one generic per-stream builder.
-//! - [`tls`]: HTTPS for the TCP listeners, reloaded on SIGHUP.
+//! - [`https`]: HTTPS for the TCP listeners, reloaded on SIGHUP.
 //! - [`shutdown`]: the stop sequence.
 //! - [`progress`]: the progress of long work (the start-up replay, the stop's drain) in the log.
-//! - [`partitions`]: the stream tables' time partitions, made at start-up and on a schedule.
+//! - [`partition_schedule`]: the stream tables' time partitions, made at start-up and on a schedule.
 
 pub mod data_dir;
+pub mod database;
+pub mod https;
+pub mod jetstream;
 pub mod listener;
 pub mod new_key;
-pub mod partitions;
+pub mod partition_schedule;
 pub mod progress;
 pub mod reload;
+pub mod server;
 pub mod shutdown;
 pub mod streams;
-pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::{web, HttpServer};
+use actix_web::web;
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use tokio::runtime::Runtime;
 use tracing::info;
 
 use crate::config::{Durability, QueueKind, Settings};
-use crate::db::{self, EmbeddedPostgres, PostgresOptions};
+use crate::db::{self, Checkpoints};
 use crate::http::auth::{Access, OperatorAccess};
 use crate::http::limits::{BodyBudget, BodyDeadline};
-use crate::http::{self, AppState, DatabaseHealth, IngestLimits, Routes};
-use crate::intake::Gate;
+use crate::http::{self, AppState, IngestLimits, Routes};
+use crate::intake::{Gate, Intake};
 use crate::metrics::Metrics;
 use crate::model::{DeadLetter, LocationUpdate, PollResult, Update};
 use crate::pipeline::BatchPolicy;
-use crate::wal::{Recovery, Wal, WalConfig};
+use crate::wal::{Recovery, Segment, Wal, WalConfig};
 use data_dir::DataDir;
+pub use database::{database_runtime, Database};
+use https::ServerTls;
 use listener::Listener;
 use reload::Reloads;
+use server::{ServerPlan, ADMIN_MAX_CONNECTIONS};
 use shutdown::ShutdownOutcome;
 use streams::{JetStreamParts, StreamHandle, StreamParts};
-use tls::ServerTls;
 
 /// Size at which a log segment is closed and a new one started.
 const WAL_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -54,77 +62,17 @@ const WAL_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// each writer holds a database connection.
 const DEAD_LETTER_WRITERS: usize = 1;
 
-/// The database the gateway writes to: a server it was given, or one it runs itself.
-pub struct Database {
-    pub config: tokio_postgres::Config,
-    /// TLS, when the connection string asks for it.
-    pub tls: db::DatabaseTls,
-    /// Set when the gateway runs its own PostgreSQL; stopped when dropped, after the writers are done.
-    pub embedded: Option<EmbeddedPostgres>,
-}
-
-impl Database {
-    /// Connects to `DATABASE_URL`, or starts the embedded PostgreSQL under `<data-dir>/postgres`.
-    pub fn open(settings: &Settings) -> anyhow::Result<Self> {
-        match &settings.database_url {
-            Some(url) => {
-                let db::DatabaseUrl { config, tls } = url.parse().context("DATABASE_URL cannot be used")?;
-                info!(tls = ?tls.mode(), "connecting to the PostgreSQL of DATABASE_URL");
-                if let Some(host) = remote_without_tls(&config, tls.mode()) {
-                    tracing::warn!(
-                        host = %host,
-                        "DATABASE_URL reaches {host} over the network without TLS (no sslmode, or disable, allow or \
-                         prefer): every update, and the password under md5 or password authentication, crosses it in \
-                         clear; add sslmode=verify-full (or require)"
-                    );
-                }
-                Ok(Database {
-                    config,
-                    tls,
-                    embedded: None,
-                })
-            }
-            None => {
-                let options = PostgresOptions {
-                    data_dir: settings.data_dir.join("postgres"),
-                    ephemeral: false,
-                };
-                let server = EmbeddedPostgres::start(&options).context("could not start the embedded PostgreSQL")?;
-                Ok(Database {
-                    config: server.config("postgres"),
-                    tls: db::DatabaseTls::off(),
-                    embedded: Some(server),
-                })
-            }
-        }
-    }
-}
-
-/// A runtime for the database side only: the writers enter it to do IO, and the pool's connections live on
-/// it, away from the HTTP workers' single-threaded runtimes.
-pub fn database_runtime() -> anyhow::Result<Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("db")
-        .enable_all()
-        .build()
-        .context("could not start the database runtime")
-}
-
 /// `ingest-gateway migrate`: applies the pending migrations, makes the time partitions and returns.
 pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let policy = partitions::policy(settings)?;
+    let policy = partition_schedule::policy(settings)?;
     let _data_dir = DataDir::open(&settings.data_dir)?;
     let database = Database::open(settings)?;
     let runtime = database_runtime()?;
     runtime.block_on(db::migrate::run(&database.config, &database.tls))?;
     let metrics = Metrics::new().context("could not register the metrics")?;
-    partitions::make_now(&runtime, &database.config, &database.tls, &policy, &metrics)?;
+    partition_schedule::make_now(&runtime, &database.config, &database.tls, &policy, &metrics)?;
     Ok(())
 }
-
-/// How long a start waits for JetStream to answer (its cluster electing a leader) before it gives up.
-const JETSTREAM_STARTUP_WAIT: Duration = Duration::from_secs(60);
 
 /// What a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,16 +81,6 @@ pub enum Role {
     Serve,
     /// Only writes, from JetStream; its listeners serve the operator's routes only.
     Write,
-}
-
-/// A runtime for the NATS client, its shard consumers and their acks.
-fn nats_runtime() -> anyhow::Result<Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("nats")
-        .enable_all()
-        .build()
-        .context("could not start the NATS runtime")
 }
 
 /// A gateway that is built and bound, ready to run.
@@ -194,275 +132,66 @@ impl Application {
         }
         // A keys file or TLS files that cannot be used refuse the start before anything is touched.
         let metrics = Arc::new(Metrics::new().context("could not register the metrics")?);
-        let access = Access::new(settings, &metrics)?;
-        if role == Role::Serve {
-            refuse_anonymous_exposure(settings, &access)?;
-        }
-        if let Some(key) = &settings.tls_key {
-            crate::secret_files::check(
-                key,
-                "the TLS private key (INGEST_TLS_KEY)",
-                crate::secret_files::FileKind::Secret,
-            )?;
-        }
-        let tls = ServerTls::from_settings(settings).context("could not load the TLS files")?;
-        let partition_policy = partitions::policy(settings)?;
-        let reloads = Reloads::default();
-        if let Some(tls) = tls.clone() {
-            reloads.register("tls certificates", move || Ok(tls.reload()?));
-        }
-        if let Some(keys) = access.keys() {
-            reloads.register("api keys", move || keys.reload());
-        }
-        if let Some(token) = access.admin_token() {
-            reloads.register("admin token", move || token.reload());
-        }
+        let (access, tls) = load_access(settings, role, &metrics)?;
+        let partition_policy = partition_schedule::policy(settings)?;
+        let reloads = reloads(&access, tls.as_ref());
         // First of all: a second process on the same directory must not touch its database or its log.
         let mut data_dir = DataDir::open(&settings.data_dir)?;
-        let database = Database::open(settings)?;
-        let runtime = database_runtime()?;
-        runtime
-            .block_on(db::migrate::run(&database.config, &database.tls))
-            .context("could not apply the migrations")?;
-        partitions::start(
-            &runtime,
-            &database.config,
-            &database.tls,
-            partition_policy,
-            metrics.clone(),
-        )?;
-
+        let (database, runtime) = database::open(settings, partition_policy, &metrics)?;
         let writers_per_stream = usize::from(settings.writers);
         // One connection per writer, plus room for readiness checks.
-        let pool = {
-            let _inside = runtime.enter();
-            db::pool::build(
-                database.config.clone(),
-                &database.tls,
-                writers_per_stream * 2 + DEAD_LETTER_WRITERS + 2,
-            )?
-        };
-        // Whatever the durability now, a log left by an earlier run holds acknowledged updates: replay it.
-        let wal_config = WalConfig {
-            dir: settings.data_dir.join("wal"),
-            max_bytes: settings.wal_max_bytes,
-            segment_bytes: WAL_SEGMENT_BYTES.min(settings.wal_max_bytes / 4).max(1),
-        };
-        metrics.wal.capacity.set(wal_config.max_bytes as i64);
-        let mut recovery =
-            Recovery::open(wal_config, Arc::new(metrics.wal.clone())).context("could not open the write-ahead log")?;
-        let mut checkpoints = runtime
-            .block_on(load_checkpoints(&pool, &mut data_dir))
-            .context("could not read the log progress")?;
-        let last_lsn = recovery.last_lsn().context("could not read the write-ahead log")?;
-        let committed_lsn = checkpoints
-            .values()
-            .flat_map(|slots| slots.values().map(|c| c.lsn))
-            .max()
-            .unwrap_or(0);
-        let recovered = std::mem::take(&mut recovery.segments);
-        if on_jetstream && recovered.iter().any(|s| s.durable_len() > 0) {
-            anyhow::bail!(
-                "the write-ahead log under {} holds updates a local-queue run accepted: start once with \
-                 INGEST_QUEUE=local so that they are written, then switch to jetstream",
-                settings.data_dir.join("wal").display()
-            );
-        }
-        let wal = match settings.durability {
-            _ if on_jetstream => None,
-            Durability::Wal => {
-                // Past every number used before, even by records whose segments are gone.
-                let next_lsn = last_lsn.max(committed_lsn) + 1;
-                Some(Arc::new(
-                    recovery
-                        .start(next_lsn)
-                        .context("could not start the write-ahead log")?,
-                ))
-            }
-            Durability::Memory => None,
-        };
-
+        let pool = database::pool(&database, &runtime, writers_per_stream * 2 + DEAD_LETTER_WRITERS + 2)?;
+        let log = open_log(settings, &metrics, &runtime, &pool, &mut data_dir, on_jetstream)?;
         let nats = if on_jetstream {
-            let consume = role == Role::Write || settings.jetstream_local_writers;
-            if consume && settings.queue_capacity < settings.max_updates {
-                anyhow::bail!(
-                    "INGEST_QUEUE_CAPACITY must hold at least INGEST_MAX_UPDATES updates with JetStream writers"
-                );
-            }
-            // Required: without it, whoever may publish in the NATS account writes past the keys and the rules.
-            let Some(signing_path) = &settings.jetstream_signing_key_file else {
-                anyhow::bail!(
-                    "INGEST_QUEUE=jetstream needs INGEST_JETSTREAM_SIGNING_KEY_FILE: a file holding a key (`openssl rand \
-                     -hex 32`), the same on every gateway and writer, with which records and commit notices are \
-                     signed, so that nobody else who can publish to NATS can write updates"
-                );
-            };
-            let signing = Arc::new(crate::intake::jetstream::signing::SigningKeys::load(signing_path)?);
-            let reloaded = signing.clone();
-            reloads.register("jetstream signing keys", move || reloaded.reload());
-            let nats_runtime = nats_runtime()?;
-            let js = crate::intake::jetstream::JetStreamSettings::from_settings(settings);
-            let name = match role {
-                Role::Serve => "ingest-gateway",
-                Role::Write => "ingest-gateway-writer",
-            };
-            let client = nats_runtime.block_on(crate::intake::jetstream::connect(settings, name))?;
-            nats_runtime.block_on(async {
-                let context = async_nats::jetstream::new(client.clone());
-                // A cluster that is electing leaders (a node just restarted) answers after a while: retried for
-                // a bounded time; a mismatch with the settings is not retried.
-                let deadline = tokio::time::Instant::now() + JETSTREAM_STARTUP_WAIT;
-                for stream in [LocationUpdate::STREAM, PollResult::STREAM, DeadLetter::STREAM] {
-                    loop {
-                        match crate::intake::jetstream::ensure_stream(&context, stream, &js).await {
-                            Ok(()) => break,
-                            Err(e) if e.is::<crate::intake::jetstream::SettingsMismatch>() => return Err(e),
-                            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
-                            Err(e) => {
-                                tracing::warn!(error = format!("{e:#}"), "JetStream not ready; retrying");
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                            }
-                        }
-                    }
-                }
-                Ok::<_, anyhow::Error>(())
-            })?;
-            let parts = JetStreamParts {
-                client,
-                settings: js,
-                publish: role == Role::Serve,
-                consume,
-                runtime: nats_runtime.handle().clone(),
-                signing,
-                metrics: metrics.jetstream.clone(),
-            };
-            Some((parts, nats_runtime))
+            Some(jetstream::connect(settings, role, &metrics, &reloads)?)
         } else {
             None
         };
-
-        let gate = Gate::default();
-        let mut parts = StreamParts {
-            instance: data_dir.instance().into(),
-            pool: &pool,
-            runtime: runtime.handle().clone(),
-            policy: BatchPolicy {
-                max_rows: settings.batch_size as usize,
-                flush_interval: settings.flush_interval,
-            },
-            writers: writers_per_stream,
-            keep_latest: settings.latest_positions,
-            capacity: settings.queue_capacity as usize,
-            max_bytes: settings.queue_max_bytes,
-            wal: wal.clone(),
-            recovered,
-            gate: gate.clone(),
-            commit_wait: settings.commit_wait,
-            jetstream: nats.as_ref().map(|(parts, _)| parts.clone()),
-        };
-        let (location, location_handle) = parts.build::<LocationUpdate>(&metrics.location, &mut checkpoints)?;
-        parts.keep_latest = settings.latest_poll_results;
-        let (poll, poll_handle) = parts.build::<PollResult>(&metrics.poll, &mut checkpoints)?;
-        parts.keep_latest = false;
-        parts.writers = DEAD_LETTER_WRITERS;
-        let (dead_letters, dead_letter_handle) = parts.build::<DeadLetter>(&metrics.dead_letter, &mut checkpoints)?;
-        drop(parts);
+        let streams = build_streams(
+            settings,
+            &metrics,
+            &pool,
+            &runtime,
+            &data_dir,
+            log,
+            nats.as_ref().map(|(parts, _)| parts.clone()),
+        )?;
         let nats = match nats {
-            Some((parts, nats_runtime)) => {
-                let sets: Vec<_> = [&location_handle.shards, &poll_handle.shards, &dead_letter_handle.shards]
-                    .into_iter()
-                    .flatten()
-                    .cloned()
-                    .collect();
-                let lease_stop = if sets.is_empty() {
-                    None
-                } else {
-                    // The leases' own session: its locks live exactly as long as it does.
-                    let lease_pool = {
-                        let _inside = runtime.enter();
-                        db::pool::build(database.config.clone(), &database.tls, 1)?
-                    };
-                    let (stop, stopped) = tokio::sync::watch::channel(false);
-                    runtime.spawn(crate::intake::jetstream::consume::hold_leases(
-                        lease_pool, sets, stopped,
-                    ));
-                    Some(stop)
-                };
-                Some((parts.client, lease_stop, nats_runtime))
-            }
+            Some((parts, nats_runtime)) => Some(jetstream::hold_leases(
+                parts,
+                nats_runtime,
+                &runtime,
+                &database,
+                &streams.handles,
+            )?),
             None => None,
         };
-        // Until every stream has read back what the previous run left, the gateway is not ready; say how it goes.
-        runtime.spawn(progress::report_replay(
-            vec![
-                (LocationUpdate::STREAM, location.replay_progress().clone()),
-                (PollResult::STREAM, poll.replay_progress().clone()),
-                (DeadLetter::STREAM, dead_letters.replay_progress().clone()),
-            ],
-            settings.progress_interval,
-        ));
-
-        let listeners = listener::open_all(&settings.listen, settings.socket_mode)?;
-        let admin_listeners = match &settings.admin_listen {
-            Some(list) => listener::open_all(list, settings.socket_mode)?,
-            None => Vec::new(),
-        };
-        let osmand_listeners = match (&settings.osmand_listen, role) {
-            (Some(list), Role::Serve) => listener::open_all(list, settings.socket_mode)?,
-            _ => Vec::new(),
-        };
-        let trackers = match role {
-            Role::Serve => crate::tcp::TrackerPlan::bind(settings)?,
-            Role::Write => None,
-        };
-        if let Some(units) = trackers.as_ref().and_then(crate::tcp::TrackerPlan::units) {
-            reloads.register("tracker units", move || units.reload());
-        }
-        let port = listeners
-            .iter()
-            .find_map(|l| match l {
-                Listener::Tcp(tcp) => tcp.local_addr().ok().map(|a| a.port()),
-                Listener::Unix(_) => None,
-            })
-            .unwrap_or(0);
-        http::trackers::init_metrics(&metrics.trackers);
-        for protocol in crate::model::tracker::Protocol::TCP {
-            crate::tcp::init_metrics(&metrics, protocol);
-        }
-        let state = web::Data::new(AppState {
-            location,
-            poll,
-            dead_letters,
-            limits: IngestLimits {
-                max_body_bytes: settings.max_body_bytes,
-                max_updates: settings.max_updates as usize,
-                max_future_skew: settings.max_future_skew,
-                max_age: settings.max_age,
-                body_deadline: BodyDeadline {
-                    total: settings.body_timeout,
-                    min_bytes_per_sec: settings.body_min_rate,
-                },
-                max_gzip_ratio: settings.max_gzip_ratio as usize,
-                max_unknown_fields: usize::from(settings.max_unknown_fields),
-            },
-            body_budget: BodyBudget::for_settings(settings),
-            auth_failures: http::rate_limit::AuthFailures::new(settings.auth_failures_per_minute),
-            durability: settings.durability,
+        report_replay(settings, &runtime, &streams);
+        let bound = server::bind(settings, role, &reloads)?;
+        init_transport_metrics(&metrics);
+        let Streams {
+            intakes,
+            handles,
+            wal,
+            gate,
+        } = streams;
+        let state = app_state(
+            settings,
+            intakes,
             metrics,
-            database: watch_database(&runtime, pool),
-            stall_timeout: settings.stall_timeout,
+            database::watch_database(&runtime, pool),
             access,
-        });
+        );
         Ok(Application {
-            listeners,
-            admin_listeners,
-            osmand_listeners,
-            trackers,
-            port,
+            listeners: bound.listeners,
+            admin_listeners: bound.admin_listeners,
+            osmand_listeners: bound.osmand_listeners,
+            trackers: bound.trackers,
+            port: bound.port,
             state,
             gate,
             wal,
-            streams: vec![location_handle, poll_handle, dead_letter_handle],
+            streams: handles,
             shutdown_timeout: settings.shutdown_timeout,
             max_connections: settings.max_connections as usize,
             reloads,
@@ -635,108 +364,223 @@ impl Application {
 /// Longest the stop waits for tracker connections to finish the packet they are storing.
 const TRACKER_STOP_WAIT: Duration = Duration::from_secs(5);
 
-/// Connections the admin listener keeps open at most.
-const ADMIN_MAX_CONNECTIONS: usize = 256;
-
-/// One HTTP server to start: which routes, on how many workers.
-struct ServerPlan {
-    state: web::Data<AppState>,
-    /// HTTPS for its TCP listeners.
-    tls: Option<ServerTls>,
-    routes: Routes,
-    workers: usize,
-    /// Over all its workers.
-    max_connections: usize,
-    shutdown_timeout: Duration,
-    /// Who may read the operator's routes there.
-    operator: OperatorAccess,
-}
-
-impl ServerPlan {
-    /// Binds the server to `listeners` and starts it; Unix sockets are handed to `sockets` to be kept.
-    fn serve(
-        self,
-        listeners: Vec<Listener>,
-        sockets: &mut Vec<listener::UnixSocket>,
-    ) -> anyhow::Result<actix_web::dev::Server> {
-        let (state, routes) = (self.state, self.routes);
-        let operator = web::Data::new(self.operator);
-        // actix counts connections per worker.
-        let mut server = HttpServer::new(move || http::app(state.clone(), routes).app_data(operator.clone()))
-            .workers(self.workers)
-            .max_connections(self.max_connections.div_ceil(self.workers))
-            .disable_signals()
-            .shutdown_timeout(self.shutdown_timeout.as_secs().max(1));
-        for listener in listeners {
-            match listener {
-                Listener::Tcp(tcp) => {
-                    let address = tcp.local_addr()?;
-                    server = match &self.tls {
-                        Some(tls) => server.listen_rustls_0_23(tcp, tls.server_config())?,
-                        None => server.listen(tcp)?,
-                    };
-                    match routes {
-                        Routes::Admin => {
-                            info!(address = %address, admin_port = address.port(), "admin listener is listening")
-                        }
-                        Routes::All | Routes::Public => {
-                            info!(address = %address, port = address.port(), "ingest-gateway is listening")
-                        }
-                        Routes::Osmand => {
-                            info!(address = %address, osmand_port = address.port(), "OsmAnd listener is listening")
-                        }
-                    }
-                }
-                Listener::Unix(socket) => {
-                    server = server.listen_uds(socket.listener.try_clone()?)?;
-                    info!(socket = %socket.path.display(), admin = routes == Routes::Admin, "ingest-gateway is listening");
-                    sockets.push(socket);
-                }
-            }
-        }
-        Ok(server.run())
+/// The keys, the admin token and the HTTPS files, checked and loaded: a file that cannot be used refuses the start
+/// before anything is touched, and so does a listener open to other machines without keys.
+fn load_access(settings: &Settings, role: Role, metrics: &Metrics) -> anyhow::Result<(Access, Option<ServerTls>)> {
+    let access = Access::new(settings, metrics)?;
+    if role == Role::Serve {
+        refuse_anonymous_exposure(settings, &access)?;
     }
+    if let Some(key) = &settings.tls_key {
+        crate::secret_files::check(
+            key,
+            "the TLS private key (INGEST_TLS_KEY)",
+            crate::secret_files::FileKind::Secret,
+        )?;
+    }
+    let tls = ServerTls::from_settings(settings).context("could not load the TLS files")?;
+    Ok((access, tls))
 }
 
-/// This gateway's committed log positions; first claims those a gateway kept before identities existed, when
-/// they are this data directory's.
-async fn load_checkpoints(pool: &Pool, data_dir: &mut DataDir) -> anyhow::Result<db::Checkpoints> {
-    let client = pool.get().await?;
-    if data_dir.adopts_unowned() {
-        let adopted = db::checkpoint::adopt_unowned(&**client, data_dir.instance()).await?;
-        data_dir.unowned_adopted()?;
-        info!(
-            positions = adopted,
-            instance = data_dir.instance(),
-            "log positions from before gateway identities claimed"
+/// What SIGHUP re-reads of what [`load_access`] loaded; later steps register their own.
+fn reloads(access: &Access, tls: Option<&ServerTls>) -> Reloads {
+    let reloads = Reloads::default();
+    if let Some(tls) = tls.cloned() {
+        reloads.register("tls certificates", move || Ok(tls.reload()?));
+    }
+    if let Some(keys) = access.keys() {
+        reloads.register("api keys", move || keys.reload());
+    }
+    if let Some(token) = access.admin_token() {
+        reloads.register("admin token", move || token.reload());
+    }
+    reloads
+}
+
+/// The write-ahead log as the previous run left it, and what the streams replay from it.
+struct OpenedLog {
+    /// The log new submissions go to; `None` with `durability=memory` or JetStream.
+    wal: Option<Arc<Wal>>,
+    /// The segments the previous run left, oldest first.
+    recovered: Vec<Arc<Segment>>,
+    /// This gateway's committed log positions.
+    checkpoints: Checkpoints,
+}
+
+/// Opens the write-ahead log and reads how far the database has it: whatever the durability now, a log left by
+/// an earlier run holds acknowledged updates, which the streams replay.
+fn open_log(
+    settings: &Settings,
+    metrics: &Metrics,
+    runtime: &Runtime,
+    pool: &Pool,
+    data_dir: &mut DataDir,
+    on_jetstream: bool,
+) -> anyhow::Result<OpenedLog> {
+    let wal_config = WalConfig {
+        dir: settings.data_dir.join("wal"),
+        max_bytes: settings.wal_max_bytes,
+        segment_bytes: WAL_SEGMENT_BYTES.min(settings.wal_max_bytes / 4).max(1),
+    };
+    metrics.wal.capacity.set(wal_config.max_bytes as i64);
+    let mut recovery =
+        Recovery::open(wal_config, Arc::new(metrics.wal.clone())).context("could not open the write-ahead log")?;
+    let checkpoints = runtime
+        .block_on(database::load_checkpoints(pool, data_dir))
+        .context("could not read the log progress")?;
+    let last_lsn = recovery.last_lsn().context("could not read the write-ahead log")?;
+    let committed_lsn = checkpoints
+        .values()
+        .flat_map(|slots| slots.values().map(|c| c.lsn))
+        .max()
+        .unwrap_or(0);
+    let recovered = std::mem::take(&mut recovery.segments);
+    if on_jetstream && recovered.iter().any(|s| s.durable_len() > 0) {
+        anyhow::bail!(
+            "the write-ahead log under {} holds updates a local-queue run accepted: start once with \
+             INGEST_QUEUE=local so that they are written, then switch to jetstream",
+            settings.data_dir.join("wal").display()
         );
     }
-    Ok(db::checkpoint::load(&**client, data_dir.instance()).await?)
+    let wal = match settings.durability {
+        _ if on_jetstream => None,
+        Durability::Wal => {
+            // Past every number used before, even by records whose segments are gone.
+            let next_lsn = last_lsn.max(committed_lsn) + 1;
+            Some(Arc::new(
+                recovery
+                    .start(next_lsn)
+                    .context("could not start the write-ahead log")?,
+            ))
+        }
+        Durability::Memory => None,
+    };
+    Ok(OpenedLog {
+        wal,
+        recovered,
+        checkpoints,
+    })
 }
 
-/// How often the database is asked whether it answers, for `/readyz`.
-const DATABASE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// The three streams, built: their intakes, and the handles the stop sequence drains.
+struct Streams {
+    intakes: Intakes,
+    handles: Vec<StreamHandle>,
+    /// The log new submissions go to, shared by the streams' intakes.
+    wal: Option<Arc<Wal>>,
+    /// Closed first at the stop: new submissions get 503.
+    gate: Gate,
+}
 
-/// Keeps a [`DatabaseHealth`] fresh: a trivial query every second on the database runtime, where the pool lives.
-fn watch_database(runtime: &Runtime, pool: Pool) -> Arc<DatabaseHealth> {
-    let health = Arc::new(DatabaseHealth::default());
-    // The first answer before the gateway listens, so that `/readyz` is right from the start.
-    health.set(runtime.block_on(async {
-        tokio::time::timeout(DATABASE_CHECK_INTERVAL * 2, db::pool::ping(&pool))
-            .await
-            .unwrap_or(false)
-    }));
-    let watched = health.clone();
-    runtime.spawn(async move {
-        loop {
-            let up = tokio::time::timeout(DATABASE_CHECK_INTERVAL * 2, db::pool::ping(&pool))
-                .await
-                .unwrap_or(false);
-            watched.set(up);
-            tokio::time::sleep(DATABASE_CHECK_INTERVAL).await;
-        }
-    });
-    health
+/// The intakes of the location, poll and dead-letter streams.
+type Intakes = (
+    Arc<Intake<LocationUpdate>>,
+    Arc<Intake<PollResult>>,
+    Arc<Intake<DeadLetter>>,
+);
+
+/// Builds every stream the same way: its queue and writers, and the feed that replays what the previous run left.
+fn build_streams(
+    settings: &Settings,
+    metrics: &Metrics,
+    pool: &Pool,
+    runtime: &Runtime,
+    data_dir: &DataDir,
+    log: OpenedLog,
+    jetstream: Option<JetStreamParts>,
+) -> anyhow::Result<Streams> {
+    let gate = Gate::default();
+    let OpenedLog {
+        wal,
+        recovered,
+        mut checkpoints,
+    } = log;
+    let mut parts = StreamParts {
+        instance: data_dir.instance().into(),
+        pool,
+        runtime: runtime.handle().clone(),
+        policy: BatchPolicy {
+            max_rows: settings.batch_size as usize,
+            flush_interval: settings.flush_interval,
+        },
+        writers: usize::from(settings.writers),
+        keep_latest: settings.latest_positions,
+        capacity: settings.queue_capacity as usize,
+        max_bytes: settings.queue_max_bytes,
+        wal: wal.clone(),
+        recovered,
+        gate: gate.clone(),
+        commit_wait: settings.commit_wait,
+        jetstream,
+    };
+    let (location, location_handle) = parts.build::<LocationUpdate>(&metrics.location, &mut checkpoints)?;
+    parts.keep_latest = settings.latest_poll_results;
+    let (poll, poll_handle) = parts.build::<PollResult>(&metrics.poll, &mut checkpoints)?;
+    parts.keep_latest = false;
+    parts.writers = DEAD_LETTER_WRITERS;
+    let (dead_letters, dead_letter_handle) = parts.build::<DeadLetter>(&metrics.dead_letter, &mut checkpoints)?;
+    drop(parts);
+    Ok(Streams {
+        intakes: (location, poll, dead_letters),
+        handles: vec![location_handle, poll_handle, dead_letter_handle],
+        wal,
+        gate,
+    })
+}
+
+/// Until every stream has read back what the previous run left, the gateway is not ready; says how it goes.
+fn report_replay(settings: &Settings, runtime: &Runtime, streams: &Streams) {
+    let (location, poll, dead_letters) = &streams.intakes;
+    runtime.spawn(progress::report_replay(
+        vec![
+            (LocationUpdate::STREAM, location.replay_progress().clone()),
+            (PollResult::STREAM, poll.replay_progress().clone()),
+            (DeadLetter::STREAM, dead_letters.replay_progress().clone()),
+        ],
+        settings.progress_interval,
+    ));
+}
+
+/// The transports' per-protocol series, exported from the start (at zero) so that dashboards show them.
+fn init_transport_metrics(metrics: &Metrics) {
+    http::trackers::init_metrics(&metrics.trackers);
+    for protocol in crate::model::tracker::Protocol::TCP {
+        crate::tcp::init_metrics(metrics, protocol);
+    }
+}
+
+/// The state every handler shares: the intakes, the request limits and who may write.
+fn app_state(
+    settings: &Settings,
+    (location, poll, dead_letters): Intakes,
+    metrics: Arc<Metrics>,
+    database: Arc<http::DatabaseHealth>,
+    access: Access,
+) -> web::Data<AppState> {
+    web::Data::new(AppState {
+        location,
+        poll,
+        dead_letters,
+        limits: IngestLimits {
+            max_body_bytes: settings.max_body_bytes,
+            max_updates: settings.max_updates as usize,
+            max_future_skew: settings.max_future_skew,
+            max_age: settings.max_age,
+            body_deadline: BodyDeadline {
+                total: settings.body_timeout,
+                min_bytes_per_sec: settings.body_min_rate,
+            },
+            max_gzip_ratio: settings.max_gzip_ratio as usize,
+            max_unknown_fields: usize::from(settings.max_unknown_fields),
+        },
+        body_budget: BodyBudget::for_settings(settings),
+        auth_failures: http::rate_limit::AuthFailures::new(settings.auth_failures_per_minute),
+        durability: settings.durability,
+        metrics,
+        database,
+        stall_timeout: settings.stall_timeout,
+        access,
+    })
 }
 
 /// Refuses a start that would take anyone's updates from other machines by accident: a public or OsmAnd listener
@@ -764,61 +608,4 @@ fn refuse_anonymous_exposure(settings: &Settings, access: &Access) -> anyhow::Re
          purpose, INGEST_ALLOW_ANONYMOUS=true",
         exposed.join(", ")
     )
-}
-
-/// The host a connection to PostgreSQL would reach over the network in clear: a TCP host that is not this machine,
-/// with TLS off. `None` for a Unix socket, a loopback host, or TLS.
-fn remote_without_tls(config: &tokio_postgres::Config, mode: db::tls::TlsMode) -> Option<String> {
-    if mode != db::tls::TlsMode::Off {
-        return None;
-    }
-    let addresses = config.get_hostaddrs();
-    config.get_hosts().iter().enumerate().find_map(|(i, host)| {
-        let tokio_postgres::config::Host::Tcp(name) = host else {
-            return None;
-        };
-        let local = match addresses.get(i) {
-            Some(address) => address.is_loopback(),
-            None => {
-                name == "localhost"
-                    || name
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback())
-            }
-        };
-        (!local).then(|| name.clone())
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn remote(url: &str) -> Option<String> {
-        let db::DatabaseUrl { config, tls } = url.parse().unwrap();
-        remote_without_tls(&config, tls.mode())
-    }
-
-    #[test]
-    fn a_remote_database_without_tls_is_named_and_a_local_or_encrypted_one_is_not() {
-        assert_eq!(
-            remote("postgres://u:p@db.internal/ingest"),
-            Some("db.internal".to_owned())
-        );
-        assert_eq!(
-            remote("postgres://u:p@10.0.0.5:5432/ingest?sslmode=prefer"),
-            Some("10.0.0.5".to_owned())
-        );
-        assert_eq!(
-            remote("host=db.internal user=u sslmode=disable"),
-            Some("db.internal".to_owned())
-        );
-        assert_eq!(remote("postgres://u:p@db.internal/ingest?sslmode=require"), None);
-        assert_eq!(remote("postgres://u:p@localhost/ingest"), None);
-        assert_eq!(remote("postgres://u:p@127.0.0.1/ingest"), None);
-        assert_eq!(remote("postgres://u:p@[::1]/ingest"), None);
-        assert_eq!(remote("host=/run/postgresql user=u"), None);
-    }
 }

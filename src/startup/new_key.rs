@@ -1,7 +1,8 @@
 //! The `new-key` command: a new API key from the system's random source, and the keys-file line that grants it.
 
 use crate::config::NewKeyArgs;
-use crate::keys_file::{hashed, parse_line, to_hex, KEY_PREFIX};
+use crate::keys_file::{hashed, parse_line, KEY_PREFIX};
+use crate::support::random;
 
 /// Random bytes in a key: 256 bits, beyond any guessing.
 const KEY_BYTES: usize = 32;
@@ -14,9 +15,7 @@ pub struct NewKey {
 
 /// Makes a key from the system's random source and the keys-file line that grants it `args`.
 pub fn new_key(args: &NewKeyArgs) -> anyhow::Result<NewKey> {
-    let mut bytes = [0u8; KEY_BYTES];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("could not read random bytes: {e}"))?;
-    let key = format!("{KEY_PREFIX}{}", to_hex(&bytes));
+    let key = format!("{KEY_PREFIX}{}", random::hex::<KEY_BYTES>()?);
     let mut line = format!("{} {} streams={}", args.name, hashed(&key), args.streams.join(","));
     if !args.devices.is_empty() {
         line += &format!(" device={}", args.devices.join(","));

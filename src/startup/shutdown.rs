@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use tracing::{info, warn};
 
 use super::progress::{seconds_left, Meter};
 use super::streams::StreamHandle;
-use crate::intake::Gate;
+use crate::intake::{Drain, Gate};
 use crate::wal::Wal;
 
 /// What the stop achieved.
@@ -46,18 +47,27 @@ pub async fn termination_signal() {
     );
 }
 
-/// Waits until every thread has finished or `deadline` has passed; returns whether all finished.
-/// Polls with async sleeps so that the HTTP runtime it runs on is not blocked.
-async fn wait_for_threads(threads: &[&JoinHandle<()>], deadline: Instant) -> bool {
-    loop {
-        if threads.iter().all(|t| t.is_finished()) {
-            return true;
+/// Waits until every thread of `threads` has ended or `deadline` has passed; returns whether all ended.
+///
+/// A watcher thread joins them one after the other and then sends on a channel, so the stop wakes when the last
+/// one ends rather than looking every few milliseconds; the HTTP runtime it awaits on is never blocked. Past the
+/// deadline the watcher is left behind, detached: a thread still writing does not hold up the process's exit.
+async fn wait_for_threads(threads: Vec<JoinHandle<()>>, deadline: Instant) -> bool {
+    let (ended, all_ended) = tokio::sync::oneshot::channel::<()>();
+    let watcher = std::thread::Builder::new().name("stop-watcher".into()).spawn(move || {
+        // A thread that panicked has ended too; its panic was reported where it happened.
+        for thread in threads {
+            let _ = thread.join();
         }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let _ = ended.send(());
+    });
+    if let Err(e) = watcher {
+        // Without a watcher nobody can say that the threads ended: the stop treats them as not done in time.
+        warn!(error = %e, "could not start the thread that waits for the writers");
+        return false;
     }
+    // A closed channel without a message means the watcher itself ended early: not proof that the threads did.
+    matches!(tokio::time::timeout_at(deadline.into(), all_ended).await, Ok(Ok(())))
 }
 
 /// What is left to write, over every stream.
@@ -71,25 +81,25 @@ struct DrainFigures {
     backlog_bytes: u64,
 }
 
-fn drain_figures(streams: &[StreamHandle]) -> DrainFigures {
-    streams.iter().fold(
+fn drain_figures(drains: &[Arc<dyn Drain>]) -> DrainFigures {
+    drains.iter().fold(
         DrainFigures {
             written: 0,
             queued: 0,
             backlog_bytes: 0,
         },
         |sum, s| DrainFigures {
-            written: sum.written + s.drain.written(),
-            queued: sum.queued + s.drain.queued() as u64,
-            backlog_bytes: sum.backlog_bytes + s.drain.backlog_bytes(),
+            written: sum.written + s.written(),
+            queued: sum.queued + s.queued() as u64,
+            backlog_bytes: sum.backlog_bytes + s.backlog_bytes(),
         },
     )
 }
 
 /// Logs, every `interval`, how the writing of what was accepted goes; never returns (the stop drops it once the
 /// writers are done or the deadline passed).
-async fn report_drain(streams: &[StreamHandle], deadline: Instant, interval: Duration) -> Infallible {
-    let start = drain_figures(streams);
+async fn report_drain(drains: &[Arc<dyn Drain>], deadline: Instant, interval: Duration) -> Infallible {
+    let start = drain_figures(drains);
     let now = Instant::now();
     if start.queued > 0 || start.backlog_bytes > 0 {
         info!(
@@ -105,7 +115,7 @@ async fn report_drain(streams: &[StreamHandle], deadline: Instant, interval: Dur
     loop {
         tokio::time::sleep(interval).await;
         let now = Instant::now();
-        let figures = drain_figures(streams);
+        let figures = drain_figures(drains);
         let updates_per_s = updates.rate(figures.written, now);
         let bytes_per_s = read_back.rate(start.backlog_bytes.saturating_sub(figures.backlog_bytes), now);
         // The queued updates at the writers' pace, plus the backlog at the pace it is read back; unknown while
@@ -150,30 +160,34 @@ pub async fn stop(
     if let Some(wal) = wal {
         wal.close();
     }
-    for stream in &streams {
+    let mut drains = Vec::with_capacity(streams.len());
+    let mut feeds = Vec::with_capacity(streams.len());
+    let mut writers = Vec::new();
+    for stream in streams {
         stream.drain.close_input();
+        drains.push(stream.drain);
+        feeds.push(stream.feed);
+        writers.extend(stream.writers);
     }
-    let feeds: Vec<&JoinHandle<()>> = streams.iter().map(|s| &s.feed).collect();
-    let writers: Vec<&JoinHandle<()>> = streams.iter().flat_map(|s| &s.writers).collect();
     let drained = async {
-        let fed = wait_for_threads(&feeds, deadline).await;
+        let fed = wait_for_threads(feeds, deadline).await;
         // 3. Closing the queues before the feeds are done would strand the backlog; a timed-out stop leaves it in
         //    the log for the next start.
-        for stream in &streams {
-            stream.drain.close_queue();
+        for drain in &drains {
+            drain.close_queue();
         }
-        fed && wait_for_threads(&writers, deadline).await
+        fed && wait_for_threads(writers, deadline).await
     };
     let finished = tokio::select! {
         finished = drained => finished,
-        never = report_drain(&streams, deadline, progress_interval) => match never {},
+        never = report_drain(&drains, deadline, progress_interval) => match never {},
     };
     if !finished {
-        for stream in &streams {
-            stream.drain.abandon();
+        for drain in &drains {
+            drain.abandon();
         }
     }
-    let unwritten = streams.iter().map(|s| s.drain.unwritten()).sum();
+    let unwritten = drains.iter().map(|d| d.unwritten()).sum();
     let outcome = ShutdownOutcome {
         unwritten,
         elapsed: started.elapsed(),

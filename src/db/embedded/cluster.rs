@@ -9,6 +9,8 @@ use std::process::Stdio;
 use tracing::info;
 
 use super::private_files::{check_is_cluster_or_empty, read_nofollow, replace_private_file};
+use crate::support::random;
+
 use super::{io_error, log_tail, EmbeddedPostgres, EmbeddedPostgresError, SUPERUSER};
 
 /// The superuser's password, in the cluster directory, as a libpq password file (`PGPASSFILE`).
@@ -148,22 +150,7 @@ fn read_password_file(path: &Path) -> Result<Option<String>, EmbeddedPostgresErr
 
 /// A new password: random bytes from the kernel, as hex.
 fn random_password() -> io::Result<String> {
-    let mut bytes = [0u8; PASSWORD_BYTES];
-    let mut filled = 0;
-    while filled < bytes.len() {
-        let rest = &mut bytes[filled..];
-        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`, a live, writable buffer.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error);
-        }
-        filled += n as usize;
-    }
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    random::hex::<PASSWORD_BYTES>()
 }
 
 /// Whether a `pg_hba.conf` lets a client in without a password: a line whose method is `trust`.

@@ -42,6 +42,7 @@ use tracing::{info, warn};
 pub use cluster::PASSWORD_FILE;
 pub use locate::{find_bin_dir, server_user};
 // The benchmark and the tests reach the process helpers through this older path.
+use crate::support::io_context::{self, PathIoError};
 use crate::support::process::spawn_from_keeper_thread;
 pub use crate::support::process::{die_with_parent, send_signal};
 use private_files::{check_is_cluster_or_empty, check_reachable, hand_over, refuse_symlink};
@@ -83,13 +84,8 @@ pub enum EmbeddedPostgresError {
          `apt-get install postgresql`), point PG_BIN at their directory, or set DATABASE_URL to use an existing server"
     )]
     NotInstalled,
-    #[error("{what}: {path}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error(
         "PostgreSQL runs as uid {uid} (it refuses root) and cannot reach {data_dir}: {blocked} is not searchable \
          by that user; choose a --data-dir it can reach, run the gateway as a non-root user, or `chmod o+x {blocked}`"
@@ -131,11 +127,7 @@ pub(super) fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io
         if source.raw_os_error() == Some(libc::ELOOP) {
             return EmbeddedPostgresError::SymbolicLink(path.to_owned());
         }
-        EmbeddedPostgresError::Io {
-            what,
-            path: path.to_owned(),
-            source,
-        }
+        io_context::context(what, path)(source)
     }
 }
 

@@ -3,11 +3,12 @@
 //! overwrite another file.
 
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use super::{io_error, EmbeddedPostgresError};
+use crate::support::atomic_file;
 
 /// Checks that the server user can walk down to `dir` (every ancestor searchable by it): a root-owned `0700`
 /// home directory on the way is the usual reason a root-run gateway cannot start its PostgreSQL.
@@ -93,23 +94,7 @@ pub(super) fn replace_private_file(
 ) -> Result<(), EmbeddedPostgresError> {
     let path = dir.join(name);
     let temp = dir.join(format!(".{name}.new"));
-    // Left by a crash; removing a link removes the link, not its target.
-    let _ = fs::remove_file(&temp);
-    let write = || -> io::Result<()> {
-        // `create_new` (O_EXCL) never follows a link.
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
-        }
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&temp, &path)
-    };
-    write().map_err(io_error("could not write", &path))
+    atomic_file::replace(&path, &temp, contents, owner).map_err(io_error("could not write", &path))
 }
 
 #[cfg(test)]

@@ -867,15 +867,7 @@ fn ascii(bytes: &[u8]) -> String {
 }
 
 /// Lower-case hex, as Traccar's `ByteBufUtil.hexDump`.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0x0F)] as char);
-    }
-    out
-}
+pub use crate::support::hex::encode as hex;
 
 /// Big-endian reads off the front of a packet's content; each `None` when the content ends first.
 struct Reader<'a>(&'a [u8]);

@@ -13,8 +13,6 @@
 //! the attribute names and unit conversions of the IO elements it names for every model). IO elements this
 //! table does not name are kept under their numeric id (`"69": 1`), so that nothing a unit sends is lost.
 
-use std::fmt::Write as _;
-
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
 
@@ -426,14 +424,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// Lowercase hex, two digits a byte.
-pub fn hex(bytes: &[u8]) -> String {
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(text, "{byte:02x}");
-    }
-    text
-}
+pub use crate::support::hex::encode as hex;
 
 #[cfg(test)]
 mod tests {

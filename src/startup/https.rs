@@ -20,7 +20,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
 use crate::config::Settings;
-use crate::db::tls::crypto_provider;
+use crate::db::client_tls::crypto_provider;
 
 /// Why the TLS files could not be used.
 #[derive(Debug, thiserror::Error)]
