@@ -159,12 +159,14 @@ pub enum QueueKind {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
     /// Where to listen, comma-separated: TCP addresses (port 0 picks a free port; the log says which) and Unix
-    /// sockets as `unix:/path/to/socket`.
+    /// sockets as `unix:/path/to/socket`. A socket file left by a dead process is replaced, one another process
+    /// listens on is refused, and the file is removed at exit.
     #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:8080", global = true)]
     pub listen: String,
 
     /// Where to serve `/metrics`, `/stats`, `/readyz` and the status page apart from the public listeners (same
-    /// forms as `--listen`); unset: everything is served on the public listeners.
+    /// forms as `--listen`); then the public listeners serve only the ingest routes and `/healthz`. Unset: everything
+    /// is served on the public listeners.
     #[arg(long, env = "INGEST_ADMIN_LISTEN", global = true)]
     pub admin_listen: Option<String>,
 
@@ -206,7 +208,8 @@ pub struct Settings {
     #[arg(long, env = "INGEST_SOCKET_MODE", default_value = "660", value_parser = parse_octal_mode, global = true)]
     pub socket_mode: u32,
 
-    /// Certificate chain (PEM) for HTTPS on the TCP listeners, with --tls-key; re-read on SIGHUP.
+    /// Certificate chain (PEM, leaf first) for HTTPS on the TCP listeners, with --tls-key; re-read on SIGHUP (see
+    /// docs/security.md).
     #[arg(long, env = "INGEST_TLS_CERT", global = true)]
     pub tls_cert: Option<PathBuf>,
 
@@ -214,15 +217,19 @@ pub struct Settings {
     #[arg(long, env = "INGEST_TLS_KEY", global = true)]
     pub tls_key: Option<PathBuf>,
 
-    /// CA certificates (PEM): HTTPS clients must present a certificate one of them signed; re-read on SIGHUP.
+    /// CA certificates (PEM): HTTPS clients must present a certificate one of them signed (mutual TLS); re-read on
+    /// SIGHUP.
     #[arg(long, env = "INGEST_TLS_CLIENT_CA", global = true)]
     pub tls_client_ca: Option<PathBuf>,
 
-    /// PostgreSQL to write to; when unset, an embedded PostgreSQL is started under <data-dir>/postgres.
+    /// PostgreSQL to write to, as a URL or in libpq's `key=value` form (`sslmode` and `sslrootcert` as in libpq; see
+    /// docs/security.md); when unset, an embedded PostgreSQL is started under `<data-dir>/postgres`.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
 
-    /// Where the embedded PostgreSQL (and any local state) lives.
+    /// Local state, for one process at a time (`<data-dir>/lock`): the gateway's identity (`<data-dir>/instance-id`),
+    /// the write-ahead log (`<data-dir>/wal`) and the embedded PostgreSQL (`<data-dir>/postgres`, its log in
+    /// `<data-dir>/postgres.log`).
     #[arg(long, env = "INGEST_DATA_DIR", default_value = "./data", global = true)]
     pub data_dir: PathBuf,
 
@@ -234,12 +241,13 @@ pub struct Settings {
     #[arg(long, env = "INGEST_FLUSH_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
     pub flush_interval: Duration,
 
-    /// Updates held in memory per stream (accepted, not yet written) before requests get 503.
+    /// Updates held in memory per stream (accepted, not yet written); beyond it, updates wait in the log (`wal`) or
+    /// get 503 (`memory`).
     #[arg(long, env = "INGEST_QUEUE_CAPACITY", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub queue_capacity: u32,
 
     /// About how much memory a stream's queued updates may take (attributes included); past it, as past the
-    /// capacity, updates wait in the log (`wal`) or get 503 (`memory`).
+    /// capacity, updates wait in the log (`wal`) or get 503 (`memory`). An empty queue always takes one request.
     #[arg(long, env = "INGEST_QUEUE_MAX_BYTES", default_value_t = 64 * 1024 * 1024, global = true)]
     pub queue_max_bytes: usize,
 
@@ -255,11 +263,11 @@ pub struct Settings {
     #[arg(long, env = "INGEST_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..), global = true)]
     pub writers: u16,
 
-    /// Request body limit in bytes, after decompression.
+    /// Request body limit in bytes, after decompression (at most 64 MiB); past it, 413.
     #[arg(long, env = "INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024, value_parser = parse_body_limit, global = true)]
     pub max_body_bytes: usize,
 
-    /// Total time a request body may take to arrive.
+    /// Total time a request body may take to arrive; past it, 408.
     #[arg(long, env = "INGEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
     pub body_timeout: Duration,
 
@@ -309,7 +317,8 @@ pub struct Settings {
     #[arg(long, env = "INGEST_PROGRESS_INTERVAL", default_value = "5s", value_parser = parse_interval, global = true)]
     pub progress_interval: Duration,
 
-    /// Log format.
+    /// Log format: `text` (lines for a person) or `json` (one object per line, for log shippers). `RUST_LOG`
+    /// filters the lines (default `info`).
     #[arg(long, env = "INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
@@ -317,7 +326,7 @@ pub struct Settings {
     #[arg(long, env = "INGEST_DURABILITY", value_enum, default_value_t = Durability::Wal, global = true)]
     pub durability: Durability,
 
-    /// Bound on the write-ahead log's size on disk (under <data-dir>/wal); when full, requests get 503.
+    /// Bound on the write-ahead log's size on disk (under `<data-dir>/wal`); when full, requests get 503.
     #[arg(long, env = "INGEST_WAL_MAX_BYTES", default_value_t = 1 << 30, global = true)]
     pub wal_max_bytes: u64,
 
@@ -334,16 +343,20 @@ pub struct Settings {
     #[arg(long, env = "INGEST_MAX_AGE", default_value = "30d", value_parser = parse_duration, global = true)]
     pub max_age: Duration,
 
-    /// The span of one time partition of the stream tables: a whole number of hours that divides a day.
+    /// The span of one time partition of `location_updates` and `poll_results`: a whole number of hours that divides
+    /// a day (`1h`, `2h`, `3h`, `4h`, `6h`, `8h`, `12h`, `1d`); see docs/storage.md.
     #[arg(long, env = "INGEST_PARTITION_INTERVAL", default_value = "1d", value_parser = parse_interval, global = true)]
     pub partition_interval: Duration,
 
-    /// Drop time partitions wholly older than this (at least INGEST_MAX_AGE); unset: keep everything.
+    /// Drop time partitions wholly older than this, whole (no `DELETE`); at least INGEST_MAX_AGE: a shorter one is
+    /// refused at start-up, since it would drop partitions that can still receive accepted updates. Unset: keep
+    /// everything.
     #[arg(long, env = "INGEST_RETENTION", value_parser = parse_interval, global = true)]
     pub retention: Option<Duration>,
 
     /// The API keys, one per line (name, SHA-256 of the key, streams, scope; see docs/security.md); re-read on SIGHUP.
-    /// Unset: anyone who can reach the gateway may write.
+    /// Unset: anyone who can reach the gateway may write, and a listener other machines can reach refuses to start
+    /// without INGEST_ALLOW_ANONYMOUS.
     #[arg(long, env = "INGEST_API_KEYS_FILE", global = true)]
     pub api_keys_file: Option<PathBuf>,
 
@@ -372,8 +385,8 @@ pub struct Settings {
     #[arg(long, env = "INGEST_QUEUE", value_enum, default_value_t = QueueKind::Local, global = true)]
     pub queue: QueueKind,
 
-    /// NATS servers, comma-separated (`nats://host:4222,tls://other:4222`); the client fails over between them. A
-    /// password in a URL is never shown (here, in errors or in the log).
+    /// NATS servers, comma-separated (`nats://host:4222,tls://other:4222`); the client fails over between them and
+    /// reconnects forever. A password in a URL is never shown (here, in errors or in the log).
     #[arg(
         long,
         env = "INGEST_NATS_URL",

@@ -1,5 +1,6 @@
 //! `/stats`, `/metrics`, `/healthz` and `/readyz` report the right figures after a known load.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::helpers::{eventually, location_array, now_rfc3339, spawn_app};
@@ -110,4 +111,99 @@ fn with_an_admin_listener_operators_pages_live_apart_from_the_public_port() {
         matches!(ingest, Err(ureq::Error::Status(404, _))),
         "no ingest on the admin listener"
     );
+}
+
+/// The metric table of docs/observability.md: for each metric name it lists, the types its row gives.
+fn documented_metrics() -> BTreeMap<String, BTreeSet<String>> {
+    let page = include_str!("../../docs/observability.md");
+    let table = page
+        .split("| metric | type | meaning |")
+        .nth(1)
+        .expect("docs/observability.md has the metric table");
+    let mut metrics = BTreeMap::new();
+    for row in table.lines().skip(1).take_while(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let types: BTreeSet<String> = cells[2].split([',', '/']).map(|t| t.trim().to_owned()).collect();
+        for name in cells[1].split('`').skip(1).step_by(2) {
+            // `ingest_http_requests_total{route,status}`: the name without its labels.
+            let name = name.split('{').next().unwrap_or(name);
+            metrics.insert(name.to_owned(), types.clone());
+        }
+    }
+    metrics
+}
+
+/// The metric names src/metrics.rs defines, as its `pub const NAME: &str = "ingest_…";` lines give them.
+fn defined_metric_names() -> BTreeSet<String> {
+    include_str!("../../src/metrics.rs")
+        .lines()
+        .filter(|l| l.starts_with("pub const ") && l.contains(": &str = \"ingest_"))
+        .filter_map(|l| l.split('"').nth(1))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_metric_table_of_the_docs_lists_every_metric_the_gateway_defines_and_exports_with_its_type() {
+    let documented = documented_metrics();
+    let defined = defined_metric_names();
+    let listed: BTreeSet<String> = documented
+        .keys()
+        .filter(|name| name.starts_with("ingest_"))
+        .cloned()
+        .collect();
+    let undocumented: Vec<_> = defined.difference(&listed).collect();
+    let unknown: Vec<_> = listed.difference(&defined).collect();
+    assert!(
+        undocumented.is_empty() && unknown.is_empty(),
+        "docs/observability.md's metric table differs from src/metrics.rs: defined but not listed {undocumented:?}, \
+         listed but not defined {unknown:?}"
+    );
+
+    // What a running gateway with every listener exports: each family is listed, with the type it has.
+    let app = spawn_app(|s| {
+        s.teltonika_listen = Some("127.0.0.1:0".to_owned());
+        s.gt06_listen = Some("127.0.0.1:0".to_owned());
+    });
+    assert_eq!(
+        app.post_json("/api/v1/location/update", &location_array("families", 2))
+            .status,
+        202
+    );
+    app.wait_until_all_written();
+    let metrics = app.get("/metrics").body;
+    let mut exported = 0;
+    for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut words = line.split_whitespace().skip(2);
+        let (name, kind) = (words.next().unwrap(), words.next().unwrap());
+        let key = if name.starts_with("process_") {
+            "process_*"
+        } else {
+            name
+        };
+        let types = documented
+            .get(key)
+            .unwrap_or_else(|| panic!("{name} is exported but not in docs/observability.md's metric table"));
+        if key != "process_*" {
+            assert!(types.contains(kind), "{name} is a {kind}; the docs say {types:?}");
+            exported += 1;
+        }
+    }
+    assert!(exported > 30, "the gateway exported {exported} families of its own");
+}
+
+#[test]
+fn the_docs_name_every_reason_an_update_is_refused_for() {
+    let page = include_str!("../../docs/observability.md");
+    let row = page
+        .lines()
+        .find(|l| l.starts_with("| `ingest_updates_rejected_total{reason}`"))
+        .expect("the row of ingest_updates_rejected_total");
+    let meaning = row.split('|').nth(3).unwrap();
+    let documented: BTreeSet<&str> = meaning.split('`').skip(1).step_by(2).collect();
+    let reasons: BTreeSet<&str> = ingest_gateway::metrics::RejectReason::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+    assert_eq!(documented, reasons, "docs/observability.md against RejectReason");
 }
