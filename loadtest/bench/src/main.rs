@@ -15,6 +15,7 @@
 //! - `jetstream`: the JetStream variant (nats-server, a publishing gateway, a writer process)
 //! - `teltonika`: the Teltonika variant's load generator (1000 simulated units over TCP, a hidden subcommand)
 //! - `report`, `plot`: the Markdown report and the PNG chart
+//! - `pgprofile`: `--pg-profile`, where PostgreSQL's CPU goes per row of the gateway's batch write
 //! - `grow`: `--grow N`, PostgreSQL's cost per row before and after time partitions, and as the table grows
 //!
 //! It measures the gateway's binary, run as a process as users run it. From the gateway's library it takes only
@@ -24,6 +25,7 @@ mod endurance;
 mod grow;
 mod jetstream;
 mod pg;
+mod pgprofile;
 mod plot;
 mod procs;
 mod report;
@@ -107,6 +109,10 @@ struct Cli {
     /// one, then the location table grown to ROWS realistic fixes, its rate and cost at the start and the end
     #[arg(long, value_name = "ROWS")]
     grow: Option<u64>,
+    /// Instead of the variants: where PostgreSQL's CPU goes per row of the gateway's batch write, statement by
+    /// statement (pg_stat_statements), for the benchmark's rows in large and small batches and for a fleet
+    #[arg(long)]
+    pg_profile: bool,
     /// Do not draw the PNG chart
     #[arg(long)]
     no_plot: bool,
@@ -202,6 +208,10 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    if cli.pg_profile {
+        pgprofile::run()?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(rows) = cli.grow {
         let results_dir = match &cli.results_dir {
             Some(dir) => dir.clone(),
