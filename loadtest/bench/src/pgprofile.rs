@@ -5,6 +5,9 @@
 //! `NOTIFY`, the commit. The rest of the server's CPU (parse, round trips, WAL writer, checkpointer) is the
 //! difference.
 //!
+//! Then one device's track (the last hour, since midnight, 7 days) over 5,000,000 fixes today from 5,000 devices,
+//! with and without the current partition's device-first index.
+//!
 //! Workloads: the benchmark's own (every row a device never seen before, as `batch1000.lua` and `single.lua`
 //! send) in 1000-row batches and in the small batches single updates make, and a fleet (5,000 devices, each
 //! reporting every 5 s) in 1000-row batches; each with and without `device_positions`, and a bare binary COPY per
@@ -237,7 +240,106 @@ pub fn run() -> anyhow::Result<()> {
             println!("| `{query}` | {calls} | {:.2} |", ms * 1e3 / rows as f64);
         }
     }
+    track_queries(&admin)
+}
+
+/// One device's track at 5,000,000 fixes today from 5,000 devices: the query over the last hour, since midnight
+/// and over 7 days, with the current partition's device-first index and without it (as it was before partitions
+/// got it when made), each at its fastest of five runs (`EXPLAIN ANALYZE`'s execution time).
+fn track_queries(admin: &Admin) -> anyhow::Result<()> {
+    eprintln!("ingest-bench --pg-profile: filling today with 5,000,000 fixes of 5,000 devices");
+    // The partitions' device-first indexes again, as the gateway makes them (the profile above dropped them).
+    admin.execute(
+        "DO $$ DECLARE p text; BEGIN FOR p IN SELECT inhrelid::regclass::text FROM pg_inherits \
+           WHERE inhparent = 'location_updates'::regclass LOOP \
+           EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %I (device_id, recorded_at)', p || '_device_id_idx', p); \
+         END LOOP; END $$",
+    )?;
+    admin.execute(
+        "TRUNCATE location_updates, device_positions, ingest_wal_progress; \
+         INSERT INTO location_updates (device_id, recorded_at, lat, lon, speed_kmh, received_at) \
+         SELECT 'truck-' || lpad((n % 5000)::text, 5, '0'), \
+                date_trunc('day', now(), 'UTC') + (n / 5000) * ((now() - date_trunc('day', now(), 'UTC')) / 1000), \
+                48 + (n % 997) * 1e-3, 2 + (n % 991) * 1e-3, n % 130, now() \
+           FROM generate_series(0, 4999999) n; \
+         VACUUM ANALYZE location_updates",
+    )?;
+    let windows = [
+        ("last hour", "now() - interval '1 hour'"),
+        ("since midnight", "date_trunc('day', now(), 'UTC')"),
+        ("7 days", "now() - interval '7 days'"),
+    ];
+    let time_of = |window: &str| -> anyhow::Result<(f64, String)> {
+        let mut best = f64::MAX;
+        let mut plan = String::new();
+        for device in [
+            "truck-00077",
+            "truck-01234",
+            "truck-04321",
+            "truck-02500",
+            "truck-00001",
+        ] {
+            let lines = admin.rows(
+                &format!(
+                    "EXPLAIN ANALYZE SELECT * FROM location_updates \
+                      WHERE device_id = '{device}' AND recorded_at > {window} ORDER BY recorded_at"
+                ),
+                |row| Ok(row.try_get::<_, String>(0)?),
+            )?;
+            let ms = lines
+                .iter()
+                .find_map(|l| {
+                    l.strip_prefix("Execution Time: ")?
+                        .strip_suffix(" ms")?
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap_or(f64::MAX);
+            if ms < best {
+                best = ms;
+                plan = scans(&lines).join(", ");
+            }
+        }
+        Ok((best, plan))
+    };
+    println!("\n### One device's track, 5,000,000 fixes today from 5,000 devices\n");
+    println!("| window | current partition | ms (fastest of 5 devices) | how the current partition is read |");
+    println!("|---|---|---:|---|");
+    for with_index in [true, false] {
+        if !with_index {
+            admin.execute(
+                "DO $$ DECLARE i text; BEGIN FOR i IN SELECT indexrelid::regclass::text FROM pg_index x \
+                   JOIN pg_inherits h ON h.inhrelid = x.indrelid \
+                  WHERE h.inhparent = 'location_updates'::regclass AND NOT x.indisunique LOOP \
+                   EXECUTE 'DROP INDEX ' || i; END LOOP; END $$",
+            )?;
+        }
+        for (name, window) in windows {
+            let (ms, plan) = time_of(window)?;
+            println!(
+                "| {name} | {} | {ms:.2} | {plan} |",
+                if with_index {
+                    "with the device-first index"
+                } else {
+                    "time-first key only"
+                }
+            );
+        }
+    }
     Ok(())
+}
+
+/// The scan nodes of an `EXPLAIN ANALYZE` that read rows (of the partitions that hold any), without their costs.
+fn scans(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.contains("Scan") && !l.contains("Bitmap Heap Scan") && !l.contains("actual time=0.000..0.000"))
+        .filter(|l| !l.contains(" rows=0 loops"))
+        .map(|l| {
+            let l = l.trim_start_matches([' ', '-', '>']);
+            l.split("  (").next().unwrap_or(l).to_owned()
+        })
+        .collect()
 }
 
 fn runtime_query(admin: &Admin, sql: &str) -> anyhow::Result<Vec<(i64, f64, String)>> {
