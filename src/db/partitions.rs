@@ -4,9 +4,10 @@
 //!
 //! Each partition gets a unique key that leads with the time (`recorded_at, device_id`): updates arrive in time
 //! order, so keys append at the right edge of the index, which costs PostgreSQL well under half of a key that
-//! leads with the device. One device's track is read through a second index (`device_id, recorded_at`), built
-//! in one sorted pass once a partition's time is past, where a per-row insertion would cost as much as the old
-//! key; until then (the current partition) the track is read through the time-first key.
+//! leads with the device. One device's track is read through a second index (`device_id, recorded_at`), made with
+//! the partition, so that the current partition answers "where has this truck been today" by the index too and not
+//! by scanning every device's rows of the day; a partition made by an earlier release without it gets it built
+//! (without blocking the writers) by [`index_past_partitions`].
 //!
 //! Gateways sharing a database serialise their changes with an advisory lock, and each reads the partitions
 //! that exist after taking it, so two never make the same partition.
@@ -232,11 +233,8 @@ pub async fn maintain(
             time = table.time_column,
             key = table.key_column,
         );
-        if end <= now {
-            // Already in the past: only late updates will come, so the history index is made at once.
-            sql.push_str(&history_index_sql(table, &name, false));
-            sql.push_str("; ");
-        }
+        sql.push_str(&history_index_sql(table, &name, false));
+        sql.push_str("; ");
         sql.push_str(&format!(
             "ALTER TABLE {parent} ATTACH PARTITION {partition} FOR VALUES FROM (to_timestamp({start})) TO (to_timestamp({end}))",
             parent = table.table,
@@ -292,13 +290,14 @@ pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Builds the history index (`device_id, recorded_at`) of every partition of `table` whose time is past and
-/// that has none, without blocking the writers (`CONCURRENTLY`); one gateway at a time. Returns the partitions
-/// indexed.
+/// Builds the history index (`device_id, recorded_at`) of every partition of `table` that has none — those an
+/// earlier release made, which built it only once a partition's time was past, the current partition included —
+/// without blocking the writers (`CONCURRENTLY`); one gateway at a time. Returns the partitions indexed.
+/// `_now` no longer matters: a partition is indexed whatever its time.
 pub async fn index_past_partitions(
     client: &Client,
     table: &PartitionedTable,
-    now: OffsetDateTime,
+    _now: OffsetDateTime,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
     let got_lock: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&INDEX_LOCK])
@@ -308,16 +307,12 @@ pub async fn index_past_partitions(
         // Another gateway is building them.
         return Ok(Vec::new());
     }
-    let result = index_unlocked(client, table, now.unix_timestamp()).await;
+    let result = index_unlocked(client, table).await;
     client.execute("SELECT pg_advisory_unlock($1)", &[&INDEX_LOCK]).await?;
     result
 }
 
-async fn index_unlocked(
-    client: &Client,
-    table: &PartitionedTable,
-    now: i64,
-) -> Result<Vec<String>, tokio_postgres::Error> {
+async fn index_unlocked(client: &Client, table: &PartitionedTable) -> Result<Vec<String>, tokio_postgres::Error> {
     // A valid index that leads with the key column is enough, whatever its name (the partition of rows from
     // before partitioning has its old unique key).
     let rows = client
@@ -331,15 +326,8 @@ async fn index_unlocked(
         )
         .await?;
     let candidates: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    let bounds = list(client, table).await?;
     let mut indexed = Vec::new();
     for name in candidates {
-        let past = bounds
-            .iter()
-            .any(|p| p.name == name && p.to.is_some_and(|to| to <= now));
-        if !past {
-            continue;
-        }
         // A build interrupted earlier leaves an invalid index of the same name: drop it first.
         client
             .batch_execute(&format!(

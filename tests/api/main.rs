@@ -27,6 +27,7 @@ mod nats_trust;
 mod observability;
 mod openapi;
 mod partitions;
+mod pg_cost;
 mod positions;
 mod progress;
 mod replicas;

@@ -124,6 +124,11 @@ impl Bench {
             accepted_rows_per_sec: Some(accepted as f64 / wrk.duration_secs),
             peak_rss_kib: Some(seen.peak_rss_kib.max(writer_usage.max_rss_kib)),
             cpu_secs: Some(gateway_usage.cpu_secs + writer_usage.cpu_secs + nats_usage.cpu_secs),
+            cpu_parts: vec![
+                ("gateway", gateway_usage.cpu_secs),
+                ("writer", writer_usage.cpu_secs),
+                ("nats-server", nats_usage.cpu_secs),
+            ],
             load_cpu_secs: Some(wrk.cpu_secs),
             landed_secs,
             series: crate::variants::rates(&seen.samples),

@@ -15,6 +15,7 @@
 //! - `jetstream`: the JetStream variant (nats-server, a publishing gateway, a writer process)
 //! - `teltonika`: the Teltonika variant's load generator (1000 simulated units over TCP, a hidden subcommand)
 //! - `report`, `plot`: the Markdown report and the PNG chart
+//! - `pgprofile`: `--pg-profile`, where PostgreSQL's CPU goes per row of the gateway's batch write
 //! - `grow`: `--grow N`, PostgreSQL's cost per row before and after time partitions, and as the table grows
 //!
 //! It measures the gateway's binary, run as a process as users run it. From the gateway's library it takes only
@@ -24,6 +25,7 @@ mod endurance;
 mod grow;
 mod jetstream;
 mod pg;
+mod pgprofile;
 mod plot;
 mod procs;
 mod report;
@@ -85,6 +87,11 @@ struct Cli {
     /// a shared machine: CPU per row does not fall when another process takes the cores
     #[arg(long, value_name = "[MODE=]RATIO", value_parser = parse_min_ratio)]
     max_cost_ratio: Vec<MinRatio>,
+    /// Exit 1 when PostgreSQL's CPU per landed row with 1000-update requests (default mode) ÷ the sink ceiling's is
+    /// above RATIO: what the batch write costs the database beyond a bare COPY of the same rows. With --quick it
+    /// adds the sink ceiling and 1000-update requests to what is measured
+    #[arg(long, value_name = "RATIO")]
+    max_pg_cost_ratio: Option<f64>,
     /// The report's and chart's file name, without extension [default: the time of the run]; `example`
     /// regenerates loadtest/results/example.md, the report docs/performance.md links to
     #[arg(long, value_name = "NAME")]
@@ -107,6 +114,10 @@ struct Cli {
     /// one, then the location table grown to ROWS realistic fixes, its rate and cost at the start and the end
     #[arg(long, value_name = "ROWS")]
     grow: Option<u64>,
+    /// Instead of the variants: where PostgreSQL's CPU goes per row of the gateway's batch write, statement by
+    /// statement (pg_stat_statements), for the benchmark's rows in large and small batches and for a fleet
+    #[arg(long)]
+    pg_profile: bool,
     /// Do not draw the PNG chart
     #[arg(long)]
     no_plot: bool,
@@ -202,6 +213,10 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    if cli.pg_profile {
+        pgprofile::run()?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(rows) = cli.grow {
         let results_dir = match &cli.results_dir {
             Some(dir) => dir.clone(),
@@ -268,7 +283,13 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         .chain(&cli.max_cost_ratio)
         .cloned()
         .collect();
-    let variants = plan(cli.quick, modes.as_deref(), &gated, &cli.variants);
+    let variants = plan(
+        cli.quick,
+        modes.as_deref(),
+        &gated,
+        &cli.variants,
+        cli.max_pg_cost_ratio.is_some(),
+    );
     if variants.is_empty() {
         bail!("--variants selected nothing to measure");
     }
@@ -465,6 +486,18 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             below = true;
         }
     }
+    if let Some(limit) = cli.max_pg_cost_ratio {
+        let Some((r, gateway, sink)) = report::pg_cost_ratio(&summaries, None) else {
+            bail!("--max-pg-cost-ratio: the sink ceiling or the gateway 1000/request variant was not measured");
+        };
+        let figures = format!("PostgreSQL CPU per row {gateway:.1} µs ÷ sink ceiling {sink:.1} µs = {r:.2}");
+        if r <= limit {
+            println!("gateway 1000/request: {figures} ≤ {limit}: ok");
+        } else {
+            println!("gateway 1000/request: {figures} is above --max-pg-cost-ratio {limit}");
+            below = true;
+        }
+    }
     if below {
         return Ok(ExitCode::from(1));
     }
@@ -494,11 +527,13 @@ fn parse_min_ratio(text: &str) -> Result<MinRatio, String> {
 }
 
 /// The variants of one round, in the order they run: those `picked` (none picked: every variant, or with `quick`
-/// the HTTP ceiling and single updates).
-fn plan(quick: bool, modes: Option<&[String]>, gated: &[MinRatio], picked: &[Pick]) -> Vec<Variant> {
+/// the HTTP ceiling and single updates, and with `pg_gated` the sink ceiling and 1000-update requests).
+fn plan(quick: bool, modes: Option<&[String]>, gated: &[MinRatio], picked: &[Pick], pg_gated: bool) -> Vec<Variant> {
     let wanted = |pick: Pick| {
         if picked.is_empty() {
-            !quick || matches!(pick, Pick::Ceiling | Pick::Single)
+            !quick
+                || matches!(pick, Pick::Ceiling | Pick::Single)
+                || (pg_gated && matches!(pick, Pick::Sink | Pick::Batch1000))
         } else {
             picked.contains(&pick)
         }
@@ -727,12 +762,21 @@ mod tests {
         let modes = ["wal".to_owned(), "memory".to_owned()];
         let names = |plan: Vec<Variant>| plan.into_iter().map(|v| v.name).collect::<Vec<_>>();
         assert_eq!(
-            names(plan(true, Some(&modes), &[], &[])),
+            names(plan(true, Some(&modes), &[], &[], false)),
             ["HTTP ceiling (parse + 202)", "gateway single, wal"]
+        );
+        assert_eq!(
+            names(plan(true, Some(&modes), &[], &[], true)),
+            [
+                "HTTP ceiling (parse + 202)",
+                "gateway single, wal",
+                "sink ceiling (psql \\copy, 2×)",
+                "gateway 1000/request, wal"
+            ]
         );
         let gate = parse_min_ratio("memory=0.5").unwrap();
         assert_eq!(
-            names(plan(true, Some(&modes), &[gate], &[])),
+            names(plan(true, Some(&modes), &[gate], &[], false)),
             [
                 "HTTP ceiling (parse + 202)",
                 "gateway single, wal",
@@ -747,7 +791,7 @@ mod tests {
         let names = |plan: Vec<Variant>| plan.into_iter().map(|v| v.name).collect::<Vec<_>>();
         let picked = [Pick::Overland, Pick::Batch1000, Pick::Osmand, Pick::Single];
         assert_eq!(
-            names(plan(false, Some(&modes), &[], &picked)),
+            names(plan(false, Some(&modes), &[], &picked, false)),
             [
                 "gateway single, wal",
                 "gateway single, memory",
@@ -758,7 +802,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            names(plan(true, Some(&modes), &[], &[Pick::Osmand])),
+            names(plan(true, Some(&modes), &[], &[Pick::Osmand], false)),
             ["gateway osmand GET, wal"]
         );
     }
@@ -768,12 +812,18 @@ mod tests {
         let modes = ["wal".to_owned(), "memory".to_owned()];
         let names = |plan: Vec<Variant>| plan.into_iter().map(|v| v.name).collect::<Vec<_>>();
         let teltonika = "gateway teltonika 1000 units × 10/packet, wal";
-        assert!(names(plan(false, Some(&modes), &[], &[])).contains(&teltonika.to_owned()));
-        assert!(!names(plan(true, Some(&modes), &[], &[]))
+        assert!(names(plan(false, Some(&modes), &[], &[], false)).contains(&teltonika.to_owned()));
+        assert!(!names(plan(true, Some(&modes), &[], &[], false))
             .iter()
             .any(|n| n.contains("teltonika")));
         assert_eq!(
-            names(plan(false, Some(&modes), &[], &[Pick::Teltonika, Pick::Batch1000])),
+            names(plan(
+                false,
+                Some(&modes),
+                &[],
+                &[Pick::Teltonika, Pick::Batch1000],
+                false
+            )),
             ["gateway 1000/request, wal", "gateway 1000/request, memory", teltonika]
         );
         let cli = Cli::try_parse_from(["ingest-bench", "--variants", "batch1000,teltonika"]).unwrap();

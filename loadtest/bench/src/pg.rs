@@ -41,6 +41,19 @@ impl Admin {
         Ok(row.try_get(0)?)
     }
 
+    /// Every row of `sql`, each made into a value by `each`.
+    pub fn rows<T>(
+        &self,
+        sql: &str,
+        each: impl Fn(&tokio_postgres::Row) -> anyhow::Result<T>,
+    ) -> anyhow::Result<Vec<T>> {
+        let rows = self
+            .runtime
+            .block_on(self.client.query(sql, &[]))
+            .with_context(|| format!("{sql} failed"))?;
+        rows.iter().map(each).collect()
+    }
+
     pub fn count_rows(&self, table: &str) -> anyhow::Result<u64> {
         let n = self.query_i64(&format!("SELECT count(*) FROM {table}"))?;
         Ok(u64::try_from(n).unwrap_or(0))

@@ -16,6 +16,11 @@ pub const MAX_GATEWAY_RSS_MB: f64 = 64.0;
 const MAX_COST_RATIO: [(&str, f64); 2] = [("wal", 1.3), ("memory", 1.1)];
 /// Gateway CPU per landed row with 1000-update requests, at most (µs).
 const MAX_BATCH_MICROS_PER_ROW: f64 = 1.5;
+/// PostgreSQL's CPU per landed row with 1000-update requests ÷ the sink ceiling's (a bare binary COPY into the
+/// same table), at most: what the batch write costs the database beyond the rows themselves.
+const MAX_PG_OVER_SINK: f64 = 1.5;
+/// PostgreSQL's CPU per landed row with single updates in `wal` mode, at most (µs).
+const MAX_SINGLE_PG_MICROS_PER_ROW: f64 = 4.0;
 /// `?ack=commit` with single updates: updates committed per second, at least, and p99, at most (ms).
 const MIN_COMMIT_ACK_RATE: f64 = 10_000.0;
 const MAX_COMMIT_ACK_P99_MS: f64 = 20.0;
@@ -184,6 +189,74 @@ pub fn cost_ratio(summaries: &[Summary], mode: Option<&str>) -> Option<(f64, f64
     Some((ratio(Some(gateway), Some(ceiling))?, gateway, ceiling))
 }
 
+/// PostgreSQL's CPU per landed row with 1000-update requests (`None`: the default mode) ÷ the sink ceiling's, and
+/// the two figures: what `--max-pg-cost-ratio` checks.
+pub fn pg_cost_ratio(summaries: &[Summary], mode: Option<&str>) -> Option<(f64, f64, f64)> {
+    let sink = find(summaries, |k| *k == Kind::SinkCeiling).and_then(pg_micros_per_row)?;
+    let gateway = find(summaries, |k| match k {
+        Kind::Gateway {
+            shape: Shape::Batch1000,
+            durability,
+            default_mode,
+        } => match mode {
+            Some(mode) => durability.as_deref() == Some(mode),
+            None => *default_mode,
+        },
+        _ => false,
+    })
+    .and_then(pg_micros_per_row)?;
+    Some((ratio(Some(gateway), Some(sink))?, gateway, sink))
+}
+
+fn pg_micros_per_row(m: &Measurement) -> Option<f64> {
+    micros_per_row(Some(m.pg_cpu_secs), m.rows)
+}
+
+/// What each landed row cost the whole system, by process: the server under test (each of its processes), the
+/// sink ceiling's psql processes (they do the writer's part), and PostgreSQL. The load generator is left out.
+fn cost_parts(variant: &Variant, m: &Measurement) -> Vec<(&'static str, f64)> {
+    let mut parts: Vec<(&'static str, f64)> = match (&variant.kind, m.cpu_parts.is_empty()) {
+        (Kind::SinkCeiling, _) => m.load_cpu_secs.map(|s| ("psql", s)).into_iter().collect(),
+        (_, false) => m.cpu_parts.clone(),
+        (Kind::HttpCeiling, true) => m.cpu_secs.map(|s| ("HTTP server", s)).into_iter().collect(),
+        (Kind::NaiveBaseline, true) => m.cpu_secs.map(|s| ("naive server", s)).into_iter().collect(),
+        (_, true) => m.cpu_secs.map(|s| ("gateway", s)).into_iter().collect(),
+    };
+    if variant.kind != Kind::HttpCeiling {
+        parts.push(("PostgreSQL", m.pg_cpu_secs));
+    }
+    parts
+}
+
+/// Whole-system CPU microseconds per landed row: the sum of [`cost_parts`].
+fn whole_micros_per_row(variant: &Variant, m: &Measurement) -> Option<f64> {
+    let secs: f64 = cost_parts(variant, m).iter().map(|(_, s)| s).sum();
+    micros_per_row(Some(secs), m.rows)
+}
+
+/// One line per variant: where each µs of a landed row goes.
+pub fn where_the_micros_go(summaries: &[Summary]) -> String {
+    let mut out = String::new();
+    for s in summaries {
+        let m = &s.best;
+        if m.rows == 0 {
+            continue;
+        }
+        let parts: Vec<String> = cost_parts(s.variant, m)
+            .iter()
+            .map(|(what, secs)| format!("{what} {:.1}", secs * 1e6 / m.rows as f64))
+            .collect();
+        let _ = writeln!(
+            out,
+            "- {}: {} = **{} µs** a row",
+            s.variant.name,
+            parts.join(" + "),
+            opt(whole_micros_per_row(s.variant, m), 1)
+        );
+    }
+    out
+}
+
 /// CPU microseconds of the server under test per row it landed (the HTTP ceiling: per update it parsed).
 fn server_micros_per_row(m: &Measurement) -> Option<f64> {
     micros_per_row(m.cpu_secs, m.rows)
@@ -278,6 +351,28 @@ pub fn checks(summaries: &[Summary]) -> Vec<Check> {
                     unit: " ms",
                 });
             }
+        }
+        if mode.as_deref() == Some("wal") && single.is_some() {
+            checks.push(Check {
+                what: format!("{} PostgreSQL CPU per landed row", label("single")),
+                value: single.and_then(pg_micros_per_row),
+                target: Target::AtMost(MAX_SINGLE_PG_MICROS_PER_ROW),
+                unit: " µs",
+            });
+        }
+        if batch.is_some() && sink.is_some() {
+            let (gateway_us, sink_us) = (batch.and_then(pg_micros_per_row), sink.and_then(pg_micros_per_row));
+            checks.push(Check {
+                what: format!(
+                    "{} PostgreSQL CPU per landed row ÷ sink ceiling's ({} ÷ {} µs)",
+                    label("1000/request"),
+                    opt(gateway_us, 1),
+                    opt(sink_us, 1)
+                ),
+                value: ratio(gateway_us, sink_us),
+                target: Target::AtMost(MAX_PG_OVER_SINK),
+                unit: "",
+            });
         }
         if batch.is_some() {
             checks.push(Check {
@@ -576,7 +671,7 @@ fn row(variant: &Variant, m: &Measurement, with_round: bool, others: Option<(f64
         String::new()
     };
     format!(
-        "| {name} |{round} {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+        "| {name} |{round} {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} |",
         format_rate(m.rows_per_sec),
         m.accepted_rows_per_sec
             .map(format_rate)
@@ -593,6 +688,7 @@ fn row(variant: &Variant, m: &Measurement, with_round: bool, others: Option<(f64
         m.rows,
         opt(server_us, 1),
         opt(micros_per_row(Some(m.pg_cpu_secs), m.rows), 1),
+        opt(whole_micros_per_row(variant, m), 1),
         opt(micros_per_row(m.load_cpu_secs, m.rows), 1),
         match others {
             Some((low, high)) if (high - low) * 100.0 >= 0.5 => format!("{:.0}–{:.0}", low * 100.0, high * 100.0),
@@ -603,9 +699,9 @@ fn row(variant: &Variant, m: &Measurement, with_round: bool, others: Option<(f64
 
 const HEADER: &str = "rows landed/s | accepted/s | req/s | p50 ms | p99 ms | max ms | failed / socket errors | \
                       peak RSS MB | CPU s | PostgreSQL CPU s | rows | CPU µs/row | PostgreSQL µs/row | \
-                      load generator µs/row | others' CPU %";
+                      whole system µs/row | load generator µs/row | others' CPU %";
 /// Columns of [`HEADER`].
-const COLUMNS: usize = 15;
+const COLUMNS: usize = 16;
 
 /// The table of each variant's best figures.
 pub fn results_table(summaries: &[Summary]) -> String {
@@ -695,6 +791,8 @@ pub fn markdown(ctx: &Context, summaries: &[Summary], checks: &[Check]) -> Strin
         "\nHighest rates, lowest latencies, highest peak RSS and error counts over the rounds; CPU s, rows and CPU \
          per row from the round with the most rows landed/s. Every round is listed below.\n",
     );
+    out.push_str("\n### Where each µs of a landed row goes\n\n");
+    out.push_str(&where_the_micros_go(summaries));
     out.push_str("\n## Targets\n\n");
     out.push_str(&checks_table(checks));
     for section in &ctx.sections {
@@ -776,6 +874,12 @@ const HOW: &str = "
   and the load generator's CPU, each divided by rows (the HTTP ceiling: by updates parsed, so its CPU µs/row is
   per request). The load generator is wrk (its CPU from getrusage of the reaped process); for the sink ceiling,
   the psql processes, whose CPU is then left out of CPU µs/row.
+- **whole system µs/row**: every process's CPU per landed row but the load generator's: the gateway (with
+  JetStream: the gateway, the writer and nats-server), PostgreSQL, and for the sink ceiling its psql processes,
+  which do the writer's part. Where each µs goes (below the table) splits it by process.
+- **PostgreSQL ÷ sink ceiling**: PostgreSQL's CPU per landed row with 1000-update requests over the sink
+  ceiling's, a bare binary COPY of 1000-row batches into the same table with the same indexes: what the
+  batch write's other statements (the `device_positions` upsert, the log positions, `NOTIFY`) cost the database.
 - **tracker routes ÷ native route**: the gateway's CPU per landed row on the OsmAnd route (one fix per `GET`,
   the query form) over its CPU per landed row with single native updates, and on the Overland route (200 fixes a
   request) over 1000-update native requests, in the same mode and run: what reading each client's protocol costs
@@ -839,7 +943,10 @@ mod tests {
         ];
         let summaries = summarize(&variants, &measurements);
         let all = checks(&summaries);
-        let cost: Vec<&Check> = all.iter().filter(|c| c.what.contains("CPU per landed row")).collect();
+        let cost: Vec<&Check> = all
+            .iter()
+            .filter(|c| c.what.contains("CPU per landed row") && !c.what.contains("PostgreSQL"))
+            .collect();
         assert_eq!(cost.len(), 2);
         assert!((cost[0].value.unwrap_or(0.0) - 3.0).abs() < 1e-9);
         assert!(cost[0].what.contains("wal") && cost[0].what.contains("(15.0 ÷ 5.0 µs)"));
@@ -850,7 +957,51 @@ mod tests {
         let over = all.iter().find(|c| c.what.contains("wal rows landed/s ÷ memory"));
         assert!(over.is_some_and(|c| c.passed() == Some(true)));
         let table = results_table(&summaries);
-        assert!(table.contains("| 15.0 | 3.0 | 7.5 |"), "{table}");
+        assert!(table.contains("| 15.0 | 3.0 | 18.0 | 7.5 |"), "{table}");
+    }
+
+    #[test]
+    fn postgresql_is_set_against_the_sink_ceiling_and_each_micro_is_accounted_for() {
+        let variants = [
+            Variant::new(Kind::SinkCeiling),
+            Variant::new(Kind::Gateway {
+                shape: Shape::Batch1000,
+                durability: Some("wal".to_owned()),
+                default_mode: true,
+            }),
+            Variant::new(Kind::JetStream { shape: Shape::Single }),
+        ];
+        let mut jetstream = measured(3.0, 100_000);
+        jetstream.cpu_parts = vec![("gateway", 1.0), ("writer", 0.5), ("nats-server", 1.5)];
+        // Sink: psql 0.25 s, PostgreSQL 0.1 s; gateway: 0.5 s and PostgreSQL 0.5 s, for 100,000 rows each.
+        let measurements = [
+            (0, measured(0.5, 100_000)),
+            (
+                1,
+                Measurement {
+                    pg_cpu_secs: 0.5,
+                    ..measured(0.5, 100_000)
+                },
+            ),
+            (2, jetstream),
+        ];
+        let summaries = summarize(&variants, &measurements);
+        let (r, gateway, sink) = pg_cost_ratio(&summaries, None).unwrap_or_default();
+        assert!((r - 5.0).abs() < 1e-9 && (gateway - 5.0).abs() < 1e-9 && (sink - 1.0).abs() < 1e-9);
+        let all = checks(&summaries);
+        let check = all.iter().find(|c| c.what.contains("÷ sink ceiling's (5.0 ÷ 1.0 µs)"));
+        assert!(
+            check.is_some_and(|c| c.passed() == Some(false)),
+            "{:?}",
+            all.iter().map(|c| &c.what).collect::<Vec<_>>()
+        );
+        let lines = where_the_micros_go(&summaries);
+        assert!(lines.contains("psql 2.5 + PostgreSQL 1.0 = **3.5 µs**"), "{lines}");
+        assert!(lines.contains("gateway 5.0 + PostgreSQL 5.0 = **10.0 µs**"), "{lines}");
+        assert!(
+            lines.contains("gateway 10.0 + writer 5.0 + nats-server 15.0 + PostgreSQL 6.0 = **36.0 µs**"),
+            "{lines}"
+        );
     }
 
     #[test]

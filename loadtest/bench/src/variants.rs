@@ -175,6 +175,9 @@ pub struct Measurement {
     pub others_cpu_share: f64,
     /// CPU seconds of the PostgreSQL server and its backends during the variant.
     pub pg_cpu_secs: f64,
+    /// `cpu_secs` by process, when the server under test is several (the JetStream variant: gateway, writer,
+    /// nats-server); empty when it is one.
+    pub cpu_parts: Vec<(&'static str, f64)>,
     /// The Teltonika variant: the gateway's resident memory with every unit's connection open, right after the
     /// load (before the connections close).
     pub connections_rss_kib: Option<u64>,

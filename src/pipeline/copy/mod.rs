@@ -26,6 +26,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use bytes::BytesMut;
+use deadpool_postgres::StatementCache;
 use tokio_postgres::Transaction;
 
 mod encode;
@@ -66,7 +67,12 @@ pub trait CopyRecord: Send + Sync + 'static {
         Self: Sized;
     /// Keeps the stream's "latest per key" table up to date with `rows` (those of the batch that are stored or
     /// retries, never a conflict), in the batch's transaction; nothing for a stream without one.
-    fn keep_latest<'a>(_tx: &'a Transaction<'_>, _rows: &'a [&'a Self]) -> BoxedWrite<'a>
+    /// Its statement is prepared through `statements`, once per connection.
+    fn keep_latest<'a>(
+        _tx: &'a Transaction<'_>,
+        _statements: &'a StatementCache,
+        _rows: &'a [&'a Self],
+    ) -> BoxedWrite<'a>
     where
         Self: Sized,
     {

@@ -2,6 +2,7 @@
 //! "latest per key" upsert.
 
 use bytes::{BufMut, BytesMut};
+use deadpool_postgres::StatementCache;
 use time::OffsetDateTime;
 use tokio_postgres::Transaction;
 
@@ -76,7 +77,11 @@ impl CopyRecord for LocationUpdate {
         serde_json::json!({"rows": rows.len(), "from": from, "to": to, "devices": devices.len()})
     }
 
-    fn keep_latest<'a>(tx: &'a Transaction<'_>, rows: &'a [&'a Self]) -> BoxedWrite<'a> {
+    fn keep_latest<'a>(
+        tx: &'a Transaction<'_>,
+        statements: &'a StatementCache,
+        rows: &'a [&'a Self],
+    ) -> BoxedWrite<'a> {
         Box::pin(async move {
             // The newest fix of each device in the batch, in device order so that concurrent writers lock rows in
             // one order and cannot deadlock.
@@ -96,8 +101,10 @@ impl CopyRecord for LocationUpdate {
             let attributes: Vec<Option<&str>> = rows.iter().map(|r| r.attributes.as_deref()).collect();
             let received: Vec<OffsetDateTime> = rows.iter().map(|r| r.received_at).collect();
             // Never moved back: a late or retried fix older than the stored one changes nothing.
-            tx.execute(
-                "INSERT INTO device_positions \
+            let upsert = statements
+                .prepare(
+                    tx.client(),
+                    "INSERT INTO device_positions \
                    (device_id, recorded_at, lat, lon, speed_kmh, heading_deg, accuracy_m, attributes, received_at) \
                  SELECT d, r, la, lo, s, h, a, at::jsonb, rc \
                    FROM unnest($1::text[], $2::timestamptz[], $3::float8[], $4::float8[], $5::float8[], \
@@ -109,6 +116,10 @@ impl CopyRecord for LocationUpdate {
                    accuracy_m = EXCLUDED.accuracy_m, attributes = EXCLUDED.attributes, \
                    received_at = EXCLUDED.received_at \
                  WHERE device_positions.recorded_at < EXCLUDED.recorded_at",
+                )
+                .await?;
+            tx.execute(
+                &upsert,
                 &[
                     &device_ids,
                     &recorded,
@@ -183,7 +194,11 @@ impl CopyRecord for PollResult {
         serde_json::json!({"rows": rows.len(), "from": from, "to": to, "projects": projects.len()})
     }
 
-    fn keep_latest<'a>(tx: &'a Transaction<'_>, rows: &'a [&'a Self]) -> BoxedWrite<'a> {
+    fn keep_latest<'a>(
+        tx: &'a Transaction<'_>,
+        statements: &'a StatementCache,
+        rows: &'a [&'a Self],
+    ) -> BoxedWrite<'a> {
         Box::pin(async move {
             // The newest result of each project in the batch, in project order (one lock order for all writers).
             let mut newest: std::collections::BTreeMap<i64, &PollResult> = std::collections::BTreeMap::new();
@@ -203,8 +218,10 @@ impl CopyRecord for PollResult {
             let attributes: Vec<Option<&str>> = rows.iter().map(|r| r.attributes.as_deref()).collect();
             let received: Vec<OffsetDateTime> = rows.iter().map(|r| r.received_at).collect();
             // Never moved back: a late or retried result older than the stored one changes nothing.
-            tx.execute(
-                "INSERT INTO project_latest_results \
+            let upsert = statements
+                .prepare(
+                    tx.client(),
+                    "INSERT INTO project_latest_results \
                    (project_id, polled_at, success, status_code, response_time_ms, error_message, attributes, \
                     received_at) \
                  SELECT p, t, s, c, r, e, at::jsonb, rc \
@@ -215,6 +232,10 @@ impl CopyRecord for PollResult {
                    response_time_ms = EXCLUDED.response_time_ms, error_message = EXCLUDED.error_message, \
                    attributes = EXCLUDED.attributes, received_at = EXCLUDED.received_at \
                  WHERE project_latest_results.polled_at < EXCLUDED.polled_at",
+                )
+                .await?;
+            tx.execute(
+                &upsert,
                 &[
                     &projects,
                     &polled,

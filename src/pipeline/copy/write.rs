@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Pool, StatementCache};
 use tokio_postgres::Transaction;
 
 use super::error::{classify, CopyError, Failure};
@@ -49,6 +49,7 @@ pub async fn write_batch<T: CopyRecord>(
     let started = Instant::now();
     let write = async {
         let mut object = pool.get().await?;
+        let statements = object.statement_cache.clone();
         let client: &mut tokio_postgres::Client = &mut object;
         // The common case first: the whole batch straight into the table, without a savepoint (under one,
         // every row would get a subtransaction id). Only a batch PostgreSQL refuses is done again, row-aware.
@@ -57,8 +58,7 @@ pub async fn write_batch<T: CopyRecord>(
             Ok(copied) => {
                 let inserted = copied.inserted;
                 let all: Vec<&T> = rows.iter().collect();
-                after_rows(&tx, stream, rows, &all, keep_latest).await?;
-                checkpoint::record(&tx, positions.instance, stream, positions.checkpoints).await?;
+                after_rows(&tx, &statements, stream, rows, &all, positions, keep_latest).await?;
                 tx.commit().await?;
                 return Ok(WriteOutcome {
                     inserted,
@@ -83,8 +83,7 @@ pub async fn write_batch<T: CopyRecord>(
             .filter(|(i, _)| conflicting.binary_search(i).is_err())
             .map(|(_, row)| row)
             .collect();
-        after_rows(&tx, stream, rows, &kept, keep_latest).await?;
-        checkpoint::record(&tx, positions.instance, stream, positions.checkpoints).await?;
+        after_rows(&tx, &statements, stream, rows, &kept, positions, keep_latest).await?;
         tx.commit().await?;
         Ok::<_, CopyError>(outcome)
     };
@@ -96,22 +95,32 @@ pub async fn write_batch<T: CopyRecord>(
 }
 
 /// What follows the rows in a batch's transaction: the "latest" table (from `kept`, the rows that are not
-/// conflicts), and the notice to the stream's listeners (delivered by PostgreSQL at commit, never for a batch
-/// rolled back).
+/// conflicts), then the log positions and the notice to the stream's listeners (delivered by PostgreSQL at commit,
+/// never for a batch rolled back) in one statement. Both statements are prepared once per connection: parsing and
+/// planning them for every batch would cost PostgreSQL more than the statements themselves.
 async fn after_rows<T: CopyRecord>(
     tx: &Transaction<'_>,
+    statements: &StatementCache,
     stream: &str,
     rows: &[T],
     kept: &[&T],
+    positions: LogPositions<'_>,
     keep_latest: bool,
 ) -> Result<(), tokio_postgres::Error> {
     if keep_latest {
-        T::keep_latest(tx, kept).await?;
+        T::keep_latest(tx, statements, kept).await?;
     }
     let summary = T::batch_summary(rows).to_string();
-    tx.execute("SELECT pg_notify($1, $2)", &[&notify_channel(stream), &summary])
-        .await
-        .map(|_| ())
+    checkpoint::record_and_notify(
+        tx,
+        statements,
+        positions.instance,
+        stream,
+        positions.checkpoints,
+        &notify_channel(stream),
+        &summary,
+    )
+    .await
 }
 
 /// Writes `rows` (the batch's from index `base` on) under a savepoint: straight `COPY`, or through staging when
