@@ -309,7 +309,10 @@ impl Metrics {
         let written = IntCounterVec::new(Opts::new(UPDATES_WRITTEN, "Updates committed in PostgreSQL"), stream)?;
         let depth = IntGaugeVec::new(Opts::new(QUEUE_DEPTH, "Updates accepted and not yet written"), stream)?;
         let capacity = IntGaugeVec::new(
-            Opts::new(QUEUE_CAPACITY, "Updates held before requests get 503"),
+            Opts::new(
+                QUEUE_CAPACITY,
+                "Updates the queue holds before it is full: then `wal` waits in the log, `memory` answers 503",
+            ),
             stream,
         )?;
         let batches = IntCounterVec::new(Opts::new(BATCHES_WRITTEN, "Batches committed"), stream)?;

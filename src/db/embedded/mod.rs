@@ -179,6 +179,7 @@ impl EmbeddedPostgres {
         } else {
             let dir = tempfile::Builder::new()
                 .prefix("ingest-gateway-sock-")
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
                 .tempdir()
                 .map_err(io_error("could not create a socket directory", Path::new("/tmp")))?;
             // Private, as the cluster directory is: whoever can enter it can try the socket.
