@@ -2,16 +2,20 @@
 //! PostgreSQL in batches with binary `COPY`.
 //!
 //! # Layout
-//! The modules follow the trip an update takes; imports point down this list, never up (`startup` sees all).
+//! The modules follow the trip an update takes. Imports point one way: `http` and `tcp → keys_file, intake, model`;
+//! `intake → wal, pipeline, model, db`; `pipeline → model, db`; `keys_file → model`; `wal` and `support` import
+//! nothing of the crate; `config`, `metrics` and `support` serve every layer; only `startup` sees everything.
 //! - [`config`]: every setting, with its default, flag and `INGEST_*` environment variable.
 //! - [`telemetry`]: the `tracing` subscriber (text or JSON lines).
 //! - [`metrics`]: the one Prometheus registry and the per-stream metric handles.
-//! - [`http`]: the transport: routes, headers, API keys and rate limits, body, gzip, parse and validate, then
-//!   hand over to the intake and map its answer to a status. Knows nothing of the log or the queue.
+//! - [`http`]: the transport: routes, headers, API keys at the door (access, scopes) and rate limits, body, gzip,
+//!   parse and validate, then hand over to the intake and map its answer to a status. Knows nothing of the log or
+//!   the queue.
 //! - [`tcp`]: the hardware trackers' transport (Teltonika, GT06): TCP listeners, one task per device connection, a
 //!   trait each binary protocol implements, acknowledgements sent once the records are durable. Like `http`, it
-//!   hands over to the intake and reads with the model; the keys file's `imeis=` lists (which units may connect)
-//!   are its own, read beside `http::auth`'s line parser.
+//!   hands over to the intake and reads with the model.
+//! - [`keys_file`]: the API keys file both transports read: each key's hash, scope and rate, and the tracker units
+//!   (`imeis=`) it lets connect.
 //! - [`model`]: wire payloads → validated updates; pure, no IO.
 //! - [`intake`]: transport-agnostic `submit(updates, ack)`; the accepting gate and the durability backends
 //!   (memory, the write-ahead log, NATS JetStream with its shard consumers) and the feed that replays the log into
@@ -20,10 +24,13 @@
 //! - [`pipeline`]: the bounded queue, the batching rule, the batch writers (reading from a `Source`) and the
 //!   binary `COPY` encoder; one opaque `Delivery` carries a batch's checkpoints and commits.
 //! - [`db`]: the connection pool, migrations, the time partitions, the embedded PostgreSQL, the checkpoint SQL,
-//!   the JetStream shard leases (advisory locks) and TLS to PostgreSQL.
+//!   the JetStream shard leases (advisory locks) and the connection string with its TLS to PostgreSQL.
 //! - [`secret_files`]: the files that grant access or hold secrets, refused when others may write them.
-//! - [`startup`]: builds everything above and runs it: the data directory and its lock, HTTPS for the listeners,
-//!   one generic per-stream builder, the stop sequence.
+//! - [`support`]: small utilities with one home each: hex, random bytes, atomic file replacement, IO errors with
+//!   their path, child processes and their signals.
+//! - [`startup`]: builds everything above and runs it, as named steps (database, log, JetStream, streams,
+//!   listeners, state): the data directory and its lock, HTTPS for the listeners, one generic per-stream builder,
+//!   the stop sequence, and the `migrate` and `new-key` commands.
 
 pub mod config;
 pub mod db;

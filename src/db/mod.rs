@@ -1,5 +1,6 @@
-//! The database side: the connection pool, the migrations, the time partitions, the embedded PostgreSQL, the
-//! committed log positions, the JetStream shard leases and TLS to PostgreSQL.
+//! The database side: the connection pool, the migrations, the time partitions, the embedded PostgreSQL (server,
+//! cluster set-up, throwaway servers, binary lookup, link-safe files), the committed log positions, the JetStream
+//! shard leases, and the connection string with its TLS to PostgreSQL (`client_tls`).
 
 pub mod checkpoint;
 pub mod client_tls;

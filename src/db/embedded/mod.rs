@@ -19,10 +19,10 @@
 //! cannot make root give away or overwrite another file.
 
 //!
-//! - [`cluster`]: `initdb`, the superuser's password and `pg_hba.conf`.
-//! - [`ephemeral`]: throwaway servers in temporary directories.
-//! - [`locate`]: the server binaries and the user that runs them.
-//! - [`private_files`]: the cluster's files handled without following links.
+//! - `cluster`: `initdb`, the superuser's password and `pg_hba.conf`.
+//! - `ephemeral`: throwaway servers in temporary directories.
+//! - `locate`: the server binaries and the user that runs them.
+//! - `private_files`: the cluster's files handled without following links.
 
 mod cluster;
 mod ephemeral;

@@ -20,5 +20,5 @@ pub mod scope;
 
 pub use access::{Access, AdminToken, ApiKeys, KeyEntry, OperatorAccess};
 // The tests reach the keys file's helpers through this older path.
-pub use crate::keys_file::{hash_key, hashed, parse_keys, ApiKey, KeyFileError, KEY_PREFIX, SCOPE_SEPARATORS};
+pub use crate::keys_file::hashed;
 pub use scope::Scoped;
