@@ -155,9 +155,44 @@ pub enum QueueKind {
     Jetstream,
 }
 
-/// Every setting. Durations are written like `250ms`, `10s`, `5m`, `30d`.
+/// Every setting, in groups by the part of the gateway that reads them. Durations are written like `250ms`, `10s`,
+/// `5m`, `30d`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
+    #[command(flatten, next_help_heading = "HTTP listeners")]
+    pub http: HttpSettings,
+
+    #[command(flatten, next_help_heading = "Tracker TCP listeners")]
+    pub trackers: TrackerSettings,
+
+    #[command(flatten, next_help_heading = "Request limits")]
+    pub limits: LimitSettings,
+
+    #[command(flatten, next_help_heading = "Access")]
+    pub auth: AuthSettings,
+
+    #[command(flatten, next_help_heading = "Database")]
+    pub database: DatabaseSettings,
+
+    #[command(flatten, next_help_heading = "Local state")]
+    pub storage: StorageSettings,
+
+    #[command(flatten, next_help_heading = "Batch writers")]
+    pub pipeline: PipelineSettings,
+
+    #[command(flatten, next_help_heading = "Partitions")]
+    pub partitions: PartitionSettings,
+
+    #[command(flatten, next_help_heading = "JetStream queue")]
+    pub jetstream: QueueSettings,
+
+    #[command(flatten, next_help_heading = "Logging")]
+    pub log: LogSettings,
+}
+
+/// Where and how the HTTP API listens.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpSettings {
     /// Where to listen, comma-separated: TCP addresses (port 0 picks a free port; the log says which) and Unix
     /// sockets as `unix:/path/to/socket`. A socket file left by a dead process is replaced, one another process
     /// listens on is refused, and the file is removed at exit.
@@ -176,6 +211,37 @@ pub struct Settings {
     #[arg(long, env = "INGEST_OSMAND_LISTEN", global = true)]
     pub osmand_listen: Option<String>,
 
+    /// Permissions of a Unix socket listener's file, in octal: who on this host may send.
+    #[arg(long, env = "INGEST_SOCKET_MODE", default_value = "660", value_parser = parse_octal_mode, global = true)]
+    pub socket_mode: u32,
+
+    /// Certificate chain (PEM, leaf first) for HTTPS on the TCP listeners, with --tls-key; re-read on SIGHUP (see
+    /// docs/security.md).
+    #[arg(long, env = "INGEST_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert; re-read on SIGHUP.
+    #[arg(long, env = "INGEST_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM): HTTPS clients must present a certificate one of them signed (mutual TLS); re-read on
+    /// SIGHUP.
+    #[arg(long, env = "INGEST_TLS_CLIENT_CA", global = true)]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Open client connections at most (over all HTTP workers); more wait in the listen backlog.
+    #[arg(long, env = "INGEST_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_connections: u32,
+
+    /// Longest a `?ack=commit` request waits for the commit; past it, the answer says the updates are durable but
+    /// not yet committed (`"committed": false`).
+    #[arg(long, env = "INGEST_COMMIT_WAIT", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub commit_wait: Duration,
+}
+
+/// Where tracker units' binary TCP protocols are taken, and the bounds on their connections.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrackerSettings {
     /// Where to take Teltonika units' binary protocol (Codec 8, 8 Extended, 16) over TCP, comma-separated TCP
     /// addresses (e.g. `0.0.0.0:5027`, Traccar's port for it); unset: no Teltonika listener.
     #[arg(long, env = "INGEST_TELTONIKA_LISTEN", global = true)]
@@ -203,36 +269,128 @@ pub struct Settings {
     /// operator's NAT share one).
     #[arg(long, env = "INGEST_TCP_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub tcp_max_connections_per_address: u32,
+}
 
-    /// Permissions of a Unix socket listener's file, in octal: who on this host may send.
-    #[arg(long, env = "INGEST_SOCKET_MODE", default_value = "660", value_parser = parse_octal_mode, global = true)]
-    pub socket_mode: u32,
+/// The bounds on what one request, and all of them together, may send.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitSettings {
+    /// Request body limit in bytes, after decompression (at most 64 MiB); past it, 413.
+    #[arg(long, env = "INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024, value_parser = parse_body_limit, global = true)]
+    pub max_body_bytes: usize,
 
-    /// Certificate chain (PEM, leaf first) for HTTPS on the TCP listeners, with --tls-key; re-read on SIGHUP (see
-    /// docs/security.md).
-    #[arg(long, env = "INGEST_TLS_CERT", global = true)]
-    pub tls_cert: Option<PathBuf>,
+    /// Total time a request body may take to arrive; past it, 408.
+    #[arg(long, env = "INGEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub body_timeout: Duration,
 
-    /// Private key (PEM) of --tls-cert; re-read on SIGHUP.
-    #[arg(long, env = "INGEST_TLS_KEY", global = true)]
-    pub tls_key: Option<PathBuf>,
+    /// Slowest a request body may arrive, in bytes per second on average (after a 5 s grace); 0 for no minimum.
+    #[arg(long, env = "INGEST_BODY_MIN_RATE", default_value_t = 1024, global = true)]
+    pub body_min_rate: u64,
 
-    /// CA certificates (PEM): HTTPS clients must present a certificate one of them signed (mutual TLS); re-read on
-    /// SIGHUP.
-    #[arg(long, env = "INGEST_TLS_CLIENT_CA", global = true)]
-    pub tls_client_ca: Option<PathBuf>,
+    /// Bytes of request bodies (and of what parsing keeps of them) the whole process holds at once; a request past
+    /// it gets 503 at once.
+    #[arg(long, env = "INGEST_MAX_INFLIGHT_BODY_BYTES", default_value_t = 256 * 1024 * 1024, global = true)]
+    pub max_inflight_body_bytes: usize,
 
+    /// The most of INGEST_MAX_INFLIGHT_BODY_BYTES one client address, and one API key, may hold at once, in percent
+    /// (`10` or `10%`); never less than room for one request of the largest size. A request past it gets 503 while
+    /// other clients still get in.
+    #[arg(long, env = "INGEST_BODY_BUDGET_SHARE", default_value = "10", global = true)]
+    pub body_budget_share: Percent,
+
+    /// How many times its compressed size a gzip body may expand to (bodies up to 64 KiB always may).
+    #[arg(long, env = "INGEST_MAX_GZIP_RATIO", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_gzip_ratio: u32,
+
+    /// Updates per request at most.
+    #[arg(long, env = "INGEST_MAX_UPDATES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_updates: u32,
+
+    /// Unknown fields (kept in `attributes`) per update at most; an update with more is refused (422), and no more
+    /// of its fields are kept while it is read.
+    #[arg(long, env = "INGEST_MAX_UNKNOWN_FIELDS", default_value_t = 64, global = true)]
+    pub max_unknown_fields: u16,
+
+    /// How far in the future a `recorded_at` / `polled_at` may be (clock skew of the senders).
+    #[arg(long, env = "INGEST_MAX_FUTURE_SKEW", default_value = "5m", value_parser = parse_duration, global = true)]
+    pub max_future_skew: Duration,
+
+    /// How old a `recorded_at` / `polled_at` may be.
+    #[arg(long, env = "INGEST_MAX_AGE", default_value = "30d", value_parser = parse_duration, global = true)]
+    pub max_age: Duration,
+}
+
+/// Who may write, how fast, and who may read the operational endpoints.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuthSettings {
+    /// The API keys, one per line (name, SHA-256 of the key, streams, scope; see docs/security.md); re-read on SIGHUP.
+    /// Unset: anyone who can reach the gateway may write, and a listener other machines can reach refuses to start
+    /// without INGEST_ALLOW_ANONYMOUS.
+    #[arg(long, env = "INGEST_API_KEYS_FILE", global = true)]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Take updates without API keys on a listener other machines can reach (a TCP address that is not loopback).
+    /// Without INGEST_API_KEYS_FILE and without this, such a listener refuses to start: a gateway open to anyone is
+    /// a decision, not an accident.
+    #[arg(long, env = "INGEST_ALLOW_ANONYMOUS", default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub allow_anonymous: bool,
+
+    /// A file whose first line is the token (at least 16 characters) that `/metrics`, `/stats`, the status page and
+    /// `/readyz`'s reasons ask for, as `Authorization: Bearer <token>`, on a listener other machines can reach while
+    /// API keys are in force and INGEST_ADMIN_LISTEN is unset; re-read on SIGHUP.
+    #[arg(long, env = "INGEST_ADMIN_TOKEN_FILE", global = true)]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Each API key's rate limit (a key's own `rate=` wins): updates per second, optionally `:burst` (`100:1000`).
+    /// Without API keys, each client address's. Unset: none.
+    #[arg(long, env = "INGEST_RATE_LIMIT", global = true)]
+    pub rate_limit: Option<RateLimit>,
+
+    /// Each client address's rate limit (an IPv6 client by its /64), with or without API keys; as INGEST_RATE_LIMIT.
+    #[arg(long, env = "INGEST_RATE_LIMIT_PER_ADDRESS", global = true)]
+    pub rate_limit_per_address: Option<RateLimit>,
+
+    /// Failed key checks (401) a client address may have in a minute; past them its requests get 429, before any
+    /// key is looked up, until the minute ends. 0: no limit.
+    #[arg(long, env = "INGEST_AUTH_FAILURES_PER_MINUTE", default_value_t = 30, global = true)]
+    pub auth_failures_per_minute: u32,
+
+    /// Proxies and load balancers whose `X-Forwarded-For` is believed (addresses or ranges, comma-separated,
+    /// e.g. `10.0.0.0/8,::1`): a request from one of them counts as from the client it names. Empty: the TCP peer
+    /// is the client.
+    #[arg(long, env = "INGEST_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_address_range, global = true)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// The PostgreSQL written to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseSettings {
     /// PostgreSQL to write to, as a URL or in libpq's `key=value` form (`sslmode` and `sslrootcert` as in libpq; see
     /// docs/security.md); when unset, an embedded PostgreSQL is started under `<data-dir>/postgres`.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
+}
 
+/// The process's local state and what a 202 promises.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StorageSettings {
     /// Local state, for one process at a time (`<data-dir>/lock`): the gateway's identity (`<data-dir>/instance-id`),
     /// the write-ahead log (`<data-dir>/wal`) and the embedded PostgreSQL (`<data-dir>/postgres`, its log in
     /// `<data-dir>/postgres.log`).
     #[arg(long, env = "INGEST_DATA_DIR", default_value = "./data", global = true)]
     pub data_dir: PathBuf,
 
+    /// What a 202 promises: `wal` (on disk, survives a crash) or `memory` (fastest; lost if the process dies).
+    #[arg(long, env = "INGEST_DURABILITY", value_enum, default_value_t = Durability::Wal, global = true)]
+    pub durability: Durability,
+
+    /// Bound on the write-ahead log's size on disk (under `<data-dir>/wal`); when full, requests get 503.
+    #[arg(long, env = "INGEST_WAL_MAX_BYTES", default_value_t = 1 << 30, global = true)]
+    pub wal_max_bytes: u64,
+}
+
+/// How accepted updates are queued and written to PostgreSQL in batches.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineSettings {
     /// Rows per COPY at most.
     #[arg(long, env = "INGEST_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub batch_size: u32,
@@ -263,86 +421,19 @@ pub struct Settings {
     #[arg(long, env = "INGEST_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..), global = true)]
     pub writers: u16,
 
-    /// Request body limit in bytes, after decompression (at most 64 MiB); past it, 413.
-    #[arg(long, env = "INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024, value_parser = parse_body_limit, global = true)]
-    pub max_body_bytes: usize,
-
-    /// Total time a request body may take to arrive; past it, 408.
-    #[arg(long, env = "INGEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
-    pub body_timeout: Duration,
-
-    /// Slowest a request body may arrive, in bytes per second on average (after a 5 s grace); 0 for no minimum.
-    #[arg(long, env = "INGEST_BODY_MIN_RATE", default_value_t = 1024, global = true)]
-    pub body_min_rate: u64,
-
-    /// Bytes of request bodies (and of what parsing keeps of them) the whole process holds at once; a request past
-    /// it gets 503 at once.
-    #[arg(long, env = "INGEST_MAX_INFLIGHT_BODY_BYTES", default_value_t = 256 * 1024 * 1024, global = true)]
-    pub max_inflight_body_bytes: usize,
-
-    /// The most of INGEST_MAX_INFLIGHT_BODY_BYTES one client address, and one API key, may hold at once, in percent
-    /// (`10` or `10%`); never less than room for one request of the largest size. A request past it gets 503 while
-    /// other clients still get in.
-    #[arg(long, env = "INGEST_BODY_BUDGET_SHARE", default_value = "10", global = true)]
-    pub body_budget_share: Percent,
-
-    /// How many times its compressed size a gzip body may expand to (bodies up to 64 KiB always may).
-    #[arg(long, env = "INGEST_MAX_GZIP_RATIO", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..), global = true)]
-    pub max_gzip_ratio: u32,
-
-    /// Open client connections at most (over all HTTP workers); more wait in the listen backlog.
-    #[arg(long, env = "INGEST_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
-    pub max_connections: u32,
-
-    /// Longest a `?ack=commit` request waits for the commit; past it, the answer says the updates are durable but
-    /// not yet committed (`"committed": false`).
-    #[arg(long, env = "INGEST_COMMIT_WAIT", default_value = "30s", value_parser = parse_duration, global = true)]
-    pub commit_wait: Duration,
-
-    /// Updates per request at most.
-    #[arg(long, env = "INGEST_MAX_UPDATES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
-    pub max_updates: u32,
-
-    /// Unknown fields (kept in `attributes`) per update at most; an update with more is refused (422), and no more
-    /// of its fields are kept while it is read.
-    #[arg(long, env = "INGEST_MAX_UNKNOWN_FIELDS", default_value_t = 64, global = true)]
-    pub max_unknown_fields: u16,
-
-    /// How long a stop may take to write what was accepted.
-    #[arg(long, env = "INGEST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
-    pub shutdown_timeout: Duration,
-
-    /// How often long work (the replay of the log at start-up, writing what was accepted at a stop) logs its
-    /// progress.
-    #[arg(long, env = "INGEST_PROGRESS_INTERVAL", default_value = "5s", value_parser = parse_interval, global = true)]
-    pub progress_interval: Duration,
-
-    /// Log format: `text` (lines for a person) or `json` (one object per line, for log shippers). `RUST_LOG`
-    /// filters the lines (default `info`).
-    #[arg(long, env = "INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-
-    /// What a 202 promises: `wal` (on disk, survives a crash) or `memory` (fastest; lost if the process dies).
-    #[arg(long, env = "INGEST_DURABILITY", value_enum, default_value_t = Durability::Wal, global = true)]
-    pub durability: Durability,
-
-    /// Bound on the write-ahead log's size on disk (under `<data-dir>/wal`); when full, requests get 503.
-    #[arg(long, env = "INGEST_WAL_MAX_BYTES", default_value_t = 1 << 30, global = true)]
-    pub wal_max_bytes: u64,
-
-    /// How far in the future a `recorded_at` / `polled_at` may be (clock skew of the senders).
-    #[arg(long, env = "INGEST_MAX_FUTURE_SKEW", default_value = "5m", value_parser = parse_duration, global = true)]
-    pub max_future_skew: Duration,
-
     /// How long the batch writers may fail to write (database down, privilege revoked, …) before `/readyz` says the
     /// gateway is not ready.
     #[arg(long, env = "INGEST_STALL_TIMEOUT", default_value = "1m", value_parser = parse_duration, global = true)]
     pub stall_timeout: Duration,
 
-    /// How old a `recorded_at` / `polled_at` may be.
-    #[arg(long, env = "INGEST_MAX_AGE", default_value = "30d", value_parser = parse_duration, global = true)]
-    pub max_age: Duration,
+    /// How long a stop may take to write what was accepted.
+    #[arg(long, env = "INGEST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub shutdown_timeout: Duration,
+}
 
+/// The time partitions of the update tables.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PartitionSettings {
     /// The span of one time partition of `location_updates` and `poll_results`: a whole number of hours that divides
     /// a day (`1h`, `2h`, `3h`, `4h`, `6h`, `8h`, `12h`, `1d`); see docs/storage.md.
     #[arg(long, env = "INGEST_PARTITION_INTERVAL", default_value = "1d", value_parser = parse_interval, global = true)]
@@ -353,33 +444,11 @@ pub struct Settings {
     /// everything.
     #[arg(long, env = "INGEST_RETENTION", value_parser = parse_interval, global = true)]
     pub retention: Option<Duration>,
+}
 
-    /// The API keys, one per line (name, SHA-256 of the key, streams, scope; see docs/security.md); re-read on SIGHUP.
-    /// Unset: anyone who can reach the gateway may write, and a listener other machines can reach refuses to start
-    /// without INGEST_ALLOW_ANONYMOUS.
-    #[arg(long, env = "INGEST_API_KEYS_FILE", global = true)]
-    pub api_keys_file: Option<PathBuf>,
-
-    /// Each API key's rate limit (a key's own `rate=` wins): updates per second, optionally `:burst` (`100:1000`).
-    /// Without API keys, each client address's. Unset: none.
-    #[arg(long, env = "INGEST_RATE_LIMIT", global = true)]
-    pub rate_limit: Option<RateLimit>,
-
-    /// Each client address's rate limit (an IPv6 client by its /64), with or without API keys; as INGEST_RATE_LIMIT.
-    #[arg(long, env = "INGEST_RATE_LIMIT_PER_ADDRESS", global = true)]
-    pub rate_limit_per_address: Option<RateLimit>,
-
-    /// Failed key checks (401) a client address may have in a minute; past them its requests get 429, before any
-    /// key is looked up, until the minute ends. 0: no limit.
-    #[arg(long, env = "INGEST_AUTH_FAILURES_PER_MINUTE", default_value_t = 30, global = true)]
-    pub auth_failures_per_minute: u32,
-
-    /// Proxies and load balancers whose `X-Forwarded-For` is believed (addresses or ranges, comma-separated,
-    /// e.g. `10.0.0.0/8,::1`): a request from one of them counts as from the client it names. Empty: the TCP peer
-    /// is the client.
-    #[arg(long, env = "INGEST_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_address_range, global = true)]
-    pub trusted_proxies: Vec<ipnet::IpNet>,
-
+/// Where accepted updates wait, and the NATS JetStream that holds them when shared.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QueueSettings {
     /// Where accepted updates wait for the writers: `local` (this gateway's log or memory) or `jetstream` (a NATS
     /// JetStream stream shared by many gateways and writers).
     #[arg(long, env = "INGEST_QUEUE", value_enum, default_value_t = QueueKind::Local, global = true)]
@@ -424,6 +493,12 @@ pub struct Settings {
     #[arg(long, env = "INGEST_NATS_TLS_KEY", global = true)]
     pub nats_tls_key: Option<PathBuf>,
 
+    /// The NATS subjects under which gateways take replies (`<prefix>.<random>`): JetStream's answers and the
+    /// writers' commit notices. A writer sends a commit notice only to a subject under it. Give gateways and writers
+    /// the same one; NATS permissions can then confine replies to it.
+    #[arg(long, env = "INGEST_NATS_INBOX_PREFIX", default_value = "_INBOX", value_parser = parse_inbox_prefix, global = true)]
+    pub nats_inbox_prefix: String,
+
     /// Subjects per stream that updates are sharded over by their natural key (device, project); each shard is
     /// written by one writer at a time, in order. Fixed once the JetStream stream exists.
     #[arg(long, env = "INGEST_JETSTREAM_SHARDS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024), global = true)]
@@ -454,30 +529,26 @@ pub struct Settings {
     #[arg(long, env = "INGEST_JETSTREAM_LOCAL_WRITERS", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub jetstream_local_writers: bool,
 
-    /// Take updates without API keys on a listener other machines can reach (a TCP address that is not loopback).
-    /// Without INGEST_API_KEYS_FILE and without this, such a listener refuses to start: a gateway open to anyone is
-    /// a decision, not an accident.
-    #[arg(long, env = "INGEST_ALLOW_ANONYMOUS", default_value_t = false, action = clap::ArgAction::Set, global = true)]
-    pub allow_anonymous: bool,
-
-    /// A file whose first line is the token (at least 16 characters) that `/metrics`, `/stats`, the status page and
-    /// `/readyz`'s reasons ask for, as `Authorization: Bearer <token>`, on a listener other machines can reach while
-    /// API keys are in force and INGEST_ADMIN_LISTEN is unset; re-read on SIGHUP.
-    #[arg(long, env = "INGEST_ADMIN_TOKEN_FILE", global = true)]
-    pub admin_token_file: Option<PathBuf>,
-
     /// A file of JetStream signing keys, one per line (at least 32 characters each, e.g. `openssl rand -hex 32`): the
     /// first signs, every one verifies (for rotation). Gateways sign every record they publish with it and writers
     /// refuse, into `dead_letters`, every record without a valid signature; commit notices are signed too. Required
     /// with INGEST_QUEUE=jetstream; the same file on every gateway and writer; re-read on SIGHUP.
     #[arg(long, env = "INGEST_JETSTREAM_SIGNING_KEY_FILE", global = true)]
     pub jetstream_signing_key_file: Option<PathBuf>,
+}
 
-    /// The NATS subjects under which gateways take replies (`<prefix>.<random>`): JetStream's answers and the
-    /// writers' commit notices. A writer sends a commit notice only to a subject under it. Give gateways and writers
-    /// the same one; NATS permissions can then confine replies to it.
-    #[arg(long, env = "INGEST_NATS_INBOX_PREFIX", default_value = "_INBOX", value_parser = parse_inbox_prefix, global = true)]
-    pub nats_inbox_prefix: String,
+/// What the log looks like.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogSettings {
+    /// Log format: `text` (lines for a person) or `json` (one object per line, for log shippers). `RUST_LOG`
+    /// filters the lines (default `info`).
+    #[arg(long, env = "INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// How often long work (the replay of the log at start-up, writing what was accepted at a stop) logs its
+    /// progress.
+    #[arg(long, env = "INGEST_PROGRESS_INTERVAL", default_value = "5s", value_parser = parse_interval, global = true)]
+    pub progress_interval: Duration,
 }
 
 /// A NATS inbox prefix: subject tokens of `A-Z a-z 0-9 _ -`, separated by dots, no wildcard.
@@ -587,22 +658,22 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_table() {
         let s = Settings::defaults();
-        assert_eq!(s.listen, "127.0.0.1:8080");
-        assert_eq!(s.socket_mode, 0o660);
-        assert_eq!(s.batch_size, 1000);
-        assert_eq!(s.flush_interval, Duration::from_secs(10));
-        assert_eq!(s.queue_capacity, 100_000);
-        assert_eq!(s.writers, 2);
-        assert_eq!(s.max_body_bytes, 8_388_608);
-        assert_eq!(s.max_updates, 10_000);
-        assert_eq!(s.shutdown_timeout, Duration::from_secs(30));
-        assert_eq!(s.progress_interval, Duration::from_secs(5));
-        assert_eq!(s.log_format, LogFormat::Text);
-        assert_eq!(s.durability, Durability::Wal);
-        assert_eq!(s.wal_max_bytes, 1 << 30);
-        assert_eq!(s.stall_timeout, Duration::from_secs(60));
-        assert_eq!(s.partition_interval, Duration::from_secs(86_400));
-        assert_eq!(s.retention, None);
+        assert_eq!(s.http.listen, "127.0.0.1:8080");
+        assert_eq!(s.http.socket_mode, 0o660);
+        assert_eq!(s.pipeline.batch_size, 1000);
+        assert_eq!(s.pipeline.flush_interval, Duration::from_secs(10));
+        assert_eq!(s.pipeline.queue_capacity, 100_000);
+        assert_eq!(s.pipeline.writers, 2);
+        assert_eq!(s.limits.max_body_bytes, 8_388_608);
+        assert_eq!(s.limits.max_updates, 10_000);
+        assert_eq!(s.pipeline.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(s.log.progress_interval, Duration::from_secs(5));
+        assert_eq!(s.log.log_format, LogFormat::Text);
+        assert_eq!(s.storage.durability, Durability::Wal);
+        assert_eq!(s.storage.wal_max_bytes, 1 << 30);
+        assert_eq!(s.pipeline.stall_timeout, Duration::from_secs(60));
+        assert_eq!(s.partitions.partition_interval, Duration::from_secs(86_400));
+        assert_eq!(s.partitions.retention, None);
     }
 
     #[test]
@@ -636,8 +707,8 @@ mod tests {
             "2d",
         ]);
         assert_eq!(cli.command, Some(Command::Serve));
-        assert_eq!(cli.settings.flush_interval, Duration::from_millis(250));
-        assert_eq!(cli.settings.max_age, Duration::from_secs(2 * 86_400));
+        assert_eq!(cli.settings.pipeline.flush_interval, Duration::from_millis(250));
+        assert_eq!(cli.settings.limits.max_age, Duration::from_secs(2 * 86_400));
     }
 
     #[test]
@@ -700,9 +771,9 @@ mod tests {
     #[test]
     fn the_bounds_on_bodies_keys_and_fields_have_their_documented_defaults() {
         let s = Settings::defaults();
-        assert_eq!(s.body_budget_share.get(), 10);
-        assert_eq!(s.max_unknown_fields, 64);
-        assert_eq!(s.auth_failures_per_minute, 30);
+        assert_eq!(s.limits.body_budget_share.get(), 10);
+        assert_eq!(s.limits.max_unknown_fields, 64);
+        assert_eq!(s.auth.auth_failures_per_minute, 30);
         let share = |text: &str| text.parse::<Percent>().map(Percent::get);
         assert_eq!(share("25%"), Ok(25));
         assert_eq!(share(" 100 "), Ok(100));

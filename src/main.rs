@@ -11,7 +11,7 @@ use ingest_gateway::telemetry;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.settings.log_format);
+    telemetry::init(cli.settings.log.log_format);
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.settings, Role::Serve),
         Command::Write => serve(&cli.settings, Role::Write),

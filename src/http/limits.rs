@@ -69,8 +69,8 @@ impl BodyBudget {
     /// The budget of `INGEST_MAX_INFLIGHT_BODY_BYTES`, each holder's share `INGEST_BODY_BUDGET_SHARE` of it (but
     /// never less than room for one request of the largest size, however shaped, nor more than the whole).
     pub fn for_settings(settings: &Settings) -> Arc<Self> {
-        let max_bytes = settings.max_inflight_body_bytes;
-        let share = max_bytes / 100 * usize::from(settings.body_budget_share.get());
+        let max_bytes = settings.limits.max_inflight_body_bytes;
+        let share = max_bytes / 100 * usize::from(settings.limits.body_budget_share.get());
         Self::new(max_bytes, share.max(largest_request_bytes(settings)).min(max_bytes))
     }
 
@@ -117,11 +117,12 @@ impl BodyBudget {
 /// updates it may hold.
 fn largest_request_bytes(settings: &Settings) -> usize {
     let known_fields = LocationUpdate::FIELDS.len().max(PollResult::FIELDS.len());
-    let per_update = most_held_per_update(known_fields, usize::from(settings.max_unknown_fields));
+    let per_update = most_held_per_update(known_fields, usize::from(settings.limits.max_unknown_fields));
     settings
+        .limits
         .max_body_bytes
         .saturating_mul(HOLDER_MIN_BODIES)
-        .saturating_add((settings.max_updates as usize).saturating_mul(per_update))
+        .saturating_add((settings.limits.max_updates as usize).saturating_mul(per_update))
 }
 
 /// Bytes from which an allocation gets pages of its own, handed back to the system when it is freed.
@@ -378,18 +379,18 @@ mod tests {
     #[test]
     fn a_holders_share_is_a_fraction_of_the_budget_but_room_for_the_largest_request() {
         let mut settings = Settings::defaults();
-        settings.max_inflight_body_bytes = 1 << 30;
-        settings.max_body_bytes = 8 << 20;
+        settings.limits.max_inflight_body_bytes = 1 << 30;
+        settings.limits.max_body_bytes = 8 << 20;
         assert_eq!(
             BodyBudget::for_settings(&settings).holder_max_bytes(),
             (1 << 30) / 100 * 10
         );
-        settings.max_inflight_body_bytes = 256 << 20;
+        settings.limits.max_inflight_body_bytes = 256 << 20;
         let largest = largest_request_bytes(&settings);
         // Three bodies of 8 MiB, and 10 000 updates of 64 kept unknown fields each.
         assert!((32 << 20..48 << 20).contains(&largest), "{largest}");
         assert_eq!(BodyBudget::for_settings(&settings).holder_max_bytes(), largest);
-        settings.max_inflight_body_bytes = 16 << 20;
+        settings.limits.max_inflight_body_bytes = 16 << 20;
         assert_eq!(
             BodyBudget::for_settings(&settings).holder_max_bytes(),
             16 << 20,

@@ -30,7 +30,7 @@ pub struct Database {
 impl Database {
     /// Connects to `DATABASE_URL`, or starts the embedded PostgreSQL under `<data-dir>/postgres`.
     pub fn open(settings: &Settings) -> anyhow::Result<Self> {
-        match &settings.database_url {
+        match &settings.database.database_url {
             Some(url) => {
                 let db::DatabaseUrl { config, tls } = url.parse().context("DATABASE_URL cannot be used")?;
                 info!(tls = ?tls.mode(), "connecting to the PostgreSQL of DATABASE_URL");
@@ -50,7 +50,7 @@ impl Database {
             }
             None => {
                 let options = PostgresOptions {
-                    data_dir: settings.data_dir.join("postgres"),
+                    data_dir: settings.storage.data_dir.join("postgres"),
                     ephemeral: false,
                 };
                 let server = EmbeddedPostgres::start(&options).context("could not start the embedded PostgreSQL")?;

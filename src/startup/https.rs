@@ -79,16 +79,16 @@ pub struct ServerTls {
 impl ServerTls {
     /// Loads the files the settings name; `None` when they name none (plain HTTP).
     pub fn from_settings(settings: &Settings) -> Result<Option<Self>, TlsError> {
-        let (cert, key) = match (&settings.tls_cert, &settings.tls_key) {
+        let (cert, key) = match (&settings.http.tls_cert, &settings.http.tls_key) {
             (Some(cert), Some(key)) => (cert.clone(), key.clone()),
-            (None, None) if settings.tls_client_ca.is_some() => return Err(TlsError::ClientCaWithoutCertificate),
+            (None, None) if settings.http.tls_client_ca.is_some() => return Err(TlsError::ClientCaWithoutCertificate),
             (None, None) => return Ok(None),
             _ => return Err(TlsError::CertificateWithoutKey),
         };
         let files = TlsFiles {
             cert,
             key,
-            client_ca: settings.tls_client_ca.clone(),
+            client_ca: settings.http.tls_client_ca.clone(),
         };
         let provider = crypto_provider();
         let certificate = Arc::new(CurrentCertificate(RwLock::new(Arc::new(load_certificate(
@@ -282,9 +282,9 @@ mod tests {
 
     fn settings(cert: Option<&Path>, key: Option<&Path>, ca: Option<&Path>) -> Settings {
         let mut settings = Settings::defaults();
-        settings.tls_cert = cert.map(Path::to_owned);
-        settings.tls_key = key.map(Path::to_owned);
-        settings.tls_client_ca = ca.map(Path::to_owned);
+        settings.http.tls_cert = cert.map(Path::to_owned);
+        settings.http.tls_key = key.map(Path::to_owned);
+        settings.http.tls_client_ca = ca.map(Path::to_owned);
         settings
     }
 

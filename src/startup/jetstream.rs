@@ -40,12 +40,12 @@ pub(super) fn connect(
     metrics: &Metrics,
     reloads: &Reloads,
 ) -> anyhow::Result<(JetStreamParts, Runtime)> {
-    let consume = role == Role::Write || settings.jetstream_local_writers;
-    if consume && settings.queue_capacity < settings.max_updates {
+    let consume = role == Role::Write || settings.jetstream.jetstream_local_writers;
+    if consume && settings.pipeline.queue_capacity < settings.limits.max_updates {
         anyhow::bail!("INGEST_QUEUE_CAPACITY must hold at least INGEST_MAX_UPDATES updates with JetStream writers");
     }
     // Required: without it, whoever may publish in the NATS account writes past the keys and the rules.
-    let Some(signing_path) = &settings.jetstream_signing_key_file else {
+    let Some(signing_path) = &settings.jetstream.jetstream_signing_key_file else {
         anyhow::bail!(
             "INGEST_QUEUE=jetstream needs INGEST_JETSTREAM_SIGNING_KEY_FILE: a file holding a key (`openssl rand \
                  -hex 32`), the same on every gateway and writer, with which records and commit notices are \

@@ -65,7 +65,7 @@ const DEAD_LETTER_WRITERS: usize = 1;
 /// `ingest-gateway migrate`: applies the pending migrations, makes the time partitions and returns.
 pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let policy = partition_schedule::policy(settings)?;
-    let _data_dir = DataDir::open(&settings.data_dir)?;
+    let _data_dir = DataDir::open(&settings.storage.data_dir)?;
     let database = Database::open(settings)?;
     let runtime = database_runtime()?;
     runtime.block_on(db::migrate::run(&database.config, &database.tls))?;
@@ -126,7 +126,7 @@ impl Application {
 
     /// As [`Application::build`], for `role`.
     pub fn build_as(settings: &Settings, role: Role) -> anyhow::Result<Self> {
-        let on_jetstream = settings.queue == QueueKind::Jetstream;
+        let on_jetstream = settings.jetstream.queue == QueueKind::Jetstream;
         if role == Role::Write && !on_jetstream {
             anyhow::bail!("`write` runs writers that read from JetStream: set INGEST_QUEUE=jetstream");
         }
@@ -136,9 +136,9 @@ impl Application {
         let partition_policy = partition_schedule::policy(settings)?;
         let reloads = reloads(&access, tls.as_ref());
         // First of all: a second process on the same directory must not touch its database or its log.
-        let mut data_dir = DataDir::open(&settings.data_dir)?;
+        let mut data_dir = DataDir::open(&settings.storage.data_dir)?;
         let (database, runtime) = database::open(settings, partition_policy, &metrics)?;
-        let writers_per_stream = usize::from(settings.writers);
+        let writers_per_stream = usize::from(settings.pipeline.writers);
         // One connection per writer, plus room for readiness checks.
         let pool = database::pool(&database, &runtime, writers_per_stream * 2 + DEAD_LETTER_WRITERS + 2)?;
         let log = open_log(settings, &metrics, &runtime, &pool, &mut data_dir, on_jetstream)?;
@@ -192,10 +192,10 @@ impl Application {
             gate,
             wal,
             streams: handles,
-            shutdown_timeout: settings.shutdown_timeout,
-            max_connections: settings.max_connections as usize,
+            shutdown_timeout: settings.pipeline.shutdown_timeout,
+            max_connections: settings.http.max_connections as usize,
             reloads,
-            progress_interval: settings.progress_interval,
+            progress_interval: settings.log.progress_interval,
             tls,
             role,
             nats,
@@ -371,7 +371,7 @@ fn load_access(settings: &Settings, role: Role, metrics: &Metrics) -> anyhow::Re
     if role == Role::Serve {
         refuse_anonymous_exposure(settings, &access)?;
     }
-    if let Some(key) = &settings.tls_key {
+    if let Some(key) = &settings.http.tls_key {
         crate::secret_files::check(
             key,
             "the TLS private key (INGEST_TLS_KEY)",
@@ -418,9 +418,9 @@ fn open_log(
     on_jetstream: bool,
 ) -> anyhow::Result<OpenedLog> {
     let wal_config = WalConfig {
-        dir: settings.data_dir.join("wal"),
-        max_bytes: settings.wal_max_bytes,
-        segment_bytes: WAL_SEGMENT_BYTES.min(settings.wal_max_bytes / 4).max(1),
+        dir: settings.storage.data_dir.join("wal"),
+        max_bytes: settings.storage.wal_max_bytes,
+        segment_bytes: WAL_SEGMENT_BYTES.min(settings.storage.wal_max_bytes / 4).max(1),
     };
     metrics.wal.capacity.set(wal_config.max_bytes as i64);
     let mut recovery =
@@ -439,10 +439,10 @@ fn open_log(
         anyhow::bail!(
             "the write-ahead log under {} holds updates a local-queue run accepted: start once with \
              INGEST_QUEUE=local so that they are written, then switch to jetstream",
-            settings.data_dir.join("wal").display()
+            settings.storage.data_dir.join("wal").display()
         );
     }
-    let wal = match settings.durability {
+    let wal = match settings.storage.durability {
         _ if on_jetstream => None,
         Durability::Wal => {
             // Past every number used before, even by records whose segments are gone.
@@ -500,21 +500,21 @@ fn build_streams(
         pool,
         runtime: runtime.handle().clone(),
         policy: BatchPolicy {
-            max_rows: settings.batch_size as usize,
-            flush_interval: settings.flush_interval,
+            max_rows: settings.pipeline.batch_size as usize,
+            flush_interval: settings.pipeline.flush_interval,
         },
-        writers: usize::from(settings.writers),
-        keep_latest: settings.latest_positions,
-        capacity: settings.queue_capacity as usize,
-        max_bytes: settings.queue_max_bytes,
+        writers: usize::from(settings.pipeline.writers),
+        keep_latest: settings.pipeline.latest_positions,
+        capacity: settings.pipeline.queue_capacity as usize,
+        max_bytes: settings.pipeline.queue_max_bytes,
         wal: wal.clone(),
         recovered,
         gate: gate.clone(),
-        commit_wait: settings.commit_wait,
+        commit_wait: settings.http.commit_wait,
         jetstream,
     };
     let (location, location_handle) = parts.build::<LocationUpdate>(&metrics.location, &mut checkpoints)?;
-    parts.keep_latest = settings.latest_poll_results;
+    parts.keep_latest = settings.pipeline.latest_poll_results;
     let (poll, poll_handle) = parts.build::<PollResult>(&metrics.poll, &mut checkpoints)?;
     parts.keep_latest = false;
     parts.writers = DEAD_LETTER_WRITERS;
@@ -537,7 +537,7 @@ fn report_replay(settings: &Settings, runtime: &Runtime, streams: &Streams) {
             (PollResult::STREAM, poll.replay_progress().clone()),
             (DeadLetter::STREAM, dead_letters.replay_progress().clone()),
         ],
-        settings.progress_interval,
+        settings.log.progress_interval,
     ));
 }
 
@@ -562,23 +562,23 @@ fn app_state(
         poll,
         dead_letters,
         limits: IngestLimits {
-            max_body_bytes: settings.max_body_bytes,
-            max_updates: settings.max_updates as usize,
-            max_future_skew: settings.max_future_skew,
-            max_age: settings.max_age,
+            max_body_bytes: settings.limits.max_body_bytes,
+            max_updates: settings.limits.max_updates as usize,
+            max_future_skew: settings.limits.max_future_skew,
+            max_age: settings.limits.max_age,
             body_deadline: BodyDeadline {
-                total: settings.body_timeout,
-                min_bytes_per_sec: settings.body_min_rate,
+                total: settings.limits.body_timeout,
+                min_bytes_per_sec: settings.limits.body_min_rate,
             },
-            max_gzip_ratio: settings.max_gzip_ratio as usize,
-            max_unknown_fields: usize::from(settings.max_unknown_fields),
+            max_gzip_ratio: settings.limits.max_gzip_ratio as usize,
+            max_unknown_fields: usize::from(settings.limits.max_unknown_fields),
         },
         body_budget: BodyBudget::for_settings(settings),
-        auth_failures: http::rate_limit::AuthFailures::new(settings.auth_failures_per_minute),
-        durability: settings.durability,
+        auth_failures: http::rate_limit::AuthFailures::new(settings.auth.auth_failures_per_minute),
+        durability: settings.storage.durability,
         metrics,
         database,
-        stall_timeout: settings.stall_timeout,
+        stall_timeout: settings.pipeline.stall_timeout,
         access,
     })
 }
@@ -586,17 +586,17 @@ fn app_state(
 /// Refuses a start that would take anyone's updates from other machines by accident: a public or OsmAnd listener
 /// beyond loopback without API keys, unless INGEST_ALLOW_ANONYMOUS says it is meant.
 fn refuse_anonymous_exposure(settings: &Settings, access: &Access) -> anyhow::Result<()> {
-    if access.requires_keys() || settings.allow_anonymous {
+    if access.requires_keys() || settings.auth.allow_anonymous {
         return Ok(());
     }
-    let mut exposed = listener::reachable_from_elsewhere(&settings.listen);
-    if let Some(osmand) = &settings.osmand_listen {
+    let mut exposed = listener::reachable_from_elsewhere(&settings.http.listen);
+    if let Some(osmand) = &settings.http.osmand_listen {
         exposed.extend(listener::reachable_from_elsewhere(osmand));
     }
-    if let Some(teltonika) = &settings.teltonika_listen {
+    if let Some(teltonika) = &settings.trackers.teltonika_listen {
         exposed.extend(listener::reachable_from_elsewhere(teltonika));
     }
-    if let Some(gt06) = &settings.gt06_listen {
+    if let Some(gt06) = &settings.trackers.gt06_listen {
         exposed.extend(listener::reachable_from_elsewhere(gt06));
     }
     if exposed.is_empty() {

@@ -21,10 +21,10 @@ pub const MAINTENANCE_PERIOD: Duration = Duration::from_secs(10 * 60);
 /// behind the allowed age.
 pub fn policy(settings: &Settings) -> anyhow::Result<PartitionPolicy> {
     let policy = PartitionPolicy {
-        interval: settings.partition_interval,
-        behind: settings.max_age,
-        ahead: settings.max_future_skew + MAINTENANCE_PERIOD * 2,
-        retention: settings.retention,
+        interval: settings.partitions.partition_interval,
+        behind: settings.limits.max_age,
+        ahead: settings.limits.max_future_skew + MAINTENANCE_PERIOD * 2,
+        retention: settings.partitions.retention,
     };
     policy.validate()?;
     Ok(policy)

@@ -26,13 +26,13 @@ pub(super) struct Bound {
 
 /// Binds every listener `role` serves; the tracker units' list joins what SIGHUP re-reads.
 pub(super) fn bind(settings: &Settings, role: Role, reloads: &Reloads) -> anyhow::Result<Bound> {
-    let listeners = listener::open_all(&settings.listen, settings.socket_mode)?;
-    let admin_listeners = match &settings.admin_listen {
-        Some(list) => listener::open_all(list, settings.socket_mode)?,
+    let listeners = listener::open_all(&settings.http.listen, settings.http.socket_mode)?;
+    let admin_listeners = match &settings.http.admin_listen {
+        Some(list) => listener::open_all(list, settings.http.socket_mode)?,
         None => Vec::new(),
     };
-    let osmand_listeners = match (&settings.osmand_listen, role) {
-        (Some(list), Role::Serve) => listener::open_all(list, settings.socket_mode)?,
+    let osmand_listeners = match (&settings.http.osmand_listen, role) {
+        (Some(list), Role::Serve) => listener::open_all(list, settings.http.socket_mode)?,
         _ => Vec::new(),
     };
     let trackers = match role {

@@ -236,18 +236,18 @@ pub struct TrackerPlan {
 impl TrackerPlan {
     /// Binds every tracker listener the settings name; `None` when they name none.
     pub fn bind(settings: &Settings) -> anyhow::Result<Option<Self>> {
-        if settings.teltonika_listen.is_none() && settings.gt06_listen.is_none() {
+        if settings.trackers.teltonika_listen.is_none() && settings.trackers.gt06_listen.is_none() {
             return Ok(None);
         }
-        let teltonika = match &settings.teltonika_listen {
+        let teltonika = match &settings.trackers.teltonika_listen {
             Some(list) => bind_all(list, Protocol::Teltonika)?,
             None => Vec::new(),
         };
-        let gt06 = match &settings.gt06_listen {
+        let gt06 = match &settings.trackers.gt06_listen {
             Some(list) => bind_all(list, Protocol::Gt06)?,
             None => Vec::new(),
         };
-        let units = match &settings.api_keys_file {
+        let units = match &settings.auth.api_keys_file {
             Some(path) => Some(Arc::new(KeyFileUnits::load(path)?)),
             None => {
                 warn!(
@@ -268,10 +268,10 @@ impl TrackerPlan {
             gt06,
             units,
             limits: ConnectionLimits {
-                idle_timeout: settings.tcp_idle_timeout,
-                read_timeout: settings.tcp_read_timeout,
-                max_connections: settings.tcp_max_connections as usize,
-                max_connections_per_address: settings.tcp_max_connections_per_address as usize,
+                idle_timeout: settings.trackers.tcp_idle_timeout,
+                read_timeout: settings.trackers.tcp_read_timeout,
+                max_connections: settings.trackers.tcp_max_connections as usize,
+                max_connections_per_address: settings.trackers.tcp_max_connections_per_address as usize,
             },
             runtime,
         }))

@@ -162,7 +162,7 @@ fn a_gzip_bomb_is_refused_before_parsing_while_healthz_keeps_answering() {
 fn a_request_waiting_for_its_commit_is_answered_within_the_wait_while_postgresql_is_away() {
     let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
     let name = fresh_database(&cluster);
-    let mut app = spawn_app_on(cluster.config(&name), |s| s.commit_wait = Duration::from_secs(1));
+    let mut app = spawn_app_on(cluster.config(&name), |s| s.http.commit_wait = Duration::from_secs(1));
     cluster.stop();
 
     let answer = app.post_json("/api/v1/location/update?ack=commit", &location_json("waits"));

@@ -55,7 +55,7 @@ fn line(name: &str, key: &str, grant: &str) -> String {
 fn app_with_keys(keys: &KeysFile, tune: impl FnOnce(&mut Settings)) -> TestApp {
     let path = keys.path.clone();
     spawn_app(move |s| {
-        s.api_keys_file = Some(path);
+        s.auth.api_keys_file = Some(path);
         tune(s);
     })
 }
@@ -308,7 +308,7 @@ fn the_default_rate_applies_to_each_key_apart() {
         line("a", &key(1), "streams=location"),
         line("b", &key(2), "streams=location"),
     ]);
-    let app = app_with_keys(&keys, |s| s.rate_limit = Some("1:2".parse::<RateLimit>().unwrap()));
+    let app = app_with_keys(&keys, |s| s.auth.rate_limit = Some("1:2".parse::<RateLimit>().unwrap()));
 
     assert_eq!(
         post_with_key(&app, LOCATION, &location_array("a", 2), &key(1)).status,
@@ -326,7 +326,7 @@ fn the_default_rate_applies_to_each_key_apart() {
 
 #[test]
 fn without_keys_the_rate_limit_is_per_client_address() {
-    let app = spawn_app(|s| s.rate_limit_per_address = Some("1:3".parse::<RateLimit>().unwrap()));
+    let app = spawn_app(|s| s.auth.rate_limit_per_address = Some("1:3".parse::<RateLimit>().unwrap()));
 
     let first = app.post_json(LOCATION, &location_array("addr", 3));
     let second = app.post_json(LOCATION, &location_json("addr-more"));
@@ -343,8 +343,8 @@ fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_allowance_and_a_stra
         [("Content-Type", "application/json"), ("X-Forwarded-For", forwarded)]
     }
     let app = spawn_app(|s| {
-        s.rate_limit_per_address = Some("1:3".parse::<RateLimit>().unwrap());
-        s.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+        s.auth.rate_limit_per_address = Some("1:3".parse::<RateLimit>().unwrap());
+        s.auth.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
     });
     let first = app.post(
         LOCATION,
@@ -366,7 +366,7 @@ fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_allowance_and_a_stra
     assert_eq!(other_client.status, 202, "{}", other_client.body);
 
     // Without a trusted proxy the header is the client's own word: every request counts against its address.
-    let app = spawn_app(|s| s.rate_limit_per_address = Some("1:3".parse::<RateLimit>().unwrap()));
+    let app = spawn_app(|s| s.auth.rate_limit_per_address = Some("1:3".parse::<RateLimit>().unwrap()));
     let first = app.post(
         LOCATION,
         location_array("forged-a", 3).as_bytes(),
@@ -389,8 +389,8 @@ fn a_keys_file_with_a_bad_line_refuses_the_start_and_names_the_line() {
     ]);
     let data_dir = tempfile::tempdir().unwrap();
     let mut settings = Settings::defaults();
-    settings.data_dir = data_dir.path().to_owned();
-    settings.api_keys_file = Some(keys.path.clone());
+    settings.storage.data_dir = data_dir.path().to_owned();
+    settings.auth.api_keys_file = Some(keys.path.clone());
 
     let error = format!(
         "{:#}",

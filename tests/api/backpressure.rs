@@ -14,10 +14,10 @@ fn in_memory_mode_a_full_queue_answers_503_with_retry_after_and_every_202_lands_
     let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
     let name = fresh_database(&cluster);
     let mut app = spawn_app_on(cluster.config(&name), |s| {
-        s.queue_capacity = 100;
-        s.batch_size = 10;
-        s.writers = 1;
-        s.durability = Durability::Memory;
+        s.pipeline.queue_capacity = 100;
+        s.pipeline.batch_size = 10;
+        s.pipeline.writers = 1;
+        s.storage.durability = Durability::Memory;
     });
     cluster.stop();
 
@@ -69,9 +69,9 @@ fn stopping_the_database_under_load_loses_no_acknowledged_update() {
     let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
     let name = fresh_database(&cluster);
     let mut app = spawn_app_on(cluster.config(&name), |s| {
-        s.queue_capacity = 5_000;
-        s.batch_size = 100;
-        s.writers = 2;
+        s.pipeline.queue_capacity = 5_000;
+        s.pipeline.batch_size = 100;
+        s.pipeline.writers = 2;
     });
     let load = Load::start(&app.address, 3, "load");
     // The outage comes under load, lasts while more is acknowledged (into the log alone), and the load goes on
@@ -122,10 +122,10 @@ fn in_memory_mode_the_queue_is_bounded_by_bytes_too_so_large_updates_cannot_fill
     let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
     let name = fresh_database(&cluster);
     let app = spawn_app_on(cluster.config(&name), |s| {
-        s.queue_capacity = 100_000;
-        s.queue_max_bytes = 256 * 1024;
-        s.writers = 1;
-        s.durability = Durability::Memory;
+        s.pipeline.queue_capacity = 100_000;
+        s.pipeline.queue_max_bytes = 256 * 1024;
+        s.pipeline.writers = 1;
+        s.storage.durability = Durability::Memory;
     });
     cluster.stop();
     // About 4 KiB of attributes each: far fewer than the capacity in updates fit in 256 KiB.

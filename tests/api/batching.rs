@@ -10,9 +10,9 @@ const LOCATION: &str = "/api/v1/location/update";
 fn a_full_batch_is_written_without_waiting_for_the_interval() {
     // With an hour-long interval, only the size trigger can write these rows.
     let app = spawn_app(|s| {
-        s.batch_size = 50;
-        s.writers = 1;
-        s.flush_interval = Duration::from_secs(3600);
+        s.pipeline.batch_size = 50;
+        s.pipeline.writers = 1;
+        s.pipeline.flush_interval = Duration::from_secs(3600);
     });
 
     assert_eq!(app.post_json(LOCATION, &location_array("size", 120)).status, 202);
@@ -32,8 +32,8 @@ fn a_full_batch_is_written_without_waiting_for_the_interval() {
 #[test]
 fn a_partial_batch_is_written_once_its_oldest_update_has_waited_the_interval() {
     let app = spawn_app(|s| {
-        s.batch_size = 1000;
-        s.flush_interval = Duration::from_millis(300);
+        s.pipeline.batch_size = 1000;
+        s.pipeline.flush_interval = Duration::from_millis(300);
     });
 
     assert_eq!(app.post_json(LOCATION, &location_array("interval", 3)).status, 202);
@@ -49,8 +49,8 @@ fn a_partial_batch_is_written_once_its_oldest_update_has_waited_the_interval() {
 #[test]
 fn several_writers_share_the_load_and_write_every_update_once() {
     let mut app = spawn_app(|s| {
-        s.batch_size = 10;
-        s.writers = 4;
+        s.pipeline.batch_size = 10;
+        s.pipeline.writers = 4;
     });
     let threads: Vec<_> = (0..4)
         .map(|t| {
@@ -93,8 +93,8 @@ fn several_writers_share_the_load_and_write_every_update_once() {
 #[test]
 fn a_request_larger_than_a_batch_is_split_across_batches() {
     let mut app = spawn_app(|s| {
-        s.batch_size = 100;
-        s.writers = 2;
+        s.pipeline.batch_size = 100;
+        s.pipeline.writers = 2;
     });
     assert_eq!(app.post_json(LOCATION, &location_array("split", 1050)).status, 202);
     assert!(app.stop().is_clean());

@@ -270,7 +270,7 @@ fn a_client_over_its_rate_gets_429_before_the_gateway_reads_64_kib_of_its_8_mib_
 
 #[test]
 fn every_request_costs_a_token_even_when_its_body_is_refused() {
-    let app = spawn_app(|s| s.rate_limit_per_address = Some("1:3".parse::<RateLimit>().unwrap()));
+    let app = spawn_app(|s| s.auth.rate_limit_per_address = Some("1:3".parse::<RateLimit>().unwrap()));
     let too_many = format!("[{}]", vec!["{}"; 10_001].join(","));
 
     let not_json = app.post_json(LOCATION, "[{");
@@ -299,8 +299,8 @@ fn repeated_unknown_keys_from_one_address_get_429_before_any_key_is_looked_up() 
     let good = format!("igk_{}", "7".repeat(64));
     let keys = write_keys_file(&dir, &good);
     let app = spawn_app(|s| {
-        s.api_keys_file = Some(keys);
-        s.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+        s.auth.api_keys_file = Some(keys);
+        s.auth.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
     });
     let post = |key: &str, client: &str| {
         app.post(
@@ -366,10 +366,10 @@ fn hold_body(address: &str, client: &str, declared: usize, sent: usize) -> (Opti
 #[test]
 fn one_client_past_its_share_of_the_body_budget_gets_503_while_another_gets_in() {
     let app = spawn_app(|s| {
-        s.max_body_bytes = MIB as usize;
-        s.max_updates = 1000;
-        s.max_inflight_body_bytes = 64 * MIB as usize;
-        s.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+        s.limits.max_body_bytes = MIB as usize;
+        s.limits.max_updates = 1000;
+        s.limits.max_inflight_body_bytes = 64 * MIB as usize;
+        s.auth.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
     });
     // A client may hold a tenth of the budget, or room for the largest request when that is more: a few bodies.
     let share = app.state().body_budget.holder_max_bytes();

@@ -230,8 +230,8 @@ fn database_outage_under_load(tag: &str, outage: impl FnOnce(&mut EmbeddedPostgr
     let mut cluster = EmbeddedPostgres::start_ephemeral_crash_safe().unwrap();
     let name = fresh_database(&cluster);
     let mut app = spawn_app_on(cluster.config(&name), |s| {
-        s.batch_size = 200;
-        s.shutdown_timeout = Duration::from_secs(60);
+        s.pipeline.batch_size = 200;
+        s.pipeline.shutdown_timeout = Duration::from_secs(60);
     });
     let load = Load::start(&app.address, 3, tag);
     std::thread::sleep(Duration::from_secs(1));

@@ -152,8 +152,8 @@ fn letters_only_in_the_log_when_the_gateway_stops_land_once_after_the_restart() 
     let data_dir = tempfile::tempdir().unwrap();
     let dir = data_dir.path().to_owned();
     let tune = move |s: &mut ingest_gateway::config::Settings| {
-        s.data_dir = dir.clone();
-        s.shutdown_timeout = Duration::from_secs(1);
+        s.storage.data_dir = dir.clone();
+        s.pipeline.shutdown_timeout = Duration::from_secs(1);
     };
     let mut app = spawn_app_on(cluster.config(&name), tune.clone());
     let at = datetime!(2026-11-22 10:00 UTC);

@@ -45,8 +45,8 @@ fn with_the_log_updates_are_taken_past_the_queue_while_the_database_is_down_and_
     let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
     let name = fresh_database(&cluster);
     let mut app = spawn_app_on(cluster.config(&name), |s| {
-        s.queue_capacity = 50;
-        s.batch_size = 20;
+        s.pipeline.queue_capacity = 50;
+        s.pipeline.batch_size = 20;
     });
     cluster.stop();
 
@@ -82,8 +82,8 @@ fn a_full_log_answers_503_with_retry_after_and_every_202_lands_once_the_database
     let mut cluster = EmbeddedPostgres::start_ephemeral().unwrap();
     let name = fresh_database(&cluster);
     let mut app = spawn_app_on(cluster.config(&name), |s| {
-        s.queue_capacity = 20;
-        s.wal_max_bytes = 16 * 1024;
+        s.pipeline.queue_capacity = 20;
+        s.storage.wal_max_bytes = 16 * 1024;
     });
     cluster.stop();
 
@@ -143,8 +143,8 @@ fn a_torn_or_bit_flipped_log_is_survived_and_every_intact_update_lands() {
     let data_dir = tempfile::tempdir().unwrap();
     let dir = data_dir.path().to_owned();
     let tune = move |s: &mut ingest_gateway::config::Settings| {
-        s.data_dir = dir.clone();
-        s.shutdown_timeout = Duration::from_secs(1);
+        s.storage.data_dir = dir.clone();
+        s.pipeline.shutdown_timeout = Duration::from_secs(1);
     };
     let mut app = spawn_app_on(cluster.config(&name), tune.clone());
     cluster.stop();
@@ -328,8 +328,8 @@ fn ack_commit_answers_only_once_the_rows_are_committed_in_both_durability_modes(
     for durability in [Durability::Wal, Durability::Memory] {
         // An hour-long interval: only `?ack=commit` can get these rows written now.
         let app = spawn_app(|s| {
-            s.flush_interval = Duration::from_secs(3600);
-            s.durability = durability;
+            s.pipeline.flush_interval = Duration::from_secs(3600);
+            s.storage.durability = durability;
         });
         let answer = app.post_json(&format!("{LOCATION}?ack=commit"), &location_array("commit", 3));
         assert_eq!(answer.status, 202, "{}", answer.body);
@@ -349,7 +349,7 @@ fn ack_commit_answers_only_once_the_rows_are_committed_in_both_durability_modes(
 
 #[test]
 fn memory_durability_writes_without_a_log() {
-    let mut app = spawn_app(|s| s.durability = Durability::Memory);
+    let mut app = spawn_app(|s| s.storage.durability = Durability::Memory);
     assert_eq!(app.post_json(LOCATION, &location_array("mem", 10)).status, 202);
     assert_eq!(app.get("/stats").json()["durability"], "memory");
     assert!(app.stop().is_clean());
@@ -435,7 +435,7 @@ fn a_full_disk_answers_503_acknowledges_only_what_it_wrote_and_takes_updates_aga
     let disk = Disk::new(64 * 1024);
     let _disk = file_io::substitute(&data_dir.path().join("wal"), Arc::new(DiskFiles(disk.clone())));
     let dir = data_dir.path().to_owned();
-    let mut app = spawn_app(|s| s.data_dir = dir);
+    let mut app = spawn_app(|s| s.storage.data_dir = dir);
 
     let mut ledger = Ledger::default();
     let mut storage_errors = 0;
@@ -505,8 +505,8 @@ fn a_full_tmpfs_answers_503_and_loses_nothing_that_was_acknowledged() {
     let name = fresh_database(&cluster);
     let dir = mount.path().to_owned();
     let mut app = spawn_app_on(cluster.config(&name), |s| {
-        s.data_dir = dir;
-        s.queue_capacity = 10;
+        s.storage.data_dir = dir;
+        s.pipeline.queue_capacity = 10;
     });
     cluster.stop();
     let mut ledger = Ledger::default();

@@ -189,8 +189,8 @@ fn series(name: &str, reason: &str) -> String {
 fn gt06_app(tune: impl FnOnce(&mut ingest_gateway::config::Settings)) -> (TestApp, u16) {
     let port = free_port();
     let app = spawn_app(|s| {
-        s.gt06_listen = Some(format!("127.0.0.1:{port}"));
-        s.writers = 1;
+        s.trackers.gt06_listen = Some(format!("127.0.0.1:{port}"));
+        s.pipeline.writers = 1;
         tune(s);
     });
     (app, port)
@@ -323,7 +323,7 @@ fn traccars_vectors_sent_after_a_login_land_as_rows_and_are_answered_once_durabl
 
 #[test]
 fn damaged_cut_oversized_and_headless_bytes_and_packets_before_a_login_are_never_stored_nor_answered_and_are_counted() {
-    let (app, port) = gt06_app(|s| s.tcp_read_timeout = Duration::from_secs(1));
+    let (app, port) = gt06_app(|s| s.trackers.tcp_read_timeout = Duration::from_secs(1));
     let good = restamp(
         &bytes(VECTORS[0].1),
         OffsetDateTime::now_utc() - time::Duration::hours(1),
@@ -414,7 +414,7 @@ fn a_unit_whose_imei_no_key_names_is_refused_at_its_login_never_stored_and_count
         ),
     )
     .unwrap();
-    let (app, port) = gt06_app(|s| s.api_keys_file = Some(keys.path().to_owned()));
+    let (app, port) = gt06_app(|s| s.auth.api_keys_file = Some(keys.path().to_owned()));
     let fix = restamp(
         &bytes(VECTORS[0].1),
         OffsetDateTime::now_utc() - time::Duration::hours(1),

@@ -126,11 +126,11 @@ pub fn spawn_app(tune: impl FnOnce(&mut Settings)) -> TestApp {
 pub fn spawn_app_on(config: tokio_postgres::Config, tune: impl FnOnce(&mut Settings)) -> TestApp {
     let data_dir = tempfile::tempdir().expect("a data directory");
     let mut settings = Settings::defaults();
-    settings.data_dir = data_dir.path().to_owned();
-    settings.listen = "127.0.0.1:0".into();
-    settings.database_url = Some(connection_string(&config));
-    settings.flush_interval = Duration::from_millis(100);
-    settings.shutdown_timeout = Duration::from_secs(20);
+    settings.storage.data_dir = data_dir.path().to_owned();
+    settings.http.listen = "127.0.0.1:0".into();
+    settings.database.database_url = Some(connection_string(&config));
+    settings.pipeline.flush_interval = Duration::from_millis(100);
+    settings.pipeline.shutdown_timeout = Duration::from_secs(20);
     tune(&mut settings);
     let app = Application::build(&settings).expect("build the gateway");
     let address = format!("http://127.0.0.1:{}", app.port());

@@ -163,11 +163,11 @@ fn on_jetstream_an_acknowledged_update_lands_once_a_retry_is_stored_once_and_nat
     let url = urls(&nodes);
     let key = signing_key_file(dir.path());
     let mut app = spawn_app(|s| {
-        s.queue = QueueKind::Jetstream;
-        s.nats_url = url.clone();
-        s.jetstream_shards = 4;
-        s.jetstream_publish_timeout = Duration::from_secs(2);
-        s.jetstream_signing_key_file = Some(key);
+        s.jetstream.queue = QueueKind::Jetstream;
+        s.jetstream.nats_url = url.clone();
+        s.jetstream.jetstream_shards = 4;
+        s.jetstream.jetstream_publish_timeout = Duration::from_secs(2);
+        s.jetstream.jetstream_signing_key_file = Some(key);
     });
     app.db
         .execute("ALTER TABLE location_updates ADD CONSTRAINT no_poison CHECK (device_id <> 'poison')");
@@ -249,10 +249,10 @@ fn on_jetstream_dead_letters_have_a_stream_of_their_own_and_a_tracker_retry_is_s
     let url = urls(&nodes);
     let key = signing_key_file(dir.path());
     let mut app = spawn_app(|s| {
-        s.queue = QueueKind::Jetstream;
-        s.nats_url = url.clone();
-        s.jetstream_shards = 4;
-        s.jetstream_signing_key_file = Some(key);
+        s.jetstream.queue = QueueKind::Jetstream;
+        s.jetstream.nats_url = url.clone();
+        s.jetstream.jetstream_shards = 4;
+        s.jetstream.jetstream_signing_key_file = Some(key);
     });
     // Letters as the tracker routes make them (the writers check them again: a known protocol and reason, received
     // within the allowed window).
@@ -534,22 +534,22 @@ fn a_process_whose_jetstream_settings_differ_from_the_stream_refuses_to_start_sa
     let url = urls(&nodes);
     let key = signing_key_file(dir.path());
     let mut first = spawn_app(|s| {
-        s.queue = QueueKind::Jetstream;
-        s.nats_url = url.clone();
-        s.jetstream_shards = 4;
-        s.jetstream_signing_key_file = Some(key.clone());
+        s.jetstream.queue = QueueKind::Jetstream;
+        s.jetstream.nats_url = url.clone();
+        s.jetstream.jetstream_shards = 4;
+        s.jetstream.jetstream_signing_key_file = Some(key.clone());
     });
 
     let data_dir = tempfile::tempdir().unwrap();
     let mut settings = ingest_gateway::config::Settings::defaults();
-    settings.data_dir = data_dir.path().to_owned();
-    settings.listen = "127.0.0.1:0".into();
+    settings.storage.data_dir = data_dir.path().to_owned();
+    settings.http.listen = "127.0.0.1:0".into();
     let database = fresh_database(shared_cluster());
-    settings.database_url = Some(connection_string(&shared_cluster().config(&database)));
-    settings.queue = QueueKind::Jetstream;
-    settings.nats_url = url.clone();
-    settings.jetstream_shards = 8;
-    settings.jetstream_signing_key_file = Some(key);
+    settings.database.database_url = Some(connection_string(&shared_cluster().config(&database)));
+    settings.jetstream.queue = QueueKind::Jetstream;
+    settings.jetstream.nats_url = url.clone();
+    settings.jetstream.jetstream_shards = 8;
+    settings.jetstream.jetstream_signing_key_file = Some(key);
     let refused = ingest_gateway::startup::Application::build(&settings)
         .err()
         .expect("a second process with another shard count does not start");
@@ -559,8 +559,8 @@ fn a_process_whose_jetstream_settings_differ_from_the_stream_refuses_to_start_sa
         "{message}"
     );
 
-    settings.jetstream_shards = 4;
-    settings.queue = QueueKind::Local;
+    settings.jetstream.jetstream_shards = 4;
+    settings.jetstream.queue = QueueKind::Local;
     let write_without_jetstream =
         ingest_gateway::startup::Application::build_as(&settings, ingest_gateway::startup::Role::Write)
             .err()
@@ -593,10 +593,10 @@ fn on_jetstream_concurrent_single_update_requests_share_messages_land_once_and_a
     let key = signing_key_file(dir.path());
     let nats_url = url.clone();
     let app = spawn_app(move |s| {
-        s.queue = QueueKind::Jetstream;
-        s.nats_url = nats_url;
-        s.jetstream_shards = 2;
-        s.jetstream_signing_key_file = Some(key);
+        s.jetstream.queue = QueueKind::Jetstream;
+        s.jetstream.nats_url = nats_url;
+        s.jetstream.jetstream_shards = 2;
+        s.jetstream.jetstream_signing_key_file = Some(key);
     });
 
     // 48 clients, each sending single updates one after another; every fourth request of a client is a resend of

@@ -80,10 +80,10 @@ fn records_without_a_valid_signature_or_breaking_a_rule_are_kept_in_dead_letters
     let key_file = signing_key_file(dir.path());
     let key = key_file.clone();
     let app = spawn_app(move |s| {
-        s.queue = QueueKind::Jetstream;
-        s.nats_url = url;
-        s.jetstream_shards = SHARDS;
-        s.jetstream_signing_key_file = Some(key);
+        s.jetstream.queue = QueueKind::Jetstream;
+        s.jetstream.nats_url = url;
+        s.jetstream.jetstream_shards = SHARDS;
+        s.jetstream.jetstream_signing_key_file = Some(key);
     });
     let shared = SigningKeys::load(&key_file).unwrap();
     let stranger = SigningKeys::from_keys(vec![b"not-the-key-of-this-deployment-0123456789".to_vec()]);
@@ -216,12 +216,12 @@ fn a_forged_commit_notice_is_not_believed() {
     let key = signing_key_file(dir.path());
     // A gateway with no writer anywhere: nothing is committed, so only a forged notice could say it is.
     let app = spawn_app(move |s| {
-        s.queue = QueueKind::Jetstream;
-        s.nats_url = url;
-        s.jetstream_shards = SHARDS;
-        s.jetstream_signing_key_file = Some(key);
-        s.jetstream_local_writers = false;
-        s.commit_wait = Duration::from_secs(3);
+        s.jetstream.queue = QueueKind::Jetstream;
+        s.jetstream.nats_url = url;
+        s.jetstream.jetstream_shards = SHARDS;
+        s.jetstream.jetstream_signing_key_file = Some(key);
+        s.jetstream.jetstream_local_writers = false;
+        s.http.commit_wait = Duration::from_secs(3);
     });
     // The forger reads the reply subject off the published record and answers at once, unsigned and badly signed,
     // for every sequence a fresh stream could have given.
@@ -294,10 +294,10 @@ fn spawn_writer(
     tune: impl FnOnce(&mut Settings),
 ) -> (tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
     let mut settings = Settings::defaults();
-    settings.data_dir = data_dir.to_owned();
-    settings.listen = "127.0.0.1:0".into();
-    settings.database_url = Some(connection_string(&config));
-    settings.flush_interval = Duration::from_millis(100);
+    settings.storage.data_dir = data_dir.to_owned();
+    settings.http.listen = "127.0.0.1:0".into();
+    settings.database.database_url = Some(connection_string(&config));
+    settings.pipeline.flush_interval = Duration::from_millis(100);
     tune(&mut settings);
     let app = Application::build_as(&settings, Role::Write).expect("build the writer");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -324,19 +324,19 @@ fn the_compose_clusters_nats_accounts_let_a_gateway_and_a_writer_do_their_work()
     let nats = |user: &str, password: &str| {
         let (url, key, user, password) = (node.url(), key.clone(), user.to_owned(), password.to_owned());
         move |s: &mut Settings| {
-            s.queue = QueueKind::Jetstream;
-            s.nats_url = url;
-            s.jetstream_shards = SHARDS;
-            s.jetstream_signing_key_file = Some(key);
-            s.nats_user = Some(user);
-            s.nats_password = Some(password);
-            s.nats_inbox_prefix = "_INBOX_ingest".into();
+            s.jetstream.queue = QueueKind::Jetstream;
+            s.jetstream.nats_url = url;
+            s.jetstream.jetstream_shards = SHARDS;
+            s.jetstream.jetstream_signing_key_file = Some(key);
+            s.jetstream.nats_user = Some(user);
+            s.jetstream.nats_password = Some(password);
+            s.jetstream.nats_inbox_prefix = "_INBOX_ingest".into();
         }
     };
     let gateway_settings = nats("gateway", "gateway-placeholder-password");
     let app = spawn_app_on(cluster.config(&name), move |s| {
         gateway_settings(s);
-        s.jetstream_local_writers = false;
+        s.jetstream.jetstream_local_writers = false;
     });
     let writer_dir = tempfile::tempdir().unwrap();
     let (stop_writer, writer) = spawn_writer(

@@ -87,7 +87,7 @@ fn a_request_id_is_echoed_when_given_and_made_when_not() {
 #[test]
 fn with_an_admin_listener_operators_pages_live_apart_from_the_public_port() {
     let admin_port = crate::helpers::free_port();
-    let app = spawn_app(|s| s.admin_listen = Some(format!("127.0.0.1:{admin_port}")));
+    let app = spawn_app(|s| s.http.admin_listen = Some(format!("127.0.0.1:{admin_port}")));
     let admin = format!("http://127.0.0.1:{admin_port}");
     let get = |url: String| match ureq::get(&url).call() {
         Ok(r) => r.status(),
@@ -162,8 +162,8 @@ fn the_metric_table_of_the_docs_lists_every_metric_the_gateway_defines_and_expor
 
     // What a running gateway with every listener exports: each family is listed, with the type it has.
     let app = spawn_app(|s| {
-        s.teltonika_listen = Some("127.0.0.1:0".to_owned());
-        s.gt06_listen = Some("127.0.0.1:0".to_owned());
+        s.trackers.teltonika_listen = Some("127.0.0.1:0".to_owned());
+        s.trackers.gt06_listen = Some("127.0.0.1:0".to_owned());
     });
     assert_eq!(
         app.post_json("/api/v1/location/update", &location_array("families", 2))

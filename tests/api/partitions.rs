@@ -53,8 +53,8 @@ fn partitions_cover_the_allowed_window_and_updates_at_its_edges_land() {
     let cluster = shared_cluster();
     let name = fresh_database(cluster);
     let app = spawn_app_on(cluster.config(&name), |s| {
-        s.max_age = Duration::from_secs(3 * 86_400);
-        s.max_future_skew = Duration::from_secs(3600);
+        s.limits.max_age = Duration::from_secs(3 * 86_400);
+        s.limits.max_future_skew = Duration::from_secs(3600);
     });
     let now = OffsetDateTime::now_utc();
     for table in ["location_updates", "poll_results"] {
@@ -148,9 +148,9 @@ fn an_upgrade_from_the_single_tables_keeps_every_row_and_still_absorbs_retries()
 #[test]
 fn a_retention_shorter_than_the_allowed_age_is_refused() {
     let mut settings = Settings::defaults();
-    settings.max_age = Duration::from_secs(30 * 86_400);
-    settings.retention = Some(Duration::from_secs(7 * 86_400));
-    settings.data_dir = tempfile::tempdir().unwrap().keep();
+    settings.limits.max_age = Duration::from_secs(30 * 86_400);
+    settings.partitions.retention = Some(Duration::from_secs(7 * 86_400));
+    settings.storage.data_dir = tempfile::tempdir().unwrap().keep();
     let error = Application::build(&settings).err().expect("refused");
     let message = format!("{error:#}");
     assert!(message.contains("INGEST_RETENTION"), "{message}");
@@ -162,7 +162,7 @@ fn partitions_past_the_retention_are_dropped_whole_and_counted() {
     let name = fresh_database(cluster);
     let config = cluster.config(&name);
     // A first run keeps ten days; its oldest rows are older than the next run's retention.
-    let mut first = spawn_app_on(config.clone(), |s| s.max_age = Duration::from_secs(10 * 86_400));
+    let mut first = spawn_app_on(config.clone(), |s| s.limits.max_age = Duration::from_secs(10 * 86_400));
     let now = OffsetDateTime::now_utc();
     let body = format!(
         "[{},{}]",
@@ -177,8 +177,8 @@ fn partitions_past_the_retention_are_dropped_whole_and_counted() {
     let before = partitions_of(&config, "location_updates").len();
 
     let second = spawn_app_on(config.clone(), |s| {
-        s.max_age = Duration::from_secs(2 * 86_400);
-        s.retention = Some(Duration::from_secs(3 * 86_400));
+        s.limits.max_age = Duration::from_secs(2 * 86_400);
+        s.partitions.retention = Some(Duration::from_secs(3 * 86_400));
     });
     let after = partitions_of(&config, "location_updates");
     let horizon = (OffsetDateTime::now_utc() - time::Duration::days(3)).unix_timestamp();
@@ -198,7 +198,9 @@ fn partitions_past_the_retention_are_dropped_whole_and_counted() {
 fn the_track_of_a_device_and_the_latest_positions_are_read_through_indexes() {
     let cluster = shared_cluster();
     let name = fresh_database(cluster);
-    let app = spawn_app_on(cluster.config(&name), |s| s.max_age = Duration::from_secs(2 * 86_400));
+    let app = spawn_app_on(cluster.config(&name), |s| {
+        s.limits.max_age = Duration::from_secs(2 * 86_400)
+    });
     // Yesterday's partition (its time is past) and the current hour, 200,000 rows each from 2,000 devices.
     let fill = |start: &str| {
         app.db.execute(&format!(

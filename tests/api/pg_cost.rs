@@ -47,7 +47,7 @@ fn assert_each_stored_once(db: &Db, expected: usize) {
 fn a_batch_mixing_retries_and_new_updates_stores_each_new_one_once() {
     let cluster = shared_cluster();
     let name = fresh_database(cluster);
-    let app = spawn_app_on(cluster.config(&name), |s| s.batch_size = 10_000);
+    let app = spawn_app_on(cluster.config(&name), |s| s.pipeline.batch_size = 10_000);
     let at = OffsetDateTime::now_utc() - time::Duration::minutes(2);
     let first = fixes("mix", 0..300, at);
     let answer = app.post_json("/api/v1/location/update", &format!("[{}]", first.join(",")));
@@ -126,7 +126,9 @@ fn sigkill_in_the_middle_of_the_fallback_stores_each_update_once() {
 fn a_track_reads_through_an_index_in_every_partition_the_current_one_included() {
     let cluster = shared_cluster();
     let name = fresh_database(cluster);
-    let app = spawn_app_on(cluster.config(&name), |s| s.max_age = Duration::from_secs(8 * 86_400));
+    let app = spawn_app_on(cluster.config(&name), |s| {
+        s.limits.max_age = Duration::from_secs(8 * 86_400)
+    });
     // Today's partition as the writers fill it: 200,000 fixes of 2,000 devices since midnight.
     app.db.execute(
         "INSERT INTO location_updates (device_id, recorded_at, lat, lon, received_at) \

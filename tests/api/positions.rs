@@ -91,7 +91,7 @@ fn the_newest_fix_of_each_device_is_kept_and_a_late_one_does_not_move_it_back() 
 fn without_latest_positions_the_table_is_left_alone() {
     let cluster = shared_cluster();
     let name = fresh_database(cluster);
-    let app = spawn_app_on(cluster.config(&name), |s| s.latest_positions = false);
+    let app = spawn_app_on(cluster.config(&name), |s| s.pipeline.latest_positions = false);
     assert_eq!(
         app.post_json("/api/v1/location/update", &fix("van-1", 1, 1.0)).status,
         202
@@ -130,7 +130,7 @@ fn the_newest_result_of_each_project_is_kept_and_a_late_one_does_not_move_it_bac
         .collect();
     assert_eq!(latest, [(1, false), (2, true)]);
 
-    let off = crate::helpers::spawn_app(|s| s.latest_poll_results = false);
+    let off = crate::helpers::spawn_app(|s| s.pipeline.latest_poll_results = false);
     assert_eq!(off.post_json(route, &poll(3, 1, true)).status, 202);
     eventually("the result lands", Duration::from_secs(10), || {
         off.db.count("poll_results") == 1

@@ -18,7 +18,7 @@ fn a_writer_stalled_by_a_revoked_privilege_is_visible_and_recovers_when_it_is_gr
     ));
     let mut config = cluster.config(&name);
     config.user(&role).password(&role);
-    let app = spawn_app_on(config, |s| s.stall_timeout = Duration::from_secs(1));
+    let app = spawn_app_on(config, |s| s.pipeline.stall_timeout = Duration::from_secs(1));
     let route = "/api/v1/location/update";
     assert_eq!(app.post_json(route, &location_json("before")).status, 202);
     eventually("the first update lands", Duration::from_secs(10), || {

@@ -215,8 +215,8 @@ fn series(name: &str, reason: &str) -> String {
 fn teltonika_app(tune: impl FnOnce(&mut ingest_gateway::config::Settings)) -> (TestApp, u16) {
     let port = free_port();
     let app = spawn_app(|s| {
-        s.teltonika_listen = Some(format!("127.0.0.1:{port}"));
-        s.writers = 1;
+        s.trackers.teltonika_listen = Some(format!("127.0.0.1:{port}"));
+        s.pipeline.writers = 1;
         tune(s);
     });
     (app, port)
@@ -346,7 +346,7 @@ fn traccars_vectors_sent_as_a_unit_sends_them_land_as_rows_with_the_values_they_
 
 #[test]
 fn damaged_cut_oversized_and_dripping_packets_are_never_stored_nor_acknowledged_close_the_connection_and_are_counted() {
-    let (app, port) = teltonika_app(|s| s.tcp_read_timeout = Duration::from_secs(1));
+    let (app, port) = teltonika_app(|s| s.trackers.tcp_read_timeout = Duration::from_secs(1));
     let imei = "356307042441013";
     let good = restamp(
         &bytes(VECTORS[3].2),
@@ -444,7 +444,7 @@ fn a_unit_whose_imei_no_key_names_is_refused_at_its_handshake_never_stored_and_c
         ),
     )
     .unwrap();
-    let (app, port) = teltonika_app(|s| s.api_keys_file = Some(keys.path().to_owned()));
+    let (app, port) = teltonika_app(|s| s.auth.api_keys_file = Some(keys.path().to_owned()));
     let packet = restamp(
         &bytes(VECTORS[3].2),
         OffsetDateTime::now_utc() - time::Duration::hours(1),
@@ -489,10 +489,10 @@ fn a_full_intake_holds_a_units_packet_unacknowledged_until_its_records_are_taken
     } = OwnDatabase::start();
     let port = free_port();
     let app = crate::helpers::spawn_app_on(cluster.config(&name), |s| {
-        s.teltonika_listen = Some(format!("127.0.0.1:{port}"));
-        s.durability = ingest_gateway::config::Durability::Memory;
-        s.queue_capacity = 20;
-        s.writers = 1;
+        s.trackers.teltonika_listen = Some(format!("127.0.0.1:{port}"));
+        s.storage.durability = ingest_gateway::config::Durability::Memory;
+        s.pipeline.queue_capacity = 20;
+        s.pipeline.writers = 1;
     });
     let now = OffsetDateTime::now_utc();
     let unit_records = |first: usize, n: usize| {

@@ -177,8 +177,8 @@ fn https_takes_updates_with_a_certificate_the_client_trusts() {
     let ca = Ca::new("test server CA");
     let (cert, key) = ca.write_server(dir.path(), "server");
     let app = spawn_app(|s| {
-        s.tls_cert = Some(cert.clone());
-        s.tls_key = Some(key.clone());
+        s.http.tls_cert = Some(cert.clone());
+        s.http.tls_key = Some(key.clone());
     });
     let port = port_of(&app.address);
 
@@ -213,9 +213,9 @@ fn with_a_client_ca_only_clients_with_a_certificate_it_signed_get_in() {
     let client_ca_path = dir.path().join("clients.pem");
     std::fs::write(&client_ca_path, client_ca.pem()).unwrap();
     let app = spawn_app(|s| {
-        s.tls_cert = Some(cert.clone());
-        s.tls_key = Some(key.clone());
-        s.tls_client_ca = Some(client_ca_path.clone());
+        s.http.tls_cert = Some(cert.clone());
+        s.http.tls_key = Some(key.clone());
+        s.http.tls_client_ca = Some(client_ca_path.clone());
     });
     let port = port_of(&app.address);
     let update = location_json("mtls-1");
@@ -447,7 +447,7 @@ fn the_gateway_writes_through_tls_when_its_database_url_asks_for_verify_full() {
         ca_path.display()
     );
 
-    let app = spawn_app_on(cluster.config(&name), |s| s.database_url = Some(url.clone()));
+    let app = spawn_app_on(cluster.config(&name), |s| s.database.database_url = Some(url.clone()));
     assert_eq!(
         app.post_json("/api/v1/location/update", &location_json("over-tls"))
             .status,

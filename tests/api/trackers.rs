@@ -321,7 +321,7 @@ fn samples(page: &str) -> HashMap<String, f64> {
 
 #[test]
 fn every_trackers_own_request_gets_its_clients_success_and_leaves_the_right_row_or_dead_letter() {
-    let app = spawn_app(|s| s.writers = 1);
+    let app = spawn_app(|s| s.pipeline.writers = 1);
     let host = host_of(&app.address);
     let now = OffsetDateTime::now_utc();
     let mut failures: Vec<String> = Vec::new();
@@ -438,7 +438,7 @@ fn every_trackers_own_request_gets_its_clients_success_and_leaves_the_right_row_
 
 #[test]
 fn each_protocols_resend_of_the_same_bytes_is_answered_again_and_stored_once() {
-    let app = spawn_app(|s| s.writers = 1);
+    let app = spawn_app(|s| s.pipeline.writers = 1);
     let host = host_of(&app.address);
     let now = OffsetDateTime::now_utc();
     let resent = [
@@ -490,7 +490,7 @@ fn each_protocols_resend_of_the_same_bytes_is_answered_again_and_stored_once() {
 
 #[test]
 fn a_zero_zero_fix_and_fixes_flagged_not_valid_are_answered_as_success_kept_as_dead_letters_and_not_stored() {
-    let app = spawn_app(|s| s.writers = 1);
+    let app = spawn_app(|s| s.pipeline.writers = 1);
     let host = host_of(&app.address);
     let now = OffsetDateTime::now_utc();
     let refused_fixes = [
@@ -563,7 +563,7 @@ fn send_alone(app: &TestApp, case: &'static TrackerCase, index: usize) -> Sent {
 
 #[test]
 fn a_dead_letter_keeps_every_value_of_a_repeated_osmand_field() {
-    let app = spawn_app(|s| s.writers = 1);
+    let app = spawn_app(|s| s.pipeline.writers = 1);
     let sent = send_alone(&app, case("osmand_query_with_cells_and_wifi_but_no_position"), 0);
 
     let letters = rows_within(
@@ -586,7 +586,7 @@ fn a_dead_letter_keeps_every_value_of_a_repeated_osmand_field() {
 
 #[test]
 fn an_accuracy_of_zero_which_traccar_client_sends_for_every_gps_fix_is_stored_as_no_accuracy() {
-    let app = spawn_app(|s| s.writers = 1);
+    let app = spawn_app(|s| s.pipeline.writers = 1);
     let case = case("traccar_client_legacy_android_post_with_every_field_in_the_query");
     let sent = send_alone(&app, case, 0);
 
@@ -597,7 +597,7 @@ fn an_accuracy_of_zero_which_traccar_client_sends_for_every_gps_fix_is_stored_as
 
 #[test]
 fn an_overland_trip_summary_in_a_batch_is_answered_and_not_stored_as_a_fix() {
-    let app = spawn_app(|s| s.writers = 1);
+    let app = spawn_app(|s| s.pipeline.writers = 1);
     let sent = send_alone(&app, &OVERLAND_TRIP_SUMMARY, 0);
 
     let row = &OVERLAND_TRIP_SUMMARY.rows()[0];

@@ -35,8 +35,8 @@ fn an_update_sent_over_the_unix_socket_gets_its_202_and_lands() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("gateway.sock");
     let mut app = spawn_app(|s| {
-        s.listen = format!("127.0.0.1:0,unix:{}", socket.display());
-        s.socket_mode = 0o600;
+        s.http.listen = format!("127.0.0.1:0,unix:{}", socket.display());
+        s.http.socket_mode = 0o600;
     });
 
     let (status, body) = post_over_socket(&socket, "/api/v1/location/update", &location_json("over-socket"));

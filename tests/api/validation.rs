@@ -191,8 +191,8 @@ fn bad_json_gets_400_with_line_and_column() {
 #[test]
 fn too_many_updates_or_too_many_bytes_get_413_with_the_limit() {
     let app = spawn_app(|s| {
-        s.max_updates = 10;
-        s.max_body_bytes = 64 * 1024;
+        s.limits.max_updates = 10;
+        s.limits.max_body_bytes = 64 * 1024;
     });
     let eleven = format!("[{}]", vec![crate::helpers::location_json("d"); 11].join(","));
     let answer = app.post_json(LOCATION, &eleven);

@@ -15,12 +15,12 @@ static DEFAULTS: LazyLock<Settings> = LazyLock::new(Settings::defaults);
 
 /// The body limit, in bytes after decompression.
 pub fn max_body_bytes() -> usize {
-    DEFAULTS.max_body_bytes
+    DEFAULTS.limits.max_body_bytes
 }
 
 /// The most updates one request may hold.
 pub fn max_updates() -> usize {
-    usize::try_from(DEFAULTS.max_updates).expect("the update limit fits a usize")
+    usize::try_from(DEFAULTS.limits.max_updates).expect("the update limit fits a usize")
 }
 
 /// The most broken rules a 422 lists. The gateway's own constant is private to its request handler, hence this copy.

@@ -301,8 +301,8 @@ impl Access {
     /// From the settings: reads the keys file (an unusable one is an error naming its line), the admin token, and
     /// sets the rate limits. Without a keys file, says loudly that anyone may write.
     pub fn new(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Self> {
-        let keys = match &settings.api_keys_file {
-            Some(path) => Some(Arc::new(ApiKeys::load(path, settings.rate_limit, metrics)?)),
+        let keys = match &settings.auth.api_keys_file {
+            Some(path) => Some(Arc::new(ApiKeys::load(path, settings.auth.rate_limit, metrics)?)),
             None => {
                 warn!(
                     "no api keys file (INGEST_API_KEYS_FILE): anyone who can reach the gateway may write updates for \
@@ -313,6 +313,7 @@ impl Access {
         };
         metrics.access.auth_enabled.set(i64::from(keys.is_some()));
         let admin_token = settings
+            .auth
             .admin_token_file
             .as_deref()
             .map(AdminToken::load)
@@ -320,13 +321,14 @@ impl Access {
             .map(Arc::new);
         // Without keys there is nobody to give INGEST_RATE_LIMIT to but the client addresses.
         let per_address = settings
+            .auth
             .rate_limit_per_address
-            .or(if keys.is_none() { settings.rate_limit } else { None })
+            .or(if keys.is_none() { settings.auth.rate_limit } else { None })
             .map(AddressLimiter::new);
         Ok(Access {
             keys,
             per_address,
-            trusted_proxies: settings.trusted_proxies.clone(),
+            trusted_proxies: settings.auth.trusted_proxies.clone(),
             admin_token,
         })
     }

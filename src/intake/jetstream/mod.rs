@@ -61,17 +61,17 @@ pub struct JetStreamSettings {
 impl JetStreamSettings {
     pub fn from_settings(settings: &Settings) -> Self {
         Self {
-            shards: settings.jetstream_shards,
-            replicas: usize::from(settings.jetstream_replicas),
-            duplicate_window: settings.jetstream_duplicate_window,
-            max_bytes: i64::try_from(settings.jetstream_max_bytes).unwrap_or(i64::MAX),
-            publish_timeout: settings.jetstream_publish_timeout,
-            ack_wait: settings.jetstream_ack_wait,
+            shards: settings.jetstream.jetstream_shards,
+            replicas: usize::from(settings.jetstream.jetstream_replicas),
+            duplicate_window: settings.jetstream.jetstream_duplicate_window,
+            max_bytes: i64::try_from(settings.jetstream.jetstream_max_bytes).unwrap_or(i64::MAX),
+            publish_timeout: settings.jetstream.jetstream_publish_timeout,
+            ack_wait: settings.jetstream.jetstream_ack_wait,
             recheck: RecheckRules {
-                max_future_skew: settings.max_future_skew,
-                max_age: settings.max_age,
+                max_future_skew: settings.limits.max_future_skew,
+                max_age: settings.limits.max_age,
             },
-            inbox_prefix: settings.nats_inbox_prefix.clone(),
+            inbox_prefix: settings.jetstream.nats_inbox_prefix.clone(),
         }
     }
 }
@@ -152,30 +152,31 @@ pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<async_na
         .client_capacity(65_536)
         // Replies (JetStream's, and the writers' commit notices) come under one prefix, which NATS permissions can
         // confine to this deployment.
-        .custom_inbox_prefix(settings.nats_inbox_prefix.clone());
-    if let Some(path) = &settings.nats_creds {
+        .custom_inbox_prefix(settings.jetstream.nats_inbox_prefix.clone());
+    if let Some(path) = &settings.jetstream.nats_creds {
         options = options
             .credentials_file(path)
             .await
             .with_context(|| format!("could not read the NATS credentials file {}", path.display()))?;
     }
-    match (&settings.nats_user, &settings.nats_password) {
+    match (&settings.jetstream.nats_user, &settings.jetstream.nats_password) {
         (Some(user), Some(password)) => options = options.user_and_password(user.clone(), password.clone()),
         (None, None) => {}
         _ => bail!("INGEST_NATS_USER and INGEST_NATS_PASSWORD go together"),
     }
-    if let Some(token) = &settings.nats_token {
+    if let Some(token) = &settings.jetstream.nats_token {
         options = options.token(token.clone());
     }
-    if let Some(ca) = &settings.nats_tls_ca {
+    if let Some(ca) = &settings.jetstream.nats_tls_ca {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
     }
-    match (&settings.nats_tls_cert, &settings.nats_tls_key) {
+    match (&settings.jetstream.nats_tls_cert, &settings.jetstream.nats_tls_key) {
         (Some(cert), Some(key)) => options = options.add_client_certificate(cert.clone(), key.clone()),
         (None, None) => {}
         _ => bail!("INGEST_NATS_TLS_CERT and INGEST_NATS_TLS_KEY go together"),
     }
     let servers: Vec<async_nats::ServerAddr> = settings
+        .jetstream
         .nats_url
         .split(',')
         .map(str::trim)
@@ -188,10 +189,12 @@ pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<async_na
     if servers.is_empty() {
         bail!("INGEST_NATS_URL names no server");
     }
-    options
-        .connect(servers)
-        .await
-        .with_context(|| format!("could not connect to NATS at {}", redacted(&settings.nats_url)))
+    options.connect(servers).await.with_context(|| {
+        format!(
+            "could not connect to NATS at {}",
+            redacted(&settings.jetstream.nats_url)
+        )
+    })
 }
 
 /// Whether a commit notice may be sent to `subject`: one token of `A-Z a-z 0-9 _ -` under `<prefix>.`, as the
