@@ -261,9 +261,9 @@ fn track_queries(admin: &Admin) -> anyhow::Result<()> {
          SELECT 'truck-' || lpad((n % 5000)::text, 5, '0'), \
                 date_trunc('day', now(), 'UTC') + (n / 5000) * ((now() - date_trunc('day', now(), 'UTC')) / 1000), \
                 48 + (n % 997) * 1e-3, 2 + (n % 991) * 1e-3, n % 130, now() \
-           FROM generate_series(0, 4999999) n; \
-         VACUUM ANALYZE location_updates",
+           FROM generate_series(0, 4999999) n",
     )?;
+    admin.execute("VACUUM ANALYZE location_updates")?;
     let windows = [
         ("last hour", "now() - interval '1 hour'"),
         ("since midnight", "date_trunc('day', now(), 'UTC')"),
