@@ -7,7 +7,7 @@
 //! leads with the device. One device's track is read through a second index (`device_id, recorded_at`), made with
 //! the partition, so that the current partition answers "where has this truck been today" by the index too and not
 //! by scanning every device's rows of the day; a partition made by an earlier release without it gets it built
-//! (without blocking the writers) by [`index_past_partitions`].
+//! (without blocking the writers) by [`index_partitions`].
 //!
 //! Gateways sharing a database serialise their changes with an advisory lock, and each reads the partitions
 //! that exist after taking it, so two never make the same partition.
@@ -293,12 +293,7 @@ pub fn quote_identifier(name: &str) -> String {
 /// Builds the history index (`device_id, recorded_at`) of every partition of `table` that has none — those an
 /// earlier release made, which built it only once a partition's time was past, the current partition included —
 /// without blocking the writers (`CONCURRENTLY`); one gateway at a time. Returns the partitions indexed.
-/// `_now` no longer matters: a partition is indexed whatever its time.
-pub async fn index_past_partitions(
-    client: &Client,
-    table: &PartitionedTable,
-    _now: OffsetDateTime,
-) -> Result<Vec<String>, tokio_postgres::Error> {
+pub async fn index_partitions(client: &Client, table: &PartitionedTable) -> Result<Vec<String>, tokio_postgres::Error> {
     let got_lock: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&INDEX_LOCK])
         .await?

@@ -56,11 +56,12 @@ async fn round(
     Ok(())
 }
 
-/// Builds the history indexes of partitions whose time is past (slow on a big partition: never at start-up).
+/// Builds the history index of any partition an earlier release left without one (slow on a big partition:
+/// never at start-up).
 async fn index_round(config: &tokio_postgres::Config, tls: &DatabaseTls) -> anyhow::Result<()> {
     let (client, connection) = tls.connect(config).await?;
     for table in &TABLES {
-        let indexed = partitions::index_past_partitions(&client, table, OffsetDateTime::now_utc()).await?;
+        let indexed = partitions::index_partitions(&client, table).await?;
         for name in indexed {
             info!(table = table.table, partition = %name, "history index built");
         }

@@ -175,9 +175,7 @@ fn a_partition_named_as_sql_is_dropped_and_indexed_as_a_name_and_its_sql_never_r
         let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(connection);
         // The history index first (the partition's time is past), then the drop past the retention.
-        let indexed = partitions::index_past_partitions(&client, table, time::OffsetDateTime::now_utc())
-            .await
-            .unwrap();
+        let indexed = partitions::index_partitions(&client, table).await.unwrap();
         partitions::maintain_all(&mut client, &policy, time::OffsetDateTime::now_utc())
             .await
             .unwrap();

@@ -218,9 +218,7 @@ fn the_track_of_a_device_and_the_latest_positions_are_read_through_indexes() {
     runtime.block_on(async {
         let (client, connection) = cluster.config(&name).connect(tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(connection);
-        partitions::index_past_partitions(&client, &TABLES[0], OffsetDateTime::now_utc())
-            .await
-            .unwrap();
+        partitions::index_partitions(&client, &TABLES[0]).await.unwrap();
     });
     // As the writers keep it: one row per device.
     app.db.execute(
