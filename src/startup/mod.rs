@@ -34,13 +34,12 @@ use actix_web::web;
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use tokio::runtime::Runtime;
-use tracing::info;
 
 use crate::config::{Durability, QueueKind, Settings};
 use crate::db::{self, Checkpoints};
-use crate::http::auth::{Access, OperatorAccess};
+use crate::http::auth::Access;
 use crate::http::limits::{BodyBudget, BodyDeadline};
-use crate::http::{self, AppState, IngestLimits, Routes};
+use crate::http::{self, AppState, IngestLimits};
 use crate::intake::{Gate, Intake};
 use crate::metrics::Metrics;
 use crate::model::{DeadLetter, LocationUpdate, PollResult, Update};
@@ -49,9 +48,7 @@ use crate::wal::{Recovery, Segment, Wal, WalConfig};
 use data_dir::DataDir;
 pub use database::{database_runtime, Database};
 use https::ServerTls;
-use listener::Listener;
 use reload::Reloads;
-use server::{ServerPlan, ADMIN_MAX_CONNECTIONS};
 use shutdown::ShutdownOutcome;
 use streams::{JetStreamParts, StreamHandle, StreamParts};
 
@@ -85,11 +82,8 @@ pub enum Role {
 
 /// A gateway that is built and bound, ready to run.
 pub struct Application {
-    listeners: Vec<Listener>,
-    /// The operator's listeners (`INGEST_ADMIN_LISTEN`); empty when everything is served on `listeners`.
-    admin_listeners: Vec<Listener>,
-    /// `INGEST_OSMAND_LISTEN`: every path is the OsmAnd protocol.
-    osmand_listeners: Vec<Listener>,
+    /// The HTTP listeners, bound: public, admin and OsmAnd.
+    http_listeners: server::HttpListeners,
     /// `INGEST_TELTONIKA_LISTEN`, `INGEST_GT06_LISTEN`: the hardware trackers' TCP listeners, bound.
     trackers: Option<crate::tcp::TrackerPlan>,
     /// The first TCP port bound (0 when there is none).
@@ -183,9 +177,7 @@ impl Application {
             access,
         );
         Ok(Application {
-            listeners: bound.listeners,
-            admin_listeners: bound.admin_listeners,
-            osmand_listeners: bound.osmand_listeners,
+            http_listeners: bound.http,
             trackers: bound.trackers,
             port: bound.port,
             state,
@@ -220,81 +212,14 @@ impl Application {
     /// Runs inside an actix system (`actix_web::rt::System`).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<ShutdownOutcome> {
         let reloading = actix_web::rt::spawn(reload::on_sighup(self.reloads.clone()));
-        // Kept until the servers have stopped: a socket file is removed when its listener goes.
-        let mut sockets = Vec::new();
-        let public_routes = if self.role == Role::Write {
-            Routes::Admin
-        } else if self.admin_listeners.is_empty() {
-            Routes::All
-        } else {
-            Routes::Public
-        };
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // The operator's routes on the public listeners: with keys in force, only for the admin token's holder where
-        // other machines can reach them.
-        let exposed = self.listeners.iter().any(listener::is_exposed);
-        let operator = if public_routes == Routes::Public {
-            OperatorAccess::Open
-        } else {
-            self.state.access.operator_access(exposed)
-        };
-        if let OperatorAccess::Token(token) = &operator {
-            match token {
-                Some(_) => info!("the operator's routes on the public listeners need the admin token"),
-                None => tracing::warn!(
-                    "API keys are in force and the public listeners are reachable from other machines: /metrics, \
-                     /stats and the status page answer 401 there (and /readyz gives no reasons); set \
-                     INGEST_ADMIN_TOKEN_FILE or INGEST_ADMIN_LISTEN"
-                ),
-            }
-        }
-        let server = ServerPlan {
-            state: self.state.clone(),
-            routes: public_routes,
-            workers,
-            max_connections: self.max_connections,
-            shutdown_timeout: self.shutdown_timeout,
-            tls: self.tls.clone(),
-            operator,
-        }
-        .serve(self.listeners, &mut sockets)?;
-        let admin = if self.admin_listeners.is_empty() {
-            None
-        } else {
-            // Few requests, from operators and scrapers: one worker, and its own connection cap.
-            let admin = ServerPlan {
-                state: self.state.clone(),
-                routes: Routes::Admin,
-                // The admin listener is meant for a private network: plain HTTP, for scrapers and probes.
-                tls: None,
-                workers: 1,
-                max_connections: ADMIN_MAX_CONNECTIONS,
-                shutdown_timeout: self.shutdown_timeout,
-                operator: OperatorAccess::Open,
-            }
-            .serve(self.admin_listeners, &mut sockets)?;
-            let handle = admin.handle();
-            Some((handle, actix_web::rt::spawn(admin)))
-        };
-        let osmand = if self.osmand_listeners.is_empty() {
-            None
-        } else {
-            // Trackers on the internet: the public listener's TLS and limits.
-            let osmand = ServerPlan {
-                state: self.state.clone(),
-                routes: Routes::Osmand,
-                tls: self.tls.clone(),
-                workers,
-                max_connections: self.max_connections,
-                shutdown_timeout: self.shutdown_timeout,
-                operator: OperatorAccess::Open,
-            }
-            .serve(self.osmand_listeners, &mut sockets)?;
-            let handle = osmand.handle();
-            Some((handle, actix_web::rt::spawn(osmand)))
-        };
-        let server_handle = server.handle();
-        let mut server_task = actix_web::rt::spawn(server);
+        let mut servers = server::start(
+            self.http_listeners,
+            self.role,
+            &self.state,
+            self.tls.as_ref(),
+            self.max_connections,
+            self.shutdown_timeout,
+        )?;
 
         let trackers = match self.trackers {
             Some(plan) => Some(plan.start(crate::tcp::Intakes {
@@ -309,24 +234,14 @@ impl Application {
 
         let server_failed = tokio::select! {
             () = stop => None,
-            result = &mut server_task => Some(result),
+            result = &mut servers.public_task => Some(result),
         };
         // The tracker units first, before the gate closes: each connection finishes the packet it is storing and
         // gets its answer, then is closed; the units send the rest to whichever gateway they reach next.
         if let Some(trackers) = trackers {
             trackers.stop(self.shutdown_timeout.min(TRACKER_STOP_WAIT)).await;
         }
-        let stop_transports = async {
-            if server_failed.is_none() {
-                server_handle.stop(true).await;
-            }
-            if let Some((admin, _)) = &admin {
-                admin.stop(true).await;
-            }
-            if let Some((osmand, _)) = &osmand {
-                osmand.stop(true).await;
-            }
-        };
+        let stop_transports = servers.stop(server_failed.is_none());
         // The shard consumers stop first, so that the drain below ends: what they queued is still written.
         if let Some((_, Some(lease_stop), _)) = &self.nats {
             lease_stop.send_replace(true);
@@ -347,7 +262,7 @@ impl Application {
             let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
             nats_runtime.shutdown_background();
         }
-        drop(sockets);
+        drop(servers);
         // The pool's connections live on the runtime; dropping it here would block, so let it wind down alone.
         self.runtime.shutdown_background();
         drop(self.database);
