@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ingest_gateway::config::{RateLimit, Settings};
-use ingest_gateway::http::auth::hashed;
+use ingest_gateway::keys_file::hashed;
 use ingest_gateway::startup::Application;
 
 use crate::helpers::{

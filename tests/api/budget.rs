@@ -288,7 +288,7 @@ fn every_request_costs_a_token_even_when_its_body_is_refused() {
 
 fn write_keys_file(dir: &tempfile::TempDir, key: &str) -> std::path::PathBuf {
     let path = dir.path().join("keys");
-    let line = format!("fleet {} streams=location\n", ingest_gateway::http::auth::hashed(key));
+    let line = format!("fleet {} streams=location\n", ingest_gateway::keys_file::hashed(key));
     std::fs::write(&path, line).unwrap();
     path
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use ingest_gateway::http::auth::hashed;
+use ingest_gateway::keys_file::hashed;
 
 use crate::helpers::{connection_string, fresh_database, refused_start, shared_cluster, GatewayProcess};
 

@@ -410,7 +410,7 @@ fn a_unit_whose_imei_no_key_names_is_refused_at_its_login_never_stored_and_count
         keys.path(),
         format!(
             "trucks {} streams=location imeis={IMEI}\n",
-            ingest_gateway::http::auth::hashed("igk_0123")
+            ingest_gateway::keys_file::hashed("igk_0123")
         ),
     )
     .unwrap();

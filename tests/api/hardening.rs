@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ingest_gateway::db::partitions::{self, PartitionPolicy};
 use ingest_gateway::db::{migrate, DatabaseTls};
-use ingest_gateway::http::auth::hashed;
+use ingest_gateway::keys_file::hashed;
 
 use crate::helpers::{
     connection_string, eventually, fresh_database, gateway_command, location_json, refused_start, shared_cluster, Db,

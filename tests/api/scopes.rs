@@ -3,7 +3,7 @@
 //! second write of a stored key with other content is kept in `dead_letters` as a conflict and counted, while an
 //! identical retry stays a silent duplicate and `device_positions` keeps the first write.
 
-use ingest_gateway::http::auth::hashed;
+use ingest_gateway::keys_file::hashed;
 
 use crate::helpers::{
     connection_string, fresh_database, refused_start, shared_cluster, spawn_app, wait_until_all_written, GatewayProcess,

@@ -440,7 +440,7 @@ fn a_unit_whose_imei_no_key_names_is_refused_at_its_handshake_never_stored_and_c
         keys.path(),
         format!(
             "trucks {} streams=location imeis=356307042441013\n",
-            ingest_gateway::http::auth::hashed("igk_0123")
+            ingest_gateway::keys_file::hashed("igk_0123")
         ),
     )
     .unwrap();

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ingest_gateway::db::embedded::{die_with_parent, send_signal};
+use ingest_gateway::support::process::{die_with_parent, send_signal};
 
 /// How often the progress counter (rows landed) is read while the load runs.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(100);

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use ingest_gateway::db::embedded::die_with_parent;
+use ingest_gateway::support::process::die_with_parent;
 
 /// The columns the gateway's COPY writes, in its order.
 const COLUMNS: &str = "device_id, recorded_at, lat, lon, speed_kmh, heading_deg, accuracy_m, attributes, received_at";

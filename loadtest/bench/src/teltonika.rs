@@ -313,7 +313,7 @@ impl Loader {
             .args(["--duration", &duration_secs.to_string()])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped());
-        ingest_gateway::db::embedded::die_with_parent(&mut command, libc::SIGKILL);
+        ingest_gateway::support::process::die_with_parent(&mut command, libc::SIGKILL);
         let mut child = command
             .spawn()
             .context("could not start the Teltonika load generator")?;

@@ -19,6 +19,4 @@ pub mod access;
 pub mod scope;
 
 pub use access::{Access, AdminToken, ApiKeys, KeyEntry, OperatorAccess};
-// The tests reach the keys file's helpers through this older path.
-pub use crate::keys_file::hashed;
 pub use scope::Scoped;
