@@ -14,7 +14,7 @@ use ingest_gateway::wal::frame::FrameReader;
 use crate::helpers::gateway_envs;
 use crate::helpers::{
     connection_string, crash_seed, eventually, free_port, fresh_database, location_array, location_json,
-    shared_cluster, signal, spawn_app_on, start_gateway, Db, GatewayProcess, Lcg, Ledger, Load, OwnDatabase,
+    shared_cluster, spawn_app_on, stats, Db, GatewayProcess, Lcg, Ledger, Load, OwnDatabase,
 };
 
 #[test]
@@ -33,18 +33,18 @@ fn sigkill_at_random_moments_under_load_loses_and_duplicates_nothing_acknowledge
         ("INGEST_BATCH_SIZE", "200".to_owned()),
     ];
     let kills = 5;
-    let (mut gateway, _) = start_gateway(&envs);
+    let mut gateway = GatewayProcess::start(&envs);
     let load = Load::start(&address, 3, "crash");
     for _ in 0..kills {
+        // The kill moments are random on purpose: from just after a start to well into a run of batches.
         std::thread::sleep(Duration::from_millis(300 + rng.next_ms(1200)));
-        signal(&gateway, libc::SIGKILL);
-        gateway.wait().unwrap();
-        (gateway, _) = start_gateway(&envs);
+        gateway.kill();
+        gateway = GatewayProcess::start(&envs);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // The last run takes updates before the load stops, so that its clean stop has acknowledged updates to write.
+    load.wait_for_acknowledged(200);
     let ledger = load.stop();
-    signal(&gateway, libc::SIGTERM);
-    assert!(gateway.wait().unwrap().success(), "the last run stops cleanly");
+    assert!(gateway.terminate().success(), "the last run stops cleanly");
 
     let db = Db::connect(cluster.config(&name));
     let stored = db.device_ids();
@@ -59,20 +59,6 @@ const KILLS: usize = 20;
 const CLIENTS: usize = 4;
 /// A client that cannot get a request acknowledged for this long fails the run rather than hangs it.
 const RETRY_LIMIT: Duration = Duration::from_secs(120);
-
-/// The seed of the long crash run: `INGEST_CRASH_SEED` when set (to replay a run's kill moments), otherwise the
-/// clock.
-fn long_crash_seed() -> u64 {
-    std::env::var("INGEST_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-}
 
 /// What one client of the long crash run sent and was told.
 #[derive(Debug, Default)]
@@ -151,8 +137,7 @@ fn log_records(dir: &std::path::Path) -> usize {
 #[test]
 #[ignore = "long: 20 kills under load; run with --include-ignored"]
 fn twenty_sigkills_at_random_moments_under_load_lose_and_duplicate_nothing_acknowledged() {
-    let seed = long_crash_seed();
-    eprintln!("crash run: seed {seed} (INGEST_CRASH_SEED={seed} replays its kill moments)");
+    let seed = crash_seed();
     let started = Instant::now();
     let mut rng = Lcg(seed);
     let cluster = shared_cluster();
@@ -224,8 +209,31 @@ fn twenty_sigkills_at_random_moments_under_load_lose_and_duplicate_nothing_ackno
     assert!(wal.is_empty(), "the clean stop leaves an empty log: {wal:?}");
 }
 
-/// Runs load against a gateway while its database is taken away by `outage`, then checks the ledger.
-fn database_outage_under_load(tag: &str, outage: impl FnOnce(&mut EmbeddedPostgres)) {
+/// The location stream's figures in the `/stats` of the gateway at `address`; `Null` while it does not answer.
+fn location_figures(address: &str) -> serde_json::Value {
+    stats(address).map_or(serde_json::Value::Null, |s| s["streams"]["location"].clone())
+}
+
+/// Waits until the location writers of the gateway at `address` have failed a batch: it has found its database
+/// gone.
+fn wait_until_the_writers_fail(address: &str) {
+    eventually("the writers fail to write", Duration::from_secs(60), || {
+        location_figures(address)["writers_failing_reason"].is_string()
+    });
+}
+
+/// Waits until the location writers of the gateway at `address` write again after an outage: more rows committed
+/// than `written_before`, and no writer failing.
+fn wait_until_the_writers_write_again(address: &str, written_before: u64) {
+    eventually("the writers write again", Duration::from_secs(120), || {
+        let figures = location_figures(address);
+        figures["written"].as_u64().is_some_and(|n| n > written_before) && figures["writers_failing_reason"].is_null()
+    });
+}
+
+/// Runs load against a gateway while its database is taken away by `outage` (given the gateway's address), then
+/// checks the ledger.
+fn database_outage_under_load(tag: &str, outage: impl FnOnce(&mut EmbeddedPostgres, &str)) {
     // A killed server must keep what it acknowledged, as a real one does (the fast test server would not).
     let mut cluster = EmbeddedPostgres::start_ephemeral_crash_safe().unwrap();
     let name = fresh_database(&cluster);
@@ -234,9 +242,15 @@ fn database_outage_under_load(tag: &str, outage: impl FnOnce(&mut EmbeddedPostgr
         s.pipeline.shutdown_timeout = Duration::from_secs(60);
     });
     let load = Load::start(&app.address, 3, tag);
-    std::thread::sleep(Duration::from_secs(1));
-    outage(&mut cluster);
-    std::thread::sleep(Duration::from_secs(2));
+    load.wait_for_acknowledged(500);
+    outage(&mut cluster, &app.address);
+    // The database is back: the load goes on until the writers have committed rows again and more updates are
+    // acknowledged, so that the ledger covers before, during and after the outage.
+    let written = location_figures(&app.address)["written"]
+        .as_u64()
+        .expect("/stats answers");
+    wait_until_the_writers_write_again(&app.address, written);
+    load.wait_for_acknowledged(500);
     let ledger: Ledger = load.stop();
     let started = Instant::now();
     assert!(app.stop().is_clean(), "the gateway catches up and stops cleanly");
@@ -248,20 +262,34 @@ fn database_outage_under_load(tag: &str, outage: impl FnOnce(&mut EmbeddedPostgr
 
 #[test]
 fn postgres_killed_and_restarted_under_load_loses_nothing_acknowledged() {
-    database_outage_under_load("pg-kill", |cluster| {
+    database_outage_under_load("pg-kill", |cluster, address| {
         cluster.kill();
-        std::thread::sleep(Duration::from_secs(2));
+        wait_until_the_writers_fail(address);
         cluster.restart().unwrap();
     });
 }
 
 #[test]
 fn postgres_down_for_a_minute_under_load_loses_nothing_acknowledged() {
-    database_outage_under_load("pg-minute", |cluster| {
+    database_outage_under_load("pg-minute", |cluster, _| {
         cluster.stop();
+        // A minute away is what this test is about: longer than any retry step of the writers.
         std::thread::sleep(Duration::from_secs(60));
         cluster.restart().unwrap();
     });
+}
+
+/// Lets `load` get updates acknowledged and written, takes the database away with `outage`, waits until the writers
+/// of the gateway at `address` have found it gone, and lets the load get more acknowledged: updates that are only in
+/// the log.
+fn load_then_outage_then_more(load: &Load, address: &str, outage: impl FnOnce()) {
+    load.wait_for_acknowledged(200);
+    eventually("rows are written", Duration::from_secs(60), || {
+        location_figures(address)["written"].as_u64().is_some_and(|n| n > 0)
+    });
+    outage();
+    wait_until_the_writers_fail(address);
+    load.wait_for_acknowledged(200);
 }
 
 #[test]
@@ -273,33 +301,23 @@ fn a_restart_replays_the_log_and_resumes_exactly_after_what_was_committed() {
         data_dir,
     } = OwnDatabase::start();
     let envs = gateway_envs(&cluster, &name, &data_dir);
-    let (mut gateway, address) = start_gateway(&envs);
-    let first = Load::start(&address, 2, "before");
-    std::thread::sleep(Duration::from_millis(700));
-    cluster.stop();
-    std::thread::sleep(Duration::from_millis(700));
-    signal(&gateway, libc::SIGKILL);
-    gateway.wait().unwrap();
+    let mut gateway = GatewayProcess::start(&envs);
+    let first = Load::start(&gateway.address, 2, "before");
+    load_then_outage_then_more(&first, &gateway.address, || cluster.stop());
+    gateway.kill();
     let mut ledger = first.stop();
     cluster.restart().unwrap();
 
-    let (mut gateway, address) = start_gateway(&envs);
+    let gateway = GatewayProcess::start(&envs);
     let db = Db::connect(cluster.config(&name));
     eventually("the log is replayed", Duration::from_secs(60), || {
-        ureq::get(&format!("{address}/stats"))
-            .call()
-            .ok()
-            .and_then(|r| r.into_string().ok())
-            .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
-            .is_some_and(|s| {
-                s["streams"]["location"]["queue_depth"] == 0 && s["streams"]["location"]["wal_backlog_bytes"] == 0
-            })
+        let figures = location_figures(&gateway.address);
+        figures["queue_depth"] == 0 && figures["wal_backlog_bytes"] == 0 && figures["replaying"] == false
     });
-    let second = Load::start(&address, 2, "after");
-    std::thread::sleep(Duration::from_millis(700));
+    let second = Load::start(&gateway.address, 2, "after");
+    second.wait_for_acknowledged(200);
     ledger.merge(second.stop());
-    signal(&gateway, libc::SIGTERM);
-    assert!(gateway.wait().unwrap().success());
+    assert!(gateway.terminate().success());
 
     let stored = db.device_ids();
     ledger.assert_stored_exactly_once("restart", &stored);
@@ -319,14 +337,13 @@ fn a_record_whose_length_is_damaged_costs_only_itself_and_its_segment_is_kept_as
         data_dir,
     } = OwnDatabase::start();
     let envs = gateway_envs(&cluster, &name, &data_dir);
-    let (mut gateway, address) = start_gateway(&envs);
+    let mut gateway = GatewayProcess::start(&envs);
     cluster.stop();
     for i in 0..5 {
         let body = crate::helpers::location_json(&format!("damaged-{i}"));
-        assert_eq!(crate::helpers::post_location(&address, &body), Some(202));
+        assert_eq!(crate::helpers::post_location(&gateway.address, &body), Some(202));
     }
-    signal(&gateway, libc::SIGKILL);
-    gateway.wait().unwrap();
+    gateway.kill();
 
     // One request, one record: damage the length of the third.
     let wal_dir = data_dir.path().join("wal");
@@ -345,24 +362,14 @@ fn a_record_whose_length_is_damaged_costs_only_itself_and_its_segment_is_kept_as
     std::fs::write(&segment, &bytes).unwrap();
 
     cluster.restart().unwrap();
-    let (mut gateway, address) = start_gateway(&envs);
-    let stats = || -> serde_json::Value {
-        serde_json::from_str(
-            &ureq::get(&format!("{address}/stats"))
-                .call()
-                .unwrap()
-                .into_string()
-                .unwrap(),
-        )
-        .unwrap()
-    };
+    let gateway = GatewayProcess::start(&envs);
     eventually("the log is replayed", Duration::from_secs(60), || {
-        let s = stats();
-        s["streams"]["location"]["written"] == 4 && s["streams"]["location"]["queue_depth"] == 0
+        let figures = location_figures(&gateway.address);
+        figures["written"] == 4 && figures["queue_depth"] == 0
     });
-    assert_eq!(stats()["wal"]["corrupt_records"], 1, "the damage is counted once");
-    signal(&gateway, libc::SIGTERM);
-    assert!(gateway.wait().unwrap().success());
+    let stats = stats(&gateway.address).expect("/stats answers");
+    assert_eq!(stats["wal"]["corrupt_records"], 1, "the damage is counted once");
+    assert!(gateway.terminate().success());
 
     let db = Db::connect(cluster.config(&name));
     let mut stored: Vec<String> = db.device_ids().into_iter().map(|(id, _)| id).collect();

@@ -246,19 +246,20 @@ fn into_answer(result: Result<ureq::Response, ureq::Error>) -> Answer {
 /// rows is final.
 pub fn wait_until_all_written(address: &str) {
     eventually("every accepted update is written", Duration::from_secs(60), || {
-        let Some(body) = ureq::get(&format!("{address}/stats"))
-            .call()
-            .ok()
-            .and_then(|r| r.into_string().ok())
-        else {
+        let Some(stats) = stats(address) else {
             return false;
         };
-        let stats: serde_json::Value = serde_json::from_str(&body).expect("/stats answers JSON");
         ["location", "poll", "dead_letter"].iter().all(|stream| {
             let figures = &stats["streams"][stream];
             figures["queue_depth"] == 0 && figures["wal_backlog_bytes"] == 0 && figures["replaying"] == false
         })
     });
+}
+
+/// The gateway's `/stats` at `address`, or `None` while it does not answer (it is starting, or gone).
+pub fn stats(address: &str) -> Option<serde_json::Value> {
+    let body = ureq::get(&format!("{address}/stats")).call().ok()?.into_string().ok()?;
+    Some(serde_json::from_str(&body).expect("/stats answers JSON"))
 }
 
 /// Waits up to `timeout` for `condition`; panics with `what` if it never holds. Only for conditions that do
@@ -536,13 +537,6 @@ pub fn refused_start(envs: &[(&str, String)]) -> (std::process::ExitStatus, Stri
     (status, reader.join().expect("read the gateway's stderr"))
 }
 
-/// Starts the binary with `envs`; returns it and its HTTP address, read from its JSON log. Prefer
-/// [`GatewayProcess`], which kills its child when a test fails half-way.
-pub fn start_gateway(envs: &[(&str, String)]) -> (Child, String) {
-    let (child, address, _) = start_gateway_logged(envs);
-    (child, address)
-}
-
 /// The lines a gateway binary has written to stderr so far, and whether its stderr has closed.
 #[derive(Clone, Default)]
 pub struct LogLines(
@@ -585,51 +579,6 @@ impl LogLines {
     }
 }
 
-/// As [`start_gateway`], and keeps every line the gateway logs.
-pub fn start_gateway_logged(envs: &[(&str, String)]) -> (Child, String, LogLines) {
-    let mut all = vec![
-        ("INGEST_LISTEN", "127.0.0.1:0".to_owned()),
-        ("INGEST_LOG_FORMAT", "json".to_owned()),
-        ("INGEST_FLUSH_INTERVAL", "200ms".to_owned()),
-    ];
-    all.extend(envs.iter().cloned());
-    let mut command = gateway_command(&["serve"], &all);
-    command.stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = command.spawn().expect("start the gateway binary");
-    let stderr = child.stderr.take().unwrap();
-    let (port_tx, port_rx) = mpsc::channel();
-    let log = LogLines::default();
-    let kept = log.clone();
-    let echo = std::env::var_os("RUST_LOG").is_some();
-    std::thread::spawn(move || {
-        // Says that every line is in, once the pipe closes: the process (and whatever shared its stderr) is gone.
-        let _closed = CloseOnDrop(kept.1.clone());
-        // Keeps reading to the end so that the gateway never blocks on a full pipe.
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
-                if let Some(port) = event["port"].as_u64() {
-                    let _ = port_tx.send(port);
-                }
-            }
-            if echo {
-                eprintln!("gateway: {line}");
-            }
-            kept.0.lock().unwrap().push(line);
-        }
-    });
-    match port_rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(port) => (child, format!("http://127.0.0.1:{port}"), log),
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the gateway did not log its port; it wrote:\n{}",
-                log.lines().join("\n")
-            );
-        }
-    }
-}
-
 pub use ingest_gateway::db::embedded::send_signal as signal;
 
 pub fn post_location(address: &str, body: &str) -> Option<u16> {
@@ -645,7 +594,7 @@ pub fn post_location(address: &str, body: &str) -> Option<u16> {
 }
 
 /// A small deterministic generator for kill times; its seed is printed by the tests so that a failure can be
-/// replayed with `CRASH_SEED`.
+/// replayed with `INGEST_CRASH_SEED`.
 pub struct Lcg(pub u64);
 
 impl Lcg {
@@ -659,17 +608,25 @@ impl Lcg {
     }
 }
 
-/// The seed of a crash test: `CRASH_SEED` when set, otherwise the clock.
+/// The seed of a crash test's random moments: `INGEST_CRASH_SEED` when set (`CRASH_SEED`, its older name, too),
+/// otherwise the clock. Printed at once, so that a run that fails or hangs half-way can still be replayed.
 pub fn crash_seed() -> u64 {
-    std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
+    let set = ["INGEST_CRASH_SEED", "CRASH_SEED"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok())
+        .map(|s| {
+            s.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("the crash seed is a number below 2^64, not {s:?}"))
+        });
+    let seed = set.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    });
+    eprintln!("crash seed {seed} (INGEST_CRASH_SEED={seed} replays its random moments)");
+    seed
 }
 
 /// What a test that stops or kills the database under a gateway process needs: a throwaway cluster of its own (so
@@ -727,13 +684,55 @@ impl GatewayProcess {
             envs.push(("INGEST_DATA_DIR", dir.path().display().to_string()));
             Some(dir)
         };
-        let (child, address, log) = start_gateway_logged(&envs);
-        GatewayProcess {
+        let mut all = vec![
+            ("INGEST_LISTEN", "127.0.0.1:0".to_owned()),
+            ("INGEST_LOG_FORMAT", "json".to_owned()),
+            ("INGEST_FLUSH_INTERVAL", "200ms".to_owned()),
+        ];
+        all.extend(envs);
+        let mut command = gateway_command(&["serve"], &all);
+        command.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start the gateway binary");
+        let stderr = child.stderr.take().unwrap();
+        let (port_tx, port_rx) = mpsc::channel();
+        let log = LogLines::default();
+        let kept = log.clone();
+        let echo = std::env::var_os("RUST_LOG").is_some();
+        std::thread::spawn(move || {
+            // Says that every line is in, once the pipe closes: the process (and whatever shared its stderr) is gone.
+            let _closed = CloseOnDrop(kept.1.clone());
+            // Keeps reading to the end so that the gateway never blocks on a full pipe.
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if let Some(port) = event["port"].as_u64() {
+                        let _ = port_tx.send(port);
+                    }
+                }
+                if echo {
+                    eprintln!("gateway: {line}");
+                }
+                kept.0.lock().unwrap().push(line);
+            }
+        });
+        // Owned from here on: a panic below kills the child on the way out.
+        let mut gateway = GatewayProcess {
             child,
-            address,
+            address: String::new(),
             log,
             _data_dir: data_dir,
+        };
+        match port_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(port) => gateway.address = format!("http://127.0.0.1:{port}"),
+            Err(_) => {
+                gateway.kill();
+                gateway.log.wait_for_the_end();
+                panic!(
+                    "the gateway did not log its port; it wrote:\n{}",
+                    gateway.log.lines().join("\n")
+                );
+            }
         }
+        gateway
     }
 
     /// Its process id, to read its memory and state under `/proc`.
