@@ -245,7 +245,12 @@ fn into_answer(result: Result<ureq::Response, ureq::Error>) -> Answer {
 /// far: nothing queued and nothing waiting in the log, on every stream, as its `/stats` says. After it, a count of
 /// rows is final.
 pub fn wait_until_all_written(address: &str) {
-    eventually("every accepted update is written", Duration::from_secs(60), || {
+    wait_until_all_written_within(address, Duration::from_secs(60));
+}
+
+/// [`wait_until_all_written`], for a backlog that may take longer than a minute on a busy machine.
+pub fn wait_until_all_written_within(address: &str, timeout: Duration) {
+    eventually("every accepted update is written", timeout, || {
         let Some(stats) = stats(address) else {
             return false;
         };
@@ -579,7 +584,7 @@ impl LogLines {
     }
 }
 
-pub use ingest_gateway::db::embedded::send_signal as signal;
+pub use ingest_gateway::support::process::send_signal as signal;
 
 pub fn post_location(address: &str, body: &str) -> Option<u16> {
     match ureq::post(&format!("{address}/api/v1/location/update"))

@@ -39,12 +39,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-pub use cluster::PASSWORD_FILE;
-pub use locate::{find_bin_dir, server_user};
-// The benchmark and the tests reach the process helpers through this older path.
 use crate::support::io_context::{self, PathIoError};
 use crate::support::process::spawn_from_keeper_thread;
-pub use crate::support::process::{die_with_parent, send_signal};
+use crate::support::process::{die_with_parent, send_signal};
+pub use cluster::PASSWORD_FILE;
+pub use locate::{find_bin_dir, server_user};
 use private_files::{check_is_cluster_or_empty, check_reachable, hand_over, refuse_symlink};
 
 /// How long the server may take to accept connections (crash recovery of a large cluster takes a while).
