@@ -151,16 +151,13 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
             .max_ack_inflight(65_536)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        let coalescer = Arc::new(Coalescer {
-            stream: T::STREAM,
-            context: context.clone(),
-            signing: signing.clone(),
-            runtime: tokio::runtime::Handle::current(),
-            max_bytes: message_limit(client.server_info().max_payload),
-            shards: (0..shards.max(1))
-                .map(|_| Mutex::new(ShardBatches::default()))
-                .collect(),
-        });
+        let coalescer = Arc::new(Coalescer::new(
+            T::STREAM,
+            context.clone(),
+            signing.clone(),
+            client.server_info().max_payload,
+            shards,
+        ));
         Self {
             client,
             context,
@@ -401,27 +398,106 @@ struct ShardBatches {
     full: VecDeque<Batch>,
     /// Messages sent and not yet acknowledged.
     in_flight: usize,
-    /// Whether a task is sending this shard's messages.
-    sending: bool,
 }
 
-/// Publish coalescing, as the log's group commit: per shard, a request's updates join the message being filled,
-/// which is sent as soon as the shard has no message awaiting its ack, or when it is full ([`MAX_MESSAGE_UPDATES`],
-/// or [`message_limit`] bytes). So an idle shard sends a request's updates at once, and a busy one sends, per ack,
-/// one message holding everything that came in meanwhile: JetStream's cost per message (its store, its ack, the
-/// delivery and the writer's ack) is shared by many requests. Each request is answered once every message holding
-/// its updates is acknowledged, and a message that fails fails every request in it, with the answer one alone
-/// would get.
+/// Every shard's messages, under one lock: which message goes next depends on all of them.
+struct Batches {
+    shards: Vec<ShardBatches>,
+    /// Messages sent and not yet acknowledged, over every shard, but for full ones.
+    in_flight: usize,
+    /// Whether a task is sending messages.
+    sending: bool,
+    /// The shard after the one whose message went last, where the next look for one to send starts.
+    cursor: usize,
+}
+
+impl Batches {
+    /// The next message to send, if any may go: a full one at once; one being filled when its shard awaits no ack
+    /// and fewer than `window` messages do.
+    fn next(&mut self, window: usize) -> Option<(u16, Batch, bool)> {
+        let count = self.shards.len();
+        for shard in (0..count).map(|k| (self.cursor + k) % count) {
+            if let Some(batch) = self.shards[shard].full.pop_front() {
+                self.shards[shard].in_flight += 1;
+                return Some((shard as u16, batch, true));
+            }
+        }
+        if self.in_flight >= window {
+            return None;
+        }
+        for shard in (0..count).map(|k| (self.cursor + k) % count) {
+            let batches = &mut self.shards[shard];
+            if batches.in_flight == 0 {
+                if let Some(batch) = batches.filling.take() {
+                    batches.in_flight += 1;
+                    self.in_flight += 1;
+                    self.cursor = (shard + 1) % count;
+                    return Some((shard as u16, batch, false));
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether a message may go now: a sending task is to be started.
+    fn ready(&self, window: usize) -> bool {
+        self.shards
+            .iter()
+            .any(|s| !s.full.is_empty() || (self.in_flight < window && s.in_flight == 0 && s.filling.is_some()))
+    }
+
+    /// A message of `shard` is answered (`full`: one sent because it was full).
+    fn done(&mut self, shard: u16, full: bool) {
+        self.shards[usize::from(shard)].in_flight -= 1;
+        if !full {
+            self.in_flight -= 1;
+        }
+    }
+}
+
+/// Publish coalescing, as the log's group commit: a request's updates join its shards' messages being filled; a
+/// shard's message is sent when the shard has no message awaiting its ack and fewer than a window of messages
+/// (one per eight shards) await theirs over every shard, or at once when it is full ([`MAX_MESSAGE_UPDATES`], or
+/// [`message_limit`] bytes). So a quiet gateway sends a request's updates at once, and a busy one sends, per ack,
+/// messages holding everything that came in meanwhile: JetStream's cost per message (its store, its ack, the
+/// delivery and the writer's ack) is shared by many requests. The window across shards matters because updates
+/// spread over the shards: with one message in flight per shard alone, each would hold few requests. Each request
+/// is answered once every message holding its updates is acknowledged, and a message that fails fails every request
+/// in it, with the answer one alone would get.
 struct Coalescer {
     stream: &'static str,
     context: Context,
     signing: Arc<SigningKeys>,
     runtime: tokio::runtime::Handle,
     max_bytes: usize,
-    shards: Vec<Mutex<ShardBatches>>,
+    /// Most messages being filled that may await their ack at once (full ones go regardless).
+    window: usize,
+    batches: Mutex<Batches>,
 }
 
 impl Coalescer {
+    fn new(stream: &'static str, context: Context, signing: Arc<SigningKeys>, max_payload: usize, shards: u16) -> Self {
+        let shards = usize::from(shards.max(1));
+        Coalescer {
+            stream,
+            context,
+            signing,
+            runtime: tokio::runtime::Handle::current(),
+            max_bytes: message_limit(max_payload),
+            window: shards.div_ceil(SHARDS_PER_MESSAGE_IN_FLIGHT),
+            batches: Mutex::new(Batches {
+                shards: (0..shards).map(|_| ShardBatches::default()).collect(),
+                in_flight: 0,
+                sending: false,
+                cursor: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Batches> {
+        self.batches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Adds a request's parts to their shards' messages; each receiver says what became of one part, with its
     /// update count.
     fn add(
@@ -429,63 +505,52 @@ impl Coalescer {
         parts: Vec<ShardMessage>,
     ) -> Vec<impl std::future::Future<Output = (Result<Outcome, oneshot::error::RecvError>, usize)>> {
         let mut waits = Vec::with_capacity(parts.len());
-        for part in parts {
-            let shard = usize::from(part.shard);
-            let start = {
-                let mut batches = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
-                if batches.filling.as_ref().is_some_and(|b| !b.fits(&part, self.max_bytes)) {
-                    let full = batches.filling.take();
-                    batches.full.extend(full);
+        let start = {
+            let mut batches = self.lock();
+            for part in parts {
+                let shard = &mut batches.shards[usize::from(part.shard)];
+                if shard.filling.as_ref().is_some_and(|b| !b.fits(&part, self.max_bytes)) {
+                    let full = shard.filling.take();
+                    shard.full.extend(full);
                 }
-                let receiver = batches.filling.get_or_insert_with(|| Batch::new(&part)).push(&part);
+                let receiver = shard.filling.get_or_insert_with(|| Batch::new(&part)).push(&part);
                 let count = part.updates;
                 waits.push(async move { (receiver.await, count) });
-                let start = !batches.sending && (batches.in_flight == 0 || !batches.full.is_empty());
-                if start {
-                    batches.sending = true;
-                }
-                start
-            };
-            if start {
-                self.runtime.spawn(self.clone().send(part.shard));
             }
+            let start = !batches.sending && batches.ready(self.window);
+            if start {
+                batches.sending = true;
+            }
+            start
+        };
+        if start {
+            self.runtime.spawn(self.clone().send());
         }
         waits
     }
 
-    /// Sends the shard's full messages and, when none awaits its ack, the one being filled; then stops, to be
-    /// started again by the next request or ack.
-    async fn send(self: Arc<Self>, shard: u16) {
-        let subject = subject(self.stream, shard);
+    /// Sends every message that may go, then stops, to be started again by the next request or ack.
+    async fn send(self: Arc<Self>) {
         loop {
             let next = {
-                let mut batches = self.shards[usize::from(shard)]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let next = match batches.full.pop_front() {
-                    Some(batch) => Some(batch),
-                    None if batches.in_flight == 0 => batches.filling.take(),
-                    None => None,
-                };
-                match next {
-                    Some(batch) => {
-                        batches.in_flight += 1;
-                        batch
-                    }
-                    None => {
-                        batches.sending = false;
-                        return;
-                    }
+                let mut batches = self.lock();
+                let next = batches.next(self.window);
+                if next.is_none() {
+                    batches.sending = false;
                 }
+                next
             };
-            let mut batch = next;
+            let Some((shard, mut batch, full)) = next else {
+                return;
+            };
+            let subject = subject(self.stream, shard);
             let (payload, id) = batch.finish();
             let signature = self.signing.sign_record(&subject, None, &payload);
             let message = PublishMessage::build()
                 .payload(payload.into())
                 .message_id(id)
                 .header(SIGNATURE_HEADER, signature.as_str());
-            match self.context.send_publish(subject.clone(), message).await {
+            match self.context.send_publish(subject, message).await {
                 Ok(ack) => {
                     let this = self.clone();
                     self.runtime.spawn(async move {
@@ -494,39 +559,36 @@ impl Coalescer {
                             Err(e) => Err(format!("JetStream did not store the updates: {e}")),
                         };
                         batch.answer(outcome);
-                        this.acknowledged(shard);
+                        this.acknowledged(shard, full);
                     });
                 }
                 Err(e) => {
                     batch.answer(Err(format!("could not publish to JetStream: {e}")));
-                    self.shards[usize::from(shard)]
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .in_flight -= 1;
+                    self.lock().done(shard, full);
                 }
             }
         }
     }
 
-    /// A message of `shard` is answered: the one being filled may go.
-    fn acknowledged(self: &Arc<Self>, shard: u16) {
+    /// A message of `shard` is answered: others may go.
+    fn acknowledged(self: &Arc<Self>, shard: u16, full: bool) {
         let start = {
-            let mut batches = self.shards[usize::from(shard)]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            batches.in_flight -= 1;
-            let start =
-                !batches.sending && (!batches.full.is_empty() || (batches.in_flight == 0 && batches.filling.is_some()));
+            let mut batches = self.lock();
+            batches.done(shard, full);
+            let start = !batches.sending && batches.ready(self.window);
             if start {
                 batches.sending = true;
             }
             start
         };
         if start {
-            self.runtime.spawn(self.clone().send(shard));
+            self.runtime.spawn(self.clone().send());
         }
     }
 }
+
+/// Shards per message being filled that may await its ack (see [`Coalescer`]).
+const SHARDS_PER_MESSAGE_IN_FLIGHT: usize = 8;
 
 /// A stream's publisher as the intake holds it, whatever its update type's bounds.
 pub trait Publish<T>: Send + Sync {
