@@ -400,11 +400,9 @@ struct ShardBatches {
     in_flight: usize,
 }
 
-/// Every shard's messages, under one lock: which message goes next depends on all of them.
+/// Every shard's messages, under one lock, with one task sending them.
 struct Batches {
     shards: Vec<ShardBatches>,
-    /// Messages sent and not yet acknowledged, over every shard, but for full ones.
-    in_flight: usize,
     /// Whether a task is sending messages.
     sending: bool,
     /// The shard after the one whose message went last, where the next look for one to send starts.
@@ -412,66 +410,49 @@ struct Batches {
 }
 
 impl Batches {
-    /// The next message to send, if any may go: a full one at once; one being filled when its shard awaits no ack
-    /// and fewer than `window` messages do.
-    fn next(&mut self, window: usize) -> Option<(u16, Batch, bool)> {
+    /// The next message to send, if any may go: a full one at once; one being filled when its shard awaits no ack.
+    fn next(&mut self) -> Option<(u16, Batch)> {
         let count = self.shards.len();
         for shard in (0..count).map(|k| (self.cursor + k) % count) {
-            if let Some(batch) = self.shards[shard].full.pop_front() {
-                self.shards[shard].in_flight += 1;
-                return Some((shard as u16, batch, true));
-            }
-        }
-        if self.in_flight >= window {
-            return None;
-        }
-        for shard in (0..count).map(|k| (self.cursor + k) % count) {
             let batches = &mut self.shards[shard];
-            if batches.in_flight == 0 {
-                if let Some(batch) = batches.filling.take() {
-                    batches.in_flight += 1;
-                    self.in_flight += 1;
-                    self.cursor = (shard + 1) % count;
-                    return Some((shard as u16, batch, false));
-                }
-            }
+            let batch = match batches.full.pop_front() {
+                Some(batch) => batch,
+                None if batches.in_flight == 0 => match batches.filling.take() {
+                    Some(batch) => batch,
+                    None => continue,
+                },
+                None => continue,
+            };
+            batches.in_flight += 1;
+            self.cursor = (shard + 1) % count;
+            return Some((shard as u16, batch));
         }
         None
     }
 
     /// Whether a message may go now: a sending task is to be started.
-    fn ready(&self, window: usize) -> bool {
+    fn ready(&self) -> bool {
         self.shards
             .iter()
-            .any(|s| !s.full.is_empty() || (self.in_flight < window && s.in_flight == 0 && s.filling.is_some()))
-    }
-
-    /// A message of `shard` is answered (`full`: one sent because it was full).
-    fn done(&mut self, shard: u16, full: bool) {
-        self.shards[usize::from(shard)].in_flight -= 1;
-        if !full {
-            self.in_flight -= 1;
-        }
+            .any(|s| !s.full.is_empty() || (s.in_flight == 0 && s.filling.is_some()))
     }
 }
 
 /// Publish coalescing, as the log's group commit: a request's updates join its shards' messages being filled; a
-/// shard's message is sent when the shard has no message awaiting its ack and fewer than a window of messages
-/// (one per eight shards) await theirs over every shard, or at once when it is full ([`MAX_MESSAGE_UPDATES`], or
-/// [`message_limit`] bytes). So a quiet gateway sends a request's updates at once, and a busy one sends, per ack,
-/// messages holding everything that came in meanwhile: JetStream's cost per message (its store, its ack, the
-/// delivery and the writer's ack) is shared by many requests. The window across shards matters because updates
-/// spread over the shards: with one message in flight per shard alone, each would hold few requests. Each request
-/// is answered once every message holding its updates is acknowledged, and a message that fails fails every request
-/// in it, with the answer one alone would get.
+/// shard's message is sent when the shard has no message awaiting its ack, or at once when it is full
+/// ([`MAX_MESSAGE_UPDATES`], or [`message_limit`] bytes). So a quiet gateway sends a request's updates at once, and
+/// a busy one sends, per ack, a message per shard holding everything that came in meanwhile: JetStream's cost per
+/// message (its store, its ack, the delivery and the writer's ack) is shared by many requests. Fewer messages in
+/// flight over all shards would fill each further, but would bound what few clients that each wait for their
+/// answer can send through a NATS cluster far away (a few messages per round trip); one per shard keeps that bound
+/// where one message per request had it. Each request is answered once every message holding its updates is
+/// acknowledged, and a message that fails fails every request in it, with the answer one alone would get.
 struct Coalescer {
     stream: &'static str,
     context: Context,
     signing: Arc<SigningKeys>,
     runtime: tokio::runtime::Handle,
     max_bytes: usize,
-    /// Most messages being filled that may await their ack at once (full ones go regardless).
-    window: usize,
     batches: Mutex<Batches>,
 }
 
@@ -484,10 +465,8 @@ impl Coalescer {
             signing,
             runtime: tokio::runtime::Handle::current(),
             max_bytes: message_limit(max_payload),
-            window: shards.div_ceil(SHARDS_PER_MESSAGE_IN_FLIGHT),
             batches: Mutex::new(Batches {
                 shards: (0..shards).map(|_| ShardBatches::default()).collect(),
-                in_flight: 0,
                 sending: false,
                 cursor: 0,
             }),
@@ -517,7 +496,7 @@ impl Coalescer {
                 let count = part.updates;
                 waits.push(async move { (receiver.await, count) });
             }
-            let start = !batches.sending && batches.ready(self.window);
+            let start = !batches.sending && batches.ready();
             if start {
                 batches.sending = true;
             }
@@ -534,13 +513,13 @@ impl Coalescer {
         loop {
             let next = {
                 let mut batches = self.lock();
-                let next = batches.next(self.window);
+                let next = batches.next();
                 if next.is_none() {
                     batches.sending = false;
                 }
                 next
             };
-            let Some((shard, mut batch, full)) = next else {
+            let Some((shard, mut batch)) = next else {
                 return;
             };
             let subject = subject(self.stream, shard);
@@ -559,23 +538,23 @@ impl Coalescer {
                             Err(e) => Err(format!("JetStream did not store the updates: {e}")),
                         };
                         batch.answer(outcome);
-                        this.acknowledged(shard, full);
+                        this.acknowledged(shard);
                     });
                 }
                 Err(e) => {
                     batch.answer(Err(format!("could not publish to JetStream: {e}")));
-                    self.lock().done(shard, full);
+                    self.lock().shards[usize::from(shard)].in_flight -= 1;
                 }
             }
         }
     }
 
     /// A message of `shard` is answered: others may go.
-    fn acknowledged(self: &Arc<Self>, shard: u16, full: bool) {
+    fn acknowledged(self: &Arc<Self>, shard: u16) {
         let start = {
             let mut batches = self.lock();
-            batches.done(shard, full);
-            let start = !batches.sending && batches.ready(self.window);
+            batches.shards[usize::from(shard)].in_flight -= 1;
+            let start = !batches.sending && batches.ready();
             if start {
                 batches.sending = true;
             }
@@ -586,9 +565,6 @@ impl Coalescer {
         }
     }
 }
-
-/// Shards per message being filled that may await its ack (see [`Coalescer`]).
-const SHARDS_PER_MESSAGE_IN_FLIGHT: usize = 8;
 
 /// A stream's publisher as the intake holds it, whatever its update type's bounds.
 pub trait Publish<T>: Send + Sync {
