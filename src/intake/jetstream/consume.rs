@@ -62,6 +62,8 @@ const LEASE_INTERVAL: Duration = Duration::from_secs(1);
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
 /// Messages asked for per pull.
 const PULL_BATCH: usize = 512;
+/// Bytes asked for per pull, at most (raised to the server's `max_payload` when that is larger).
+const PULL_BYTES: usize = 1024 * 1024;
 
 /// What a shard's consumer task shares with the lease loop and the deliveries.
 #[derive(Debug, Default)]
@@ -340,6 +342,9 @@ impl<T: Update + RecordCodec + CopyRecord + Recheck> ShardTaskRun<T> {
             let mut messages = match consumer
                 .stream()
                 .max_messages_per_batch(PULL_BATCH)
+                // Messages shared by many requests hold up to a thousand updates each: what a shard has pulled and
+                // not yet queued is bounded by bytes too, never less than one message of the largest size.
+                .max_bytes_per_batch(PULL_BYTES.max(self.context.client().server_info().max_payload))
                 .heartbeat(Duration::from_secs(5))
                 .expires(Duration::from_secs(30))
                 .messages()

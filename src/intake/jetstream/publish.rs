@@ -151,16 +151,13 @@ impl<T: Update + RecordCodec + ShardKey> Publisher<T> {
             .max_ack_inflight(65_536)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        let coalescer = Arc::new(Coalescer {
-            stream: T::STREAM,
-            context: context.clone(),
-            signing: signing.clone(),
-            runtime: tokio::runtime::Handle::current(),
-            max_bytes: message_limit(client.server_info().max_payload),
-            shards: (0..shards.max(1))
-                .map(|_| Mutex::new(ShardBatches::default()))
-                .collect(),
-        });
+        let coalescer = Arc::new(Coalescer::new(
+            T::STREAM,
+            context.clone(),
+            signing.clone(),
+            client.server_info().max_payload,
+            shards,
+        ));
         Self {
             client,
             context,
@@ -401,27 +398,85 @@ struct ShardBatches {
     full: VecDeque<Batch>,
     /// Messages sent and not yet acknowledged.
     in_flight: usize,
-    /// Whether a task is sending this shard's messages.
-    sending: bool,
 }
 
-/// Publish coalescing, as the log's group commit: per shard, a request's updates join the message being filled,
-/// which is sent as soon as the shard has no message awaiting its ack, or when it is full ([`MAX_MESSAGE_UPDATES`],
-/// or [`message_limit`] bytes). So an idle shard sends a request's updates at once, and a busy one sends, per ack,
-/// one message holding everything that came in meanwhile: JetStream's cost per message (its store, its ack, the
-/// delivery and the writer's ack) is shared by many requests. Each request is answered once every message holding
-/// its updates is acknowledged, and a message that fails fails every request in it, with the answer one alone
-/// would get.
+/// Every shard's messages, under one lock, with one task sending them.
+struct Batches {
+    shards: Vec<ShardBatches>,
+    /// Whether a task is sending messages.
+    sending: bool,
+    /// The shard after the one whose message went last, where the next look for one to send starts.
+    cursor: usize,
+}
+
+impl Batches {
+    /// The next message to send, if any may go: a full one at once; one being filled when its shard awaits no ack.
+    fn next(&mut self) -> Option<(u16, Batch)> {
+        let count = self.shards.len();
+        for shard in (0..count).map(|k| (self.cursor + k) % count) {
+            let batches = &mut self.shards[shard];
+            let batch = match batches.full.pop_front() {
+                Some(batch) => batch,
+                None if batches.in_flight == 0 => match batches.filling.take() {
+                    Some(batch) => batch,
+                    None => continue,
+                },
+                None => continue,
+            };
+            batches.in_flight += 1;
+            self.cursor = (shard + 1) % count;
+            return Some((shard as u16, batch));
+        }
+        None
+    }
+
+    /// Whether a message may go now: a sending task is to be started.
+    fn ready(&self) -> bool {
+        self.shards
+            .iter()
+            .any(|s| !s.full.is_empty() || (s.in_flight == 0 && s.filling.is_some()))
+    }
+}
+
+/// Publish coalescing, as the log's group commit: a request's updates join its shards' messages being filled; a
+/// shard's message is sent when the shard has no message awaiting its ack, or at once when it is full
+/// ([`MAX_MESSAGE_UPDATES`], or [`message_limit`] bytes). So a quiet gateway sends a request's updates at once, and
+/// a busy one sends, per ack, a message per shard holding everything that came in meanwhile: JetStream's cost per
+/// message (its store, its ack, the delivery and the writer's ack) is shared by many requests. Fewer messages in
+/// flight over all shards would fill each further, but would bound what few clients that each wait for their
+/// answer can send through a NATS cluster far away (a few messages per round trip); one per shard keeps that bound
+/// where one message per request had it. Each request is answered once every message holding its updates is
+/// acknowledged, and a message that fails fails every request in it, with the answer one alone would get.
 struct Coalescer {
     stream: &'static str,
     context: Context,
     signing: Arc<SigningKeys>,
     runtime: tokio::runtime::Handle,
     max_bytes: usize,
-    shards: Vec<Mutex<ShardBatches>>,
+    batches: Mutex<Batches>,
 }
 
 impl Coalescer {
+    fn new(stream: &'static str, context: Context, signing: Arc<SigningKeys>, max_payload: usize, shards: u16) -> Self {
+        let shards = usize::from(shards.max(1));
+        Coalescer {
+            stream,
+            context,
+            signing,
+            runtime: tokio::runtime::Handle::current(),
+            max_bytes: message_limit(max_payload),
+            batches: Mutex::new(Batches {
+                shards: (0..shards).map(|_| ShardBatches::default()).collect(),
+                sending: false,
+                cursor: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Batches> {
+        self.batches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Adds a request's parts to their shards' messages; each receiver says what became of one part, with its
     /// update count.
     fn add(
@@ -429,63 +484,52 @@ impl Coalescer {
         parts: Vec<ShardMessage>,
     ) -> Vec<impl std::future::Future<Output = (Result<Outcome, oneshot::error::RecvError>, usize)>> {
         let mut waits = Vec::with_capacity(parts.len());
-        for part in parts {
-            let shard = usize::from(part.shard);
-            let start = {
-                let mut batches = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
-                if batches.filling.as_ref().is_some_and(|b| !b.fits(&part, self.max_bytes)) {
-                    let full = batches.filling.take();
-                    batches.full.extend(full);
+        let start = {
+            let mut batches = self.lock();
+            for part in parts {
+                let shard = &mut batches.shards[usize::from(part.shard)];
+                if shard.filling.as_ref().is_some_and(|b| !b.fits(&part, self.max_bytes)) {
+                    let full = shard.filling.take();
+                    shard.full.extend(full);
                 }
-                let receiver = batches.filling.get_or_insert_with(|| Batch::new(&part)).push(&part);
+                let receiver = shard.filling.get_or_insert_with(|| Batch::new(&part)).push(&part);
                 let count = part.updates;
                 waits.push(async move { (receiver.await, count) });
-                let start = !batches.sending && (batches.in_flight == 0 || !batches.full.is_empty());
-                if start {
-                    batches.sending = true;
-                }
-                start
-            };
-            if start {
-                self.runtime.spawn(self.clone().send(part.shard));
             }
+            let start = !batches.sending && batches.ready();
+            if start {
+                batches.sending = true;
+            }
+            start
+        };
+        if start {
+            self.runtime.spawn(self.clone().send());
         }
         waits
     }
 
-    /// Sends the shard's full messages and, when none awaits its ack, the one being filled; then stops, to be
-    /// started again by the next request or ack.
-    async fn send(self: Arc<Self>, shard: u16) {
-        let subject = subject(self.stream, shard);
+    /// Sends every message that may go, then stops, to be started again by the next request or ack.
+    async fn send(self: Arc<Self>) {
         loop {
             let next = {
-                let mut batches = self.shards[usize::from(shard)]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let next = match batches.full.pop_front() {
-                    Some(batch) => Some(batch),
-                    None if batches.in_flight == 0 => batches.filling.take(),
-                    None => None,
-                };
-                match next {
-                    Some(batch) => {
-                        batches.in_flight += 1;
-                        batch
-                    }
-                    None => {
-                        batches.sending = false;
-                        return;
-                    }
+                let mut batches = self.lock();
+                let next = batches.next();
+                if next.is_none() {
+                    batches.sending = false;
                 }
+                next
             };
-            let mut batch = next;
+            let Some((shard, mut batch)) = next else {
+                return;
+            };
+            let subject = subject(self.stream, shard);
             let (payload, id) = batch.finish();
             let signature = self.signing.sign_record(&subject, None, &payload);
             let message = PublishMessage::build()
                 .payload(payload.into())
                 .message_id(id)
                 .header(SIGNATURE_HEADER, signature.as_str());
-            match self.context.send_publish(subject.clone(), message).await {
+            match self.context.send_publish(subject, message).await {
                 Ok(ack) => {
                     let this = self.clone();
                     self.runtime.spawn(async move {
@@ -499,31 +543,25 @@ impl Coalescer {
                 }
                 Err(e) => {
                     batch.answer(Err(format!("could not publish to JetStream: {e}")));
-                    self.shards[usize::from(shard)]
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .in_flight -= 1;
+                    self.lock().shards[usize::from(shard)].in_flight -= 1;
                 }
             }
         }
     }
 
-    /// A message of `shard` is answered: the one being filled may go.
+    /// A message of `shard` is answered: others may go.
     fn acknowledged(self: &Arc<Self>, shard: u16) {
         let start = {
-            let mut batches = self.shards[usize::from(shard)]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            batches.in_flight -= 1;
-            let start =
-                !batches.sending && (!batches.full.is_empty() || (batches.in_flight == 0 && batches.filling.is_some()));
+            let mut batches = self.lock();
+            batches.shards[usize::from(shard)].in_flight -= 1;
+            let start = !batches.sending && batches.ready();
             if start {
                 batches.sending = true;
             }
             start
         };
         if start {
-            self.runtime.spawn(self.clone().send(shard));
+            self.runtime.spawn(self.clone().send());
         }
     }
 }
