@@ -31,6 +31,7 @@
 //! The verdict on a record depends only on the record and on when JetStream stored it, so every delivery of a
 //! message sees the same valid updates, and a checkpoint's count within a message keeps meaning the same ones.
 
+use crate::support::hex::encode as hex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -677,15 +678,6 @@ fn refused_update<T: Update + CopyRecord>(update: &T, broken: &[crate::model::Fi
         payload: json,
         received_at,
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    bytes
-        .iter()
-        .flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]])
-        .map(char::from)
-        .collect()
 }
 
 /// What became of a delivery.

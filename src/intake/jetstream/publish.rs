@@ -624,12 +624,7 @@ fn encode_split<T: RecordCodec>(shard: u16, group: &[&T], out: &mut Vec<ShardMes
 
 /// The message id of a content digest: its first 128 bits, as 32 hex digits.
 fn message_id(digest: &[u8; 32]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    digest[..16]
-        .iter()
-        .flat_map(|byte| [HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 0xf)]])
-        .map(char::from)
-        .collect()
+    crate::support::hex::encode(&digest[..16])
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! the first signs, every one verifies, so that a key is rotated by adding the new one second, reloading everyone,
 //! moving it first, reloading, then removing the old one.
 
+use crate::support::hex::encode as hex;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -228,15 +229,6 @@ fn parse_signature(signature: Option<&str>) -> Result<[u8; 32], Refusal> {
         *byte = u8::from_str_radix(digits, 16).map_err(|_| Refusal::BadSignature)?;
     }
     Ok(tag)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    bytes
-        .iter()
-        .flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]])
-        .map(char::from)
-        .collect()
 }
 
 #[cfg(test)]
