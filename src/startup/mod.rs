@@ -44,6 +44,7 @@ use crate::intake::{Gate, Intake};
 use crate::metrics::Metrics;
 use crate::model::{DeadLetter, LocationUpdate, PollResult, Update};
 use crate::pipeline::BatchPolicy;
+use crate::wal::file_io::{FileIo, PlainFiles};
 use crate::wal::{Recovery, Segment, Wal, WalConfig};
 use data_dir::DataDir;
 pub use database::{database_runtime, Database};
@@ -120,6 +121,12 @@ impl Application {
 
     /// As [`Application::build`], for `role`.
     pub fn build_as(settings: &Settings, role: Role) -> anyhow::Result<Self> {
+        Self::build_with(settings, role, Arc::new(PlainFiles))
+    }
+
+    /// As [`Application::build_as`], with the write-ahead log writing its segments through `log_files` instead of
+    /// the file system as it is: how a test in the same process gives the gateway a disk that fails.
+    pub fn build_with(settings: &Settings, role: Role, log_files: Arc<dyn FileIo>) -> anyhow::Result<Self> {
         let on_jetstream = settings.jetstream.queue == QueueKind::Jetstream;
         if role == Role::Write && !on_jetstream {
             anyhow::bail!("`write` runs writers that read from JetStream: set INGEST_QUEUE=jetstream");
@@ -135,7 +142,15 @@ impl Application {
         let writers_per_stream = usize::from(settings.pipeline.writers);
         // One connection per writer, plus room for readiness checks.
         let pool = database::pool(&database, &runtime, writers_per_stream * 2 + DEAD_LETTER_WRITERS + 2)?;
-        let log = open_log(settings, &metrics, &runtime, &pool, &mut data_dir, on_jetstream)?;
+        let log = open_log(
+            settings,
+            &metrics,
+            &runtime,
+            &pool,
+            &mut data_dir,
+            on_jetstream,
+            log_files,
+        )?;
         let nats = if on_jetstream {
             Some(jetstream::connect(settings, role, &metrics, &reloads)?)
         } else {
@@ -331,6 +346,7 @@ fn open_log(
     pool: &Pool,
     data_dir: &mut DataDir,
     on_jetstream: bool,
+    log_files: Arc<dyn FileIo>,
 ) -> anyhow::Result<OpenedLog> {
     let wal_config = WalConfig {
         dir: settings.storage.data_dir.join("wal"),
@@ -338,8 +354,8 @@ fn open_log(
         segment_bytes: WAL_SEGMENT_BYTES.min(settings.storage.wal_max_bytes / 4).max(1),
     };
     metrics.wal.capacity.set(wal_config.max_bytes as i64);
-    let mut recovery =
-        Recovery::open(wal_config, Arc::new(metrics.wal.clone())).context("could not open the write-ahead log")?;
+    let mut recovery = Recovery::open_with(wal_config, Arc::new(metrics.wal.clone()), log_files)
+        .context("could not open the write-ahead log")?;
     let checkpoints = runtime
         .block_on(database::load_checkpoints(pool, data_dir))
         .context("could not read the log progress")?;

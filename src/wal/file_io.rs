@@ -1,15 +1,15 @@
 //! The file-I/O seam: every segment the log creates, and every write, fsync and truncation of one, goes through
 //! [`FileIo`] and [`SegmentFile`], so that a test can make the disk fail where a real one would (`ENOSPC`, `EIO`, a
-//! short write) and watch what the log answers. The gateway uses [`PlainFiles`]: the trait object is chosen once,
-//! when the log opens, and costs one indirect call per write or fsync of a group, next to the fsync itself.
+//! short write) and watch what the log answers. The gateway uses [`PlainFiles`]; whoever opens the log
+//! ([`Recovery::open_with`](super::Recovery::open_with)) may pass another. The trait object is chosen once, when the
+//! log opens, and costs one indirect call per write or fsync of a group, next to the fsync itself.
 //!
 //! Reading the log back (recovery, the replay) uses the files directly: a test damages those on disk instead.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 
 /// A segment file open for writing, as the log uses it.
 pub trait SegmentFile: Send {
@@ -75,39 +75,4 @@ pub(super) fn write_all_at(file: &mut dyn SegmentFile, mut buf: &[u8], mut offse
         }
     }
     Ok(())
-}
-
-/// Directories whose log writes through something other than [`PlainFiles`]; empty but in tests.
-static SUBSTITUTES: Mutex<Vec<(PathBuf, Arc<dyn FileIo>)>> = Mutex::new(Vec::new());
-
-/// Makes the log opened in `dir` by [`Recovery::open`](super::Recovery::open) write through `io`, for as long as
-/// the returned guard lives: how a test that builds the whole gateway gives its log a failing disk. Nothing outside
-/// the process can reach it.
-pub fn substitute(dir: &Path, io: Arc<dyn FileIo>) -> Substitution {
-    let mut substitutes = SUBSTITUTES.lock().unwrap_or_else(|p| p.into_inner());
-    substitutes.push((dir.to_owned(), io));
-    Substitution { dir: dir.to_owned() }
-}
-
-/// Ends a [`substitute`] when dropped; a log already open keeps the files it was given.
-#[must_use = "the substitution ends when this is dropped"]
-pub struct Substitution {
-    dir: PathBuf,
-}
-
-impl Drop for Substitution {
-    fn drop(&mut self) {
-        let mut substitutes = SUBSTITUTES.lock().unwrap_or_else(|p| p.into_inner());
-        substitutes.retain(|(dir, _)| *dir != self.dir);
-    }
-}
-
-/// The files the log in `dir` writes through.
-pub(super) fn for_dir(dir: &Path) -> Arc<dyn FileIo> {
-    let substitutes = SUBSTITUTES.lock().unwrap_or_else(|p| p.into_inner());
-    substitutes
-        .iter()
-        .rev()
-        .find(|(d, _)| d == dir)
-        .map_or_else(|| Arc::new(PlainFiles) as Arc<dyn FileIo>, |(_, io)| io.clone())
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tracing::info;
 
-use super::file_io::{self, FileIo};
+use super::file_io::{FileIo, PlainFiles};
 use super::group::{State, Wal};
 use super::segment::{create_segment, written_len, Accounting, ActiveSegment, Segment};
 use super::{frame, open_error, record_lsn, WalConfig, WalObserver, WalOpenError};
@@ -26,13 +26,12 @@ pub struct Recovery {
 
 impl Recovery {
     /// Opens the log directory (creating it) and lists the segments of the previous run. The log writes its
-    /// files as they are, unless a test [substituted](super::file_io::substitute) others for this directory.
+    /// files as they are ([`PlainFiles`]).
     pub fn open(config: WalConfig, observer: Arc<dyn WalObserver>) -> Result<Self, WalOpenError> {
-        let io = file_io::for_dir(&config.dir);
-        Self::open_with(config, observer, io)
+        Self::open_with(config, observer, Arc::new(PlainFiles))
     }
 
-    /// [`open`](Self::open), writing through `io`.
+    /// [`open`](Self::open), writing the log's segments through `io`.
     pub fn open_with(
         config: WalConfig,
         observer: Arc<dyn WalObserver>,

@@ -9,9 +9,12 @@ use std::time::Duration;
 
 use ingest_gateway::config::Durability;
 use ingest_gateway::db::EmbeddedPostgres;
-use ingest_gateway::wal::file_io::{self, FileIo, PlainFiles, SegmentFile};
+use ingest_gateway::wal::file_io::{FileIo, PlainFiles, SegmentFile};
 
-use crate::helpers::{eventually, fresh_database, location_array, location_json, spawn_app, spawn_app_on, Db, Ledger};
+use crate::helpers::{
+    eventually, fresh_database, location_array, location_json, spawn_app, spawn_app_on, spawn_app_with_log_files, Db,
+    Ledger,
+};
 
 const LOCATION: &str = "/api/v1/location/update";
 
@@ -431,11 +434,8 @@ impl SegmentFile for DiskFile {
 
 #[test]
 fn a_full_disk_answers_503_acknowledges_only_what_it_wrote_and_takes_updates_again_once_space_returns() {
-    let data_dir = tempfile::tempdir().unwrap();
     let disk = Disk::new(64 * 1024);
-    let _disk = file_io::substitute(&data_dir.path().join("wal"), Arc::new(DiskFiles(disk.clone())));
-    let dir = data_dir.path().to_owned();
-    let mut app = spawn_app(|s| s.storage.data_dir = dir);
+    let mut app = spawn_app_with_log_files(Arc::new(DiskFiles(disk.clone())), |_| {});
 
     let mut ledger = Ledger::default();
     let mut storage_errors = 0;

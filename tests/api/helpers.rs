@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,8 @@ use ingest_gateway::config::Settings;
 use ingest_gateway::db::EmbeddedPostgres;
 use ingest_gateway::http::AppState;
 use ingest_gateway::startup::shutdown::ShutdownOutcome;
-use ingest_gateway::startup::Application;
+use ingest_gateway::startup::{Application, Role};
+use ingest_gateway::wal::file_io::{FileIo, PlainFiles};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio_postgres::NoTls;
@@ -124,6 +125,21 @@ pub fn spawn_app(tune: impl FnOnce(&mut Settings)) -> TestApp {
 
 /// Starts a gateway writing to the database `config` names.
 pub fn spawn_app_on(config: tokio_postgres::Config, tune: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_on_with(config, Arc::new(PlainFiles), tune)
+}
+
+/// As [`spawn_app`], with the write-ahead log writing its segments through `log_files`: a disk the test controls.
+pub fn spawn_app_with_log_files(log_files: Arc<dyn FileIo>, tune: impl FnOnce(&mut Settings)) -> TestApp {
+    let cluster = shared_cluster();
+    let name = fresh_database(cluster);
+    spawn_app_on_with(cluster.config(&name), log_files, tune)
+}
+
+fn spawn_app_on_with(
+    config: tokio_postgres::Config,
+    log_files: Arc<dyn FileIo>,
+    tune: impl FnOnce(&mut Settings),
+) -> TestApp {
     let data_dir = tempfile::tempdir().expect("a data directory");
     let mut settings = Settings::defaults();
     settings.storage.data_dir = data_dir.path().to_owned();
@@ -132,7 +148,7 @@ pub fn spawn_app_on(config: tokio_postgres::Config, tune: impl FnOnce(&mut Setti
     settings.pipeline.flush_interval = Duration::from_millis(100);
     settings.pipeline.shutdown_timeout = Duration::from_secs(20);
     tune(&mut settings);
-    let app = Application::build(&settings).expect("build the gateway");
+    let app = Application::build_with(&settings, Role::Serve, log_files).expect("build the gateway");
     let address = format!("http://127.0.0.1:{}", app.port());
     let state = app.state();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
