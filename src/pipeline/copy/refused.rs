@@ -23,7 +23,7 @@ pub struct Refused {
 }
 
 /// Keeps `rows` in `dead_letters`, in one statement; their text is made storable first, since nothing vouches for
-/// it. Every error is returned: the caller retries what retrying can fix ([`classify`]).
+/// it. Every error is returned: the caller retries what retrying can fix ([`classify`](super::error::classify)).
 pub async fn keep_refused(pool: &Pool, rows: &[Refused]) -> Result<(), CopyError> {
     if rows.is_empty() {
         return Ok(());
