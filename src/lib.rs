@@ -23,8 +23,9 @@
 //! - [`wal`]: the write-ahead log itself: segments, frames, group commit, recovery. Imports nothing of the crate.
 //! - [`pipeline`]: the bounded queue, the batching rule, the batch writers (reading from a `Source`) and the
 //!   binary `COPY` encoder; one opaque `Delivery` carries a batch's checkpoints and commits.
-//! - [`db`]: the connection pool, migrations, the time partitions, the embedded PostgreSQL, the checkpoint SQL,
-//!   the JetStream shard leases (advisory locks) and the connection string with its TLS to PostgreSQL.
+//! - [`db`]: the connection pool, migrations, the time partitions, the embedded PostgreSQL, the committed positions
+//!   of the log and of JetStream (`positions`), the JetStream shard leases (advisory locks) and the connection
+//!   string with its TLS to PostgreSQL.
 //! - [`secret_files`]: the files that grant access or hold secrets, refused when others may write them.
 //! - [`support`]: small utilities with one home each: hex, random bytes, atomic file replacement, IO errors with
 //!   their path, child processes and their signals.
