@@ -2,9 +2,12 @@
 //! PostgreSQL in batches with binary `COPY`.
 //!
 //! # Layout
-//! The modules follow the trip an update takes. Imports point one way: `http` and `tcp → keys_file, intake, model`;
-//! `intake → wal, pipeline, model, db`; `pipeline → model, db`; `keys_file → model`; `wal` and `support` import
-//! nothing of the crate; `config`, `metrics` and `support` serve every layer; only `startup` sees everything.
+//! The modules follow the trip an update takes. Imports point one way: `http → keys_file, intake, model,
+//! secret_files`; `tcp → keys_file, intake, model`; `keys_file → model`; `intake → wal, pipeline, model, db,
+//! secret_files`; `pipeline → model, db`; `model`, `db`, `wal` and `secret_files` import none of these. Three
+//! modules serve the layers and import nothing of the crate: `config` (imported by `http`, `tcp`, `keys_file`,
+//! `intake` and `telemetry`), `metrics` (by `http`, `tcp`, `intake` and `pipeline`) and `support` (by any). Only
+//! `startup` sees everything.
 //! - [`config`]: every setting, with its default, flag and `INGEST_*` environment variable.
 //! - [`telemetry`]: the `tracing` subscriber (text or JSON lines).
 //! - [`metrics`]: the one Prometheus registry and the per-stream metric handles.
