@@ -5,9 +5,10 @@
 //! The modules follow the trip an update takes. Imports point one way: `http → keys_file, intake, model,
 //! secret_files`; `tcp → keys_file, intake, model`; `keys_file → model`; `intake → wal, pipeline, model, db,
 //! secret_files`; `pipeline → model, db`; `model`, `db`, `wal` and `secret_files` import none of these. Three
-//! modules serve the layers and import nothing of the crate: `config` (imported by `http`, `tcp`, `keys_file`,
-//! `intake` and `telemetry`), `metrics` (by `http`, `tcp`, `intake` and `pipeline`) and `support` (by any). Only
-//! `startup` sees everything.
+//! modules serve the layers: `config` (imported by `http`, `tcp`, `keys_file`, `intake` and `telemetry`),
+//! `metrics` (by `http`, `tcp`, `intake` and `pipeline`) and `support` (by any); `config` and `support` import
+//! nothing of the crate, `metrics` only `model` (the tracker protocols and reasons its counters are labelled by).
+//! Only `startup` sees everything.
 //! - [`config`]: every setting, with its default, flag and `INGEST_*` environment variable.
 //! - [`telemetry`]: the `tracing` subscriber (text or JSON lines).
 //! - [`metrics`]: the one Prometheus registry and the per-stream metric handles.
