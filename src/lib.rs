@@ -2,9 +2,13 @@
 //! PostgreSQL in batches with binary `COPY`.
 //!
 //! # Layout
-//! The modules follow the trip an update takes. Imports point one way: `http` and `tcp → keys_file, intake, model`;
-//! `intake → wal, pipeline, model, db`; `pipeline → model, db`; `keys_file → model`; `wal` and `support` import
-//! nothing of the crate; `config`, `metrics` and `support` serve every layer; only `startup` sees everything.
+//! The modules follow the trip an update takes. Imports point one way: `http → keys_file, intake, model,
+//! secret_files`; `tcp → keys_file, intake, model`; `keys_file → model`; `intake → wal, pipeline, model, db,
+//! secret_files`; `pipeline → model, db`; `model`, `db`, `wal` and `secret_files` import none of these. Three
+//! modules serve the layers: `config` (imported by `http`, `tcp`, `keys_file`, `intake` and `telemetry`),
+//! `metrics` (by `http`, `tcp`, `intake` and `pipeline`) and `support` (by any); `config` and `support` import
+//! nothing of the crate, `metrics` only `model` (the tracker protocols and reasons its counters are labelled by).
+//! Only `startup` sees everything.
 //! - [`config`]: every setting, with its default, flag and `INGEST_*` environment variable.
 //! - [`telemetry`]: the `tracing` subscriber (text or JSON lines).
 //! - [`metrics`]: the one Prometheus registry and the per-stream metric handles.
@@ -23,8 +27,9 @@
 //! - [`wal`]: the write-ahead log itself: segments, frames, group commit, recovery. Imports nothing of the crate.
 //! - [`pipeline`]: the bounded queue, the batching rule, the batch writers (reading from a `Source`) and the
 //!   binary `COPY` encoder; one opaque `Delivery` carries a batch's checkpoints and commits.
-//! - [`db`]: the connection pool, migrations, the time partitions, the embedded PostgreSQL, the checkpoint SQL,
-//!   the JetStream shard leases (advisory locks) and the connection string with its TLS to PostgreSQL.
+//! - [`db`]: the connection pool, migrations, the time partitions, the embedded PostgreSQL, the committed positions
+//!   of the log and of JetStream (`positions`), the JetStream shard leases (advisory locks) and the connection
+//!   string with its TLS to PostgreSQL.
 //! - [`secret_files`]: the files that grant access or hold secrets, refused when others may write them.
 //! - [`support`]: small utilities with one home each: hex, random bytes, atomic file replacement, IO errors with
 //!   their path, child processes and their signals.

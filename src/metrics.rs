@@ -12,6 +12,8 @@ use prometheus::{
     Registry,
 };
 
+use crate::model::tracker::{Protocol, Rejection};
+
 pub const UPDATES_ACCEPTED: &str = "ingest_updates_accepted_total";
 pub const UPDATES_REJECTED: &str = "ingest_updates_rejected_total";
 pub const UPDATES_WRITTEN: &str = "ingest_updates_written_total";
@@ -185,6 +187,63 @@ pub struct TrackerMetrics {
     pub dead_lettered: IntCounterVec,
     /// Fix times moved forward by 1024 GPS weeks (a receiver with the week-rollover bug), by `protocol`.
     pub time_repairs: IntCounterVec,
+    /// Every protocol's series of the three, in the order of `Protocol::ALL`.
+    by_protocol: Arc<[TrackerCounters]>,
+}
+
+impl TrackerMetrics {
+    /// Makes every protocol's series of the families, at zero.
+    fn new(fixes: IntCounterVec, dead_lettered: IntCounterVec, time_repairs: IntCounterVec) -> Self {
+        let by_protocol = Protocol::ALL
+            .iter()
+            .map(|p| TrackerCounters::new(&fixes, &dead_lettered, &time_repairs, p.name()))
+            .collect();
+        TrackerMetrics {
+            fixes,
+            dead_lettered,
+            time_repairs,
+            by_protocol,
+        }
+    }
+
+    /// `protocol`'s series, looked up when the metrics were made: a request counts with atomic adds alone.
+    pub fn of(&self, protocol: Protocol) -> &TrackerCounters {
+        &self.by_protocol[protocol as usize]
+    }
+}
+
+/// One protocol's series of the tracker counters.
+#[derive(Clone)]
+pub struct TrackerCounters {
+    /// `fixes{outcome="stored"}`.
+    pub stored: IntCounter,
+    /// `fixes{outcome="dead_lettered"}`.
+    pub dead_lettered: IntCounter,
+    /// `fixes{outcome="ignored"}`.
+    pub ignored: IntCounter,
+    pub time_repairs: IntCounter,
+    /// `dead_lettered{reason}`, in the order of `Rejection::ALL`.
+    by_reason: Vec<IntCounter>,
+}
+
+impl TrackerCounters {
+    fn new(fixes: &IntCounterVec, dead_lettered: &IntCounterVec, time_repairs: &IntCounterVec, name: &str) -> Self {
+        TrackerCounters {
+            stored: fixes.with_label_values(&[name, "stored"]),
+            dead_lettered: fixes.with_label_values(&[name, "dead_lettered"]),
+            ignored: fixes.with_label_values(&[name, "ignored"]),
+            time_repairs: time_repairs.with_label_values(&[name]),
+            by_reason: Rejection::ALL
+                .iter()
+                .map(|r| dead_lettered.with_label_values(&[name, r.code()]))
+                .collect(),
+        }
+    }
+
+    /// The `dead_lettered{reason}` series of `rejection`.
+    pub fn rejected(&self, rejection: Rejection) -> &IntCounter {
+        &self.by_reason[rejection as usize]
+    }
 }
 
 /// The time partitions' figures, labelled by `stream`.
@@ -464,29 +523,29 @@ impl Metrics {
         };
         reg(Box::new(partitions.created.clone()))?;
         reg(Box::new(partitions.dropped.clone()))?;
-        let trackers = TrackerMetrics {
-            fixes: IntCounterVec::new(
+        let trackers = TrackerMetrics::new(
+            IntCounterVec::new(
                 Opts::new(
                     TRACKER_FIXES,
                     "Fixes and messages of the trackers' own protocols, by outcome (stored, dead_lettered, ignored)",
                 ),
                 &["protocol", "outcome"],
             )?,
-            dead_lettered: IntCounterVec::new(
+            IntCounterVec::new(
                 Opts::new(
                     TRACKER_DEAD_LETTERED,
                     "Tracker fixes that can never be stored, answered as success and kept in dead_letters",
                 ),
                 &["protocol", "reason"],
             )?,
-            time_repairs: IntCounterVec::new(
+            IntCounterVec::new(
                 Opts::new(
                     TRACKER_TIME_REPAIRS,
                     "Tracker fix times moved forward by 1024 GPS weeks (the week-rollover bug)",
                 ),
                 &["protocol"],
             )?,
-        };
+        );
         reg(Box::new(trackers.fixes.clone()))?;
         reg(Box::new(trackers.dead_lettered.clone()))?;
         reg(Box::new(trackers.time_repairs.clone()))?;
@@ -672,5 +731,36 @@ impl TcpMetrics {
             }
         }
         reasons
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-protocol and per-reason series are found by the enums' positions, which must be those of `ALL`.
+    #[test]
+    fn each_protocol_and_reason_counts_in_its_own_labelled_series() {
+        let metrics = Metrics::new().unwrap();
+        let m = &metrics.trackers;
+        for (i, protocol) in Protocol::ALL.into_iter().enumerate() {
+            let name = protocol.name();
+            let counters = m.of(protocol);
+            counters.stored.inc_by(1 + i as u64);
+            counters.dead_lettered.inc_by(2 + i as u64);
+            counters.ignored.inc_by(3 + i as u64);
+            counters.time_repairs.inc_by(4 + i as u64);
+            assert_eq!(m.fixes.with_label_values(&[name, "stored"]).get(), 1 + i as u64);
+            assert_eq!(m.fixes.with_label_values(&[name, "dead_lettered"]).get(), 2 + i as u64);
+            assert_eq!(m.fixes.with_label_values(&[name, "ignored"]).get(), 3 + i as u64);
+            assert_eq!(m.time_repairs.with_label_values(&[name]).get(), 4 + i as u64);
+            for (j, rejection) in Rejection::ALL.into_iter().enumerate() {
+                counters.rejected(rejection).inc_by((10 * i + j) as u64);
+                assert_eq!(
+                    m.dead_lettered.with_label_values(&[name, rejection.code()]).get(),
+                    (10 * i + j) as u64
+                );
+            }
+        }
     }
 }

@@ -127,9 +127,14 @@ impl DatabaseTls {
         let algorithms = provider.signature_verification_algorithms;
         let verifier: Arc<dyn ServerCertVerifier> = match mode {
             TlsMode::Off => return Ok(Self::off()),
-            TlsMode::Encrypt => Arc::new(AnyCertificate { algorithms }),
-            TlsMode::VerifyCa => Arc::new(AnyNameSignedBy {
-                roots: Arc::new(load_roots(roots.ok_or(DatabaseUrlError::VerifyCaWithoutRoots)?)?),
+            TlsMode::Encrypt => Arc::new(NameUnchecked {
+                roots: None,
+                algorithms,
+            }),
+            TlsMode::VerifyCa => Arc::new(NameUnchecked {
+                roots: Some(Arc::new(load_roots(
+                    roots.ok_or(DatabaseUrlError::VerifyCaWithoutRoots)?,
+                )?)),
                 algorithms,
             }),
             TlsMode::VerifyFull => {
@@ -256,56 +261,17 @@ fn load_roots(roots: &Roots) -> Result<RootCertStore, DatabaseUrlError> {
     Ok(store)
 }
 
-/// `require`: any certificate, as libpq does. The handshake's signatures are still checked, so the session is with
-/// whoever holds the key of the certificate shown.
+/// The verifier of the two modes that do not check the name in the certificate. The handshake's signatures are
+/// checked in both, so the session is with whoever holds the key of the certificate shown.
 #[derive(Debug)]
-struct AnyCertificate {
+struct NameUnchecked {
+    /// `None` for `require`: any certificate, as libpq does. `Some` for `verify-ca`: the chain must lead to one of
+    /// these roots.
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to one of the roots; the name in the certificate is not checked.
-#[derive(Debug)]
-struct AnyNameSignedBy {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for AnyNameSignedBy {
+impl ServerCertVerifier for NameUnchecked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -314,8 +280,10 @@ impl ServerCertVerifier for AnyNameSignedBy {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algorithms.all)?;
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            verify_server_cert_signed_by_trust_anchor(&cert, roots, intermediates, now, self.algorithms.all)?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 

@@ -277,9 +277,8 @@ async fn accept(
         state.location.metrics().accepted.inc_by(stored as u64);
     }
     *fixes_taken = true;
-    let m = &state.metrics.trackers;
-    let name = protocol.name();
-    m.fixes.with_label_values(&[name, "stored"]).inc_by(stored as u64);
+    let m = state.metrics.trackers.of(protocol);
+    m.stored.inc_by(stored as u64);
     if letters > 0 {
         let dead_letters = state.dead_letters.metrics();
         match state.dead_letters.submit(checked.letters, Ack::Durable).await {
@@ -291,17 +290,13 @@ async fn accept(
             }
         }
     }
-    m.fixes
-        .with_label_values(&[name, "dead_lettered"])
-        .inc_by(letters as u64);
-    m.fixes
-        .with_label_values(&[name, "ignored"])
-        .inc_by(checked.ignored as u64);
+    m.dead_lettered.inc_by(letters as u64);
+    m.ignored.inc_by(checked.ignored as u64);
     if checked.time_repairs > 0 {
-        m.time_repairs.with_label_values(&[name]).inc_by(checked.time_repairs);
+        m.time_repairs.inc_by(checked.time_repairs);
     }
-    for reason in checked.reasons {
-        m.dead_lettered.with_label_values(&[name, reason]).inc();
+    for rejection in checked.rejections {
+        m.rejected(rejection).inc();
     }
     Ok(())
 }
@@ -330,8 +325,8 @@ fn read(protocol: Protocol, request: &TrackerRequest<'_>) -> Result<TrackerReque
 struct CheckedRequest {
     stored: Vec<LocationUpdate>,
     letters: Vec<DeadLetter>,
-    /// The dead letters' reasons, for their counter.
-    reasons: Vec<&'static str>,
+    /// Why each dead letter can never be stored, for their counter.
+    rejections: Vec<Rejection>,
     ignored: usize,
     time_repairs: u64,
 }
@@ -341,7 +336,7 @@ impl CheckedRequest {
         let mut checked = CheckedRequest {
             stored: Vec::with_capacity(outcome.fixes.len()),
             letters: Vec::new(),
-            reasons: Vec::new(),
+            rejections: Vec::new(),
             ignored: outcome.ignored.len(),
             time_repairs: 0,
         };
@@ -352,7 +347,7 @@ impl CheckedRequest {
                     checked.stored.push(update);
                 }
                 Checked::Rejected { letter, rejection } => {
-                    checked.reasons.push(rejection.code());
+                    checked.rejections.push(rejection);
                     checked.letters.push(letter);
                 }
             }

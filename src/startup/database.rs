@@ -107,7 +107,7 @@ pub(super) fn pool(database: &Database, runtime: &Runtime, connections: usize) -
 pub(super) async fn load_checkpoints(pool: &Pool, data_dir: &mut DataDir) -> anyhow::Result<db::Checkpoints> {
     let client = pool.get().await?;
     if data_dir.adopts_unowned() {
-        let adopted = db::checkpoint::adopt_unowned(&**client, data_dir.instance()).await?;
+        let adopted = db::positions::adopt_unowned(&**client, data_dir.instance()).await?;
         data_dir.unowned_adopted()?;
         info!(
             positions = adopted,
@@ -115,7 +115,7 @@ pub(super) async fn load_checkpoints(pool: &Pool, data_dir: &mut DataDir) -> any
             "log positions from before gateway identities claimed"
         );
     }
-    Ok(db::checkpoint::load(&**client, data_dir.instance()).await?)
+    Ok(db::positions::load(&**client, data_dir.instance()).await?)
 }
 
 /// How often the database is asked whether it answers, for `/readyz`.

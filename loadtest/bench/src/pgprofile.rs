@@ -78,7 +78,7 @@ async fn run_writes(pool: &Pool, kind: Rows, write: Write, batch: u64, t0: Offse
         while start < ROWS {
             let rows: Vec<LocationUpdate> = (start..(start + batch).min(ROWS)).map(|n| row(kind, n, t0)).collect();
             lsn += 1;
-            let checkpoints = [ingest_gateway::db::checkpoint::Checkpoint {
+            let checkpoints = [ingest_gateway::db::positions::Checkpoint {
                 slot: 0,
                 lsn,
                 updates_done: None,

@@ -49,7 +49,7 @@ use tracing::{debug, info, warn};
 use super::publish::{COMMIT_REPLY_HEADER, COMMIT_SEQUENCE_HEADER, COMMIT_STREAM_HEADER};
 use super::signing::{SigningKeys, SIGNATURE_HEADER};
 use super::{checkpoint_instance, is_inbox_subject, stream_name, subject};
-use crate::db::{checkpoint, shard_lease, Checkpoint};
+use crate::db::{positions, shard_lease, Checkpoint};
 use crate::intake::record::{self, RecordCodec};
 use crate::metrics::JetStreamMetrics;
 use crate::model::recheck::{Recheck, RecheckRules};
@@ -795,7 +795,7 @@ async fn balance(
         if !shard_lease::try_take(session, shards.stream_number(), shard).await? {
             continue;
         }
-        let checkpoints = checkpoint::load(session, &checkpoint_instance(shards.stream())).await?;
+        let checkpoints = positions::load(session, &checkpoint_instance(shards.stream())).await?;
         let position = checkpoints
             .get(shards.stream())
             .and_then(|slots| slots.get(&shard))

@@ -9,7 +9,7 @@ use tokio_postgres::Transaction;
 use super::error::{classify, CopyError, Failure};
 use super::staging::copy_rows;
 use super::{notify_channel, BoxedWrite, CopyRecord};
-use crate::db::checkpoint::{self, Checkpoint};
+use crate::db::positions::{self, Checkpoint};
 
 /// A batch that does not finish in this time is abandoned (and retried): a hung connection must not stall a
 /// writer forever.
@@ -111,7 +111,7 @@ async fn after_rows<T: CopyRecord>(
         T::keep_latest(tx, statements, kept).await?;
     }
     let summary = T::batch_summary(rows).to_string();
-    checkpoint::record_and_notify(
+    positions::record_and_notify(
         tx,
         statements,
         positions.instance,

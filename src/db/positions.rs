@@ -1,9 +1,14 @@
-//! Committed log positions (`ingest_wal_progress`): written in each batch's transaction, read at start-up so that
-//! a replay resumes exactly after the last commit. The only SQL that touches the table.
+//! Committed positions (`ingest_wal_progress`) of both sources of updates: a gateway's write-ahead log records
+//! (keyed by the gateway's instance identity, the stream and the log slot) and JetStream stream sequences (keyed by
+//! `jetstream:<stream>`, the stream and the shard as the slot). Written in each batch's transaction, read at start-up
+//! or when a shard is taken, so that a replay resumes exactly after the last commit. The only SQL that touches the
+//! table.
 //!
-//! A position is keyed by the gateway that logged the record (its instance identity), the stream and the log
-//! slot: gateways sharing a database number their records independently, so one's position says nothing of
-//! another's records.
+//! Gateways sharing a database number their records independently, so one's position says nothing of another's
+//! records; a JetStream shard's position is shared by whichever process holds the shard.
+//!
+//! The table keeps its older name, from when it held only log positions: renaming it would take a migration, and
+//! every gateway sharing the database to be upgraded at once, for nothing a query or an operator would notice.
 
 use std::collections::HashMap;
 
