@@ -56,7 +56,7 @@ impl<U: utoipa::ToSchema> utoipa::ToSchema for JsonBody<U> {
 #[derive(Debug)]
 pub struct RawUpdate<'de> {
     /// The known fields, in the order of the stream's field list; `None` when absent.
-    pub known: Vec<Option<Scalar>>,
+    pub known: Vec<Option<Scalar<'de>>>,
     /// The unknown fields, kept as where their raw JSON lies in the body.
     pub attributes: Attributes<'de>,
     /// Bytes of unknown fields seen; past twice the attributes limit they are no longer kept (the update is
@@ -310,7 +310,8 @@ impl<'de> Reading<'_, 'de> {
             .known
             .iter()
             .map(|value| match value {
-                Some(Scalar::String(s)) => s.capacity(),
+                // Copied into the validated update if kept; a timestamp is parsed and dropped.
+                Some(Scalar::String(s)) => s.len(),
                 _ => 0,
             })
             .sum();
@@ -524,7 +525,7 @@ impl<'de> Visitor<'de> for UpdateSeed<'de> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut known: Vec<Option<Scalar>> = vec![None; self.fields.len()];
+        let mut known: Vec<Option<Scalar<'de>>> = vec![None; self.fields.len()];
         let mut attributes = Attributes::new(self.body, self.max_unknown_fields);
         let mut attributes_bytes = 0usize;
         let mut duplicate: Option<String> = None;

@@ -1,5 +1,6 @@
 //! Field-level rules shared by both streams: timestamps, numbers in a range, the attributes' size and count.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use time::format_description::well_known::Rfc3339;
@@ -156,19 +157,21 @@ impl FieldError {
 /// A known field's value as sent: scalars are kept, objects and arrays are skipped over (no field takes them),
 /// so that a hostile value costs no memory.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Scalar {
+pub enum Scalar<'de> {
     Null,
     Bool(bool),
     Int(i64),
     /// An integer above `i64::MAX`.
     BigInt(u64),
     Float(f64),
-    String(String),
+    /// Borrowed from the body unless it had escapes: a timestamp is only parsed, and a string field kept is copied
+    /// once, into the validated update.
+    String(Cow<'de, str>),
     /// An object or an array.
     Compound,
 }
 
-impl Scalar {
+impl Scalar<'_> {
     fn as_f64(&self) -> Option<f64> {
         match *self {
             Scalar::Int(n) => Some(n as f64),
@@ -179,7 +182,7 @@ impl Scalar {
     }
 }
 
-impl<'de> serde::Deserialize<'de> for Scalar {
+impl<'de> serde::Deserialize<'de> for Scalar<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(ScalarVisitor)
     }
@@ -188,37 +191,40 @@ impl<'de> serde::Deserialize<'de> for Scalar {
 struct ScalarVisitor;
 
 impl<'de> serde::de::Visitor<'de> for ScalarVisitor {
-    type Value = Scalar;
+    type Value = Scalar<'de>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_unit<E>(self) -> Result<Scalar, E> {
+    fn visit_unit<E>(self) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Null)
     }
-    fn visit_bool<E>(self, v: bool) -> Result<Scalar, E> {
+    fn visit_bool<E>(self, v: bool) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Bool(v))
     }
-    fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+    fn visit_i64<E>(self, v: i64) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Int(v))
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+    fn visit_u64<E>(self, v: u64) -> Result<Scalar<'de>, E> {
         Ok(i64::try_from(v).map_or(Scalar::BigInt(v), Scalar::Int))
     }
-    fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+    fn visit_f64<E>(self, v: f64) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Float(v))
     }
-    fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
-        Ok(Scalar::String(v.to_owned()))
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::String(Cow::Borrowed(v)))
     }
-    fn visit_string<E>(self, v: String) -> Result<Scalar, E> {
-        Ok(Scalar::String(v))
+    fn visit_str<E>(self, v: &str) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::String(Cow::Owned(v.to_owned())))
     }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
+    fn visit_string<E>(self, v: String) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::String(Cow::Owned(v)))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar<'de>, A::Error> {
         while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
         Ok(Scalar::Compound)
     }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Scalar<'de>, A::Error> {
         while map
             .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
             .is_some()
@@ -239,7 +245,7 @@ impl Checker {
     }
 
     /// A required field; JSON `null` counts as missing.
-    pub fn required(&mut self, field: &str, value: Option<Scalar>) -> Option<Scalar> {
+    pub fn required<'de>(&mut self, field: &str, value: Option<Scalar<'de>>) -> Option<Scalar<'de>> {
         match value {
             None | Some(Scalar::Null) => {
                 self.fail(field, "is required");
@@ -250,13 +256,13 @@ impl Checker {
     }
 
     /// An optional field; JSON `null` counts as absent.
-    pub fn optional(value: Option<Scalar>) -> Option<Scalar> {
+    pub fn optional(value: Option<Scalar<'_>>) -> Option<Scalar<'_>> {
         value.filter(|v| *v != Scalar::Null)
     }
 
-    pub fn string(&mut self, field: &str, value: Scalar) -> Option<String> {
+    pub fn string(&mut self, field: &str, value: Scalar<'_>) -> Option<String> {
         match value {
-            Scalar::String(s) => Some(s),
+            Scalar::String(s) => Some(s.into_owned()),
             _ => {
                 self.fail(field, "must be a string");
                 None
@@ -264,7 +270,7 @@ impl Checker {
         }
     }
 
-    pub fn boolean(&mut self, field: &str, value: Scalar) -> Option<bool> {
+    pub fn boolean(&mut self, field: &str, value: Scalar<'_>) -> Option<bool> {
         match value {
             Scalar::Bool(b) => Some(b),
             _ => {
@@ -275,7 +281,7 @@ impl Checker {
     }
 
     /// A finite number within `range`.
-    pub fn number(&mut self, field: &str, value: Scalar, range: NumberRange) -> Option<f64> {
+    pub fn number(&mut self, field: &str, value: Scalar<'_>, range: NumberRange) -> Option<f64> {
         let NumberRange {
             min,
             max,
@@ -295,7 +301,7 @@ impl Checker {
     }
 
     /// An integer within `range`.
-    pub fn integer(&mut self, field: &str, value: Scalar, range: IntegerRange) -> Option<i64> {
+    pub fn integer(&mut self, field: &str, value: Scalar<'_>, range: IntegerRange) -> Option<i64> {
         let IntegerRange { min, max } = range;
         match value {
             Scalar::Int(n) if (min..=max).contains(&n) => Some(n),
@@ -311,7 +317,7 @@ impl Checker {
     }
 
     /// An RFC 3339 timestamp with offset, or integer Unix milliseconds, within the allowed window.
-    pub fn timestamp(&mut self, field: &str, value: Scalar, rules: &ValidationRules) -> Option<OffsetDateTime> {
+    pub fn timestamp(&mut self, field: &str, value: Scalar<'_>, rules: &ValidationRules) -> Option<OffsetDateTime> {
         let parsed = match &value {
             Scalar::String(s) => OffsetDateTime::parse(s, &Rfc3339).ok(),
             Scalar::Int(ms) => OffsetDateTime::from_unix_timestamp_nanos(i128::from(*ms) * 1_000_000).ok(),
