@@ -17,9 +17,15 @@ fn a_full_batch_is_written_without_waiting_for_the_interval() {
 
     assert_eq!(app.post_json(LOCATION, &location_array("size", 120)).status, 202);
 
-    eventually("two full batches are written", Duration::from_secs(10), || {
-        app.db.count("location_updates") == 100
-    });
+    // The rows are visible at the commit, the counters just after it: wait for both.
+    eventually(
+        "two full batches are written and counted",
+        Duration::from_secs(10),
+        || {
+            app.db.count("location_updates") == 100
+                && app.get("/stats").json()["streams"]["location"]["batches_written"] == 2
+        },
+    );
     let stats = app.get("/stats").json();
     assert_eq!(stats["streams"]["location"]["batches_written"], 2);
     assert_eq!(stats["streams"]["location"]["last_batch_rows"], 50);
@@ -38,9 +44,14 @@ fn a_partial_batch_is_written_once_its_oldest_update_has_waited_the_interval() {
 
     assert_eq!(app.post_json(LOCATION, &location_array("interval", 3)).status, 202);
 
-    eventually("the partial batch is written", Duration::from_secs(10), || {
-        app.db.count("location_updates") == 3
-    });
+    eventually(
+        "the partial batch is written and counted",
+        Duration::from_secs(10),
+        || {
+            app.db.count("location_updates") == 3
+                && app.get("/stats").json()["streams"]["location"]["batches_written"] == 1
+        },
+    );
     let stats = app.get("/stats").json();
     assert_eq!(stats["streams"]["location"]["batches_written"], 1);
     assert_eq!(stats["streams"]["location"]["last_batch_rows"], 3);
@@ -75,12 +86,18 @@ fn several_writers_share_the_load_and_write_every_update_once() {
     for t in threads {
         t.join().unwrap();
     }
-    eventually("every update is written", Duration::from_secs(20), || {
-        app.db.count("location_updates") == 1160
-    });
-    let batches = app.get("/stats").json()["streams"]["location"]["batches_written"]
-        .as_u64()
-        .unwrap();
+    let batches_written = || {
+        app.get("/stats").json()["streams"]["location"]["batches_written"]
+            .as_u64()
+            .unwrap()
+    };
+    // Batches of at most 10 rows: 1160 rows are at least 116 batches, counted just after their commits.
+    eventually(
+        "every update is written and its batch counted",
+        Duration::from_secs(20),
+        || app.db.count("location_updates") == 1160 && batches_written() >= 116,
+    );
+    let batches = batches_written();
 
     assert!(app.stop().is_clean());
     // 4 threads × (10 arrays of 25 + 40 single updates) = 1160.

@@ -266,11 +266,15 @@ fn a_row_the_table_refuses_goes_to_dead_letters_with_the_error_and_the_rest_of_i
 
     assert_eq!(app.post_json(LOCATION, &body).status, 202);
 
-    eventually("the batch is written", Duration::from_secs(10), || {
-        app.db.count("location_updates") == 49
-    });
-    let stats = app.get("/stats").json();
-    assert_eq!(stats["streams"]["location"]["dead_lettered"], 1);
+    // The rows are visible at the commit, the counter just after it: wait for both.
+    eventually(
+        "the batch is written and its dead letter counted",
+        Duration::from_secs(10),
+        || {
+            app.db.count("location_updates") == 49
+                && app.get("/stats").json()["streams"]["location"]["dead_lettered"] == 1
+        },
+    );
     assert!(app.stop().is_clean());
     let dead = app
         .db
