@@ -21,10 +21,7 @@ fn a_full_batch_is_written_without_waiting_for_the_interval() {
     eventually(
         "two full batches are written and counted",
         Duration::from_secs(10),
-        || {
-            app.db.count("location_updates") == 100
-                && app.get("/stats").json()["streams"]["location"]["batches_written"] == 2
-        },
+        || app.db.count("location_updates") == 100 && app.location_stat("batches_written") == 2,
     );
     let stats = app.get("/stats").json();
     assert_eq!(stats["streams"]["location"]["batches_written"], 2);
@@ -47,10 +44,7 @@ fn a_partial_batch_is_written_once_its_oldest_update_has_waited_the_interval() {
     eventually(
         "the partial batch is written and counted",
         Duration::from_secs(10),
-        || {
-            app.db.count("location_updates") == 3
-                && app.get("/stats").json()["streams"]["location"]["batches_written"] == 1
-        },
+        || app.db.count("location_updates") == 3 && app.location_stat("batches_written") == 1,
     );
     let stats = app.get("/stats").json();
     assert_eq!(stats["streams"]["location"]["batches_written"], 1);
@@ -86,11 +80,7 @@ fn several_writers_share_the_load_and_write_every_update_once() {
     for t in threads {
         t.join().unwrap();
     }
-    let batches_written = || {
-        app.get("/stats").json()["streams"]["location"]["batches_written"]
-            .as_u64()
-            .unwrap()
-    };
+    let batches_written = || app.location_stat("batches_written").as_u64().unwrap();
     // Batches of at most 10 rows: 1160 rows are at least 116 batches, counted just after their commits.
     eventually(
         "every update is written and its batch counted",

@@ -270,10 +270,7 @@ fn a_row_the_table_refuses_goes_to_dead_letters_with_the_error_and_the_rest_of_i
     eventually(
         "the batch is written and its dead letter counted",
         Duration::from_secs(10),
-        || {
-            app.db.count("location_updates") == 49
-                && app.get("/stats").json()["streams"]["location"]["dead_lettered"] == 1
-        },
+        || app.db.count("location_updates") == 49 && app.location_stat("dead_lettered") == 1,
     );
     assert!(app.stop().is_clean());
     let dead = app

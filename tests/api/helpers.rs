@@ -118,9 +118,7 @@ pub struct TestApp {
 
 /// Starts a gateway on a new database of the shared cluster, with test-friendly settings changed by `tune`.
 pub fn spawn_app(tune: impl FnOnce(&mut Settings)) -> TestApp {
-    let cluster = shared_cluster();
-    let name = fresh_database(cluster);
-    spawn_app_on(cluster.config(&name), tune)
+    spawn_app_with_log_files(Arc::new(PlainFiles), tune)
 }
 
 /// Starts a gateway writing to the database `config` names.
@@ -204,6 +202,11 @@ impl TestApp {
 
     pub fn get(&self, path: &str) -> Answer {
         into_answer(self.agent.get(&format!("{}{path}", self.address)).call())
+    }
+
+    /// One figure of the location stream in `/stats` (`batches_written`, `dead_lettered`, …).
+    pub fn location_stat(&self, name: &str) -> serde_json::Value {
+        self.get("/stats").json()["streams"]["location"][name].clone()
     }
 
     /// Waits until every update accepted so far is written (or absorbed, or dead-lettered): nothing queued and
